@@ -1,0 +1,153 @@
+"""The attention backend vLLM sees: a thin shell over `lambda_attention`.
+
+Registered as vLLM's `CUSTOM` backend (the only member that survives into
+engine-core subprocesses); `--attention-backend lminf` is an alias of it.
+"""
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from vllm.config import VllmConfig, get_current_vllm_config
+from vllm.v1.attention.backend import (
+    AttentionBackend,
+    AttentionImpl,
+    AttentionMetadataBuilder,
+    AttentionType,
+    CommonAttentionMetadata,
+)
+from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
+
+from lminf_vllm.config import LminfConfig
+from lminf_vllm.lambda_attention import paged_lambda_attention, write_kv
+from lminf_vllm.rope import RotarySpec
+from lminf_vllm.vllm_config import lminf_config_from_vllm
+
+
+class LminfAttentionBackend(AttentionBackend):
+    forward_includes_kv_cache_update: bool = True  # the cache layout is ours
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float32, torch.bfloat16, torch.float16]
+    supported_kv_cache_dtypes: ClassVar[list] = ["auto"]
+
+    @staticmethod
+    def get_name() -> str:
+        return "CUSTOM"
+
+    @staticmethod
+    def get_impl_cls() -> type["LminfAttentionImpl"]:
+        return LminfAttentionImpl
+
+    @staticmethod
+    def get_builder_cls() -> type["LminfMetadataBuilder"]:
+        return LminfMetadataBuilder
+
+    @classmethod
+    def supported_kv_cache_layouts(cls) -> tuple[KVCacheLayout, ...]:
+        # lambda_attention indexes [block, head, row, K|V]: the identity layout.
+        return (KVCacheLayout.LBHNC,)
+
+
+@dataclass
+class LminfMetadata:
+    num_actual_tokens: int
+    query_start: list[int]  # [num_reqs + 1], host ints: the loop over requests reads them
+    seq_lens: list[int]  # [num_reqs] tokens computed after this step
+    block_table: torch.Tensor  # [num_reqs, max_blocks]
+    slot_mapping: torch.Tensor  # [num_tokens]
+
+
+class LminfMetadataBuilder(AttentionMetadataBuilder[LminfMetadata]):
+    def __init__(
+        self,
+        kv_cache_spec: AttentionSpec,
+        layer_names: list[str],
+        vllm_config: VllmConfig,
+        device: torch.device,
+    ) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+
+    def build(
+        self,
+        common_prefix_len: int,
+        common_attn_metadata: CommonAttentionMetadata,
+        fast_build: bool = False,
+    ) -> LminfMetadata:
+        m = common_attn_metadata
+        return LminfMetadata(
+            num_actual_tokens=m.num_actual_tokens,
+            query_start=m.query_start_loc_cpu[: m.num_reqs + 1].tolist(),
+            seq_lens=m.seq_lens[: m.num_reqs].cpu().tolist(),
+            block_table=m.block_table_tensor[: m.num_reqs],
+            slot_mapping=m.slot_mapping,
+        )
+
+
+class LminfAttentionImpl(AttentionImpl[LminfMetadata]):
+    def __init__(
+        self,
+        num_heads: int,
+        head_size: int,
+        scale: float,
+        num_kv_heads: int | None = None,
+        alibi_slopes: list[float] | None = None,
+        sliding_window: int | None = None,
+        kv_cache_dtype: str = "auto",
+        logits_soft_cap: float | None = None,
+        attn_type: str = AttentionType.DECODER,
+        kv_sharing_target_layer_name: str | None = None,
+        sinks: torch.Tensor | None = None,
+    ) -> None:
+        unsupported = {
+            "alibi_slopes": alibi_slopes is not None,
+            "sliding_window": sliding_window is not None,
+            "logits_soft_cap": bool(logits_soft_cap),
+            "attention sinks": sinks is not None,
+            f"attn_type={attn_type}": attn_type != AttentionType.DECODER,
+            "kv_sharing_target_layer_name": kv_sharing_target_layer_name is not None,
+        }
+        bad = [name for name, present in unsupported.items() if present]
+        if bad:
+            raise ValueError(f"lminf attention does not support this layer's {', '.join(bad)}")
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.scale = float(scale)
+        self.num_kv_heads = num_kv_heads or num_heads
+        self.kv_cache_dtype = kv_cache_dtype
+        self.attn_type = attn_type
+        self.cfg: LminfConfig = lminf_config_from_vllm(get_current_vllm_config())
+        # Set after the model is built (patch_model_loader_base_loader): the
+        # rotary embedding of the layer that owns this attention.
+        self.rotary: RotarySpec | None = None
+
+    def forward(
+        self,
+        layer: torch.nn.Module,
+        query: torch.Tensor,  # [T, H, D], rotated at true positions
+        key: torch.Tensor,  # [T, Hkv, D]
+        value: torch.Tensor,  # [T, Hkv, Dv]
+        kv_cache: torch.Tensor,  # [num_blocks, Hkv, B, 2 * D]
+        attn_metadata: LminfMetadata | None,
+        output: torch.Tensor,  # [T, H, Dv]
+        output_scale: torch.Tensor | None = None,
+        output_block_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("lminf attention has no fused output quantization")
+        if attn_metadata is None:  # profiling / warm-up run
+            return output
+        if self.rotary is None:
+            raise RuntimeError(
+                "lminf attention layer was never bound to its rotary embedding; "
+                "the model loader patch did not run"
+            )
+        md = attn_metadata
+        n = md.num_actual_tokens
+        write_kv(kv_cache, key[:n], value[:n], md.slot_mapping[:n])
+        for r, seq_len in enumerate(md.seq_lens):
+            a, b = md.query_start[r], md.query_start[r + 1]
+            if b > a:
+                output[a:b] = paged_lambda_attention(
+                    query[a:b], kv_cache, md.block_table[r], seq_len, self.cfg, self.scale, self.rotary
+                ).to(output.dtype)
+        return output

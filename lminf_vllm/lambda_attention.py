@@ -1,0 +1,112 @@
+"""The Λ-shaped attention of SPEC.md over a paged KV cache, in plain PyTorch.
+
+No vLLM import: the backend in `backend.py` is a thin shell around these
+functions, and the tests call them directly on hand-made caches too.
+
+KV cache layout (owned by this backend, one tensor per layer):
+    kv_cache: [num_blocks, num_kv_heads, block_size, 2 * head_size]
+    key = kv_cache[..., :head_size], value = kv_cache[..., head_size:]
+A token at position p of a request lives in block block_table[p // B], row p % B.
+
+What a query at position i may read is derived from (i, G, W) alone, never from
+the block table: freed block ids stay in the table and are reused by others.
+"""
+
+import torch
+
+from lminf_vllm.config import LminfConfig
+from lminf_vllm.rope import RotarySpec, cos_sin, rotate
+
+# Queries are processed in spans of this many so that a long prefill chunk
+# costs O(span * (G + W + span)) memory, not O(chunk^2).
+QUERY_SPAN = 256
+
+
+def write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
+    """Store key/value [T, Hkv, D] at flat slots [T] (slot = block * B + row; < 0 = padding)."""
+    block_size, head_size = kv_cache.shape[2], key.shape[-1]
+    keep = slots >= 0
+    if not bool(keep.all()):
+        key, value, slots = key[keep], value[keep], slots[keep]
+    blocks, rows = slots // block_size, slots % block_size
+    kv_cache[blocks, :, rows, :head_size] = key.to(kv_cache.dtype)
+    kv_cache[blocks, :, rows, head_size:] = value.to(kv_cache.dtype)
+
+
+def gather_kv(kv_cache: torch.Tensor, block_row: torch.Tensor, start: int, stop: int, head_size: int):
+    """Keys and values of positions [start, stop) of one request: ([L, Hkv, D], [L, Hkv, Dv])."""
+    block_size = kv_cache.shape[2]
+    pos = torch.arange(start, stop, device=kv_cache.device)
+    kv = kv_cache[block_row[pos // block_size].long(), :, pos % block_size]
+    return kv[..., :head_size], kv[..., head_size:]
+
+
+def attend_span(
+    q: torch.Tensor,  # [T, H, D], already rotated at true positions q_start .. q_start+T-1
+    q_start: int,
+    k_glob: torch.Tensor,  # [Gk, Hkv, D] keys at positions 0 .. Gk-1
+    v_glob: torch.Tensor,
+    k_loc: torch.Tensor,  # [Lk, Hkv, D] keys at positions loc_start .. loc_start+Lk-1
+    v_loc: torch.Tensor,
+    loc_start: int,
+    cfg: LminfConfig,
+    scale: float,
+    rotary: RotarySpec,
+) -> torch.Tensor:
+    """One softmax over the visible global and local keys; returns [T, H, Dv] in float32."""
+    T, H, D = q.shape
+    Hkv = k_loc.shape[1]
+    qf = q.float().view(T, Hkv, H // Hkv, D)
+    dev = q.device
+    i = torch.arange(q_start, q_start + T, device=dev)
+
+    # Local branch: plain attention, keys are stored rotated at their true position.
+    j = torch.arange(loc_start, loc_start + k_loc.shape[0], device=dev)
+    dist = i[:, None] - j[None, :]
+    local_ok = (dist >= 0) & (dist < cfg.local_tokens)
+    scores = [torch.einsum("tkgd,lkd->tkgl", qf, k_loc.float()) * scale]
+    scores[0].masked_fill_(~local_ok[:, None, None, :], float("-inf"))
+    values = [v_loc]
+
+    if k_glob.shape[0]:
+        # Global branch: keys outside the window; the query is re-rotated per key
+        # so that the distance the model sees is min(i - j, C) instead of i - j.
+        jg = torch.arange(k_glob.shape[0], device=dev)
+        dist_g = i[:, None] - jg[None, :]  # [T, Gk]
+        delta = dist_g.clamp(max=cfg.distance_cap) - dist_g  # <= 0; 0 inside the cap
+        cos, sin = cos_sin(delta, rotary.inv_freq, torch.float32)  # [T, Gk, F]
+        q_moved = rotate(qf[:, None], cos[:, :, None, None], sin[:, :, None, None], rotary)
+        s_glob = torch.einsum("tjkgd,jkd->tkgj", q_moved, k_glob.float()) * scale
+        s_glob.masked_fill_(~(dist_g >= cfg.local_tokens)[:, None, None, :], float("-inf"))
+        scores.insert(0, s_glob)
+        values.insert(0, v_glob)
+
+    probs = torch.softmax(torch.cat(scores, dim=-1), dim=-1)
+    out = torch.einsum("tkgl,lkd->tkgd", probs, torch.cat(values, dim=0).float())
+    return out.reshape(T, H, -1)
+
+
+def paged_lambda_attention(
+    q: torch.Tensor,  # [T, H, D] the request's queries this step
+    kv_cache: torch.Tensor,
+    block_row: torch.Tensor,  # [max_blocks] the request's block table
+    seq_len: int,  # tokens computed after this step (the last query is at seq_len - 1)
+    cfg: LminfConfig,
+    scale: float,
+    rotary: RotarySpec,
+) -> torch.Tensor:
+    """Λ-attention for one request's queries over its paged cache. -> [T, H, Dv] float32."""
+    T, _, D = q.shape
+    first = seq_len - T
+    G, W = cfg.global_tokens, cfg.local_tokens
+    outs = []
+    for a in range(first, seq_len, QUERY_SPAN):
+        b = min(a + QUERY_SPAN, seq_len)
+        lo = max(0, a - W + 1)  # oldest key in any window of this span
+        n_glob = max(0, min(G, b - W))  # global keys that some query here sees outside its window
+        k_loc, v_loc = gather_kv(kv_cache, block_row, lo, b, D)
+        k_glob, v_glob = gather_kv(kv_cache, block_row, 0, n_glob, D)
+        outs.append(
+            attend_span(q[a - first : b - first], a, k_glob, v_glob, k_loc, v_loc, lo, cfg, scale, rotary)
+        )
+    return torch.cat(outs, dim=0)

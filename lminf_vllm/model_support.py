@@ -1,0 +1,52 @@
+"""Which models lminf serves exactly, checked on the Hugging Face config.
+
+A model outside this list could run, but nobody has held it against the dense
+reference, so it is refused at start-up instead of giving silent garbage.
+No vLLM import.
+"""
+
+from typing import Any
+
+from lminf_vllm.config import LminfConfigError, rope_parameters
+
+# Decoder-only models with full-width neox-style RoPE on every layer, which the
+# backend's query re-rotation and the reference implement today.
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+# RoPE variants the reference implements today (scaled variants: a later step).
+SUPPORTED_ROPE_TYPES = ("default",)
+
+
+def check_model_supported(hf_config: Any) -> None:
+    archs = list(getattr(hf_config, "architectures", None) or [])
+    if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
+        raise LminfConfigError(
+            f"model architecture {archs or 'unknown'} is not supported by lminf: "
+            f"supported are {', '.join(SUPPORTED_ARCHITECTURES)} (RoPE models checked "
+            "against the reference); others need their position encoding handled first"
+        )
+    if getattr(hf_config, "position_embedding_type", "rope") not in ("rope", None):
+        raise LminfConfigError(
+            f"model position_embedding_type={hf_config.position_embedding_type!r} is not "
+            "supported by lminf: it needs rotary (RoPE) position encoding"
+        )
+    window = getattr(hf_config, "sliding_window", None)
+    uses_window = getattr(hf_config, "use_sliding_window", window is not None)
+    if window is not None and uses_window:
+        raise LminfConfigError(
+            f"model sliding_window={window} is not supported by lminf: the model has its "
+            "own sliding window, which would be applied on top of the Λ-mask; use a "
+            "checkpoint without it or set use_sliding_window=false"
+        )
+    rope = rope_parameters(hf_config)
+    rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise LminfConfigError(
+            f"model rope_scaling.rope_type={rope_type!r} is not handled by lminf yet: "
+            f"supported are {', '.join(SUPPORTED_ROPE_TYPES)}"
+        )
+    partial = rope.get("partial_rotary_factor", getattr(hf_config, "partial_rotary_factor", 1.0))
+    if partial not in (None, 1, 1.0):
+        raise LminfConfigError(
+            f"model partial_rotary_factor={partial} is not handled by lminf yet: only "
+            "full-width rotary embeddings are supported"
+        )

