@@ -18,7 +18,7 @@ from lminf_vllm.versions import SUPPORTED_VLLM_SERIES
 
 TARGET = "vllm.config.vllm.VllmConfig.__post_init__"
 VLLM_VERSIONS = SUPPORTED_VLLM_SERIES
-logger = logging.getLogger("lminf_vllm")
+logger = logging.getLogger("vllm.lminf")  # under "vllm" so vLLM's log setup shows it
 
 
 def apply() -> bool:

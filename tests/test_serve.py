@@ -1,0 +1,89 @@
+"""The real `vllm serve ... --attention-backend lminf` over HTTP on 127.0.0.1."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from conftest import TABLE
+
+VLLM = Path(sys.executable).with_name("vllm")  # the command users type
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve(model, port, lminf, log_path, *extra):
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # a server runs its engine as users get it
+    cmd = [
+        str(VLLM), "serve", str(model), "--attention-backend", "lminf",
+        "--additional-config", json.dumps({"lminf": lminf}),
+        "--host", "127.0.0.1", "--port", str(port),
+        "--dtype", "float32", "--enforce-eager", "--block-size", "32", *extra,
+    ]  # fmt: skip
+    return subprocess.Popen(cmd, env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
+
+
+def wait_ready(proc, port, log_path, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"vllm serve exited with {proc.returncode}:\n{Path(log_path).read_text()[-3000:]}")
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).ok:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(1)
+    pytest.fail(f"vllm serve not ready after {timeout}s:\n{Path(log_path).read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama, tmp_path_factory):
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
+    proc = serve(tiny_llama, port, {"global_tokens": 4, "local_tokens": 64}, log_path, "--max-model-len", "4096")
+    try:
+        wait_ready(proc, port, log_path)
+        yield f"http://127.0.0.1:{port}", log_path
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def test_completions_generate_past_the_rope_table(server, tiny_llama):
+    url, log_path = server
+    body = {
+        "model": str(tiny_llama),
+        "prompt": "def main(argv):\n    return sum(int(x) for x in argv)\n" * 3,
+        "max_tokens": 400,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "logprobs": 1,
+    }
+    reply = requests.post(f"{url}/v1/completions", json=body, timeout=300)
+    assert reply.status_code == 200, reply.text
+    data = reply.json()
+    usage = data["usage"]
+    assert usage["completion_tokens"] == 400
+    assert usage["prompt_tokens"] + usage["completion_tokens"] > 3 * TABLE
+    logprobs = data["choices"][0]["logprobs"]["token_logprobs"]
+    assert all(lp is not None and lp > -1e9 for lp in logprobs)  # finite all the way
+    assert "lminf attention: global_tokens=4 local_tokens=64 distance_cap=128" in Path(log_path).read_text()
+
+
+def test_bad_config_stops_serve_with_the_rule(tiny_llama, tmp_path):
+    log_path = tmp_path / "bad.log"
+    proc = serve(tiny_llama, free_port(), {"global_tokens": 4, "local_tokens": 500}, log_path)
+    assert proc.wait(timeout=240) != 0
+    assert "local_tokens = 500 is invalid: it must satisfy 1 <= local_tokens <= distance_cap (= 128)" in log_path.read_text()

@@ -1,0 +1,78 @@
+"""Each class of bad configuration stops the engine at start with a clear message."""
+
+import json
+import shutil
+
+import pytest
+
+from engine import engine, lminf_options
+
+
+def variant(tiny_llama, tmp_path, name, **config_changes):
+    """A copy of the tiny model's config and tokenizer with some config fields changed."""
+    out = tmp_path / name
+    out.mkdir()
+    for f in tiny_llama.iterdir():
+        if f.name != "model.safetensors":  # start-up checks fail before weights load
+            shutil.copy(f, out / f.name)
+    config = json.loads((out / "config.json").read_text())
+    config.update(config_changes)
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (lminf_options(global_tokens=-1), r"additional_config.lminf.global_tokens = -1 is invalid: it must be >= 0"),
+        (lminf_options(local_tokens=200), r"local_tokens = 200 is invalid: it must satisfy 1 <= local_tokens <= distance_cap \(= 128\)"),
+        (lminf_options(local_tokens=0), r"local_tokens = 0 is invalid"),
+        ({"lminf": {"global_tokens": 4, "windw": 8}}, r"additional_config.lminf has unknown key\(s\) 'windw'"),
+        ({"lminf": {"global_tokens": 4.5}}, r"global_tokens = 4.5 is invalid: it must be an integer"),
+    ],
+    ids=["negative-G", "W-above-C", "W-zero", "unknown-key", "non-integer"],
+)
+def test_bad_lminf_config_is_refused(tiny_llama, options, message):
+    with pytest.raises(Exception, match=message):
+        with engine(tiny_llama, lminf=options, max_model_len=256):
+            pass
+
+
+def test_model_with_its_own_sliding_window_is_refused(tiny_llama, tmp_path):
+    model = variant(
+        tiny_llama, tmp_path, "mistral-swa", architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=64
+    )
+    with pytest.raises(Exception, match=r"model sliding_window=64 is not supported by lminf"):
+        with engine(model, max_model_len=256):
+            pass
+
+
+def test_unhandled_rope_variant_is_refused(tiny_llama, tmp_path):
+    rope = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128, "rope_theta": 10000.0}
+    model = variant(tiny_llama, tmp_path, "yarn", rope_scaling=rope, rope_parameters=rope)
+    with pytest.raises(Exception, match=r"rope_type='yarn' is not handled by lminf yet"):
+        with engine(model, max_model_len=256):
+            pass
+
+
+def test_model_without_rope_is_refused(tmp_path):
+    from transformers import AutoConfig
+
+    from tiny_models import build_tokenizer
+
+    out = tmp_path / "gpt2"
+    out.mkdir()
+    build_tokenizer(out)
+    AutoConfig.for_model(
+        "gpt2", architectures=["GPT2LMHeadModel"], n_embd=64, n_layer=1, n_head=2, vocab_size=300, n_positions=128
+    ).save_pretrained(out)
+    with pytest.raises(Exception, match=r"architecture \['GPT2LMHeadModel'\] is not supported by lminf"):
+        with engine(out, max_model_len=128):
+            pass
+
+
+def test_stock_backend_keeps_vllms_length_check(tiny_llama):
+    """lminf lifts the max_model_len limit for itself only."""
+    with pytest.raises(Exception, match=r"max_model_len \(1024\) is greater than the derived max_model_len"):
+        with engine(tiny_llama, backend="CPU_ATTN", max_model_len=1024):
+            pass
