@@ -1,0 +1,175 @@
+"""Write patches/*.diff: each runtime patch as a change to vLLM's own source.
+
+These are what we would send upstream so the runtime patches can go. Each edit
+is a (file, old text, new text) applied to the installed vLLM; the script fails
+if an old text is missing, and `tests/test_patches.py` re-runs it in check mode
+so the diffs never drift from the supported vLLM.
+
+    python patches/make_diffs.py           # rewrite the diffs
+    python patches/make_diffs.py --check   # exit 1 if any diff is stale
+"""
+
+import argparse
+import difflib
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).parent
+
+EDITS = {
+    "patch_attention_backends_registry": [(
+        "v1/attention/backends/registry.py",
+        '''    def __getitem__(cls, name: str):
+        """Get backend by name with helpful error messages."""
+        try:
+            return super().__getitem__(name)
+''',
+        '''    def __getitem__(cls, name: str):
+        """Get backend by name with helpful error messages."""
+        if name.upper() in _ATTN_ALIASES:
+            return _ATTN_ALIASES[name.upper()]
+        try:
+            return super().__getitem__(name)
+''',
+    ), (
+        "v1/attention/backends/registry.py",
+        '''_ATTN_OVERRIDES: dict[AttentionBackendEnum, str] = {}
+''',
+        '''_ATTN_OVERRIDES: dict[AttentionBackendEnum, str] = {}
+# Extra names for registered backends (e.g. "LMINF" -> CUSTOM): they resolve to
+# the member, so they pickle as the member and survive into subprocesses.
+_ATTN_ALIASES: dict[str, AttentionBackendEnum] = {}
+
+
+def register_backend_alias(alias: str, backend: AttentionBackendEnum) -> None:
+    _ATTN_ALIASES[alias.upper()] = backend
+''',
+    )],
+    "patch_platforms_cpu": [(
+        "platforms/cpu.py",
+        '''        if selected_backend and selected_backend != AttentionBackendEnum.CPU_ATTN:
+            logger.info("Cannot use %s backend on CPU.", selected_backend)
+''',
+        '''        if (
+            selected_backend == AttentionBackendEnum.CUSTOM
+            and selected_backend.is_overridden()
+        ):
+            return selected_backend.get_path()
+        if selected_backend and selected_backend != AttentionBackendEnum.CPU_ATTN:
+            logger.info("Cannot use %s backend on CPU.", selected_backend)
+''',
+    )],
+    "patch_engine_arg_utils": [(
+        "config/model.py",
+        '''            if envs.VLLM_ALLOW_LONG_MAX_MODEL_LEN:
+''',
+        '''            if envs.VLLM_ALLOW_LONG_MAX_MODEL_LEN or getattr(
+                hf_config, "attention_extends_positions", False
+            ):
+''',
+    )],
+    "patch_config_vllm": [(
+        "config/vllm.py",
+        '''    def __post_init__(self):
+''',
+        '''    def _validate_attention_backend(self) -> None:
+        """Let the selected backend refuse settings it cannot serve, at start-up."""
+        backend = self.attention_config.backend
+        if backend is not None and backend.is_overridden():
+            backend_cls = backend.get_class()
+            if hasattr(backend_cls, "validate_vllm_config"):
+                backend_cls.validate_vllm_config(self)
+
+    def __post_init__(self):
+''',
+    ), (
+        "config/vllm.py",
+        '''        self._resolve_mm_encoder_only()
+''',
+        '''        self._validate_attention_backend()
+        self._resolve_mm_encoder_only()
+''',
+    )],
+    "patch_rotary_embedding_base": [(
+        "model_executor/layers/rotary_embedding/base.py",
+        '''        freqs = torch.einsum("i,j -> ij", t, inv_freq)
+        cos = freqs.cos()
+        sin = freqs.sin()
+        cache = torch.cat((cos, sin), dim=-1)
+        return cache
+''',
+        '''        freqs = torch.einsum("i,j -> ij", t, inv_freq)
+        cos = freqs.cos()
+        sin = freqs.sin()
+        cache = torch.cat((cos, sin), dim=-1)
+        # Positions past the table (a backend that caps distances): exact
+        # float64 angles from the same inverse frequencies.
+        rows = getattr(self, "extended_positions", 0)
+        if rows > cache.shape[0]:
+            t64 = torch.arange(cache.shape[0], rows, dtype=torch.float64)
+            freqs64 = torch.outer(t64, inv_freq.to(torch.float64))
+            extra = torch.cat((freqs64.cos(), freqs64.sin()), dim=-1)
+            cache = torch.cat((cache, extra.to(cache.dtype)), dim=0)
+        return cache
+''',
+    )],
+    "patch_model_loader_base_loader": [(
+        "model_executor/model_loader/base_loader.py",
+        '''            process_weights_after_loading(model, model_config, target_device)
+''',
+        '''            process_weights_after_loading(model, model_config, target_device)
+            # Attention backends that re-rotate queries need the layer's RoPE.
+            for module in model.modules():
+                rope = getattr(module, "rotary_emb", None)
+                attn = getattr(module, "attn", None)
+                if rope is not None and hasattr(getattr(attn, "impl", None), "bind_rotary"):
+                    attn.impl.bind_rotary(rope)
+''',
+    )],
+}
+
+
+def vllm_root() -> Path:
+    import importlib.util
+
+    return Path(importlib.util.find_spec("vllm").submodule_search_locations[0])
+
+
+def make_diff(name: str, root: Path) -> str:
+    by_file: dict[str, str] = {}
+    for rel, old, new in EDITS[name]:
+        text = by_file.get(rel) or (root / rel).read_text()
+        if text.count(old) != 1:
+            raise SystemExit(f"{name}: the text to change in vllm/{rel} is not there exactly once")
+        by_file[rel] = text.replace(old, new)
+    chunks = []
+    for rel, new_text in by_file.items():
+        old_text = (root / rel).read_text()
+        chunks += difflib.unified_diff(
+            old_text.splitlines(keepends=True), new_text.splitlines(keepends=True),
+            fromfile=f"a/vllm/{rel}", tofile=f"b/vllm/{rel}",
+        )  # fmt: skip
+    return "".join(chunks)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="fail if a committed diff differs")
+    args = parser.parse_args()
+    root, stale = vllm_root(), []
+    for name in EDITS:
+        path = HERE / f"{name}.diff"
+        diff = make_diff(name, root)
+        if args.check:
+            if not path.exists() or path.read_text() != diff:
+                stale.append(path.name)
+        else:
+            path.write_text(diff)
+    if stale:
+        print("stale or missing:", ", ".join(stale))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""The patches to vLLM are listed, documented, applied, idempotent and upstreamable."""
+
+import ast
+import importlib.metadata
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lminf_vllm import patches
+from lminf_vllm.versions import SUPPORTED_VLLM_SERIES, UnsupportedVllmVersion, check_vllm_version, is_supported
+
+ROOT = Path(__file__).resolve().parents[1]
+PATCH_DIR = ROOT / "lminf_vllm" / "patches"
+SECTIONS = ("Target:", "Why:", "How:", "Upstream:", "Remove when:")
+
+
+def test_plugin_is_found_through_its_entry_point():
+    eps = importlib.metadata.entry_points(group="vllm.general_plugins")
+    assert any(ep.value == "lminf_vllm:register" for ep in eps)
+
+
+def test_every_patch_file_is_listed_and_every_listed_patch_exists():
+    files = {p.stem for p in PATCH_DIR.glob("patch_*.py")}
+    assert files == set(patches.PATCH_MODULES)
+
+
+@pytest.mark.parametrize("name", patches.PATCH_MODULES)
+def test_patch_is_documented_versioned_and_in_the_readme(name):
+    module = patches.load(name)
+    doc = ast.get_docstring(ast.parse((PATCH_DIR / f"{name}.py").read_text())) or ""
+    for section in SECTIONS:
+        assert section in doc, f"{name} docstring lacks {section!r}"
+    assert module.TARGET.startswith("vllm.")
+    assert set(module.VLLM_VERSIONS) <= set(SUPPORTED_VLLM_SERIES)
+    readme = (ROOT / "patches" / "README.md").read_text()
+    assert f"`{name}`" in readme and f"`{name}.diff`" in readme
+    assert (ROOT / "patches" / f"{name}.diff").read_text().startswith("--- a/vllm/")
+
+
+@pytest.mark.parametrize("name", patches.PATCH_MODULES)
+def test_patch_is_applied_by_the_plugin_and_idempotent(name):
+    from vllm.plugins import load_general_plugins
+
+    load_general_plugins()  # what every vLLM process does
+    module = patches.load(name)
+    assert module.is_applied()
+    assert module.apply() is False  # a second apply changes nothing
+
+
+def test_originals_are_kept():
+    from vllm.platforms.cpu import CpuPlatform
+
+    from lminf_vllm.patches._util import original_of
+
+    patches.apply_all()
+    original = original_of(CpuPlatform, "get_attn_backend_cls")
+    assert original.__module__ == "vllm.platforms.cpu"
+
+
+def test_upstream_diffs_match_the_installed_vllm():
+    result = subprocess.run([sys.executable, str(ROOT / "patches" / "make_diffs.py"), "--check"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_version_guard():
+    assert is_supported("0.32.0") and is_supported("0.33.1+cu130")
+    assert not is_supported("0.31.2") and not is_supported("1.0.0")
+    assert check_vllm_version().startswith("0.32")
+
+
+def test_version_guard_message(monkeypatch):
+    import lminf_vllm.versions as versions
+
+    monkeypatch.setattr(versions, "installed_vllm_version", lambda: "0.29.0")
+    with pytest.raises(UnsupportedVllmVersion, match=r"supports vLLM 0.32.x, 0.33.x; the installed vLLM is 0.29.0"):
+        versions.check_vllm_version()
+
+
+def test_vllm_command_starts_on_the_cpu_install():
+    vllm = Path(sys.executable).with_name("vllm")
+    result = subprocess.run([str(vllm), "--version"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().endswith("0.32.0+cpu")
