@@ -90,7 +90,7 @@ def register_backend_alias(alias: str, backend: AttentionBackendEnum) -> None:
         self._resolve_mm_encoder_only()
 ''',
     )],
-    "patch_rotary_embedding_base": [(
+    "patch_model_loader_base_loader": [(
         "model_executor/layers/rotary_embedding/base.py",
         '''        freqs = torch.einsum("i,j -> ij", t, inv_freq)
         cos = freqs.cos()
@@ -104,7 +104,7 @@ def register_backend_alias(alias: str, backend: AttentionBackendEnum) -> None:
         cache = torch.cat((cos, sin), dim=-1)
         # Positions past the table (a backend that caps distances): exact
         # float64 angles from the same inverse frequencies.
-        rows = getattr(self, "extended_positions", 0)
+        rows = getattr(self, "max_model_len", 0)
         if rows > cache.shape[0]:
             t64 = torch.arange(cache.shape[0], rows, dtype=torch.float64)
             freqs64 = torch.outer(t64, inv_freq.to(torch.float64))
@@ -112,8 +112,7 @@ def register_backend_alias(alias: str, backend: AttentionBackendEnum) -> None:
             cache = torch.cat((cache, extra.to(cache.dtype)), dim=0)
         return cache
 ''',
-    )],
-    "patch_model_loader_base_loader": [(
+    ), (
         "model_executor/model_loader/base_loader.py",
         '''            process_weights_after_loading(model, model_config, target_device)
 ''',

@@ -13,7 +13,6 @@ PATCH_MODULES = (
     "patch_platforms_cpu",
     "patch_engine_arg_utils",
     "patch_config_vllm",
-    "patch_rotary_embedding_base",
     "patch_model_loader_base_loader",
 )
 

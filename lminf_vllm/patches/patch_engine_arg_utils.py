@@ -5,15 +5,15 @@ Why: vLLM refuses `max_model_len > max_position_embeddings` unless the user
     sets VLLM_ALLOW_LONG_MAX_MODEL_LEN=1, because stock RoPE runs off its table.
     With lminf the distance is capped and the table is extended exactly
     (patch_rotary_embedding_base), so long lengths are the point of the plugin.
-How: when the engine args select lminf, build the model config with that
-    variable set for the duration of the call only; the stock backend keeps
-    vLLM's check unchanged.
+How: when the engine args select lminf, build the model config while
+    `vllm.config.model` sees that variable as set: its `envs` name points to a
+    view of `vllm.envs` that answers True for it, for the duration of the call
+    only (setting os.environ would not do: vLLM caches its envs after the first
+    engine starts). The stock backend keeps vLLM's check unchanged.
 Upstream: a backend capability ("supports positions past the model's table")
     consulted by `_get_and_verify_max_len`.
 Remove when: vLLM asks the attention backend before refusing long lengths.
 """
-
-import os
 
 from lminf_vllm.patches._util import is_patched, replace_attr
 from lminf_vllm.versions import SUPPORTED_VLLM_SERIES
@@ -34,18 +34,30 @@ def _requests_lminf(args) -> bool:
     return backend_is_lminf(getattr(args, "attention_backend", None)) or backend_is_lminf(selected)
 
 
+class _AllowLongMaxModelLen:
+    """vllm.envs, except that VLLM_ALLOW_LONG_MAX_MODEL_LEN reads True."""
+
+    def __init__(self, envs):
+        self._envs = envs
+
+    def __getattr__(self, name):
+        return True if name == _ENV else getattr(self._envs, name)
+
+
 def apply() -> bool:
+    from vllm.config import model as model_config_module
     from vllm.engine.arg_utils import EngineArgs
 
     def make(original):
         def create_model_config(self):
-            if not _requests_lminf(self) or os.environ.get(_ENV):
+            if not _requests_lminf(self):
                 return original(self)
-            os.environ[_ENV] = "1"
+            envs = model_config_module.envs
+            model_config_module.envs = _AllowLongMaxModelLen(envs)
             try:
                 return original(self)
             finally:
-                del os.environ[_ENV]
+                model_config_module.envs = envs
 
         return create_model_config
 
