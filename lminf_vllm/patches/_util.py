@@ -2,17 +2,14 @@
 
 from typing import Any, Callable
 
-from lminf_vllm.versions import check_vllm_version
-
 _MARK = "__lminf_original__"
 
 
 def replace_attr(owner: Any, name: str, make_new: Callable[[Any], Any]) -> bool:
     """Set owner.name = make_new(original) once; later calls do nothing. Returns True if applied now."""
-    current = owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
-    if getattr(_unwrap(current), _MARK, None) is not None:
+    original = _lookup(owner, name)
+    if getattr(_unwrap(original), _MARK, None) is not None:
         return False
-    original = current
     new = make_new(_unwrap(original))
     setattr(_unwrap(new), _MARK, original)
     setattr(owner, name, new)
@@ -20,19 +17,19 @@ def replace_attr(owner: Any, name: str, make_new: Callable[[Any], Any]) -> bool:
 
 
 def original_of(owner: Any, name: str) -> Any:
-    current = owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
+    current = _lookup(owner, name)
     return getattr(_unwrap(current), _MARK, current)
 
 
 def is_patched(owner: Any, name: str) -> bool:
-    current = owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
-    return getattr(_unwrap(current), _MARK, None) is not None
+    return getattr(_unwrap(_lookup(owner, name)), _MARK, None) is not None
+
+
+def _lookup(owner: Any, name: str) -> Any:
+    # a class's own __dict__ keeps classmethod objects as they are
+    return owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
 
 
 def _unwrap(obj: Any) -> Any:
     # classmethod/staticmethod objects hold the function in __func__
     return getattr(obj, "__func__", obj) if isinstance(obj, (classmethod, staticmethod)) else obj
-
-
-def guard_version() -> None:
-    check_vllm_version()
