@@ -12,9 +12,11 @@ def register() -> None:
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
     from lminf_vllm import patches
+    from lminf_vllm.kv_cache import register_kv_cache_spec
     from lminf_vllm.versions import check_vllm_version
     from lminf_vllm.vllm_config import BACKEND_PATH
 
     check_vllm_version()
     register_backend(AttentionBackendEnum.CUSTOM, BACKEND_PATH)
+    register_kv_cache_spec()
     patches.apply_all()

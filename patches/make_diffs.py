@@ -59,6 +59,33 @@ def register_backend_alias(alias: str, backend: AttentionBackendEnum) -> None:
             logger.info("Cannot use %s backend on CPU.", selected_backend)
 ''',
     )],
+    "patch_attention_layer": [(
+        "model_executor/layers/attention/attention.py",
+        '''        else:
+            return FullAttentionSpec(
+                block_size=block_size,
+                num_kv_heads=self.num_kv_heads,
+                head_size=self.head_size,
+                head_size_v=self.head_size_v,
+                dtype=self.kv_cache_torch_dtype,
+                kv_quant_mode=quant_mode,
+            )
+''',
+        '''        else:
+            # The backend owns its packing and may bound what a sequence keeps
+            # (e.g. a Λ-shaped or other sparse retention policy).
+            return self.attn_backend.customize_spec(
+                FullAttentionSpec(
+                    block_size=block_size,
+                    num_kv_heads=self.num_kv_heads,
+                    head_size=self.head_size,
+                    head_size_v=self.head_size_v,
+                    dtype=self.kv_cache_torch_dtype,
+                    kv_quant_mode=quant_mode,
+                )
+            )
+''',
+    )],
     "patch_engine_arg_utils": [(
         "config/model.py",
         '''            if envs.VLLM_ALLOW_LONG_MAX_MODEL_LEN:

@@ -31,6 +31,10 @@ def engine(model, backend="lminf", lminf=None, **kwargs):
     try:
         yield llm
     finally:
+        # Shut down now: if a later `with engine(...) as llm` rebinds the name,
+        # collecting this one then would tear down the new engine's
+        # process-wide distributed state. (Shutdown runs only once.)
+        llm.llm_engine.engine_core.shutdown()
         del llm
         gc.collect()
 
@@ -57,3 +61,19 @@ def sample_logprobs(completion) -> torch.Tensor:
 def random_prompt(n: int, seed: int, vocab: int = 290) -> list[int]:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(1, vocab, (n,), generator=g).tolist()
+
+
+def page_bytes(num_layers=2, num_kv_heads=2, head_size=32, block_size=32, dtype_bytes=4) -> int:
+    """Bytes of one KV block across all layers of the tiny test model."""
+    return num_layers * num_kv_heads * 2 * head_size * block_size * dtype_bytes
+
+
+def kv_manager(llm):
+    """The scheduler's KV manager of the (only) cache group of an in-process engine."""
+    scheduler = llm.llm_engine.engine_core.engine_core.scheduler
+    return scheduler.kv_cache_manager.coordinator.single_type_managers[0]
+
+
+def held_blocks(manager) -> dict[str, int]:
+    """Real (non-null) blocks each request holds right now."""
+    return {rid: sum(not b.is_null for b in blocks) for rid, blocks in manager.req_to_blocks.items() if blocks}

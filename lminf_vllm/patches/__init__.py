@@ -13,6 +13,7 @@ PATCH_MODULES = (
     "patch_platforms_cpu",
     "patch_engine_arg_utils",
     "patch_config_vllm",
+    "patch_attention_layer",
     "patch_model_loader_base_loader",
 )
 

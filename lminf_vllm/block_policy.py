@@ -1,0 +1,47 @@
+"""Which KV blocks a sequence keeps under LM-Infinite: plain arithmetic, no vLLM.
+
+After a step that computed tokens [0, n), the next query (position n) needs
+keys j < G and j >= n - W + 1 (SPEC.md). With block size B the sequence keeps
+logical blocks [0, ceil(G/B)) and [first_window_block(n), ...); every block
+wholly between is free to go.
+"""
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def global_blocks(G: int, B: int) -> int:
+    """Blocks holding positions [0, G)."""
+    return cdiv(G, B)
+
+
+def first_window_block(n: int, W: int, B: int) -> int:
+    """Block holding the oldest position the query at position n still sees locally."""
+    return max(0, n - W + 1) // B
+
+
+def freeable_blocks(n: int, G: int, W: int, B: int) -> range:
+    """Logical blocks no query at position >= n will read: wholly between global and window."""
+    return range(global_blocks(G, B), max(global_blocks(G, B), first_window_block(n, W, B)))
+
+
+def kept_blocks(n: int, G: int, W: int, B: int, upto: int) -> list[int]:
+    """Logical blocks kept among [0, upto) once n tokens are computed."""
+    gone = freeable_blocks(n, G, W, B)
+    return [b for b in range(upto) if b not in gone]
+
+
+def max_blocks_per_sequence(G: int, W: int, B: int, in_flight_tokens: int = 1) -> int:
+    """SPEC.md's bound: ceil(G/B) + ceil(W/B) + 1 while decoding one token a step;
+    a prefill chunk of T tokens in flight adds its own blocks (in_flight_tokens = T)."""
+    return global_blocks(G, B) + cdiv(W - 1 + in_flight_tokens, B) + 1
+
+
+def blocks_needed_for_hit(num_blocks: int, G: int, W: int, B: int) -> list[int]:
+    """Cached blocks a prefix of num_blocks full blocks needs to be reused as computed:
+    the global ones and the window of the first token after it."""
+    n = num_blocks * B
+    glob = range(min(global_blocks(G, B), num_blocks))
+    window = range(first_window_block(n, W, B), num_blocks)
+    return sorted(set(glob) | set(window))

@@ -1,0 +1,118 @@
+"""The KV cache spec and manager of lminf layers: each sequence keeps its global
+blocks and its window, and frees every block in between the moment it leaves.
+
+Thin shells over `block_policy` (the arithmetic, no vLLM). `LminfSpec` is a
+`SlidingWindowSpec` with global tokens, so vLLM's start-up pool sizing and
+admission control use its per-sequence bound instead of max_model_len.
+Registered with vLLM's `KVCacheSpecRegistry` by `register()`.
+"""
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from vllm.v1.core.single_type_kv_cache_manager import SlidingWindowManager
+from vllm.v1.kv_cache_interface import KVCacheSpec, SlidingWindowSpec
+
+from lminf_vllm import block_policy
+
+
+@dataclass(frozen=True, kw_only=True)
+class LminfSpec(SlidingWindowSpec):
+    """sliding_window = W (local_tokens); global_tokens = G."""
+
+    global_tokens: int = 0
+
+    def max_admission_blocks_per_request(self, max_in_flight_tokens: int, max_model_len: int) -> int:
+        bound = block_policy.max_blocks_per_sequence(
+            self.global_tokens, self.sliding_window, self.block_size,
+            in_flight_tokens=max_in_flight_tokens + self.extra_retained_tokens,
+        )  # fmt: skip
+        return min(bound, block_policy.cdiv(max_model_len, self.block_size))
+
+    def is_uniform_with_collection(self, kv_cache_specs: dict[str, KVCacheSpec]) -> bool:
+        return all(
+            isinstance(s, LminfSpec) and (s.sliding_window, s.global_tokens) == (self.sliding_window, self.global_tokens)
+            for s in kv_cache_specs.values()
+        )
+
+
+class LminfManager(SlidingWindowManager):
+    """Frees the gap between the global blocks and the window (RSWAManager frees
+    a gap too, but behind a prompt; ours sits behind the first G tokens)."""
+
+    supports_fine_grained_hash_lookup: ClassVar[bool] = False
+
+    def __init__(self, kv_cache_spec: LminfSpec, **kwargs) -> None:
+        super().__init__(kv_cache_spec, **kwargs)
+        self.global_tokens = kv_cache_spec.global_tokens
+        self.num_freed_blocks = 0  # freed by the Λ policy, for observability
+
+    def remove_skipped_blocks(self, request_id: str, processed_computed_tokens: int, num_prompt_tokens=None) -> None:
+        gap = block_policy.freeable_blocks(
+            processed_computed_tokens, self.global_tokens, self.sliding_window, self.block_size
+        )
+        blocks = self.req_to_blocks.get(request_id)
+        if not gap or not blocks:
+            return
+        before = sum(b.is_null for b in blocks)
+        self._remove_blocks_in_range(request_id, gap.start, gap.stop)
+        self.num_freed_blocks += sum(b.is_null for b in blocks) - before
+
+    def get_num_skipped_tokens(self, num_computed_tokens: int) -> int:
+        # What vLLM calls "skipped" is a dropped prefix; ours is a middle gap,
+        # which the allocation arithmetic must not treat as a prefix.
+        return 0
+
+    @classmethod
+    def find_longest_cache_hit(
+        cls,
+        block_hashes,
+        max_length: int,
+        kv_cache_group_ids: list[int],
+        block_pool,
+        kv_cache_spec: KVCacheSpec,
+        drop_eagle_block: bool,
+        alignment_tokens: int,
+        dcp_world_size: int = 1,
+        pcp_world_size: int = 1,
+    ):
+        """Longest prefix whose global and window blocks are all still cached;
+        the blocks in between may be gone and come back as null blocks."""
+        assert isinstance(kv_cache_spec, LminfSpec)
+        B, G, W = kv_cache_spec.block_size, kv_cache_spec.global_tokens, kv_cache_spec.sliding_window
+        null = block_pool.null_block
+        lookups: dict[int, tuple | None] = {}
+
+        def cached(i: int):
+            if i not in lookups:
+                lookups[i] = block_pool.get_cached_block(block_hashes[i], kv_cache_group_ids)
+            return lookups[i]
+
+        for num_blocks in range(min(max_length // B, len(block_hashes)), 0, -1):
+            if (num_blocks * B) % alignment_tokens:
+                continue
+            needed = block_policy.blocks_needed_for_hit(num_blocks, G, W, B)
+            if all(cached(i) for i in needed):
+                hit = tuple([null] * num_blocks for _ in kv_cache_group_ids)
+                for i in needed:
+                    for group, block in zip(hit, cached(i)):
+                        group[i] = block
+                if drop_eagle_block:
+                    for group in hit:
+                        group.pop()
+                return hit, len(hit[0]) * B
+        return tuple([] for _ in kv_cache_group_ids), 0
+
+    @classmethod
+    def reachable_block_mask(cls, *args, **kwargs):
+        return None  # every block may serve a hit: keep the dense default
+
+
+def register_kv_cache_spec() -> None:
+    """Map LminfSpec to LminfManager in vLLM's registry (idempotent)."""
+    from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
+
+    # The registry fills in vLLM's built-in specs lazily, only while it is
+    # empty: make sure that has happened before adding ours.
+    KVCacheSpecRegistry._ensure_registered()
+    KVCacheSpecRegistry.register(LminfSpec, LminfManager, uniform_type_base_spec=LminfSpec)

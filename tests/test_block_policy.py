@@ -1,0 +1,74 @@
+"""The block policy on its own: hand-worked cases and properties over random inputs."""
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lminf_vllm.block_policy import (
+    blocks_needed_for_hit,
+    cdiv,
+    first_window_block,
+    freeable_blocks,
+    global_blocks,
+    kept_blocks,
+    max_blocks_per_sequence,
+)
+
+
+def test_hand_worked_example():
+    # G=4, W=64, B=32, n=3000: globals in block 0; the next query needs 2937..3000
+    assert global_blocks(4, 32) == 1
+    assert first_window_block(3000, 64, 32) == 2937 // 32 == 91
+    assert freeable_blocks(3000, 4, 64, 32) == range(1, 91)
+    assert kept_blocks(3000, 4, 64, 32, upto=cdiv(3001, 32)) == [0, 91, 92, 93]
+    assert max_blocks_per_sequence(4, 64, 32) == 1 + 2 + 1
+
+
+def test_nothing_is_freed_while_the_window_covers_everything():
+    assert list(freeable_blocks(64, 4, 64, 16)) == []
+    assert list(freeable_blocks(100, 0, 200, 16)) == []
+
+
+params = st.tuples(
+    st.integers(0, 80),  # G
+    st.integers(1, 300),  # W
+    st.sampled_from([1, 2, 16, 32, 128]),  # B
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(params, st.integers(0, 5000))
+def test_kept_blocks_hold_every_key_the_next_query_reads(p, n):
+    G, W, B = p
+    kept = set(kept_blocks(n, G, W, B, upto=cdiv(n + 1, B)))
+    visible = [j for j in range(n + 1) if j < G or n - j < W]  # query at position n
+    assert {j // B for j in visible} <= kept
+
+
+@settings(max_examples=400, deadline=None)
+@given(params, st.lists(st.integers(1, 700), min_size=1, max_size=30))
+def test_held_blocks_stay_within_the_bound_in_any_chunking(p, chunks):
+    """Scheduling chunks of any size then decoding: held <= bound for the chunk in flight."""
+    G, W, B = p
+    n = 0
+    for T in chunks + [1] * 50:
+        held = kept_blocks(n, G, W, B, upto=cdiv(n + T, B))  # after allocating the chunk's slots
+        assert len(held) <= max_blocks_per_sequence(G, W, B, in_flight_tokens=T)
+        n += T
+
+
+@settings(max_examples=300, deadline=None)
+@given(params, st.integers(0, 3000), st.integers(1, 400))
+def test_freed_blocks_are_never_needed_again(p, n, later):
+    G, W, B = p
+    for m in (n, n + later):
+        for b in freeable_blocks(n, G, W, B):
+            assert b not in {j // B for j in range(m + 1) if j < G or m - j < W}
+
+
+@settings(max_examples=300, deadline=None)
+@given(params, st.integers(1, 200))
+def test_a_prefix_hit_needs_exactly_the_blocks_its_next_token_reads(p, num_blocks):
+    G, W, B = p
+    n = num_blocks * B
+    reads = {j // B for j in range(n) if j < G or n - j < W}
+    assert set(blocks_needed_for_hit(num_blocks, G, W, B)) == reads
