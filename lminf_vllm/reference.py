@@ -34,18 +34,23 @@ def dense_lambda_attention(q0, k0, v, cfg: LminfConfig, rotary: RotarySpec, scal
     k0, v = k0.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     visible, dist = lambda_mask_and_distance(n, cfg, q0.device)
     j = torch.arange(n, device=q0.device)
-    cos_k, sin_k = cos_sin(j, rotary.inv_freq, q0.dtype)
-    k_rot = rotate(k0, cos_k[:, None], sin_k[:, None], rotary)  # keys at their true position j
+    # Every position used below lies in [0, n): keys sit at j, and a query is
+    # placed at j + d <= i. One cos/sin row per position.
+    cos_t, sin_t = cos_sin(j, rotary.inv_freq, q0.dtype)
+    k_rot = rotate(k0, cos_t[:, None], sin_t[:, None], rotary)  # keys at their true position j
     out = torch.empty(n, H, v.shape[-1], dtype=q0.dtype, device=q0.device)
     for a in range(0, n, ROW_CHUNK):
         b = min(n, a + ROW_CHUNK)
-        pos_q = j[None, :] + dist[a:b]  # the query's position as seen from key j
-        cos_q, sin_q = cos_sin(pos_q, rotary.inv_freq, q0.dtype)  # [rows, n, F]
-        q_rot = rotate(q0[a:b, None], cos_q[:, :, None], sin_q[:, :, None], rotary)  # [rows, n, H, D]
-        scores = (q_rot * k_rot[None]).sum(-1) * scale  # [rows, n, H]
-        scores = scores.masked_fill(~visible[a:b, :, None], float("-inf"))
+        # Columns masked for every row of this chunk contribute exp(-inf) = 0:
+        # skip them (the mask below is still applied to every remaining pair).
+        cols = visible[a:b].any(dim=0).nonzero().flatten()
+        pos_q = (cols[None, :] + dist[a:b, cols]).clamp(min=0)  # the query's position as seen from key j
+        cos_q, sin_q = cos_t[pos_q], sin_t[pos_q]  # [rows, cols, F]
+        q_rot = rotate(q0[a:b, None], cos_q[:, :, None], sin_q[:, :, None], rotary)  # [rows, cols, H, D]
+        scores = (q_rot * k_rot[cols][None]).sum(-1) * scale  # [rows, cols, H]
+        scores = scores.masked_fill(~visible[a:b, cols, None], float("-inf"))
         probs = torch.softmax(scores, dim=1)
-        out[a:b] = torch.einsum("rjh,jhd->rhd", probs, v)
+        out[a:b] = torch.einsum("rjh,jhd->rhd", probs, v[cols])
     return out
 
 

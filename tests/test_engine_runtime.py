@@ -1,5 +1,10 @@
 """What the engine really runs: the backend class in the worker, the RoPE table."""
 
+import json
+import os
+import subprocess
+import sys
+
 import torch
 from vllm import SamplingParams
 
@@ -8,26 +13,47 @@ from engine import engine, lminf_options, random_prompt, worker_model
 from lminf_vllm.rope import cos_sin_table, default_inv_freq
 
 
-def _attention_impls(worker):
-    """Runs inside the worker process: the class of every attention layer's impl."""
+MULTIPROCESS_PROBE = """
+import json, sys
+from vllm import LLM, SamplingParams
+
+def attention_impls(worker):  # runs inside the worker process
     from vllm.model_executor.layers.attention import Attention
+    return sorted({type(m.impl).__name__ for m in worker.model_runner.model.modules() if isinstance(m, Attention)})
 
-    model = worker.model_runner.model
-    return sorted({type(m.impl).__name__ for m in model.modules() if isinstance(m, Attention)})
+if __name__ == "__main__":
+    model, prompt = sys.argv[1], json.loads(sys.argv[2])
+    llm = LLM(model=model, dtype="float32", enforce_eager=True, kv_cache_memory_bytes=64 << 20,
+              attention_backend="lminf", block_size=32, max_model_len=1024, seed=0,
+              additional_config={"lminf": {"global_tokens": 4, "local_tokens": 64, "distance_cap": 96}})
+    out = llm.generate([{"prompt_token_ids": prompt}],
+                       SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True), use_tqdm=False)[0]
+    print("PROBE", json.dumps({"client": type(llm.llm_engine.engine_core).__name__,
+                      "impls": llm.collective_rpc(attention_impls),
+                      "tokens": list(out.outputs[0].token_ids)}), flush=True)
+"""
 
 
-def test_multiprocess_engine_runs_lminf_in_its_worker(tiny_llama, monkeypatch):
-    """Engine core in a subprocess: the plugin loads there through its entry point."""
+def test_multiprocess_engine_runs_lminf_in_its_worker(tiny_llama, tmp_path):
+    """Engine core and worker in their own processes (as `vllm serve` runs them):
+    the plugin loads there through its entry point and gives the same tokens."""
     prompt = random_prompt(150, seed=5)
     params = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
-    options = dict(lminf=lminf_options(4, 64, 96), max_model_len=1024)
-    with engine(tiny_llama, **options) as llm:
-        in_process = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0]
-    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
-    with engine(tiny_llama, **options) as llm:
-        assert llm.collective_rpc(_attention_impls) == [["LminfAttentionImpl"]]
-        multi_process = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0]
-    assert list(multi_process.outputs[0].token_ids) == list(in_process.outputs[0].token_ids)
+    with engine(tiny_llama, lminf=lminf_options(4, 64, 96), max_model_len=1024) as llm:
+        in_process = list(llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0].outputs[0].token_ids)
+    script = tmp_path / "probe.py"
+    script.write_text(MULTIPROCESS_PROBE)
+    # A fresh interpreter: vLLM caches its environment once an engine started here.
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1", VLLM_ALLOW_INSECURE_SERIALIZATION="1")
+    result = subprocess.run(
+        [sys.executable, str(script), str(tiny_llama), json.dumps(prompt)], env=env, capture_output=True, text=True, timeout=400
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = next(x for x in result.stdout.splitlines() if x.startswith("PROBE "))
+    probe = json.loads(line.removeprefix("PROBE "))
+    assert probe["client"] == "SyncMPClient"  # really out of process
+    assert probe["impls"] == [["LminfAttentionImpl"]]
+    assert probe["tokens"] == in_process
 
 
 def test_rope_table_is_exact_past_max_position_embeddings(tiny_llama):

@@ -58,7 +58,7 @@ def test_unhandled_rope_variant_is_refused(tiny_llama, tmp_path):
 def test_model_without_rope_is_refused(tmp_path):
     from transformers import AutoConfig
 
-    from tiny_models import build_tokenizer
+    from lminf_vllm.tiny_models import build_tokenizer
 
     out = tmp_path / "gpt2"
     out.mkdir()

@@ -31,12 +31,19 @@ def apply() -> bool:
             from lminf_vllm.vllm_config import is_lminf_selected, lminf_config_from_vllm
 
             if is_lminf_selected(self):
+                from lminf_vllm.block_policy import max_blocks_per_sequence
+
                 cfg = lminf_config_from_vllm(self)
+                block_size = self.cache_config.block_size
                 logger.info(
-                    "lminf attention: %s block_size=%s max_model_len=%s",
+                    "lminf attention: %s block_size=%s max_model_len=%s; KV per sequence <= %s blocks "
+                    "while decoding (ceil(G/B) + ceil(W/B) + 1), plus the prefill chunk in flight",
                     cfg.describe(),
-                    self.cache_config.block_size,
+                    block_size,
                     self.model_config.max_model_len,
+                    max_blocks_per_sequence(cfg.global_tokens, cfg.local_tokens, block_size)
+                    if block_size
+                    else "?",
                 )
             elif CONFIG_KEY in (self.additional_config or {}):
                 logger.warning(

@@ -1,4 +1,4 @@
-"""Small deterministic random models the tests build themselves.
+"""Small deterministic random models, built in seconds, for tests and benchmarks.
 
 Attention is made peaked on purpose (large q/k weights): a wrong mask or a
 wrong distance then moves the logprobs by far more than the tolerances.
