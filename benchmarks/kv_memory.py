@@ -80,23 +80,29 @@ def run_one(args, model, backend, n):
     manager = scheduler.kv_cache_manager.coordinator.single_type_managers[0]
     prompt = [(7 * i) % 250 + 1 for i in range(n)]
     engine.add_request("seq", {"prompt_token_ids": prompt}, SamplingParams(max_tokens=args.gen, ignore_eos=True))
-    peak, start = 0, time.perf_counter()
+    peak = {"prefill": 0, "decode": 0}
+    start = time.perf_counter()
     while engine.has_unfinished_requests():
+        requests = list(scheduler.requests.values())
+        phase = "decode" if requests and requests[0].num_computed_tokens >= n else "prefill"
         engine.step()
         held = [sum(not b.is_null for b in blocks) for blocks in manager.req_to_blocks.values()]
-        peak = max([peak, *held])
+        peak[phase] = max([peak[phase], *held])
     seconds = time.perf_counter() - start
-    spec = scheduler.kv_cache_config.kv_cache_groups[0].kv_cache_spec
-    admitted_per_seq = (
-        spec.max_admission_blocks_per_request(args.step_tokens, max_len) if lminf else -(-(n + args.gen) // args.block_size)
-    )
+    # What admission control reserves for such a sequence: its length in blocks,
+    # capped for lminf by the bound its KV spec reports (prefill chunk included).
+    need = -(-(n + args.gen) // args.block_size)
+    if lminf:
+        spec = scheduler.kv_cache_config.kv_cache_groups[0].kv_cache_spec
+        need = min(need, spec.max_admission_blocks_per_request(args.step_tokens, max_len))
     engine.engine_core.shutdown()
     del llm
     return {
-        "peak_blocks": peak,
-        "kv_bytes_per_seq": peak * page,
-        "blocks_counted_by_admission": admitted_per_seq,
-        "max_concurrent_seqs": args.pool_blocks // admitted_per_seq,
+        "peak_blocks_prefill": peak["prefill"],
+        "peak_blocks_decode": peak["decode"],
+        "kv_bytes_per_seq": max(peak.values()) * page,
+        "blocks_reserved_by_admission": need,
+        "max_concurrent_seqs": args.pool_blocks // need,
         "seconds": round(seconds, 2),
     }
 
@@ -118,6 +124,35 @@ def main(argv=None):
     args.out.write_text(json.dumps(results, indent=2))
     print_table(results["rows"], args)
     print(f"\nwrote {args.out}")
+    plot(results["rows"], args, args.out.with_suffix(".png"))
+
+
+def plot(rows, args, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed (pip install -e '.[bench]'): no plot")
+        return
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for backend, style in (("CPU_ATTN", "o-"), ("lminf", "s-")):
+        pts = [r for r in rows if r["backend"] == backend and "error" not in r]
+        if not pts:
+            continue
+        label = "stock (CPU_ATTN)" if backend == "CPU_ATTN" else f"lminf G={args.global_tokens} W={args.local_tokens}"
+        ax.plot([r["prompt_tokens"] for r in pts], [r["kv_bytes_per_seq"] / 2**20 for r in pts], style, label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.set_xlabel("prompt tokens")
+    ax.set_ylabel("peak KV memory per sequence (MiB)")
+    ax.set_title("KV memory per sequence, measured in the engine")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
 
 
 def print_table(rows, args):
@@ -125,14 +160,16 @@ def print_table(rows, args):
         f"\nKV pool {args.pool_blocks} blocks of {args.block_size} tokens; lminf G={args.global_tokens} "
         f"W={args.local_tokens} C={args.distance_cap}; {args.gen} tokens generated per sequence"
     )
-    print(f"{'prompt':>8} | {'backend':>8} | {'peak blocks/seq':>15} | {'KV MiB/seq':>10} | {'admits seqs':>11} | {'s':>6}")
+    head = ("prompt", "backend", "blocks/seq prefill", "blocks/seq decode", "peak KV MiB/seq", "pool admits seqs", "s")
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
     for r in rows:
         if "error" in r:
-            print(f"{r['prompt_tokens']:>8} | {r['backend']:>8} | refused: {r['error']}")
+            print(f"| {r['prompt_tokens']} | {r['backend']} | refused: {r['error']} |")
             continue
         print(
-            f"{r['prompt_tokens']:>8} | {r['backend']:>8} | {r['peak_blocks']:>15} | "
-            f"{r['kv_bytes_per_seq'] / 2**20:>10.2f} | {r['max_concurrent_seqs']:>11} | {r['seconds']:>6}"
+            f"| {r['prompt_tokens']} | {r['backend']} | {r['peak_blocks_prefill']} | {r['peak_blocks_decode']} | "
+            f"{r['kv_bytes_per_seq'] / 2**20:.2f} | {r['max_concurrent_seqs']} | {r['seconds']} |"
         )
 
 
