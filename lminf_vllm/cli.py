@@ -70,7 +70,32 @@ def main() -> int:
     from vllm.entrypoints.cli.main import main as vllm_main
 
     sys.argv[0] = "vllm"
-    return vllm_main()
+    try:
+        return vllm_main()
+    except Exception as error:
+        message = lminf_config_error(error)
+        if message is None:
+            raise
+        # A configuration lminf refuses: one line that names the field and the rule.
+        print(f"lminf-vllm: error: {message}", file=sys.stderr)
+        return 2
+
+
+def lminf_config_error(error: BaseException) -> str | None:
+    """The LminfConfigError behind `error` (vLLM wraps it in pydantic's ValidationError)."""
+    from lminf_vllm.config import LminfConfigError
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, LminfConfigError):
+            return str(error)
+        for detail in getattr(error, "errors", lambda: [])() if hasattr(error, "errors") else []:
+            inner = (detail.get("ctx") or {}).get("error")
+            if isinstance(inner, LminfConfigError):
+                return str(inner)
+        error = error.__cause__ or error.__context__
+    return None
 
 
 if __name__ == "__main__":

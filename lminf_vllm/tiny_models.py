@@ -16,6 +16,13 @@ CORPUS = (
 ) * 20
 
 
+# A minimal chat format, so that /v1/chat/completions works on test models.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
 def build_tokenizer(out: Path, vocab_size: int = 300) -> int:
     """A byte-level BPE tokenizer trained on a few lines; returns its vocab size."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -31,6 +38,7 @@ def build_tokenizer(out: Path, vocab_size: int = 300) -> int:
     )
     tok.train_from_iterator([CORPUS], trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(out)
     return tok.get_vocab_size()
 
@@ -70,7 +78,7 @@ def build_llama(
         **config_overrides,
     )
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith(("q_proj.weight", "k_proj.weight")):

@@ -82,8 +82,47 @@ def test_completions_generate_past_the_rope_table(server, tiny_llama):
     assert "lminf attention: global_tokens=4 local_tokens=64 distance_cap=128" in Path(log_path).read_text()
 
 
-def test_bad_config_stops_serve_with_the_rule(tiny_llama, tmp_path):
+def test_bad_config_stops_serve_with_one_line_naming_the_rule(tiny_llama, tmp_path):
     log_path = tmp_path / "bad.log"
     proc = serve(tiny_llama, free_port(), {"global_tokens": 4, "local_tokens": 500}, log_path)
     assert proc.wait(timeout=240) != 0
-    assert "local_tokens = 500 is invalid: it must satisfy 1 <= local_tokens <= distance_cap (= 128)" in log_path.read_text()
+    last_line = log_path.read_text().strip().splitlines()[-1]
+    assert last_line == (
+        "lminf-vllm: error: additional_config.lminf.local_tokens = 500 is invalid: "
+        "it must satisfy 1 <= local_tokens <= distance_cap (= 128)"
+    )
+
+
+def test_multi_turn_chat_past_the_context_keeps_answering(server, tiny_llama):
+    url, _ = server
+    messages = [{"role": "system", "content": "You write small Python helpers."}]
+    for turn in range(8):
+        messages.append({"role": "user", "content": f"Write helper number {turn} that adds {turn} to x."})
+        reply = requests.post(
+            f"{url}/v1/chat/completions",
+            json={"model": str(tiny_llama), "messages": messages, "max_tokens": 40, "temperature": 0.0, "ignore_eos": True},
+            timeout=300,
+        )
+        assert reply.status_code == 200, reply.text
+        data = reply.json()
+        answer = data["choices"][0]["message"]["content"]
+        assert data["usage"]["completion_tokens"] == 40 and answer
+        messages.append({"role": "assistant", "content": answer})
+    assert data["usage"]["prompt_tokens"] > 3 * TABLE  # the history is far past the RoPE table
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ({"prompt": "x " * 5000, "max_tokens": 10}, "maximum context length"),
+        ({"prompt": "def f():", "max_tokens": 10, "temperature": -1.0}, "temperature"),
+    ],
+    ids=["longer-than-max-model-len", "bad-sampling-value"],
+)
+def test_bad_requests_get_400_and_the_server_keeps_serving(server, tiny_llama, body, message):
+    url, _ = server
+    reply = requests.post(f"{url}/v1/completions", json={"model": str(tiny_llama), **body}, timeout=120)
+    assert reply.status_code == 400, reply.text
+    assert message in reply.text
+    ok = requests.post(f"{url}/v1/completions", json={"model": str(tiny_llama), "prompt": "def f():", "max_tokens": 5}, timeout=120)
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 5
