@@ -86,6 +86,42 @@ def register_backend_alias(alias: str, backend: AttentionBackendEnum) -> None:
             )
 ''',
     )],
+    "patch_worker_gpu_model_runner": [(
+        "v1/worker/gpu_model_runner.py",
+        '''        for i in discard_sampled_tokens_req_indices:
+            gen = self.input_batch.generators.get(int(i))
+            if gen is not None:
+                gen.set_offset(gen.get_offset() - 4)
+''',
+        '''        for i in discard_sampled_tokens_req_indices:
+            gen = self.input_batch.generators.get(int(i))
+            if gen is None:
+                continue
+            if gen.device.type == "cpu":
+                # CPU generators have no offset: restore the state saved
+                # before sampling (see _sample).
+                gen.set_state(self._rng_states_before_sampling[int(i)])
+            else:
+                gen.set_offset(gen.get_offset() - 4)
+''',
+    ), (
+        "v1/worker/gpu_model_runner.py",
+        '''        # Sample the next token and get logprobs if needed.
+        sampling_metadata = self.input_batch.sampling_metadata
+''',
+        '''        # Sample the next token and get logprobs if needed.
+        sampling_metadata = self.input_batch.sampling_metadata
+        # Seeded CPU generators of rows whose sample is discarded (partial
+        # prefill) are rewound by state after sampling.
+        num_reqs = self.input_batch.num_reqs
+        self._rng_states_before_sampling = {
+            int(i): gen.get_state()
+            for i in np.nonzero(self.discard_request_mask.np[:num_reqs])[0]
+            if (gen := self.input_batch.generators.get(int(i))) is not None
+            and gen.device.type == "cpu"
+        }
+''',
+    )],
     "patch_engine_arg_utils": [(
         "config/model.py",
         '''            if envs.VLLM_ALLOW_LONG_MAX_MODEL_LEN:

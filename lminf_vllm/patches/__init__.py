@@ -15,6 +15,7 @@ PATCH_MODULES = (
     "patch_config_vllm",
     "patch_attention_layer",
     "patch_model_loader_base_loader",
+    "patch_worker_gpu_model_runner",
 )
 
 
