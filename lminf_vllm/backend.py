@@ -20,7 +20,7 @@ from vllm.v1.attention.backend import (
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
 from lminf_vllm.config import LminfConfig
-from lminf_vllm.lambda_attention import paged_lambda_attention, write_kv
+from lminf_vllm.lambda_attention import decode_lambda_attention, paged_lambda_attention, write_kv
 from lminf_vllm.rope import RotarySpec
 from lminf_vllm.vllm_config import lminf_config_from_vllm
 
@@ -55,6 +55,11 @@ class LminfMetadata:
     seq_lens: list[int]  # [num_reqs] tokens computed after this step
     block_table: torch.Tensor  # [num_reqs, max_blocks]
     slot_mapping: torch.Tensor  # [num_tokens]
+    # Requests with a single query this step (decodes): attended in one batch.
+    decode_tokens: torch.Tensor  # [num_decodes] index of each one's query token
+    decode_seq_lens: torch.Tensor  # [num_decodes]
+    decode_block_table: torch.Tensor  # [num_decodes, max_blocks]
+    other_reqs: list[int]  # requests with several queries (prefill chunks)
 
 
 class LminfMetadataBuilder(AttentionMetadataBuilder[LminfMetadata]):
@@ -75,12 +80,22 @@ class LminfMetadataBuilder(AttentionMetadataBuilder[LminfMetadata]):
         fast_build: bool = False,
     ) -> LminfMetadata:
         m = common_attn_metadata
+        query_start = m.query_start_loc_cpu[: m.num_reqs + 1].tolist()
+        seq_lens = m.seq_lens[: m.num_reqs].cpu().tolist()
+        block_table = m.block_table_tensor[: m.num_reqs]
+        lengths = [b - a for a, b in zip(query_start, query_start[1:])]
+        decodes = [r for r, n in enumerate(lengths) if n == 1]
+        index = torch.tensor(decodes, dtype=torch.long, device=block_table.device)
         return LminfMetadata(
             num_actual_tokens=m.num_actual_tokens,
-            query_start=m.query_start_loc_cpu[: m.num_reqs + 1].tolist(),
-            seq_lens=m.seq_lens[: m.num_reqs].cpu().tolist(),
-            block_table=m.block_table_tensor[: m.num_reqs],
+            query_start=query_start,
+            seq_lens=seq_lens,
+            block_table=block_table,
             slot_mapping=m.slot_mapping,
+            decode_tokens=torch.tensor([query_start[r] for r in decodes], dtype=torch.long, device=block_table.device),
+            decode_seq_lens=torch.tensor([seq_lens[r] for r in decodes], dtype=torch.long, device=block_table.device),
+            decode_block_table=block_table.index_select(0, index),
+            other_reqs=[r for r, n in enumerate(lengths) if n > 1],
         )
 
 
@@ -145,10 +160,14 @@ class LminfAttentionImpl(AttentionImpl[LminfMetadata]):
         md = attn_metadata
         n = md.num_actual_tokens
         write_kv(kv_cache, key[:n], value[:n], md.slot_mapping[:n])
-        for r, seq_len in enumerate(md.seq_lens):
+        if md.decode_tokens.numel():
+            output[md.decode_tokens] = decode_lambda_attention(
+                query[md.decode_tokens], kv_cache, md.decode_block_table, md.decode_seq_lens,
+                self.cfg, self.scale, self.rotary,
+            ).to(output.dtype)  # fmt: skip
+        for r in md.other_reqs:
             a, b = md.query_start[r], md.query_start[r + 1]
-            if b > a:
-                output[a:b] = paged_lambda_attention(
-                    query[a:b], kv_cache, md.block_table[r], seq_len, self.cfg, self.scale, self.rotary
-                ).to(output.dtype)
+            output[a:b] = paged_lambda_attention(
+                query[a:b], kv_cache, md.block_table[r], md.seq_lens[r], self.cfg, self.scale, self.rotary
+            ).to(output.dtype)
         return output

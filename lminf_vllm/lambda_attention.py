@@ -110,3 +110,65 @@ def paged_lambda_attention(
             attend_span(q[a - first : b - first], a, k_glob, v_glob, k_loc, v_loc, lo, cfg, scale, rotary)
         )
     return torch.cat(outs, dim=0)
+
+
+# Decode steps of many requests are batched into one gather and one softmax;
+# requests are grouped so that a group gathers at most this many keys.
+DECODE_KEYS_PER_GROUP = 1 << 16
+
+
+def decode_lambda_attention(
+    q: torch.Tensor,  # [R, H, D]: one query per request, at position seq_lens[r] - 1
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,  # [R, max_blocks]
+    seq_lens: torch.Tensor,  # [R] int64, on the cache's device
+    cfg: LminfConfig,
+    scale: float,
+    rotary: RotarySpec,
+) -> torch.Tensor:
+    """Λ-attention for R decode queries at once (no loop over requests). -> [R, H, Dv] float32."""
+    R = q.shape[0]
+    longest = int(seq_lens.max())
+    L = min(cfg.local_tokens, longest)  # window slots: no request needs more
+    n_glob = max(0, min(cfg.global_tokens, longest - cfg.local_tokens))  # globals outside any window
+    group = max(1, DECODE_KEYS_PER_GROUP // (L + n_glob))
+    outs = [
+        _decode_group(q[a : a + group], kv_cache, block_table[a : a + group], seq_lens[a : a + group],
+                      L, n_glob, cfg, scale, rotary)  # fmt: skip
+        for a in range(0, R, group)
+    ]
+    return torch.cat(outs, dim=0)
+
+
+def _decode_group(q, kv_cache, block_table, seq_lens, L, n_glob, cfg, scale, rotary):
+    R, H, D = q.shape
+    B = kv_cache.shape[2]
+    Hkv = kv_cache.shape[1]
+    dev = q.device
+    pos_q = (seq_lens - 1)[:, None]  # [R, 1]
+    # Key positions per request: the n_glob globals, then the L most recent.
+    glob_pos = torch.arange(n_glob, device=dev).expand(R, n_glob)
+    loc_pos = pos_q - L + 1 + torch.arange(L, device=dev)[None, :]
+    pos = torch.cat((glob_pos, loc_pos), dim=1)  # [R, n_glob + L]
+    dist = pos_q - pos
+    local = (dist >= 0) & (dist < cfg.local_tokens) & (pos >= 0)
+    valid = torch.cat((dist[:, :n_glob] >= cfg.local_tokens, local[:, n_glob:]), dim=1)  # a key counts once
+    safe = pos.clamp(min=0)
+    blocks = block_table.gather(1, safe // B).long()
+    kv = kv_cache[blocks, :, safe % B]  # [R, K, Hkv, 2D]
+    # Slots a request may not read (freed blocks reused elsewhere, never-written
+    # memory) may hold anything, NaN included: zero them, since 0 * NaN = NaN.
+    kv = kv.float().masked_fill(~valid[:, :, None, None], 0.0)
+    k, v = kv[..., :D], kv[..., D:]
+    qf = q.float().view(R, Hkv, H // Hkv, D)
+    s_loc = torch.einsum("rkgd,rlkd->rkgl", qf, k[:, n_glob:]) * scale
+    scores = [s_loc]
+    if n_glob:
+        d_g = dist[:, :n_glob]
+        cos, sin = cos_sin(d_g.clamp(max=cfg.distance_cap) - d_g, rotary.inv_freq, torch.float32)  # [R, G, F]
+        q_moved = rotate(qf[:, None], cos[:, :, None, None], sin[:, :, None, None], rotary)  # [R, G, Hkv, g, D]
+        scores.insert(0, torch.einsum("rjkgd,rjkd->rkgj", q_moved, k[:, :n_glob]) * scale)
+    s = torch.cat(scores, dim=-1).masked_fill(~valid[:, None, None, :], float("-inf"))
+    probs = torch.softmax(s, dim=-1)
+    out = torch.einsum("rkgl,rlkd->rkgd", probs, v)
+    return out.reshape(R, H, -1)

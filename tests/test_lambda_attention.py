@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lminf_vllm.config import LminfConfig
-from lminf_vllm.lambda_attention import paged_lambda_attention, write_kv
+from lminf_vllm.lambda_attention import decode_lambda_attention, paged_lambda_attention, write_kv
 from lminf_vllm.reference import dense_lambda_attention
 from lminf_vllm.rope import RotarySpec, cos_sin, default_inv_freq, rotate
 
@@ -89,3 +89,29 @@ def test_decode_reads_nothing_outside_global_and_window(cfg):
     out = paged_lambda_attention(q[i:], kv_cache, block_row, n, cfg, D**-0.5, rotary)
     expected = dense_lambda_attention(q0.double(), k0.double(), v.double(), cfg, rotary, D**-0.5)[i:]
     torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c.describe().replace(" ", ","))
+@pytest.mark.parametrize("block_size", [1, 16])
+def test_batched_decode_matches_reference_for_mixed_lengths(cfg, block_size):
+    """Several requests of very different lengths decode in one call; each request's
+    positions outside its globals and window are poisoned with NaN."""
+    lengths = [1, 2, 9, 40, 150, 333]
+    pool = sum(-(-n // block_size) for n in lengths) + 5
+    kv_cache = torch.full((pool, HKV, block_size, 2 * D), float("nan"))
+    free = torch.randperm(pool, generator=torch.Generator().manual_seed(block_size)).tolist()
+    width = max(-(-n // block_size) for n in lengths)
+    table = torch.zeros(len(lengths), width, dtype=torch.int32)
+    queries, expected = [], []
+    for r, n in enumerate(lengths):
+        q0, k0, v, q, k, rotary, _, _ = make_case(n, block_size, seed=r)
+        row = torch.tensor([free.pop() for _ in range(-(-n // block_size))])
+        table[r, : len(row)] = row
+        keep = [p for p in range(n) if p < cfg.global_tokens or n - 1 - p < cfg.local_tokens]
+        write_kv(kv_cache, k[keep], v[keep], slots_of(row, block_size, 0, n)[keep])
+        queries.append(q[n - 1])
+        expected.append(dense_lambda_attention(q0.double(), k0.double(), v.double(), cfg, rotary, D**-0.5)[n - 1])
+    out = decode_lambda_attention(
+        torch.stack(queries), kv_cache, table, torch.tensor(lengths), cfg, D**-0.5, rotary
+    )
+    torch.testing.assert_close(out.double(), torch.stack(expected), atol=2e-5, rtol=0)
