@@ -2,7 +2,7 @@
 
 from typing import Any
 
-from lminf_vllm.config import CONFIG_KEY, LminfConfig, parse_lminf_config
+from lminf_vllm.config import CONFIG_KEY, LminfConfig, LminfConfigError, parse_lminf_config
 from lminf_vllm.model_support import check_model_supported
 
 BACKEND_PATH = "lminf_vllm.backend.LminfAttentionBackend"
@@ -31,9 +31,24 @@ def is_lminf_selected(vllm_config: Any) -> bool:
     return backend_is_lminf(getattr(attention_config, "backend", None))
 
 
+def check_engine_supported(vllm_config: Any) -> None:
+    """Engine features the lminf backend does not implement yet: refused, not ignored."""
+    cache_dtype = str(getattr(vllm_config.cache_config, "cache_dtype", "auto"))
+    if cache_dtype not in ("auto", "float32", "float16", "bfloat16"):
+        raise LminfConfigError(
+            f"kv_cache_dtype={cache_dtype!r} is not supported by lminf yet: its cache stores "
+            "keys and values unquantized (use kv_cache_dtype=auto)"
+        )
+    parallel = vllm_config.parallel_config
+    for name in ("decode_context_parallel_size", "prefill_context_parallel_size"):
+        if getattr(parallel, name, 1) not in (None, 1):
+            raise LminfConfigError(f"{name}={getattr(parallel, name)} is not supported by lminf: it must be 1")
+
+
 def lminf_config_from_vllm(vllm_config: Any) -> LminfConfig:
     """The validated (G, W, C) of this engine; raises LminfConfigError with the rule."""
     hf_config = vllm_config.model_config.hf_text_config
     check_model_supported(vllm_config.model_config.hf_config)
+    check_engine_supported(vllm_config)
     additional = vllm_config.additional_config or {}
     return parse_lminf_config(additional.get(CONFIG_KEY), hf_config)

@@ -104,7 +104,7 @@ def test_16_concurrent_long_sequences_share_a_small_pool(tiny_llama, reference):
     with small_engine(tiny_llama, pool, max_num_seqs=16) as llm:
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     assert all(len(o.outputs[0].token_ids) == 50 for o in outs)
-    for out, prompt in zip(outs[::3], prompts[::3]):  # a sample of them against the oracle
+    for out, prompt in zip(outs, prompts):
         torch.testing.assert_close(prompt_logprobs(out, prompt), reference.prompt_logprobs(prompt, CFG), atol=1e-3, rtol=0)
 
 

@@ -76,3 +76,9 @@ def test_stock_backend_keeps_vllms_length_check(tiny_llama):
     with pytest.raises(Exception, match=r"max_model_len \(1024\) is greater than the derived max_model_len"):
         with engine(tiny_llama, backend="CPU_ATTN", max_model_len=1024):
             pass
+
+
+def test_quantized_kv_cache_is_refused(tiny_llama):
+    with pytest.raises(Exception, match=r"kv_cache_dtype='fp8' is not supported by lminf yet"):
+        with engine(tiny_llama, lminf=lminf_options(4, 64), max_model_len=256, kv_cache_dtype="fp8"):
+            pass
