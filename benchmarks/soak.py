@@ -63,6 +63,21 @@ def kv_page_bytes(model: Path, block_size: int) -> int:
     return c["num_hidden_layers"] * kv_heads * 2 * head * block_size * 4
 
 
+def wait_ready(proc, url: str, log_path: Path, timeout: float = 300) -> None:
+    """Until `vllm serve` answers /v1/models; RuntimeError with its log's tail if it dies or stalls."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"vllm serve exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+        try:
+            if requests.get(f"{url}/v1/models", timeout=2).ok:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(1)
+    raise RuntimeError(f"vllm serve not ready after {timeout}s:\n{log_path.read_text()[-3000:]}")
+
+
 class Server:
     """`vllm serve` with lminf, on a free port of 127.0.0.1."""
 
@@ -83,17 +98,7 @@ class Server:
         self.proc = subprocess.Popen(cmd, env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout=300):
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"vllm serve exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
-            try:
-                if requests.get(f"{self.url}/v1/models", timeout=2).ok:
-                    return
-            except requests.ConnectionError:
-                pass
-            time.sleep(1)
-        raise RuntimeError(f"vllm serve not ready after {timeout}s:\n{self.log()[-3000:]}")
+        wait_ready(self.proc, self.url, self.log_path, timeout)
 
     def healthy(self) -> bool:
         try:

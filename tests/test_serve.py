@@ -2,24 +2,19 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import requests
 
-from conftest import TABLE
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from conftest import TABLE  # noqa: E402
+from soak import free_port, wait_ready  # noqa: E402
 
 VLLM = Path(sys.executable).with_name("vllm")  # the command users type
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def serve(model, port, lminf, log_path, *extra):
@@ -34,27 +29,13 @@ def serve(model, port, lminf, log_path, *extra):
     return subprocess.Popen(cmd, env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
 
 
-def wait_ready(proc, port, log_path, timeout=240):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"vllm serve exited with {proc.returncode}:\n{Path(log_path).read_text()[-3000:]}")
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).ok:
-                return
-        except requests.ConnectionError:
-            pass
-        time.sleep(1)
-    pytest.fail(f"vllm serve not ready after {timeout}s:\n{Path(log_path).read_text()[-3000:]}")
-
-
 @pytest.fixture(scope="module")
 def server(tiny_llama, tmp_path_factory):
     port = free_port()
     log_path = tmp_path_factory.mktemp("serve") / "serve.log"
     proc = serve(tiny_llama, port, {"global_tokens": 4, "local_tokens": 64}, log_path, "--max-model-len", "4096")
     try:
-        wait_ready(proc, port, log_path)
+        wait_ready(proc, f"http://127.0.0.1:{port}", log_path)
         yield f"http://127.0.0.1:{port}", log_path
     finally:
         proc.terminate()
