@@ -7,7 +7,7 @@ MODEL  ?= $(CACHE)/SmolLM2-135M-Instruct
 PORT   ?= 8000
 HOST   ?= 127.0.0.1
 # Serving defaults for a CPU machine; override on the command line.
-MAX_MODEL_LEN ?= 32768
+MAX_MODEL_LEN ?= 131072
 KV_CACHE_GIB  ?= 4
 LMINF_CONFIG  ?= {"lminf": {"global_tokens": 10}}
 SERVE_ARGS    ?=
