@@ -54,9 +54,15 @@ class LminfManager(SlidingWindowManager):
         blocks = self.req_to_blocks.get(request_id)
         if not gap or not blocks:
             return
-        before = sum(b.is_null for b in blocks)
+        # Blocks freed by earlier steps are already null: like vLLM's
+        # _remove_blocks_in_range, walk back from the window only to the first one.
+        newly = 0
+        for i in range(min(gap.stop, len(blocks)) - 1, gap.start - 1, -1):
+            if blocks[i].is_null:
+                break
+            newly += 1
         self._remove_blocks_in_range(request_id, gap.start, gap.stop)
-        self.num_freed_blocks += sum(b.is_null for b in blocks) - before
+        self.num_freed_blocks += newly
 
     def get_num_skipped_tokens(self, num_computed_tokens: int) -> int:
         # What vLLM calls "skipped" is a dropped prefix; ours is a middle gap,
@@ -88,11 +94,14 @@ class LminfManager(SlidingWindowManager):
                 lookups[i] = block_pool.get_cached_block(block_hashes[i], kv_cache_group_ids)
             return lookups[i]
 
-        for num_blocks in range(min(max_length // B, len(block_hashes)), 0, -1):
+        num_blocks = min(max_length // B, len(block_hashes))
+        while num_blocks > 0:
             if (num_blocks * B) % alignment_tokens:
+                num_blocks -= 1
                 continue
             needed = block_policy.blocks_needed_for_hit(num_blocks, G, W, B)
-            if all(cached(i) for i in needed):
+            missing = next((i for i in reversed(needed) if not cached(i)), None)
+            if missing is None:
                 hit = tuple([null] * num_blocks for _ in kv_cache_group_ids)
                 for i in needed:
                     for group, block in zip(hit, cached(i)):
@@ -101,6 +110,9 @@ class LminfManager(SlidingWindowManager):
                     for group in hit:
                         group.pop()
                 return hit, len(hit[0]) * B
+            # Every longer prefix than `missing` needs that block too (it is a
+            # global one, or inside their windows): try `missing` blocks next.
+            num_blocks = missing
         return tuple([] for _ in kv_cache_group_ids), 0
 
     @classmethod

@@ -72,3 +72,17 @@ def test_a_prefix_hit_needs_exactly_the_blocks_its_next_token_reads(p, num_block
     n = num_blocks * B
     reads = {j // B for j in range(n) if j < G or n - j < W}
     assert set(blocks_needed_for_hit(num_blocks, G, W, B)) == reads
+
+
+@settings(max_examples=300, deadline=None)
+@given(params, st.integers(1, 120), st.data())
+def test_a_missing_block_rules_out_every_longer_hit(p, num_blocks, data):
+    """The jump the prefix-cache lookup makes: if block m of a hit of num_blocks is
+    missing, every hit longer than m needs it as well."""
+    G, W, B = p
+    needed = blocks_needed_for_hit(num_blocks, G, W, B)
+    if not needed:
+        return
+    m = data.draw(st.sampled_from(needed))
+    for longer in range(m + 1, num_blocks + 1):
+        assert m in blocks_needed_for_hit(longer, G, W, B)
