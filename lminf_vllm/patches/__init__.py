@@ -24,12 +24,12 @@ def load(name: str):
 
 
 def apply_all() -> None:
-    from lminf_vllm.versions import installed_vllm_version, is_supported
+    from lminf_vllm.versions import installed_vllm_version
 
     version = installed_vllm_version()
+    series = ".".join(version.split("+")[0].split(".")[:2])
     for name in PATCH_MODULES:
         module = load(name)
-        series = ".".join(version.split(".")[:2])
-        if series not in module.VLLM_VERSIONS or not is_supported(version):
+        if series not in module.VLLM_VERSIONS:
             raise RuntimeError(f"lminf patch {name} was not written for vLLM {version}")
         module.apply()

@@ -12,10 +12,10 @@ Remove when: vLLM lets a plugin register a named backend that pickles by name.
 """
 
 from lminf_vllm.versions import SUPPORTED_VLLM_SERIES
+from lminf_vllm.vllm_config import ALIASES
 
 TARGET = "vllm.v1.attention.backends.registry"
 VLLM_VERSIONS = SUPPORTED_VLLM_SERIES
-ALIASES = ("LMINF", "lminf")
 
 
 def apply() -> bool:
