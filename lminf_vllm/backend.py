@@ -20,7 +20,13 @@ from vllm.v1.attention.backend import (
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
 from lminf_vllm.config import LminfConfig
-from lminf_vllm.lambda_attention import decode_lambda_attention, paged_lambda_attention, write_kv
+from lminf_vllm.lambda_attention import (
+    DecodePlan,
+    decode_lambda_attention,
+    paged_lambda_attention,
+    plan_decode,
+    write_kv,
+)
 from lminf_vllm.rope import RotarySpec
 from lminf_vllm.vllm_config import lminf_config_from_vllm
 
@@ -57,8 +63,7 @@ class LminfMetadata:
     slot_mapping: torch.Tensor  # [num_tokens]
     # Requests with a single query this step (decodes): attended in one batch.
     decode_tokens: torch.Tensor  # [num_decodes] index of each one's query token
-    decode_seq_lens: torch.Tensor  # [num_decodes]
-    decode_block_table: torch.Tensor  # [num_decodes, max_blocks]
+    decode_plans: list[DecodePlan]  # the slots they read, shared by all layers
     other_reqs: list[int]  # requests with several queries (prefill chunks)
 
 
@@ -72,6 +77,7 @@ class LminfMetadataBuilder(AttentionMetadataBuilder[LminfMetadata]):
         device: torch.device,
     ) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self.cfg = lminf_config_from_vllm(vllm_config)
 
     def build(
         self,
@@ -85,16 +91,17 @@ class LminfMetadataBuilder(AttentionMetadataBuilder[LminfMetadata]):
         block_table = m.block_table_tensor[: m.num_reqs]
         lengths = [b - a for a, b in zip(query_start, query_start[1:])]
         decodes = [r for r, n in enumerate(lengths) if n == 1]
-        index = torch.tensor(decodes, dtype=torch.long, device=block_table.device)
+        dev = block_table.device
+        decode_seq_lens = torch.tensor([seq_lens[r] for r in decodes], dtype=torch.long, device=dev)
+        decode_table = block_table.index_select(0, torch.tensor(decodes, dtype=torch.long, device=dev))
         return LminfMetadata(
             num_actual_tokens=m.num_actual_tokens,
             query_start=query_start,
             seq_lens=seq_lens,
             block_table=block_table,
             slot_mapping=m.slot_mapping,
-            decode_tokens=torch.tensor([query_start[r] for r in decodes], dtype=torch.long, device=block_table.device),
-            decode_seq_lens=torch.tensor([seq_lens[r] for r in decodes], dtype=torch.long, device=block_table.device),
-            decode_block_table=block_table.index_select(0, index),
+            decode_tokens=torch.tensor([query_start[r] for r in decodes], dtype=torch.long, device=dev),
+            decode_plans=plan_decode(decode_seq_lens, decode_table, self.cfg, self.kv_cache_spec.block_size),
             other_reqs=[r for r, n in enumerate(lengths) if n > 1],
         )
 
@@ -162,9 +169,8 @@ class LminfAttentionImpl(AttentionImpl[LminfMetadata]):
         write_kv(kv_cache, key[:n], value[:n], md.slot_mapping[:n])
         if md.decode_tokens.numel():
             output[md.decode_tokens] = decode_lambda_attention(
-                query[md.decode_tokens], kv_cache, md.decode_block_table, md.decode_seq_lens,
-                self.cfg, self.scale, self.rotary,
-            ).to(output.dtype)  # fmt: skip
+                query[md.decode_tokens], kv_cache, md.decode_plans, self.scale, self.rotary
+            ).to(output.dtype)
         for r in md.other_reqs:
             a, b = md.query_start[r], md.query_start[r + 1]
             output[a:b] = paged_lambda_attention(

@@ -12,6 +12,8 @@ What a query at position i may read is derived from (i, G, W) alone, never from
 the block table: freed block ids stay in the table and are reused by others.
 """
 
+from dataclasses import dataclass
+
 import torch
 
 from lminf_vllm.config import LminfConfig
@@ -117,58 +119,82 @@ def paged_lambda_attention(
 DECODE_KEYS_PER_GROUP = 1 << 16
 
 
-def decode_lambda_attention(
-    q: torch.Tensor,  # [R, H, D]: one query per request, at position seq_lens[r] - 1
-    kv_cache: torch.Tensor,
-    block_table: torch.Tensor,  # [R, max_blocks]
-    seq_lens: torch.Tensor,  # [R] int64, on the cache's device
-    cfg: LminfConfig,
-    scale: float,
-    rotary: RotarySpec,
-) -> torch.Tensor:
-    """Λ-attention for R decode queries at once (no loop over requests). -> [R, H, Dv] float32."""
-    R = q.shape[0]
+@dataclass
+class DecodePlan:
+    """Which cache slots a group of decode queries reads: the index work of one
+    step, shared by every layer (built once per step by the metadata builder)."""
+
+    first: int  # the group is decode rows [first, first + R)
+    blocks: torch.Tensor  # [R, K] physical block of each key slot
+    rows: torch.Tensor  # [R, K] row inside that block
+    valid: torch.Tensor  # [R, K] may the query read it (each visible key exactly once)
+    n_glob: int  # the first n_glob slots are global keys, the rest the window
+    glob_delta: torch.Tensor  # [R, n_glob] query re-rotation per global key: min(d, C) - d
+
+
+def plan_decode(seq_lens: torch.Tensor, block_table: torch.Tensor, cfg: LminfConfig, block_size: int) -> list[DecodePlan]:
+    """Plans for R decode queries, one per request at position seq_lens[r] - 1."""
+    if not seq_lens.numel():
+        return []
     longest = int(seq_lens.max())
     L = min(cfg.local_tokens, longest)  # window slots: no request needs more
     n_glob = max(0, min(cfg.global_tokens, longest - cfg.local_tokens))  # globals outside any window
     group = max(1, DECODE_KEYS_PER_GROUP // (L + n_glob))
-    outs = [
-        _decode_group(q[a : a + group], kv_cache, block_table[a : a + group], seq_lens[a : a + group],
-                      L, n_glob, cfg, scale, rotary)  # fmt: skip
-        for a in range(0, R, group)
-    ]
-    return torch.cat(outs, dim=0)
+    dev = seq_lens.device
+    plans = []
+    for a in range(0, seq_lens.numel(), group):
+        pos_q = (seq_lens[a : a + group] - 1)[:, None]  # [R, 1]
+        R = pos_q.shape[0]
+        pos = torch.cat(
+            (torch.arange(n_glob, device=dev).expand(R, n_glob), pos_q - L + 1 + torch.arange(L, device=dev)[None, :]),
+            dim=1,
+        )  # [R, n_glob + L]: the globals, then the L most recent positions
+        dist = pos_q - pos
+        local = (dist >= 0) & (dist < cfg.local_tokens) & (pos >= 0)
+        valid = torch.cat((dist[:, :n_glob] >= cfg.local_tokens, local[:, n_glob:]), dim=1)  # a key counts once
+        safe = pos.clamp(min=0)
+        d_g = dist[:, :n_glob]
+        plans.append(
+            DecodePlan(
+                first=a,
+                blocks=block_table[a : a + group].gather(1, safe // block_size).long(),
+                rows=safe % block_size,
+                valid=valid,
+                n_glob=n_glob,
+                glob_delta=d_g.clamp(max=cfg.distance_cap) - d_g,
+            )
+        )
+    return plans
 
 
-def _decode_group(q, kv_cache, block_table, seq_lens, L, n_glob, cfg, scale, rotary):
-    R, H, D = q.shape
-    B = kv_cache.shape[2]
+def decode_lambda_attention(
+    q: torch.Tensor,  # [R, H, D]: one query per request
+    kv_cache: torch.Tensor,
+    plans: list[DecodePlan],
+    scale: float,
+    rotary: RotarySpec,
+) -> torch.Tensor:
+    """Λ-attention for R decode queries at once (no loop over requests). -> [R, H, Dv] float32."""
+    return torch.cat([_decode_group(q, kv_cache, plan, scale, rotary) for plan in plans], dim=0)
+
+
+def _decode_group(q, kv_cache, plan: DecodePlan, scale, rotary):
+    R = plan.blocks.shape[0]
+    q = q[plan.first : plan.first + R]
+    _, H, D = q.shape
     Hkv = kv_cache.shape[1]
-    dev = q.device
-    pos_q = (seq_lens - 1)[:, None]  # [R, 1]
-    # Key positions per request: the n_glob globals, then the L most recent.
-    glob_pos = torch.arange(n_glob, device=dev).expand(R, n_glob)
-    loc_pos = pos_q - L + 1 + torch.arange(L, device=dev)[None, :]
-    pos = torch.cat((glob_pos, loc_pos), dim=1)  # [R, n_glob + L]
-    dist = pos_q - pos
-    local = (dist >= 0) & (dist < cfg.local_tokens) & (pos >= 0)
-    valid = torch.cat((dist[:, :n_glob] >= cfg.local_tokens, local[:, n_glob:]), dim=1)  # a key counts once
-    safe = pos.clamp(min=0)
-    blocks = block_table.gather(1, safe // B).long()
-    kv = kv_cache[blocks, :, safe % B]  # [R, K, Hkv, 2D]
+    kv = kv_cache[plan.blocks, :, plan.rows]  # [R, K, Hkv, 2D]
     # Slots a request may not read (freed blocks reused elsewhere, never-written
     # memory) may hold anything, NaN included: zero them, since 0 * NaN = NaN.
-    kv = kv.float().masked_fill(~valid[:, :, None, None], 0.0)
+    kv = kv.float().masked_fill(~plan.valid[:, :, None, None], 0.0)
     k, v = kv[..., :D], kv[..., D:]
     qf = q.float().view(R, Hkv, H // Hkv, D)
-    s_loc = torch.einsum("rkgd,rlkd->rkgl", qf, k[:, n_glob:]) * scale
-    scores = [s_loc]
-    if n_glob:
-        d_g = dist[:, :n_glob]
-        cos, sin = cos_sin(d_g.clamp(max=cfg.distance_cap) - d_g, rotary.inv_freq, torch.float32)  # [R, G, F]
+    g = plan.n_glob
+    scores = [torch.einsum("rkgd,rlkd->rkgl", qf, k[:, g:]) * scale]
+    if g:
+        cos, sin = cos_sin(plan.glob_delta, rotary.inv_freq, torch.float32)  # [R, G, F]
         q_moved = rotate(qf[:, None], cos[:, :, None, None], sin[:, :, None, None], rotary)  # [R, G, Hkv, g, D]
-        scores.insert(0, torch.einsum("rjkgd,rjkd->rkgj", q_moved, k[:, :n_glob]) * scale)
-    s = torch.cat(scores, dim=-1).masked_fill(~valid[:, None, None, :], float("-inf"))
-    probs = torch.softmax(s, dim=-1)
-    out = torch.einsum("rkgl,rlkd->rkgd", probs, v)
+        scores.insert(0, torch.einsum("rjkgd,rjkd->rkgj", q_moved, k[:, :g]) * scale)
+    s = torch.cat(scores, dim=-1).masked_fill(~plan.valid[:, None, None, :], float("-inf"))
+    out = torch.einsum("rkgl,rlkd->rkgd", torch.softmax(s, dim=-1), v)
     return out.reshape(R, H, -1)

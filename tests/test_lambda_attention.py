@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lminf_vllm.config import LminfConfig
-from lminf_vllm.lambda_attention import decode_lambda_attention, paged_lambda_attention, write_kv
+from lminf_vllm.lambda_attention import decode_lambda_attention, paged_lambda_attention, plan_decode, write_kv
 from lminf_vllm.reference import dense_lambda_attention
 from lminf_vllm.rope import RotarySpec, cos_sin, default_inv_freq, rotate
 
@@ -93,9 +93,13 @@ def test_decode_reads_nothing_outside_global_and_window(cfg):
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c.describe().replace(" ", ","))
 @pytest.mark.parametrize("block_size", [1, 16])
-def test_batched_decode_matches_reference_for_mixed_lengths(cfg, block_size):
+@pytest.mark.parametrize("keys_per_group", [1 << 16, 64], ids=["one-group", "split-groups"])
+def test_batched_decode_matches_reference_for_mixed_lengths(cfg, block_size, keys_per_group, monkeypatch):
     """Several requests of very different lengths decode in one call; each request's
     positions outside its globals and window are poisoned with NaN."""
+    import lminf_vllm.lambda_attention as la
+
+    monkeypatch.setattr(la, "DECODE_KEYS_PER_GROUP", keys_per_group)
     lengths = [1, 2, 9, 40, 150, 333]
     pool = sum(-(-n // block_size) for n in lengths) + 5
     kv_cache = torch.full((pool, HKV, block_size, 2 * D), float("nan"))
@@ -111,7 +115,6 @@ def test_batched_decode_matches_reference_for_mixed_lengths(cfg, block_size):
         write_kv(kv_cache, k[keep], v[keep], slots_of(row, block_size, 0, n)[keep])
         queries.append(q[n - 1])
         expected.append(dense_lambda_attention(q0.double(), k0.double(), v.double(), cfg, rotary, D**-0.5)[n - 1])
-    out = decode_lambda_attention(
-        torch.stack(queries), kv_cache, table, torch.tensor(lengths), cfg, D**-0.5, rotary
-    )
+    plans = plan_decode(torch.tensor(lengths), table, cfg, block_size)
+    out = decode_lambda_attention(torch.stack(queries), kv_cache, plans, D**-0.5, rotary)
     torch.testing.assert_close(out.double(), torch.stack(expected), atol=2e-5, rtol=0)
