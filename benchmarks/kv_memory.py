@@ -20,9 +20,14 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # to read the KV manager
-os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+
+def in_process_engine_env() -> None:
+    """Engines in this process, at full speed on CPU, quietly. Called from main()
+    (before vLLM is imported), not at import: soak.py and tests import helpers here."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # to read the KV manager
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 
 def parse_args(argv=None):
@@ -109,6 +114,7 @@ def run_one(args, model, backend, n):
 
 
 def main(argv=None):
+    in_process_engine_env()
     args = parse_args(argv)
     from tqdm import tqdm
 

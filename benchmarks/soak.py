@@ -30,6 +30,9 @@ from pathlib import Path
 import psutil
 import requests
 
+sys.path.insert(0, str(Path(__file__).parent))
+from kv_memory import page_bytes  # noqa: E402
+
 CHAT = "chat"
 COMPLETION = "completion"
 
@@ -54,13 +57,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def kv_page_bytes(model: Path, block_size: int) -> int:
-    c = json.loads((model / "config.json").read_text())
-    head = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
-    kv_heads = c.get("num_key_value_heads", c["num_attention_heads"])
-    return c["num_hidden_layers"] * kv_heads * 2 * head * block_size * 4
 
 
 def wait_ready(proc, url: str, log_path: Path, timeout: float = 300) -> None:
@@ -91,7 +87,7 @@ class Server:
             "--additional-config", json.dumps({"lminf": json.loads(args.lminf)}),
             "--host", "127.0.0.1", "--port", str(self.port), "--dtype", "float32", "--enforce-eager",
             "--block-size", str(args.block_size), "--max-model-len", str(args.max_model_len),
-            "--kv-cache-memory-bytes", str(args.kv_blocks * kv_page_bytes(model, args.block_size)),
+            "--kv-cache-memory-bytes", str(args.kv_blocks * page_bytes(model, args.block_size)),
             "--max-num-seqs", str(args.concurrency),
         ]  # fmt: skip
         env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}

@@ -14,17 +14,13 @@ benchmarks/kv_memory.py builds, so stock attention can run every length.
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 sys.path.insert(0, str(Path(__file__).parent))
 
-from kv_memory import default_model, page_bytes  # noqa: E402
+from kv_memory import default_model, in_process_engine_env, page_bytes  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -79,6 +75,7 @@ def measure(args, model, backend, n):
 
 
 def main(argv=None):
+    in_process_engine_env()
     args = parse_args(argv)
     from tqdm import tqdm
 
