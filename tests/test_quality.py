@@ -1,0 +1,51 @@
+"""Length generalization through the real engine, on the committed tiny RoPE model.
+
+A fast version of `python benchmarks/quality.py`: two held-out documents of
+4,096 bytes (16x the model's 256-token training length), stock attention vs
+LM-Infinite with and without the distance cap.
+"""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import quality  # noqa: E402
+
+L = 256
+LENGTHS = [L, 2 * L, 4 * L, 8 * L, 16 * L]
+
+
+@pytest.fixture(scope="module")
+def tiny_rope_result():
+    assert quality.training_length(quality.TINY_MODEL) == L
+    return quality.run(
+        quality.TINY_MODEL, LENGTHS, ["stock", "lminf", "nocap"], docs=2,
+        global_tokens=10, local_tokens=L, distance_cap=L, kv_cache_bytes=256 << 20,
+    )  # fmt: skip
+
+
+def test_stock_attention_collapses_past_the_training_length(tiny_rope_result):
+    ppl = tiny_rope_result["modes"]["stock"]["ppl"]
+    assert ppl[16 * L] >= 2 * ppl[L], ppl
+
+
+def test_lminf_keeps_its_perplexity_at_16x_the_training_length(tiny_rope_result):
+    ppl = tiny_rope_result["modes"]["lminf"]["ppl"]
+    for n in LENGTHS[1:]:
+        assert abs(ppl[n] / ppl[L] - 1) <= 0.15, (n, ppl)
+
+
+def test_the_distance_cap_helps_past_2x(tiny_rope_result):
+    cap, nocap = tiny_rope_result["modes"]["lminf"]["ppl"], tiny_rope_result["modes"]["nocap"]["ppl"]
+    for n in LENGTHS[2:]:
+        assert nocap[n] > 1.01 * cap[n], (n, cap, nocap)
+
+
+def test_at_the_training_length_all_modes_agree(tiny_rope_result):
+    # n <= W: LM-Infinite is full attention, so the first column is the same number.
+    first = {m: r["ppl"][L] for m, r in tiny_rope_result["modes"].items()}
+    assert max(first.values()) - min(first.values()) < 1e-3 * first["stock"], first
