@@ -18,7 +18,14 @@ accumulator, as flash attention and vLLM's merge_attn_states do):
 - window tiles: keys max(0, i_min - W + 1) <= j <= i_max, pairs with 0 <= i - j < W.
 Every key it loads is visible to some query of its tile, so it never reads a
 block the request may have freed (freed ids stay in the block table and get
-reused); loads outside those ranges are masked, never issued.
+reused); loads outside those ranges are masked, never issued, and masked
+loads read 0, so NaN in unwritten or foreign slots cannot reach a product.
+
+Split-K for decode: with few (request, KV head) programs and a long window most
+SMs would idle, so a third grid axis cuts the key tiles into NUM_SEGMENTS
+shares; each writes its unnormalised (max, sum, accumulator) and a second
+launch merges them by log-sum-exp. The count depends on shapes, config and the
+SM count only (`_auto_segments`), never on sequence lengths.
 
 Global re-rotation. For a global pair beyond the cap (i - j > C) the score is
 <R(C - (i - j)) q_i, k_j>, q_i and k_j stored rotated at i and j. Since
@@ -105,11 +112,15 @@ if triton is not None:
         q_ptr,  # [T, H, D], rotated at true positions
         kv_ptr,  # [num_blocks, Hkv, B, 2 * D]
         out_ptr,  # [T, H, D]
+        part_acc_ptr,  # NUM_SEGMENTS > 1: partial results, see _merge_segments_kernel
+        part_max_ptr,
+        part_sum_ptr,
         qsl_ptr,  # [R + 1] int32 query_start_loc
         seq_lens_ptr,  # [R] int32: tokens computed after this step
         block_table_ptr,  # [R, max_blocks] int32
         inv_freq_ptr,  # [ROT_DIM // 2] float64
         num_seqs,
+        H,
         stride_qt,
         stride_qh,
         stride_ot,
@@ -132,6 +143,7 @@ if triton is not None:
         BLOCK_N: tl.constexpr,  # keys per tile
         PAGE: tl.constexpr,  # KV cache block size
         PRECISION: tl.constexpr,  # "ieee" for float32 inputs: no TF32 in the products
+        NUM_SEGMENTS: tl.constexpr,  # > 1: each program takes 1/NUM_SEGMENTS of the key tiles
     ):
         q_block = tl.program_id(0)
         kv_head = tl.program_id(1)
@@ -164,17 +176,26 @@ if triton is not None:
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
-        # ---- global tiles: keys j < n_glob, seen only from outside the window ----
-        n_glob = tl.minimum(G, i_max - W + 1)
-        if n_glob > 0:
+        # The key tiles, global then window, numbered 0 .. n_tiles - 1; segment
+        # program_id(2) of NUM_SEGMENTS takes a contiguous share (split-K for decode).
+        n_glob = tl.maximum(tl.minimum(G, i_max - W + 1), 0)  # globals some query sees outside its window
+        lo = tl.maximum(i_min - W + 1, 0)  # oldest key of any window here
+        glob_tiles = tl.cdiv(n_glob, BLOCK_N)
+        n_tiles = glob_tiles + tl.cdiv(i_max + 1 - lo, BLOCK_N)
+        share = tl.cdiv(n_tiles, NUM_SEGMENTS)
+        t_lo = tl.program_id(2) * share
+        t_hi = tl.minimum(t_lo + share, n_tiles)
+
+        # ---- global tiles: keys j < n_glob, pairs with i - j >= W ----
+        if tl.minimum(t_hi, glob_tiles) > t_lo:
             freq, partner, sign, rotated = _rope_lanes(d, ROT_DIM, IS_NEOX)
             inv_freq = tl.load(inv_freq_ptr + freq, mask=rotated, other=0.0)  # float64
             q_partner = tl.load(q_ptr + q_rows[:, None] + partner[None, :], mask=q_mask, other=0.0)
             q_angle = (C - pos).to(tl.float64)[:, None] * inv_freq[None, :]
             q_cap = _rotate(q.to(tl.float32), q_partner.to(tl.float32), q_angle, sign[None, :], rotated[None, :])
             q_cap = q_cap.to(q.dtype)
-            for start in range(0, n_glob, BLOCK_N):
-                j = start + tl.arange(0, BLOCK_N)
+            for t in range(t_lo, tl.minimum(t_hi, glob_tiles)):
+                j = t * BLOCK_N + tl.arange(0, BLOCK_N)
                 j_ok = j < n_glob
                 block = tl.load(table_row + j // PAGE, mask=j_ok, other=0)
                 slot = block.to(tl.int64) * stride_kb + (j % PAGE) * stride_kr
@@ -188,13 +209,13 @@ if triton is not None:
                 dist = pos[:, None] - j[None, :]
                 s = tl.where(dist > C, s_cap, s_plain) * scale_log2
                 s = tl.where(row_ok[:, None] & j_ok[None, :] & (dist >= W), s, float("-inf"))
-                v = tl.load(kv_base + slot[:, None] + (HEAD_SIZE + d)[None, :], mask=j_ok[:, None] & d_ok[None, :], other=0.0)
+                v_mask = j_ok[:, None] & d_ok[None, :]
+                v = tl.load(kv_base + slot[:, None] + (HEAD_SIZE + d)[None, :], mask=v_mask, other=0.0)
                 m_i, l_i, acc = _online_softmax_step(m_i, l_i, acc, s, v, PRECISION)
 
-        # ---- window tiles: keys max(0, i_min - W + 1) <= j <= i_max ----
-        lo = tl.maximum(i_min - W + 1, 0)
-        for start in range(lo, i_max + 1, BLOCK_N):
-            j = start + tl.arange(0, BLOCK_N)
+        # ---- window tiles: keys lo <= j <= i_max, pairs with 0 <= i - j < W ----
+        for t in range(tl.maximum(t_lo, glob_tiles), t_hi):
+            j = lo + (t - glob_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
             j_ok = j <= i_max
             block = tl.load(table_row + j // PAGE, mask=j_ok, other=0)
             slot = block.to(tl.int64) * stride_kb + (j % PAGE) * stride_kr
@@ -202,13 +223,54 @@ if triton is not None:
             dist = pos[:, None] - j[None, :]
             s = tl.dot(q, k_t, input_precision=PRECISION) * scale_log2
             s = tl.where(row_ok[:, None] & j_ok[None, :] & (dist >= 0) & (dist < W), s, float("-inf"))
-            v = tl.load(kv_base + slot[:, None] + (HEAD_SIZE + d)[None, :], mask=j_ok[:, None] & d_ok[None, :], other=0.0)
+            v_mask = j_ok[:, None] & d_ok[None, :]
+            v = tl.load(kv_base + slot[:, None] + (HEAD_SIZE + d)[None, :], mask=v_mask, other=0.0)
             m_i, l_i, acc = _online_softmax_step(m_i, l_i, acc, s, v, PRECISION)
 
-        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # padding rows have no keys
-        o_rows = (q_start + tok).to(tl.int64) * stride_ot + head * stride_oh
-        tl.store(out_ptr + o_rows[:, None] + d[None, :], out.to(out_ptr.dtype.element_ty), mask=q_mask)
+        if NUM_SEGMENTS == 1:
+            out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+            o_rows = (q_start + tok).to(tl.int64) * stride_ot + head * stride_oh
+            tl.store(out_ptr + o_rows[:, None] + d[None, :], out.to(out_ptr.dtype.element_ty), mask=q_mask)
+        else:  # partial results [T, H, NUM_SEGMENTS] for _merge_segments_kernel
+            part = ((q_start + tok).to(tl.int64) * H + head) * NUM_SEGMENTS + tl.program_id(2)
+            tl.store(part_acc_ptr + part[:, None] * BLOCK_D + d[None, :], acc, mask=row_ok[:, None])
+            tl.store(part_max_ptr + part, m_i, mask=row_ok)
+            tl.store(part_sum_ptr + part, l_i, mask=row_ok)
 
+    @triton.jit
+    def _merge_segments_kernel(
+        part_acc_ptr,  # [T, H, S, BLOCK_D] float32, unnormalised
+        part_max_ptr,  # [T, H, S] float32, log2 domain
+        part_sum_ptr,  # [T, H, S] float32
+        out_ptr,
+        qsl_ptr,
+        num_seqs,
+        stride_ot,
+        stride_oh,
+        H,
+        HEAD_SIZE: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        NUM_SEGMENTS: tl.constexpr,
+        SEG_BLOCK: tl.constexpr,  # NUM_SEGMENTS rounded up to a power of 2
+    ):
+        """Log-sum-exp merge of the segments of one (token, head), as merge_attn_states."""
+        token = tl.program_id(0)
+        head = tl.program_id(1)
+        if token >= tl.load(qsl_ptr + num_seqs):  # padding: no segment wrote it
+            return
+        seg = tl.arange(0, SEG_BLOCK)
+        seg_ok = seg < NUM_SEGMENTS
+        part = (token.to(tl.int64) * H + head) * NUM_SEGMENTS + seg
+        m = tl.load(part_max_ptr + part, mask=seg_ok, other=float("-inf"))
+        l_s = tl.load(part_sum_ptr + part, mask=seg_ok, other=0.0)
+        m_all = tl.max(m, axis=0)
+        weight = tl.exp2(m - tl.where(m_all == float("-inf"), 0.0, m_all))  # empty segment: 0
+        d = tl.arange(0, BLOCK_D)
+        acc = tl.load(part_acc_ptr + part[:, None] * BLOCK_D + d[None, :], mask=seg_ok[:, None], other=0.0)
+        total = tl.sum(weight * l_s, axis=0)
+        out = tl.sum(acc * weight[:, None], axis=0) / tl.where(total > 0, total, 1.0)
+        o_ptr = out_ptr + token.to(tl.int64) * stride_ot + head * stride_oh + d
+        tl.store(o_ptr, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_SIZE)
 
 
 @functools.lru_cache(maxsize=None)
@@ -217,6 +279,22 @@ def _tile_shape(group: int, decode_only: bool) -> tuple[int, int]:
     rows = 16 if decode_only else 64
     block_m = max(rows, triton.next_power_of_2(group))
     return block_m, block_m // group
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _auto_segments(device: torch.device, programs: int, cfg: LminfConfig, block_n: int) -> int:
+    """Split-K for decode: with few (request, KV head) programs, a long window
+    would keep most SMs idle. Aim at two programs per SM, at least 4 tiles each.
+    Depends on shapes and config only, so a captured CUDA graph stays valid."""
+    if device.type != "cuda":
+        return 1
+    want = -(-2 * _sm_count(device) // max(programs, 1))
+    tiles = -(-cfg.global_tokens // block_n) + -(-cfg.local_tokens // block_n)
+    return max(1, min(want, 16, tiles // 4))
 
 
 def triton_lambda_attention(
@@ -232,6 +310,7 @@ def triton_lambda_attention(
     rotary_dim: int,
     is_neox_style: bool,
     decode_only: bool = False,  # host hint: every request has one query (smaller tiles)
+    num_segments: int | None = None,  # split-K over key tiles; None: chosen from the shapes
 ) -> torch.Tensor:
     """Λ-attention for a whole batch in one launch; returns `output`."""
     if triton is None:
@@ -249,10 +328,18 @@ def triton_lambda_attention(
     block_d = max(16, triton.next_power_of_2(D))
     block_n = 64 if block_d <= 128 else 32
     num_seqs = seq_lens.shape[0]
-    grid = (T // block_q + num_seqs, Hkv)
+    if num_segments is None:
+        num_segments = _auto_segments(query.device, num_seqs * Hkv, cfg, block_n) if decode_only else 1
+    if num_segments > 1:  # partial results, merged by a second launch
+        part_acc = torch.empty(T, H, num_segments, block_d, dtype=torch.float32, device=query.device)
+        part_max, part_sum = torch.empty(2, T, H, num_segments, dtype=torch.float32, device=query.device)
+    else:
+        part_acc = part_max = part_sum = output  # not touched
+    grid = (T // block_q + num_seqs, Hkv, num_segments)
     _lambda_attention_kernel[grid](
-        query, kv_cache, output, query_start_loc, seq_lens, block_table, inv_freq,
-        num_seqs,
+        query, kv_cache, output, part_acc, part_max, part_sum,
+        query_start_loc, seq_lens, block_table, inv_freq,
+        num_seqs, H,
         query.stride(0), query.stride(1),
         output.stride(0), output.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
@@ -262,5 +349,13 @@ def triton_lambda_attention(
         HEAD_SIZE=D, BLOCK_D=block_d, ROT_DIM=rotary_dim, IS_NEOX=is_neox_style,
         GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, PAGE=page,
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        NUM_SEGMENTS=num_segments,
     )  # fmt: skip
+    if num_segments > 1:
+        _merge_segments_kernel[(T, H)](
+            part_acc, part_max, part_sum, output, query_start_loc, num_seqs,
+            output.stride(0), output.stride(1), H,
+            HEAD_SIZE=D, BLOCK_D=block_d, NUM_SEGMENTS=num_segments,
+            SEG_BLOCK=triton.next_power_of_2(num_segments),
+        )  # fmt: skip
     return output

@@ -7,7 +7,8 @@ case is one launch over a batch, with the cache NaN wherever the step may not
 read (see triton_cases.py); the tests below only check the reported errors.
 
 Awkward sizes on purpose: lengths 1, 3, 19, 99, 1177; block sizes 1, 16, 32,
-128; G = 0 and G not a multiple of the block size; C below n and C huge.
+128; G = 0 and G not a multiple of the block size; C below n and C huge;
+split-K (segments) forced on, since it is chosen automatically only on a GPU.
 """
 
 import importlib.util
@@ -46,10 +47,16 @@ def _cases():
         cases[f"decode-{name}-B{block_size}"] = dict(
             cfg=CONFIGS[name], block_size=block_size, lengths=lengths, queries=[1] * len(lengths)
         )
+    # Split-K: key tiles shared among segments, merged by log-sum-exp (some segments empty).
+    cases["decode-split3-B16"] = dict(
+        cfg=(5, 200, 250), block_size=16, lengths=lengths + [700], queries=[1] * 7, segments=3
+    )
+    cases["decode-split8-B1"] = dict(cfg=(5, 200, 250), block_size=1, lengths=[333, 2], queries=[1, 1], segments=8)
     # Mixed batches: a chunk starting mid-sequence, a fresh prefill and decodes in one launch.
     mixed = dict(lengths=[300, 19, 1177, 1, 2, 40, 150], queries=[77, 19, 1, 1, 1, 1, 1])
     for name, cfg in CONFIGS.items():
         cases[f"mixed-{name}-B16"] = dict(cfg=cfg, block_size=16, **mixed)
+    cases["mixed-split2-interleaved"] = dict(cfg=(5, 100, 150), block_size=16, neox=False, segments=2, **mixed)
     # GQA group sizes and RoPE pair layouts, full and partial rotary (head 80 pads to 128 lanes).
     layouts = [
         ([2, 2, 16], 16, True), ([2, 2, 16], 16, False),  # no GQA, full rotary

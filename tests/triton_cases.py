@@ -38,7 +38,7 @@ def make_request(n, H, Hkv, D, rotary, gen):
     return q0, k0, v, q, k
 
 
-def launch(cache, reqs, steps, cfg, rotary, dtype, H, D, padding):
+def launch(cache, reqs, steps, cfg, rotary, dtype, H, D, padding, segments=None):
     """One kernel launch: request r has seq_len reqs[r]["n"] after the step and
     steps[r] queries in it; its keys the step may read are written first."""
     B = cache.shape[2]
@@ -67,7 +67,7 @@ def launch(cache, reqs, steps, cfg, rotary, dtype, H, D, padding):
         q, cache, out,
         torch.tensor(starts, dtype=torch.int32), torch.tensor(seq_lens, dtype=torch.int32), table,
         cfg, D**-0.5, rotary.inv_freq, rotary.rotary_dim, rotary.is_neox_style,
-        decode_only=all(s == 1 for s in steps),
+        decode_only=all(s == 1 for s in steps), num_segments=segments,
     )  # fmt: skip
     return out, starts
 
@@ -75,7 +75,7 @@ def launch(cache, reqs, steps, cfg, rotary, dtype, H, D, padding):
 def run_case(case):
     """case: {"cfg": [G, W, C], "block_size", "lengths": [n, ...], "queries": [q_len, ...]
     (one launch) or "steps": [chunk, ...] (one request, one launch per chunk),
-    "heads": [H, Hkv, D], "rotary_dim", "neox", "dtype", "seed"}"""
+    "heads": [H, Hkv, D], "rotary_dim", "neox", "dtype", "seed", "segments" (split-K)}"""
     G, W, C = case["cfg"]
     cfg = LminfConfig(global_tokens=G, local_tokens=W, distance_cap=C)
     H, Hkv, D = case.get("heads", [4, 2, 16])
@@ -104,7 +104,7 @@ def run_case(case):
         assert done == full
         got, want = torch.cat(outs), expected[0]
     else:
-        out, starts = launch(cache, reqs, case["queries"], cfg, rotary, dtype, H, D, padding=5)
+        out, starts = launch(cache, reqs, case["queries"], cfg, rotary, dtype, H, D, 5, case.get("segments"))
         got = out[: starts[len(reqs)]]
         want = torch.cat([e[n - q_len :] for e, n, q_len in zip(expected, lengths, case["queries"])])
     return float((got.double() - want).abs().max())
