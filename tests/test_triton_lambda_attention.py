@@ -6,7 +6,7 @@ and this pytest process has usually imported it through vLLM already). Each
 case is one launch over a batch, with the cache NaN wherever the step may not
 read (see triton_cases.py); the tests below only check the reported errors.
 
-Awkward sizes on purpose: lengths 1, 3, 19, 99, 1177; block sizes 1, 16, 32,
+Awkward sizes on purpose: lengths 1, 3, 19, 99, 1177 (and 10^6); block sizes 1, 16, 32,
 128; G = 0 and G not a multiple of the block size; C below n and C huge;
 split-K (segments) forced on, since it is chosen automatically only on a GPU.
 """
@@ -49,13 +49,16 @@ def _cases():
         )
     # Split-K: key tiles shared among segments, merged by log-sum-exp (some segments empty).
     cases["decode-split3-B16"] = dict(
-        cfg=(5, 200, 250), block_size=16, lengths=lengths + [700], queries=[1] * 7, segments=3
+        cfg=(5, 200, 250), block_size=16, lengths=lengths, queries=[1] * len(lengths), segments=3
     )
     cases["decode-split8-B1"] = dict(cfg=(5, 200, 250), block_size=1, lengths=[333, 2], queries=[1, 1], segments=8)
     # Mixed batches: a chunk starting mid-sequence, a fresh prefill and decodes in one launch.
-    mixed = dict(lengths=[300, 19, 1177, 1, 2, 40, 150], queries=[77, 19, 1, 1, 1, 1, 1])
+    mixed = dict(lengths=[200, 19, 333, 1, 2, 40, 150], queries=[77, 19, 1, 1, 1, 1, 1])
     for name, cfg in CONFIGS.items():
         cases[f"mixed-{name}-B16"] = dict(cfg=cfg, block_size=16, **mixed)
+    cases["mixed-1177-B128"] = dict(
+        cfg=CONFIGS["cap"], block_size=128, lengths=[1177, 300, 19, 1, 40], queries=[1, 77, 19, 1, 1]
+    )
     cases["mixed-split2-interleaved"] = dict(cfg=(5, 100, 150), block_size=16, neox=False, segments=2, **mixed)
     # GQA group sizes and RoPE pair layouts, full and partial rotary (head 80 pads to 128 lanes).
     layouts = [
@@ -75,6 +78,13 @@ def _cases():
         cases[f"steps-{name}-B16"] = dict(
             cfg=CONFIGS[name], block_size=16, lengths=[300], steps=[5, 64, 1, 130, 33, 63, 1, 1, 1, 1]
         )
+    # Far positions (a 1M-token request; only its globals and window exist): the
+    # re-rotation angles reach 1e6 rad, which float32 angles would get wrong by ~1e-2.
+    cases["far-1M-B128"] = dict(far=1_000_003, queries=3, cfg=(4, 16, 32), block_size=128)
+    cases["far-100k-interleaved-partial-split2"] = dict(
+        far=100_003, queries=1, cfg=(10, 40, 64), block_size=16, heads=[8, 2, 32], rotary_dim=16, neox=False,
+        segments=2,
+    )  # fmt: skip
     cases["mixed-float16"] = dict(
         cfg=(4, 16, 32), block_size=16, dtype="float16", lengths=[99, 19, 333, 1], queries=[40, 19, 1, 1]
     )

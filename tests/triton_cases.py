@@ -9,7 +9,8 @@ runs in Triton's interpreter on CPU tensors.
     stdout: JSON list of {"err": max |kernel - reference|} or {"error": traceback}
 
 Every case is one launch over a batch of requests (or one request fed in
-several steps). The cache is NaN everywhere a query of the step may not read:
+several steps, or one request at a far position, checked against a reference
+built from relative distances only). The cache is NaN everywhere a query of the step may not read:
 unwritten rows, positions outside the globals and the window, and freed table
 entries, which point at a shared all-NaN block as reused ids would.
 """
@@ -55,7 +56,7 @@ def launch(cache, reqs, steps, cfg, rotary, dtype, H, D, padding, segments=None)
                 cache[blk, :, row, :D] = req["k"][p].to(dtype)
                 cache[blk, :, row, D:] = req["v"][p].to(dtype)
                 table[r, p // B] = blk
-        qs.append(req["q"][first:n])
+        qs.append(req["q"][first:n] if "q" in req else req["q_tail"])
         starts.append(starts[-1] + q_len)
         seq_lens.append(n)
     # A padded batch as vLLM's CUDA graphs see it: an empty request, extra tokens.
@@ -110,11 +111,62 @@ def run_case(case):
     return float((got.double() - want).abs().max())
 
 
+def relative_reference(q0, k0, v, positions, cfg, rotary, scale):
+    """SPEC.md for queries q0 [T, H, D] at `positions`, keys k0/v given as dicts
+    position -> [Hkv, D] (unrotated): score = <R(d) q0_i, k0_j>, the same as
+    <R(j + d) q0_i, R(j) k0_j>, so no rotation ever uses a large angle here."""
+    G, W, C = cfg.global_tokens, cfg.local_tokens, cfg.distance_cap
+    group = q0.shape[1] // next(iter(k0.values())).shape[0]
+    out = []
+    for q, i in zip(q0, positions):
+        keys = [j for j in range(min(G, i + 1))] + [j for j in range(max(0, i - W + 1), i + 1) if j >= G]
+        d = torch.tensor([i - j if i - j < W else min(i - j, C) for j in keys])
+        cos, sin = cos_sin(d, rotary.inv_freq, torch.float64)
+        q_rot = rotate(q[None], cos[:, None], sin[:, None], rotary)  # [K, H, D]
+        k = torch.stack([k0[j] for j in keys]).repeat_interleave(group, dim=1)
+        probs = torch.softmax((q_rot * k).sum(-1) * scale, dim=0)  # [K, H]
+        out.append(torch.einsum("kh,khd->hd", probs, torch.stack([v[j] for j in keys]).repeat_interleave(group, dim=1)))
+    return torch.stack(out)
+
+
+def run_far_case(case):
+    """One request at a far position ("far": n tokens), its last "queries" in one launch.
+    Only the globals and the window exist: vectors for other positions are never made."""
+    G, W, C = case["cfg"]
+    cfg = LminfConfig(global_tokens=G, local_tokens=W, distance_cap=C)
+    H, Hkv, D = case.get("heads", [4, 2, 16])
+    rot_dim = case.get("rotary_dim", D)
+    rotary = RotarySpec(default_inv_freq(100.0, rot_dim), rot_dim, case.get("neox", True))
+    B, n, q_len = case["block_size"], case["far"], case["queries"]
+    gen = torch.Generator().manual_seed(case.get("seed", 0))
+    first = n - q_len
+    needed = sorted(set(range(min(G, n))) | set(range(max(0, first - W + 1), n)))
+    pos = torch.tensor(needed)
+    k0, v = (torch.randn(len(needed), Hkv, D, generator=gen, dtype=torch.float64) * 1.5 for _ in range(2))
+    q0 = torch.randn(q_len, H, D, generator=gen, dtype=torch.float64) * 1.5
+    cos, sin = cos_sin(pos, rotary.inv_freq, torch.float64)
+    k = rotate(k0, cos[:, None], sin[:, None], rotary)
+    q = rotate(q0, cos[-q_len:, None], sin[-q_len:, None], rotary)
+    blocks = sorted({p // B for p in needed})
+    order = torch.randperm(len(blocks) + 3, generator=gen).tolist()
+    req = {
+        "n": n,
+        "q_tail": q,
+        "k": dict(zip(needed, k)),
+        "v": dict(zip(needed, v)),
+        "blocks": {b: order.pop() for b in blocks},
+    }
+    cache = torch.full((len(blocks) + 4, Hkv, B, 2 * D), float("nan"))
+    out, _ = launch(cache, [req], [q_len], cfg, rotary, torch.float32, H, D, 0, case.get("segments"))
+    want = relative_reference(q0, dict(zip(needed, k0)), dict(zip(needed, v)), range(first, n), cfg, rotary, D**-0.5)
+    return float((out.double() - want).abs().max())
+
+
 def main():
     results = []
     for case in json.load(sys.stdin):
         try:
-            results.append({"err": run_case(case)})
+            results.append({"err": run_far_case(case) if "far" in case else run_case(case)})
         except Exception:
             results.append({"error": traceback.format_exc()})
     json.dump(results, sys.stdout)
