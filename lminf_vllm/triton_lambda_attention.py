@@ -273,12 +273,15 @@ if triton is not None:
         tl.store(o_ptr, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_SIZE)
 
 
-@functools.lru_cache(maxsize=None)
-def _tile_shape(group: int, decode_only: bool) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_Q): 16 rows suit a decode step, 64 a prefill chunk."""
-    rows = 16 if decode_only else 64
-    block_m = max(rows, triton.next_power_of_2(group))
-    return block_m, block_m // group
+def tile_sizes(group: int, head_size: int, dtype: torch.dtype, decode_only: bool) -> dict[str, int]:
+    """BLOCK_M rows (BLOCK_Q tokens x GROUP heads), BLOCK_N keys, BLOCK_D lanes.
+    16 rows suit a decode step, 64 a prefill chunk; float32 and heads over 128
+    take halved tiles (checked by compiling for sm_80/sm_90: <= 100 KB shared)."""
+    narrow = dtype.itemsize > 2
+    block_d = max(16, triton.next_power_of_2(head_size))
+    block_m = max(16 if decode_only else 32 if narrow else 64, triton.next_power_of_2(group))
+    block_n = 32 if narrow or block_d > 128 else 64
+    return dict(BLOCK_M=block_m, BLOCK_Q=block_m // group, BLOCK_N=block_n, BLOCK_D=block_d)
 
 
 @functools.lru_cache(maxsize=None)
@@ -318,15 +321,16 @@ def triton_lambda_attention(
     T, H, D = query.shape
     _, Hkv, page, width = kv_cache.shape
     if width != 2 * D or H % Hkv or rotary_dim % 2 or not 0 < rotary_dim <= D:
-        raise ValueError(f"bad shapes: query {tuple(query.shape)}, kv_cache {tuple(kv_cache.shape)}, rotary_dim {rotary_dim}")
+        raise ValueError(
+            f"bad shapes: query {tuple(query.shape)}, kv_cache {tuple(kv_cache.shape)}, rotary_dim {rotary_dim}"
+        )
     if query.stride(-1) != 1 or kv_cache.stride(-1) != 1 or output.stride(-1) != 1:
         raise ValueError("the feature dimension of query, kv_cache and output must be contiguous")
     if inv_freq.dtype != torch.float64 or inv_freq.numel() != rotary_dim // 2:
         raise ValueError("inv_freq must be float64 with rotary_dim // 2 entries")
     group = H // Hkv
-    block_m, block_q = _tile_shape(group, decode_only)
-    block_d = max(16, triton.next_power_of_2(D))
-    block_n = 64 if block_d <= 128 else 32
+    tiles = tile_sizes(group, D, query.dtype, decode_only)
+    block_q, block_n, block_d = tiles["BLOCK_Q"], tiles["BLOCK_N"], tiles["BLOCK_D"]
     num_seqs = seq_lens.shape[0]
     if num_segments is None:
         num_segments = _auto_segments(query.device, num_seqs * Hkv, cfg, block_n) if decode_only else 1
@@ -346,8 +350,7 @@ def triton_lambda_attention(
         block_table.stride(0),
         scale * 1.4426950408889634,  # log2(e)
         cfg.global_tokens, cfg.local_tokens, min(cfg.distance_cap, 2**31 - 1),  # C huge = no cap
-        HEAD_SIZE=D, BLOCK_D=block_d, ROT_DIM=rotary_dim, IS_NEOX=is_neox_style,
-        GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, PAGE=page,
+        HEAD_SIZE=D, ROT_DIM=rotary_dim, IS_NEOX=is_neox_style, GROUP=group, PAGE=page, **tiles,
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         NUM_SEGMENTS=num_segments,
     )  # fmt: skip
