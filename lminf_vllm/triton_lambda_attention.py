@@ -4,7 +4,7 @@ Same contract and cache layout as `lambda_attention.py` (the PyTorch path):
     kv_cache: [num_blocks, num_kv_heads, block_size, 2 * head_size], key | value
 but a whole batch (prefill chunks and decodes mixed) in one launch.
 
-Grid: (q_blocks, num_kv_heads). A program owns BLOCK_Q query tokens of one
+Grid: (q_blocks, num_kv_heads, NUM_SEGMENTS). A program owns BLOCK_Q query tokens of one
 request times the GROUP query heads that share one KV head (GQA packed into the
 BLOCK_M = BLOCK_Q * GROUP rows of the tile), so every key tile is read once for
 the whole group. q_blocks = T // BLOCK_Q + R is an upper bound known from the
@@ -34,8 +34,11 @@ query row and one per key, so the capped scores are a plain matrix product
 (no per-pair rotation). Pairs with W <= i - j <= C use the plain product. The
 angles (C - i) * inv_freq and -j * inv_freq are formed and reduced in float64
 inside the kernel (|C - i| reaches 1e5 and more, where float32 angles are off
-by ~1e-2 rad), then cos/sin are cast to float32. Neox and interleaved pair
-layouts and partial rotary (rotary_dim < head_size) are supported.
+by ~1e-2 rad), then cos/sin are cast to float32; that is a few float64
+cos/sin per row and per global key, not per pair. The rotations are pure, so a
+cos/sin factor already carried by the stored q and k (YaRN's mscale) is not
+applied twice. Neox and interleaved pair layouts and partial rotary
+(rotary_dim < head_size) are supported.
 """
 
 import functools
