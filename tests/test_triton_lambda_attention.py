@@ -37,9 +37,12 @@ ODD = [1, 3, 19, 99]
 def _cases():
     cases = {}
     # Fresh prefills of odd lengths, batched in one launch.
+    prefill_blocks = {"cap": (16, 128), "window-only": (32,), "G-not-block-multiple": (16, 32, 128), "no-cap": (128,)}
     for name, cfg in CONFIGS.items():
-        for block_size in (16, 32, 128):
+        for block_size in prefill_blocks[name]:
             cases[f"prefill-{name}-B{block_size}"] = dict(cfg=cfg, block_size=block_size, lengths=ODD, queries=ODD)
+    cases["prefill-W1-C1-B16"] = dict(cfg=(4, 1, 1), block_size=16, lengths=ODD, queries=ODD)  # smallest window
+    cases["prefill-G40-W1-B16"] = dict(cfg=(40, 1, 1), block_size=16, lengths=ODD, queries=ODD)  # globals span blocks
     cases["prefill-1177-B32"] = dict(cfg=(10, 64, 100), block_size=32, lengths=[1177], queries=[1177])
     # Decode only (the small-tile path): one query per request, very different lengths.
     lengths = [1, 2, 9, 40, 150, 333]
