@@ -98,20 +98,25 @@ CASES = _cases()
 
 
 @pytest.fixture(scope="module")
-def results():
-    """Run every case in one interpreter subprocess: {case id: {"err"} or {"error"}}."""
+def results(request):
+    """Run the selected cases in one interpreter subprocess: {case id: {"err"} or {"error"}}."""
+    selected = [
+        item.callspec.params["case_id"]
+        for item in request.session.items
+        if item.module is request.module and hasattr(item, "callspec")
+    ]
     env = dict(os.environ, TRITON_INTERPRET="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     proc = subprocess.run(
         [sys.executable, str(ROOT / "tests" / "triton_cases.py")],
-        input=json.dumps(list(CASES.values())),
+        input=json.dumps([CASES[c] for c in selected]),
         capture_output=True,
         text=True,
         env=env,
         timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return dict(zip(CASES, json.loads(proc.stdout)))
+    return dict(zip(selected, json.loads(proc.stdout)))
 
 
 @pytest.mark.parametrize("case_id", list(CASES))
