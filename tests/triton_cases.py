@@ -8,11 +8,12 @@ runs in Triton's interpreter on CPU tensors.
     stdin:  JSON list of cases (see `run_case`)
     stdout: JSON list of {"err": max |kernel - reference|} or {"error": traceback}
 
-Every case is one launch over a batch of requests (or one request fed in
-several steps, or one request at a far position, checked against a reference
-built from relative distances only). The cache is NaN everywhere a query of the step may not read:
-unwritten rows, positions outside the globals and the window, and freed table
-entries, which point at a shared all-NaN block as reused ids would.
+Every case is one launch over a batch of requests, or one request fed in
+several steps, or one request at a far position (checked against a reference
+built from relative distances only, since a dense one cannot reach 10^6).
+The cache is NaN everywhere a query of the step may not read: unwritten rows,
+positions outside the globals and the window, and freed table entries, which
+point at a shared all-NaN block as reused ids would.
 """
 
 import json
