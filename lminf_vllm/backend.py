@@ -65,6 +65,11 @@ class LminfMetadata:
     decode_tokens: torch.Tensor  # [num_decodes] index of each one's query token
     decode_plans: list[DecodePlan]  # the slots they read, shared by all layers
     other_reqs: list[int]  # requests with several queries (prefill chunks)
+    # CUDA with triton: the whole batch goes to one kernel launch, which reads
+    # these device tensors; the host-side fields above are then left empty.
+    query_start_loc: torch.Tensor | None = None  # [num_reqs + 1] int32
+    seq_lens_tensor: torch.Tensor | None = None  # [num_reqs] int32
+    decode_only: bool = False  # every request has one query: smaller tiles
 
 
 class LminfMetadataBuilder(AttentionMetadataBuilder[LminfMetadata]):
@@ -78,6 +83,11 @@ class LminfMetadataBuilder(AttentionMetadataBuilder[LminfMetadata]):
     ) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.cfg = lminf_config_from_vllm(vllm_config)
+        self.use_triton = False
+        if device.type == "cuda":  # imported only here: the CPU path never loads triton
+            from lminf_vllm.triton_lambda_attention import triton_available
+
+            self.use_triton = triton_available()
 
     def build(
         self,
@@ -86,6 +96,20 @@ class LminfMetadataBuilder(AttentionMetadataBuilder[LminfMetadata]):
         fast_build: bool = False,
     ) -> LminfMetadata:
         m = common_attn_metadata
+        if self.use_triton:  # no host lists, no decode plans: the kernel finds its own rows
+            return LminfMetadata(
+                num_actual_tokens=m.num_actual_tokens,
+                query_start=[],
+                seq_lens=[],
+                block_table=m.block_table_tensor[: m.num_reqs],
+                slot_mapping=m.slot_mapping,
+                decode_tokens=m.slot_mapping.new_empty(0),
+                decode_plans=[],
+                other_reqs=[],
+                query_start_loc=m.query_start_loc[: m.num_reqs + 1],
+                seq_lens_tensor=m.seq_lens[: m.num_reqs],
+                decode_only=m.max_query_len == 1,
+            )
         query_start = m.query_start_loc_cpu[: m.num_reqs + 1].tolist()
         seq_lens = m.seq_lens[: m.num_reqs].cpu().tolist()
         block_table = m.block_table_tensor[: m.num_reqs]
@@ -142,6 +166,7 @@ class LminfAttentionImpl(AttentionImpl[LminfMetadata]):
         # Set after the model is built (patch_model_loader_base_loader): the
         # rotary embedding of the layer that owns this attention.
         self.rotary: RotarySpec | None = None
+        self._inv_freq: torch.Tensor | None = None  # rotary.inv_freq on the GPU, copied once
 
     def forward(
         self,
@@ -167,6 +192,8 @@ class LminfAttentionImpl(AttentionImpl[LminfMetadata]):
         md = attn_metadata
         n = md.num_actual_tokens
         write_kv(kv_cache, key[:n], value[:n], md.slot_mapping[:n])
+        if md.query_start_loc is not None and query.is_cuda:
+            return self._forward_triton(query, kv_cache, md, output)
         if md.decode_tokens.numel():
             output[md.decode_tokens] = decode_lambda_attention(
                 query[md.decode_tokens], kv_cache, md.decode_plans, self.scale, self.rotary
@@ -177,3 +204,15 @@ class LminfAttentionImpl(AttentionImpl[LminfMetadata]):
                 query[a:b], kv_cache, md.block_table[r], md.seq_lens[r], self.cfg, self.scale, self.rotary
             ).to(output.dtype)
         return output
+
+    def _forward_triton(self, query, kv_cache, md: LminfMetadata, output):
+        """The same attention as the loop above, one Triton launch for the whole batch."""
+        from lminf_vllm.triton_lambda_attention import triton_lambda_attention
+
+        if self._inv_freq is None or self._inv_freq.device != query.device:
+            self._inv_freq = self.rotary.inv_freq.to(query.device, torch.float64)
+        return triton_lambda_attention(
+            query, kv_cache, output, md.query_start_loc, md.seq_lens_tensor, md.block_table,
+            self.cfg, self.scale, self._inv_freq, self.rotary.rotary_dim, self.rotary.is_neox_style,
+            decode_only=md.decode_only,
+        )  # fmt: skip

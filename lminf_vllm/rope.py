@@ -46,4 +46,8 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, spec: RotarySp
     else:
         x1, x2 = rot[..., 0::2], rot[..., 1::2]
         rotated = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
-    return torch.cat((rotated, rest), dim=-1) if rest.shape[-1] else rotated
+    if not rest.shape[-1]:
+        return rotated
+    # cos/sin may broadcast x to more dims (one angle per key): the pass-through
+    # features must follow, or partial rotary fails exactly where it is re-rotated.
+    return torch.cat((rotated, rest.expand(*rotated.shape[:-1], rest.shape[-1])), dim=-1)

@@ -1,0 +1,367 @@
+"""The Λ-attention of SPEC.md as one Triton kernel over the paged KV cache.
+
+Same contract and cache layout as `lambda_attention.py` (the PyTorch path):
+    kv_cache: [num_blocks, num_kv_heads, block_size, 2 * head_size], key | value
+but a whole batch (prefill chunks and decodes mixed) in one launch.
+
+Grid: (q_blocks, num_kv_heads, NUM_SEGMENTS). A program owns BLOCK_Q query tokens of one
+request times the GROUP query heads that share one KV head (GQA packed into the
+BLOCK_M = BLOCK_Q * GROUP rows of the tile), so every key tile is read once for
+the whole group. q_blocks = T // BLOCK_Q + R is an upper bound known from the
+tensor shapes alone; each program finds its request by a binary search over
+query_start_loc and returns early if it has no queries. No host sync, no
+data-dependent launch: the launch is CUDA-graph capturable.
+
+A program walks two key ranges into one online softmax (running max, sum and
+accumulator, as flash attention and vLLM's merge_attn_states do):
+- global tiles: keys j < min(G, i_max - W + 1), pairs with i - j >= W only;
+- window tiles: keys max(0, i_min - W + 1) <= j <= i_max, pairs with 0 <= i - j < W.
+Every key it loads is visible to some query of its tile, so it never reads a
+block the request may have freed (freed ids stay in the block table and get
+reused); loads outside those ranges are masked, never issued, and masked
+loads read 0, so NaN in unwritten or foreign slots cannot reach a product.
+
+Split-K for decode: with few (request, KV head) programs and a long window most
+SMs would idle, so a third grid axis cuts the key tiles into NUM_SEGMENTS
+shares; each writes its unnormalised (max, sum, accumulator) and a second
+launch merges them by log-sum-exp. The count depends on shapes, config and the
+SM count only (`_auto_segments`), never on sequence lengths.
+
+Global re-rotation. For a global pair beyond the cap (i - j > C) the score is
+<R(C - (i - j)) q_i, k_j>, q_i and k_j stored rotated at i and j. Since
+rotations compose, that equals <R(C - i) q_i, R(-j) k_j>: one rotation per
+query row and one per key, so the capped scores are a plain matrix product
+(no per-pair rotation). Pairs with W <= i - j <= C use the plain product. The
+angles (C - i) * inv_freq and -j * inv_freq are formed and reduced in float64
+inside the kernel (|C - i| reaches 1e5 and more, where float32 angles are off
+by ~1e-2 rad), then cos/sin are cast to float32; that is a few float64
+cos/sin per row and per global key, not per pair. The rotations are pure, so a
+cos/sin factor already carried by the stored q and k (YaRN's mscale) is not
+applied twice. Neox and interleaved pair layouts and partial rotary
+(rotary_dim < head_size) are supported.
+"""
+
+import functools
+
+import torch
+
+from lminf_vllm.config import LminfConfig
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the CPU path never needs it
+    triton = None
+
+
+def triton_available() -> bool:
+    """Can the Triton path run at all (the package imports)?"""
+    return triton is not None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _find_request(qsl_ptr, num_seqs, q_block, BLOCK_Q: tl.constexpr):
+        # Request r's query blocks start at qsl[r] // BLOCK_Q + r (increasing in r):
+        # the last request whose start is <= q_block owns it.
+        lo = 0
+        hi = num_seqs
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if tl.load(qsl_ptr + mid) // BLOCK_Q + mid <= q_block:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo - 1
+
+    @triton.jit
+    def _rope_lanes(d, ROT_DIM: tl.constexpr, IS_NEOX: tl.constexpr):
+        """For each feature lane d: its frequency index, its pair partner, the sign
+        of the partner's term, and whether the lane is rotated at all."""
+        HALF: tl.constexpr = ROT_DIM // 2
+        if IS_NEOX:  # pairs (d, d + rot/2)
+            first = d < HALF
+            freq = tl.where(first, d, d - HALF)
+            partner = tl.where(first, d + HALF, d - HALF)
+        else:  # pairs (2f, 2f + 1)
+            first = d % 2 == 0
+            freq = d // 2
+            partner = d ^ 1
+        rotated = d < ROT_DIM
+        sign = tl.where(first, -1.0, 1.0)
+        return tl.where(rotated, freq, 0), tl.where(rotated, partner, d), sign, rotated
+
+    @triton.jit
+    def _rotate(x, x_partner, angle, sign, rotated):
+        """x rotated by `angle` (float64, broadcast to x's shape) on the rotated lanes."""
+        cos = tl.cos(angle).to(tl.float32)
+        sin = tl.sin(angle).to(tl.float32)
+        return tl.where(rotated, x * cos + sign * x_partner * sin, x)
+
+    @triton.jit
+    def _online_softmax_step(m_i, l_i, acc, s, v, PRECISION: tl.constexpr):
+        """Fold one tile of log2-scaled scores s [M, N] (-inf = masked) and values v [N, D] in."""
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: no NaN
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        return m_new, l_i, acc
+
+    @triton.jit
+    def _lambda_attention_kernel(
+        q_ptr,  # [T, H, D], rotated at true positions
+        kv_ptr,  # [num_blocks, Hkv, B, 2 * D]
+        out_ptr,  # [T, H, D]
+        part_acc_ptr,  # NUM_SEGMENTS > 1: partial results, see _merge_segments_kernel
+        part_max_ptr,
+        part_sum_ptr,
+        qsl_ptr,  # [R + 1] int32 query_start_loc
+        seq_lens_ptr,  # [R] int32: tokens computed after this step
+        block_table_ptr,  # [R, max_blocks] int32
+        inv_freq_ptr,  # [ROT_DIM // 2] float64
+        num_seqs,
+        H,
+        stride_qt,
+        stride_qh,
+        stride_ot,
+        stride_oh,
+        stride_kb,
+        stride_kh,
+        stride_kr,
+        stride_bt,
+        scale_log2,  # softmax scale * log2(e): scores go through exp2
+        G,
+        W,
+        C,
+        HEAD_SIZE: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        ROT_DIM: tl.constexpr,
+        IS_NEOX: tl.constexpr,
+        GROUP: tl.constexpr,  # query heads per KV head
+        BLOCK_Q: tl.constexpr,  # query tokens per program
+        BLOCK_M: tl.constexpr,  # rows per program: >= BLOCK_Q * GROUP, a power of 2
+        BLOCK_N: tl.constexpr,  # keys per tile
+        PAGE: tl.constexpr,  # KV cache block size
+        PRECISION: tl.constexpr,  # "ieee" for float32 inputs: no TF32 in the products
+        NUM_SEGMENTS: tl.constexpr,  # > 1: each program takes 1/NUM_SEGMENTS of the key tiles
+    ):
+        q_block = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        req = _find_request(qsl_ptr, num_seqs, q_block, BLOCK_Q)
+        q_start = tl.load(qsl_ptr + req)
+        q_len = tl.load(qsl_ptr + req + 1) - q_start
+        local_block = q_block - (q_start // BLOCK_Q + req)
+        if local_block * BLOCK_Q >= q_len:
+            return
+        seq_len = tl.load(seq_lens_ptr + req)
+        first_pos = seq_len - q_len  # position of the request's first query this step
+
+        rows = tl.arange(0, BLOCK_M)
+        tok = local_block * BLOCK_Q + rows // GROUP  # query index within the request
+        head = kv_head * GROUP + rows % GROUP
+        row_ok = (rows < BLOCK_Q * GROUP) & (tok < q_len)
+        pos = first_pos + tok  # query position i
+        i_min = first_pos + local_block * BLOCK_Q
+        i_max = tl.minimum(i_min + BLOCK_Q, seq_len) - 1
+
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < HEAD_SIZE
+        q_rows = (q_start + tok).to(tl.int64) * stride_qt + head * stride_qh
+        q_mask = row_ok[:, None] & d_ok[None, :]
+        q = tl.load(q_ptr + q_rows[:, None] + d[None, :], mask=q_mask, other=0.0)
+
+        kv_base = kv_ptr + kv_head * stride_kh
+        table_row = block_table_ptr + req.to(tl.int64) * stride_bt
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+        # The key tiles, global then window, numbered 0 .. n_tiles - 1; segment
+        # program_id(2) of NUM_SEGMENTS takes a contiguous share (split-K for decode).
+        n_glob = tl.maximum(tl.minimum(G, i_max - W + 1), 0)  # globals some query sees outside its window
+        lo = tl.maximum(i_min - W + 1, 0)  # oldest key of any window here
+        glob_tiles = tl.cdiv(n_glob, BLOCK_N)
+        n_tiles = glob_tiles + tl.cdiv(i_max + 1 - lo, BLOCK_N)
+        share = tl.cdiv(n_tiles, NUM_SEGMENTS)
+        t_lo = tl.program_id(2) * share
+        t_hi = tl.minimum(t_lo + share, n_tiles)
+
+        # ---- global tiles: keys j < n_glob, pairs with i - j >= W ----
+        if tl.minimum(t_hi, glob_tiles) > t_lo:
+            freq, partner, sign, rotated = _rope_lanes(d, ROT_DIM, IS_NEOX)
+            inv_freq = tl.load(inv_freq_ptr + freq, mask=rotated, other=0.0)  # float64
+            q_partner = tl.load(q_ptr + q_rows[:, None] + partner[None, :], mask=q_mask, other=0.0)
+            q_angle = (C - pos).to(tl.float64)[:, None] * inv_freq[None, :]
+            q_cap = _rotate(q.to(tl.float32), q_partner.to(tl.float32), q_angle, sign[None, :], rotated[None, :])
+            q_cap = q_cap.to(q.dtype)
+            for t in range(t_lo, tl.minimum(t_hi, glob_tiles)):
+                j = t * BLOCK_N + tl.arange(0, BLOCK_N)
+                j_ok = j < n_glob
+                block = tl.load(table_row + j // PAGE, mask=j_ok, other=0)
+                slot = block.to(tl.int64) * stride_kb + (j % PAGE) * stride_kr
+                kv_mask = d_ok[:, None] & j_ok[None, :]
+                k_t = tl.load(kv_base + slot[None, :] + d[:, None], mask=kv_mask, other=0.0)  # [D, N]
+                k_p = tl.load(kv_base + slot[None, :] + partner[:, None], mask=kv_mask, other=0.0)
+                k_angle = -(j.to(tl.float64)[None, :] * inv_freq[:, None])
+                k_cap = _rotate(k_t.to(tl.float32), k_p.to(tl.float32), k_angle, sign[:, None], rotated[:, None])
+                s_plain = tl.dot(q, k_t, input_precision=PRECISION)
+                s_cap = tl.dot(q_cap, k_cap.to(k_t.dtype), input_precision=PRECISION)
+                dist = pos[:, None] - j[None, :]
+                s = tl.where(dist > C, s_cap, s_plain) * scale_log2
+                s = tl.where(row_ok[:, None] & j_ok[None, :] & (dist >= W), s, float("-inf"))
+                v_mask = j_ok[:, None] & d_ok[None, :]
+                v = tl.load(kv_base + slot[:, None] + (HEAD_SIZE + d)[None, :], mask=v_mask, other=0.0)
+                m_i, l_i, acc = _online_softmax_step(m_i, l_i, acc, s, v, PRECISION)
+
+        # ---- window tiles: keys lo <= j <= i_max, pairs with 0 <= i - j < W ----
+        for t in range(tl.maximum(t_lo, glob_tiles), t_hi):
+            j = lo + (t - glob_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+            j_ok = j <= i_max
+            block = tl.load(table_row + j // PAGE, mask=j_ok, other=0)
+            slot = block.to(tl.int64) * stride_kb + (j % PAGE) * stride_kr
+            k_t = tl.load(kv_base + slot[None, :] + d[:, None], mask=d_ok[:, None] & j_ok[None, :], other=0.0)
+            dist = pos[:, None] - j[None, :]
+            s = tl.dot(q, k_t, input_precision=PRECISION) * scale_log2
+            s = tl.where(row_ok[:, None] & j_ok[None, :] & (dist >= 0) & (dist < W), s, float("-inf"))
+            v_mask = j_ok[:, None] & d_ok[None, :]
+            v = tl.load(kv_base + slot[:, None] + (HEAD_SIZE + d)[None, :], mask=v_mask, other=0.0)
+            m_i, l_i, acc = _online_softmax_step(m_i, l_i, acc, s, v, PRECISION)
+
+        if NUM_SEGMENTS == 1:
+            out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+            o_rows = (q_start + tok).to(tl.int64) * stride_ot + head * stride_oh
+            tl.store(out_ptr + o_rows[:, None] + d[None, :], out.to(out_ptr.dtype.element_ty), mask=q_mask)
+        else:  # partial results [T, H, NUM_SEGMENTS] for _merge_segments_kernel
+            part = ((q_start + tok).to(tl.int64) * H + head) * NUM_SEGMENTS + tl.program_id(2)
+            tl.store(part_acc_ptr + part[:, None] * BLOCK_D + d[None, :], acc, mask=row_ok[:, None])
+            tl.store(part_max_ptr + part, m_i, mask=row_ok)
+            tl.store(part_sum_ptr + part, l_i, mask=row_ok)
+
+    @triton.jit
+    def _merge_segments_kernel(
+        part_acc_ptr,  # [T, H, S, BLOCK_D] float32, unnormalised
+        part_max_ptr,  # [T, H, S] float32, log2 domain
+        part_sum_ptr,  # [T, H, S] float32
+        out_ptr,
+        qsl_ptr,
+        num_seqs,
+        stride_ot,
+        stride_oh,
+        H,
+        HEAD_SIZE: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        NUM_SEGMENTS: tl.constexpr,
+        SEG_BLOCK: tl.constexpr,  # NUM_SEGMENTS rounded up to a power of 2
+    ):
+        """Log-sum-exp merge of the segments of one (token, head), as merge_attn_states."""
+        token = tl.program_id(0)
+        head = tl.program_id(1)
+        if token >= tl.load(qsl_ptr + num_seqs):  # padding: no segment wrote it
+            return
+        seg = tl.arange(0, SEG_BLOCK)
+        seg_ok = seg < NUM_SEGMENTS
+        part = (token.to(tl.int64) * H + head) * NUM_SEGMENTS + seg
+        m = tl.load(part_max_ptr + part, mask=seg_ok, other=float("-inf"))
+        l_s = tl.load(part_sum_ptr + part, mask=seg_ok, other=0.0)
+        m_all = tl.max(m, axis=0)
+        weight = tl.exp2(m - tl.where(m_all == float("-inf"), 0.0, m_all))  # empty segment: 0
+        d = tl.arange(0, BLOCK_D)
+        acc = tl.load(part_acc_ptr + part[:, None] * BLOCK_D + d[None, :], mask=seg_ok[:, None], other=0.0)
+        total = tl.sum(weight * l_s, axis=0)
+        out = tl.sum(acc * weight[:, None], axis=0) / tl.where(total > 0, total, 1.0)
+        o_ptr = out_ptr + token.to(tl.int64) * stride_ot + head * stride_oh + d
+        tl.store(o_ptr, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_SIZE)
+
+
+def tile_sizes(group: int, head_size: int, dtype: torch.dtype, decode_only: bool) -> dict[str, int]:
+    """BLOCK_M rows (BLOCK_Q tokens x GROUP heads), BLOCK_N keys, BLOCK_D lanes.
+    16 rows suit a decode step, 64 a prefill chunk; float32 and heads over 128
+    take halved tiles (checked by compiling for sm_80/sm_90: <= 100 KB shared)."""
+    narrow = dtype.itemsize > 2
+    block_d = max(16, triton.next_power_of_2(head_size))
+    block_m = max(16 if decode_only else 32 if narrow else 64, triton.next_power_of_2(group))
+    block_n = 32 if narrow or block_d > 128 else 64
+    return dict(BLOCK_M=block_m, BLOCK_Q=block_m // group, BLOCK_N=block_n, BLOCK_D=block_d)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _auto_segments(device: torch.device, programs: int, cfg: LminfConfig, block_n: int) -> int:
+    """Split-K for decode: with few (request, KV head) programs, a long window
+    would keep most SMs idle. Aim at two programs per SM, at least 4 tiles each.
+    Depends on shapes and config only, so a captured CUDA graph stays valid."""
+    if device.type != "cuda":
+        return 1
+    want = -(-2 * _sm_count(device) // max(programs, 1))
+    tiles = -(-cfg.global_tokens // block_n) + -(-cfg.local_tokens // block_n)
+    return max(1, min(want, 16, tiles // 4))
+
+
+def triton_lambda_attention(
+    query: torch.Tensor,  # [T, H, D], rotated at true positions (T may include padding)
+    kv_cache: torch.Tensor,  # [num_blocks, Hkv, B, 2 * D], this step's keys already written
+    output: torch.Tensor,  # [T, H, D], written for tokens [0, query_start_loc[-1])
+    query_start_loc: torch.Tensor,  # [R + 1] int32, on the query's device
+    seq_lens: torch.Tensor,  # [R] int32: tokens computed after this step
+    block_table: torch.Tensor,  # [R, max_blocks] int32
+    cfg: LminfConfig,
+    scale: float,
+    inv_freq: torch.Tensor,  # [rotary_dim // 2] float64, on the query's device
+    rotary_dim: int,
+    is_neox_style: bool,
+    decode_only: bool = False,  # host hint: every request has one query (smaller tiles)
+    num_segments: int | None = None,  # split-K over key tiles; None: chosen from the shapes
+) -> torch.Tensor:
+    """Λ-attention for a whole batch in one launch; returns `output`."""
+    if triton is None:
+        raise RuntimeError("triton is not installed: use lambda_attention.py's PyTorch path")
+    T, H, D = query.shape
+    _, Hkv, page, width = kv_cache.shape
+    if width != 2 * D or H % Hkv or rotary_dim % 2 or not 0 < rotary_dim <= D:
+        raise ValueError(
+            f"bad shapes: query {tuple(query.shape)}, kv_cache {tuple(kv_cache.shape)}, rotary_dim {rotary_dim}"
+        )
+    if query.stride(-1) != 1 or kv_cache.stride(-1) != 1 or output.stride(-1) != 1:
+        raise ValueError("the feature dimension of query, kv_cache and output must be contiguous")
+    if inv_freq.dtype != torch.float64 or inv_freq.numel() != rotary_dim // 2:
+        raise ValueError("inv_freq must be float64 with rotary_dim // 2 entries")
+    group = H // Hkv
+    tiles = tile_sizes(group, D, query.dtype, decode_only)
+    block_q, block_n, block_d = tiles["BLOCK_Q"], tiles["BLOCK_N"], tiles["BLOCK_D"]
+    num_seqs = seq_lens.shape[0]
+    if num_segments is None:
+        num_segments = _auto_segments(query.device, num_seqs * Hkv, cfg, block_n) if decode_only else 1
+    if num_segments > 1:  # partial results, merged by a second launch
+        part_acc = torch.empty(T, H, num_segments, block_d, dtype=torch.float32, device=query.device)
+        part_max, part_sum = torch.empty(2, T, H, num_segments, dtype=torch.float32, device=query.device)
+    else:
+        part_acc = part_max = part_sum = output  # not touched
+    grid = (T // block_q + num_seqs, Hkv, num_segments)
+    _lambda_attention_kernel[grid](
+        query, kv_cache, output, part_acc, part_max, part_sum,
+        query_start_loc, seq_lens, block_table, inv_freq,
+        num_seqs, H,
+        query.stride(0), query.stride(1),
+        output.stride(0), output.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
+        block_table.stride(0),
+        scale * 1.4426950408889634,  # log2(e)
+        cfg.global_tokens, cfg.local_tokens, min(cfg.distance_cap, 2**31 - 1),  # C huge = no cap
+        HEAD_SIZE=D, ROT_DIM=rotary_dim, IS_NEOX=is_neox_style, GROUP=group, PAGE=page, **tiles,
+        PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        NUM_SEGMENTS=num_segments,
+    )  # fmt: skip
+    if num_segments > 1:
+        _merge_segments_kernel[(T, H)](
+            part_acc, part_max, part_sum, output, query_start_loc, num_seqs,
+            output.stride(0), output.stride(1), H,
+            HEAD_SIZE=D, BLOCK_D=block_d, NUM_SEGMENTS=num_segments,
+            SEG_BLOCK=triton.next_power_of_2(num_segments),
+        )  # fmt: skip
+    return output
