@@ -12,8 +12,18 @@ from lminf_vllm.config import LminfConfigError, rope_parameters
 # Decoder-only models with full-width neox-style RoPE on every layer, which the
 # backend's query re-rotation and the reference implement today.
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
-# RoPE variants the reference implements today (scaled variants: a later step).
-SUPPORTED_ROPE_TYPES = ("default",)
+# RoPE variants whose frequencies are fixed per position, so the re-rotation is
+# exact: llama3 and linear fold their scaling into the frequencies, yarn also
+# scales cos/sin (its mscale), which stored keys and queries already carry.
+SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear", "yarn")
+# Why the remaining RoPE variants are refused (a message per variant).
+REFUSED_ROPE_TYPES = {
+    "dynamic": "its frequencies depend on the sequence length in Hugging Face "
+    "transformers while vLLM tabulates one fixed RoPE, so there is no single "
+    "model RoPE to cap distances in",
+    "longrope": "it switches between two frequency sets at the original length "
+    "(short/long factors), so a key's rotation depends on the sequence length",
+}
 
 
 def check_model_supported(hf_config: Any) -> None:
@@ -38,7 +48,17 @@ def check_model_supported(hf_config: Any) -> None:
             "checkpoint without it or set use_sliding_window=false"
         )
     rope = rope_parameters(hf_config)
+    if "mrope_section" in rope:
+        raise LminfConfigError(
+            "model rope_scaling.mrope_section is set: multimodal M-RoPE (3-D positions) "
+            "is not supported by lminf"
+        )
     rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
+    if rope_type in REFUSED_ROPE_TYPES:
+        raise LminfConfigError(
+            f"model rope_scaling.rope_type={rope_type!r} is not supported by lminf: "
+            f"{REFUSED_ROPE_TYPES[rope_type]}"
+        )
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise LminfConfigError(
             f"model rope_scaling.rope_type={rope_type!r} is not handled by lminf yet: "

@@ -38,6 +38,7 @@ def dense_lambda_attention(q0, k0, v, cfg: LminfConfig, rotary: RotarySpec, scal
     # placed at j + d <= i. One cos/sin row per position.
     cos_t, sin_t = cos_sin(j, rotary.inv_freq, q0.dtype)
     k_rot = rotate(k0, cos_t[:, None], sin_t[:, None], rotary)  # keys at their true position j
+    scale = scale * rotary.attention_scaling**2  # cos/sin carry it, on q and on k
     out = torch.empty(n, H, v.shape[-1], dtype=q0.dtype, device=q0.device)
     for a in range(0, n, ROW_CHUNK):
         b = min(n, a + ROW_CHUNK)
@@ -58,6 +59,7 @@ def brute_force_lambda_attention(q0, k0, v, cfg: LminfConfig, rotary: RotarySpec
     """The same, one query and one key at a time, straight from SPEC.md's wording."""
     n, H, _ = q0.shape
     group = H // k0.shape[1]
+    scale = scale * rotary.attention_scaling**2  # cos/sin carry it, on q and on k
     out = torch.zeros(n, H, v.shape[-1], dtype=q0.dtype)
     for i in range(n):
         for h in range(H):
@@ -77,6 +79,26 @@ def brute_force_lambda_attention(q0, k0, v, cfg: LminfConfig, rotary: RotarySpec
     return out
 
 
+def hf_rotary_spec(model_dir, head_dim: int, is_neox_style: bool = True) -> RotarySpec:
+    """The model's RoPE as Hugging Face transformers derives it (scaling included).
+
+    Independent of vLLM's rotary modules on purpose: the engine tests then hold
+    vLLM's frequencies (as lminf reads them) against HF's.
+    """
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    config = AutoConfig.from_pretrained(model_dir)
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    rotary_dim = int(head_dim * rope.get("partial_rotary_factor", 1.0))
+    kind = rope.get("rope_type", "default")
+    if kind == "default":
+        return RotarySpec(default_inv_freq(rope.get("rope_theta", 10000.0), rotary_dim), rotary_dim, is_neox_style)
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[kind](config, "cpu")
+    assert 2 * inv_freq.numel() == rotary_dim
+    return RotarySpec(inv_freq.to(torch.float64), rotary_dim, is_neox_style, float(scaling))
+
+
 class DenseLlama:
     """A Llama-family causal LM (Llama, Mistral, Qwen2) run densely from HF safetensors."""
 
@@ -93,9 +115,7 @@ class DenseLlama:
         self.n_kv = c.get("num_key_value_heads", self.n_heads)
         self.head_dim = c.get("head_dim") or c["hidden_size"] // self.n_heads
         self.eps = c.get("rms_norm_eps", 1e-6)
-        rope = c.get("rope_parameters") or {}
-        theta = c.get("rope_theta") or rope.get("rope_theta", 10000.0)
-        self.rotary = RotarySpec(default_inv_freq(theta, self.head_dim), self.head_dim, True)
+        self.rotary = hf_rotary_spec(model_dir, self.head_dim)
         self.max_position_embeddings = c["max_position_embeddings"]
 
     def _norm(self, x, weight):

@@ -17,6 +17,9 @@ class RotarySpec:
     inv_freq: torch.Tensor  # [rotary_dim // 2], float64
     rotary_dim: int
     is_neox_style: bool  # halves (x[:d/2], x[d/2:]) vs interleaved pairs (x[0::2], x[1::2])
+    # Factor on cos and sin (YaRN's mscale; 1 elsewhere). Stored q and k carry it
+    # once each, so a re-rotation by a relative angle must not apply it again.
+    attention_scaling: float = 1.0
 
 
 def default_inv_freq(base: float, rotary_dim: int) -> torch.Tensor:
@@ -31,10 +34,10 @@ def cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-def cos_sin_table(start: int, stop: int, inv_freq: torch.Tensor) -> torch.Tensor:
-    """Rows [start, stop) of vLLM's cos_sin_cache layout: [n, rotary_dim] = cat(cos, sin)."""
+def cos_sin_table(start: int, stop: int, inv_freq: torch.Tensor, scaling: float = 1.0) -> torch.Tensor:
+    """Rows [start, stop) of vLLM's cos_sin_cache layout: [n, rotary_dim] = cat(cos, sin) * scaling."""
     cos, sin = cos_sin(torch.arange(start, stop), inv_freq, torch.float64)
-    return torch.cat((cos, sin), dim=-1)
+    return torch.cat((cos, sin), dim=-1) * scaling
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, spec: RotarySpec) -> torch.Tensor:

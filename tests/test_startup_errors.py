@@ -47,10 +47,22 @@ def test_model_with_its_own_sliding_window_is_refused(tiny_llama, tmp_path):
             pass
 
 
-def test_unhandled_rope_variant_is_refused(tiny_llama, tmp_path):
-    rope = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128, "rope_theta": 10000.0}
-    model = variant(tiny_llama, tmp_path, "yarn", rope_scaling=rope, rope_parameters=rope)
-    with pytest.raises(Exception, match=r"rope_type='yarn' is not handled by lminf yet"):
+@pytest.mark.parametrize(
+    "rope, message",
+    [
+        ({"rope_type": "dynamic", "factor": 2.0}, r"rope_type='dynamic' is not supported by lminf: its frequencies depend on the sequence length"),
+        (
+            {"rope_type": "longrope", "short_factor": [1.0] * 16, "long_factor": [2.0] * 16, "original_max_position_embeddings": 64},
+            r"rope_type='longrope' is not supported by lminf: it switches between two frequency sets",
+        ),
+        ({"rope_type": "default", "mrope_section": [4, 6, 6]}, r"multimodal M-RoPE \(3-D positions\) is not supported by lminf"),
+    ],
+    ids=["dynamic", "longrope", "mrope"],
+)
+def test_unhandled_rope_variant_is_refused(tiny_llama, tmp_path, rope, message):
+    rope = dict(rope, rope_theta=10000.0)
+    model = variant(tiny_llama, tmp_path, rope["rope_type"], rope_scaling=rope, rope_parameters=rope)
+    with pytest.raises(Exception, match=message):
         with engine(model, max_model_len=256):
             pass
 

@@ -10,9 +10,12 @@ Why: (1) the global branch re-rotates the query by min(i-j, C) - (i-j), which
 How: after the original post-load processing, walk the model. For every module
     that owns a `rotary_emb` and an lminf attention child: replace its rotary
     module by a private copy whose table runs to max_model_len, rows past the
-    stock table computed in float64 from the module's own inverse frequencies
-    (stock rows kept bit for bit; the shared instance from vLLM's get_rope
-    cache stays untouched for other engines in the process); then hand the
+    stock table computed in float64 from the module's own inverse frequencies,
+    scaling included (stock rows kept bit for bit; the shared instance from
+    vLLM's get_rope cache stays untouched for other engines in the process).
+    Scalings: llama3 and linear fold into the frequencies, yarn adds its mscale
+    on cos/sin; other rotary classes are refused, and the frequencies must
+    reproduce the stock table before they are trusted. Then hand the
     attention a RotarySpec of that RoPE. Refuse to start if any lminf attention
     layer is left without one. Cost: max_model_len * rotary_dim table values.
 Upstream: size the table by max_model_len (or compute cos/sin past it) and
@@ -32,21 +35,78 @@ TARGET = "vllm.model_executor.model_loader.base_loader.process_weights_after_loa
 VLLM_VERSIONS = SUPPORTED_VLLM_SERIES
 
 
+def scaled_inv_freq(rope) -> tuple[torch.Tensor, float]:
+    """(inverse frequencies, cos/sin factor) of a vLLM rotary module, its scaling included.
+
+    Taken from the module's own `_compute_inv_freq`, whose argument and meaning
+    differ by class; a class not listed here is refused, not guessed.
+    """
+    from lminf_vllm.config import LminfConfigError
+
+    kind = type(rope).__name__
+    if kind in ("RotaryEmbedding", "Llama3RotaryEmbedding"):
+        return rope._compute_inv_freq(rope.base), 1.0
+    if kind == "LinearScalingRotaryEmbedding":
+        if len(rope.scaling_factors) != 1:
+            raise LminfConfigError(
+                f"rope_scaling linear with several factors {rope.scaling_factors} is not supported by lminf"
+            )
+        # the table rotates position t by t / factor: fold the factor into the frequencies
+        return rope._compute_inv_freq(rope.base) / rope.scaling_factors[0], 1.0
+    if kind == "YaRNScalingRotaryEmbedding":
+        return rope._compute_inv_freq(rope.scaling_factor), rope.mscale
+    raise LminfConfigError(
+        f"rotary embedding {kind} is not supported by lminf: its positions cannot be "
+        "re-rotated exactly (supported: default, llama3, linear and yarn RoPE)"
+    )
+
+
 def rotary_spec_of(rope):
     from lminf_vllm.rope import RotarySpec
 
-    inv_freq = rope._compute_inv_freq(rope.base).to(torch.float64).cpu()
-    return RotarySpec(inv_freq=inv_freq, rotary_dim=rope.rotary_dim, is_neox_style=rope.is_neox_style)
+    inv_freq, scaling = scaled_inv_freq(rope)
+    spec = RotarySpec(
+        inv_freq=inv_freq.to(torch.float64).cpu(),
+        rotary_dim=rope.rotary_dim,
+        is_neox_style=rope.is_neox_style,
+        attention_scaling=float(scaling),
+    )
+    check_spec_reproduces_table(spec, rope.cos_sin_cache, type(rope).__name__)
+    return spec
 
 
-def exact_rope(rope, rows: int):
+def check_spec_reproduces_table(spec, table: torch.Tensor, kind: str) -> None:
+    """Refuse to start if the spec's RoPE is not the one vLLM tabulated.
+
+    A scaling handled wrongly moves angles by O(1) within a few rows; the
+    tolerance only admits the table's own rounding (its dtype, and float32
+    angles p * inv_freq off by about p * inv_freq * 1.2e-7).
+    """
+    from lminf_vllm.config import LminfConfigError
+    from lminf_vllm.rope import cos_sin_table
+
+    rows = table.shape[0]
+    if rows == 0 or table.shape[1] != spec.rotary_dim:
+        raise LminfConfigError(f"lminf cannot read the RoPE table of {kind} (shape {tuple(table.shape)})")
+    exact = cos_sin_table(0, rows, spec.inv_freq, spec.attention_scaling)
+    angle_error = torch.arange(rows, dtype=torch.float64)[:, None] * spec.inv_freq.max() * 2.4e-7
+    tol = 1e-3 + 4 * torch.finfo(table.dtype).eps * spec.attention_scaling + angle_error
+    worst = ((table.double().cpu() - exact).abs() - tol).max().item()
+    if worst > 0:
+        raise LminfConfigError(
+            f"lminf's RoPE for {kind} does not reproduce vLLM's cos/sin table "
+            f"(off by {worst:.3g} beyond rounding): this scaling is not supported"
+        )
+
+
+def exact_rope(rope, rows: int, spec):
     """A copy of `rope` whose cos/sin table covers positions [0, rows)."""
     from lminf_vllm.rope import cos_sin_table
 
     table = rope.cos_sin_cache
     if rows <= table.shape[0]:
         return rope
-    extra = cos_sin_table(table.shape[0], rows, rope._compute_inv_freq(rope.base))
+    extra = cos_sin_table(table.shape[0], rows, spec.inv_freq, spec.attention_scaling)
     private = copy.copy(rope)
     private._buffers = dict(rope._buffers)  # copy.copy would share the buffer dict
     for name, value in vars(rope).items():
@@ -74,9 +134,9 @@ def bind_rotary(model, max_model_len: int) -> int:
         if not children:
             continue
         if id(rope) not in private:
-            private[id(rope)] = exact_rope(rope, max_model_len)
-        module.rotary_emb = private[id(rope)]
-        spec = rotary_spec_of(module.rotary_emb)
+            spec = rotary_spec_of(rope)
+            private[id(rope)] = (exact_rope(rope, max_model_len, spec), spec)
+        module.rotary_emb, spec = private[id(rope)]
         for child in children:
             child.impl.rotary = spec
             bound += 1
