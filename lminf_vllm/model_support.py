@@ -9,9 +9,22 @@ from typing import Any
 
 from lminf_vllm.config import LminfConfigError, rope_parameters
 
-# Decoder-only models with full-width neox-style RoPE on every layer, which the
-# backend's query re-rotation and the reference implement today.
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+# Decoder-only models with RoPE on every layer, each held to a dense reference
+# through the real engine (tests/test_model_families.py, test_rope_scaling.py).
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM",  # full-width RoPE, halves (neox style)
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "GPTJForCausalLM",  # partial (rotary_dim), interleaved pairs; vLLM's own model
+    "GPTNeoXForCausalLM",  # partial (rotary_pct), halves; run by vLLM's Transformers backend
+    "PhiForCausalLM",  # partial (partial_rotary_factor), halves; Transformers backend
+)
+# Architectures whose RoPE may cover only part of each head.
+PARTIAL_ROTARY_ARCHITECTURES = ("GPTJForCausalLM", "GPTNeoXForCausalLM", "PhiForCausalLM")
+# Position encodings that are not RoPE, by architecture: refused with the reason.
+ALIBI_ARCHITECTURES = ("BloomForCausalLM", "MPTForCausalLM")
+# Scaled RoPE is proven on vLLM's Llama code path, which Mistral and Qwen2 share.
+SCALED_ROPE_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 # RoPE variants whose frequencies are fixed per position, so the re-rotation is
 # exact: llama3 and linear fold their scaling into the frequencies, yarn also
 # scales cos/sin (its mscale), which stored keys and queries already carry.
@@ -28,6 +41,11 @@ REFUSED_ROPE_TYPES = {
 
 def check_model_supported(hf_config: Any) -> None:
     archs = list(getattr(hf_config, "architectures", None) or [])
+    if any(a in ALIBI_ARCHITECTURES for a in archs) or getattr(hf_config, "alibi", False):
+        raise LminfConfigError(
+            f"model architecture {archs} uses ALiBi position biases, which lminf does not "
+            "support yet (it re-rotates RoPE queries; ALiBi needs the capped distance in the bias)"
+        )
     if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
         raise LminfConfigError(
             f"model architecture {archs or 'unknown'} is not supported by lminf: "
@@ -64,9 +82,15 @@ def check_model_supported(hf_config: Any) -> None:
             f"model rope_scaling.rope_type={rope_type!r} is not handled by lminf yet: "
             f"supported are {', '.join(SUPPORTED_ROPE_TYPES)}"
         )
+    if rope_type != "default" and not any(a in SCALED_ROPE_ARCHITECTURES for a in archs):
+        raise LminfConfigError(
+            f"model rope_scaling.rope_type={rope_type!r} on {archs} is not supported by lminf yet: "
+            f"scaled RoPE is checked on {', '.join(SCALED_ROPE_ARCHITECTURES)} only"
+        )
     partial = rope.get("partial_rotary_factor", getattr(hf_config, "partial_rotary_factor", 1.0))
-    if partial not in (None, 1, 1.0):
+    if partial not in (None, 1, 1.0) and not any(a in PARTIAL_ROTARY_ARCHITECTURES for a in archs):
         raise LminfConfigError(
             f"model partial_rotary_factor={partial} is not handled by lminf yet: only "
-            "full-width rotary embeddings are supported"
+            "full-width rotary embeddings are supported for "
+            f"{archs} (partial: {', '.join(PARTIAL_ROTARY_ARCHITECTURES)})"
         )

@@ -36,9 +36,8 @@ def dense_lambda_attention(q0, k0, v, cfg: LminfConfig, rotary: RotarySpec, scal
     j = torch.arange(n, device=q0.device)
     # Every position used below lies in [0, n): keys sit at j, and a query is
     # placed at j + d <= i. One cos/sin row per position.
-    cos_t, sin_t = cos_sin(j, rotary.inv_freq, q0.dtype)
+    cos_t, sin_t = (t * rotary.attention_scaling for t in cos_sin(j, rotary.inv_freq, q0.dtype))  # as the model's table
     k_rot = rotate(k0, cos_t[:, None], sin_t[:, None], rotary)  # keys at their true position j
-    scale = scale * rotary.attention_scaling**2  # cos/sin carry it, on q and on k
     out = torch.empty(n, H, v.shape[-1], dtype=q0.dtype, device=q0.device)
     for a in range(0, n, ROW_CHUNK):
         b = min(n, a + ROW_CHUNK)
@@ -59,7 +58,6 @@ def brute_force_lambda_attention(q0, k0, v, cfg: LminfConfig, rotary: RotarySpec
     """The same, one query and one key at a time, straight from SPEC.md's wording."""
     n, H, _ = q0.shape
     group = H // k0.shape[1]
-    scale = scale * rotary.attention_scaling**2  # cos/sin carry it, on q and on k
     out = torch.zeros(n, H, v.shape[-1], dtype=q0.dtype)
     for i in range(n):
         for h in range(H):
@@ -68,8 +66,9 @@ def brute_force_lambda_attention(q0, k0, v, cfg: LminfConfig, rotary: RotarySpec
                 if not (j < cfg.global_tokens or i - j < cfg.local_tokens):
                     continue
                 d = i - j if i - j < cfg.local_tokens else min(i - j, cfg.distance_cap)
-                cq, sq = cos_sin(torch.tensor(j + d), rotary.inv_freq, q0.dtype)
-                ck, sk = cos_sin(torch.tensor(j), rotary.inv_freq, q0.dtype)
+                m = rotary.attention_scaling  # the model's cos/sin carry it (yarn)
+                cq, sq = (t * m for t in cos_sin(torch.tensor(j + d), rotary.inv_freq, q0.dtype))
+                ck, sk = (t * m for t in cos_sin(torch.tensor(j), rotary.inv_freq, q0.dtype))
                 qr = rotate(q0[i, h], cq, sq, rotary)
                 kr = rotate(k0[j, h // group], ck, sk, rotary)
                 scores.append((qr * kr).sum() * scale)

@@ -49,4 +49,22 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, spec: RotarySp
     else:
         x1, x2 = rot[..., 0::2], rot[..., 1::2]
         rotated = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
-    return torch.cat((rotated, rest), dim=-1) if rest.shape[-1] else rotated
+    if not rest.shape[-1]:
+        return rotated
+    # cos/sin may broadcast x to more dimensions (one query, many angles): so must the unrotated part
+    return torch.cat((rotated, rest.expand(*rotated.shape[:-1], rest.shape[-1])), dim=-1)
+
+
+def exact_hf_rotary_forward(module):
+    """A forward for a transformers rotary module (inv_freq, attention_scaling) with float64 angles.
+
+    transformers forms position * inv_freq in float32; this returns the same
+    cos/sin layout (halves repeated, scaled) computed exactly, then cast.
+    """
+
+    def forward(x, position_ids):
+        cos, sin = cos_sin(position_ids, module.inv_freq.to(torch.float64), torch.float64)
+        scaling = module.attention_scaling
+        return (torch.cat((cos, cos), -1) * scaling).to(x.dtype), (torch.cat((sin, sin), -1) * scaling).to(x.dtype)
+
+    return forward

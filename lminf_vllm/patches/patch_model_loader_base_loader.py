@@ -16,8 +16,11 @@ How: after the original post-load processing, walk the model. For every module
     Scalings: llama3 and linear fold into the frequencies, yarn adds its mscale
     on cos/sin; other rotary classes are refused, and the frequencies must
     reproduce the stock table before they are trusted. Then hand the
-    attention a RotarySpec of that RoPE. Refuse to start if any lminf attention
-    layer is left without one. Cost: max_model_len * rotary_dim table values.
+    attention a RotarySpec of that RoPE. Models run by vLLM's Transformers
+    backend (GPT-NeoX, Phi) have one transformers rotary module instead, which
+    forms cos/sin on the fly in float32: its forward is replaced by a float64
+    one (checked against the original) and its RoPE bound to every lminf layer.
+    Refuse to start if any lminf attention layer is left without one. Cost: max_model_len * rotary_dim table values.
 Upstream: size the table by max_model_len (or compute cos/sin past it) and
     pass the layer's positional-encoding parameters to AttentionImpl.
 Remove when: vLLM does both.
@@ -140,6 +143,7 @@ def bind_rotary(model, max_model_len: int) -> int:
         for child in children:
             child.impl.rotary = spec
             bound += 1
+    bound += bind_transformers_rotary(model)
     missing = [
         name
         for name, m in model.named_modules()
@@ -151,6 +155,58 @@ def bind_rotary(model, max_model_len: int) -> int:
             "rotary embedding beside them (lminf needs RoPE on every attention layer)"
         )
     return bound
+
+
+def bind_transformers_rotary(model) -> int:
+    """Models run by vLLM's Transformers backend (GPT-NeoX, Phi): one transformers
+    rotary module feeds every layer, and it computes cos/sin on the fly (no
+    table, so no bounds), in float32. Make its angles float64-exact and bind
+    its RoPE to every lminf layer still unbound. Its pairs are halves
+    (rotate_half): model_support admits only such architectures here.
+    """
+    from vllm.model_executor.layers.attention import Attention
+    from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbeddingBase
+
+    from lminf_vllm.backend import LminfAttentionImpl
+    from lminf_vllm.rope import RotarySpec, exact_hf_rotary_forward
+
+    unbound = [
+        m for m in model.modules() if isinstance(m, Attention) and isinstance(m.impl, LminfAttentionImpl) and m.impl.rotary is None
+    ]
+    ropes = [
+        m
+        for m in model.modules()
+        if not isinstance(m, RotaryEmbeddingBase) and hasattr(m, "inv_freq") and hasattr(m, "attention_scaling")
+    ]
+    if not unbound or len(ropes) != 1:
+        return 0  # none to bind, or ambiguous: bind_rotary refuses the unbound layers
+    rope = ropes[0]
+    check_exact_forward_matches(rope)
+    rope.forward = exact_hf_rotary_forward(rope)
+    inv_freq = rope.inv_freq.to(torch.float64).cpu()
+    spec = RotarySpec(inv_freq, 2 * inv_freq.numel(), True, float(rope.attention_scaling))
+    for layer in unbound:
+        layer.impl.rotary = spec
+    return len(unbound)
+
+
+def check_exact_forward_matches(rope) -> None:
+    """The float64 forward must equal transformers' own within its float32 rounding."""
+    from lminf_vllm.config import LminfConfigError
+    from lminf_vllm.rope import exact_hf_rotary_forward
+
+    rows = int(getattr(rope, "original_max_seq_len", 0) or 4096)
+    positions = torch.arange(rows, device=rope.inv_freq.device)[None]
+    probe = torch.empty(0, dtype=torch.float32, device=rope.inv_freq.device)
+    with torch.no_grad():
+        stock, exact = rope.forward(probe, positions), exact_hf_rotary_forward(rope)(probe, positions)
+    tol = 1e-3 + rows * float(rope.inv_freq.max()) * 2.4e-7
+    worst = max((a.double() - b.double()).abs().max().item() for a, b in zip(stock, exact))
+    if worst > tol:
+        raise LminfConfigError(
+            f"lminf's RoPE for {type(rope).__name__} does not reproduce transformers' "
+            f"(off by {worst:.3g}): this rotary embedding is not supported"
+        )
 
 
 def apply() -> bool:
