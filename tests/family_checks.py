@@ -27,12 +27,12 @@ def rotary_specs(llm) -> list:
     return [m.impl.rotary for m in worker_model(llm).modules() if isinstance(m, Attention)]
 
 
-def check_family(model, reference, table: int, cfg: LminfConfig, decode_tokens: int = 160) -> dict:
+def check_family(model, reference, table: int, cfg: LminfConfig, decode_tokens: int = 80) -> dict:
     """All three checks, on one stock and one lminf engine; returns the largest differences."""
     gen = 8
     short = [random_prompt(n, seed=n) for n in (2, 17, cfg.local_tokens - gen)]  # n + gen <= W
     long = [random_prompt(n, seed=n) for n in (table // 2 + 3, 8 * table)]
-    start = random_prompt(table // 4, seed=7)
+    start = random_prompt(table - 16, seed=7)  # decoding crosses the table's end early
     short_params = SamplingParams(max_tokens=gen, temperature=0.0, prompt_logprobs=0, ignore_eos=True)
     long_params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
     decode_params = SamplingParams(max_tokens=decode_tokens, temperature=0.0, logprobs=0, ignore_eos=True)

@@ -28,9 +28,22 @@ def test_hook_attention_equals_dense_reference(cfg, rotary_dim, neox, scaling):
 
 
 def test_hook_on_llama_equals_dense_llama(tiny_llama):
-    ids = torch.randint(1, 290, (400,), generator=torch.Generator().manual_seed(2)).tolist()
+    ids = torch.randint(1, 290, (300,), generator=torch.Generator().manual_seed(2)).tolist()
     hook, dense = HFLambdaReference(tiny_llama), DenseLlama(tiny_llama)
     torch.testing.assert_close(hook.rotary.inv_freq, dense.rotary.inv_freq, atol=0, rtol=0)
-    for cfg in (LminfConfig(4, 64, 96), LminfConfig(0, 48, 48), None):
+    for cfg in (LminfConfig(4, 64, 96), LminfConfig(0, 48, 48)):
         # transformers' RMSNorm runs in float32 even in a float64 model: about 1e-6 apart
         torch.testing.assert_close(hook.prompt_logprobs(ids, cfg), dense.prompt_logprobs(ids, cfg), atol=2e-5, rtol=0)
+
+
+def test_hook_on_scaled_llama_equals_dense_llama(tmp_path):
+    """yarn: scaled frequencies and mscale on cos/sin, derived apart by the two oracles."""
+    from lminf_vllm.tiny_models import build_llama
+
+    rope = dict(rope_type="yarn", factor=2.0, original_max_position_embeddings=64, rope_theta=10000.0)
+    model = build_llama(tmp_path / "yarn", max_position_embeddings=128, rope_parameters=rope, seed=4)
+    ids = torch.randint(1, 290, (300,), generator=torch.Generator().manual_seed(3)).tolist()
+    hook, dense = HFLambdaReference(model), DenseLlama(model)
+    assert hook.rotary.attention_scaling == dense.rotary.attention_scaling > 1.05
+    cfg = LminfConfig(4, 48, 64)
+    torch.testing.assert_close(hook.prompt_logprobs(ids, cfg), dense.prompt_logprobs(ids, cfg), atol=2e-5, rtol=0)

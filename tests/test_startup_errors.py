@@ -94,3 +94,46 @@ def test_quantized_kv_cache_is_refused(tiny_llama):
     with pytest.raises(Exception, match=r"kv_cache_dtype='fp8' is not supported by lminf yet"):
         with engine(tiny_llama, lminf=lminf_options(4, 64), max_model_len=256, kv_cache_dtype="fp8"):
             pass
+
+
+def config_only(tmp_path, model_type, **fields):
+    """A model directory with a tokenizer and a config, no weights (refused before loading)."""
+    from transformers import AutoConfig
+
+    from lminf_vllm.tiny_models import build_tokenizer
+
+    out = tmp_path / model_type
+    out.mkdir()
+    build_tokenizer(out)
+    AutoConfig.for_model(model_type, vocab_size=300, **fields).save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize(
+    "model_type, fields, message",
+    [
+        (
+            "bloom",
+            dict(architectures=["BloomForCausalLM"], hidden_size=64, n_layer=1, n_head=2),
+            r"\['BloomForCausalLM'\] uses ALiBi position biases, which lminf does not support yet",
+        ),
+        (
+            "gpt_neox",
+            dict(architectures=["GPTNeoXForCausalLM"], hidden_size=128, num_attention_heads=4, num_hidden_layers=1,
+                 max_position_embeddings=128, rope_parameters=dict(rope_type="linear", factor=2.0, rope_theta=10000.0)),
+            r"rope_type='linear' on \['GPTNeoXForCausalLM'\] is not supported by lminf yet: scaled RoPE is checked on",
+        ),
+        (
+            "llama",
+            dict(architectures=["LlamaForCausalLM"], hidden_size=128, num_attention_heads=4, num_hidden_layers=1,
+                 max_position_embeddings=128, rope_parameters=dict(rope_type="default", partial_rotary_factor=0.5, rope_theta=10000.0)),
+            r"partial_rotary_factor=0.5 is not handled by lminf yet: only full-width rotary embeddings are supported for \['LlamaForCausalLM'\]",
+        ),
+    ],
+    ids=["alibi-bloom", "scaled-rope-on-neox", "partial-rope-on-llama"],
+)
+def test_unproven_position_encoding_is_refused(tmp_path, model_type, fields, message):
+    model = config_only(tmp_path, model_type, **fields)
+    with pytest.raises(Exception, match=message):
+        with engine(model, max_model_len=128):
+            pass
