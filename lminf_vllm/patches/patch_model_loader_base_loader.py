@@ -21,8 +21,9 @@ How: after the original post-load processing, walk the model. For every module
     forms cos/sin on the fly in float32: its forward is replaced by a float64
     one (checked against the original) and its RoPE bound to every lminf layer.
     Refuse to start if any lminf attention layer is left without one. Cost: max_model_len * rotary_dim table values.
-Upstream: size the table by max_model_len (or compute cos/sin past it) and
-    pass the layer's positional-encoding parameters to AttentionImpl.
+Upstream: size the table by max_model_len (or compute cos/sin past it), in
+    every scaled subclass too, and pass the layer's positional-encoding
+    parameters to AttentionImpl; in transformers, form RoPE angles in float64.
 Remove when: vLLM does both.
 """
 
