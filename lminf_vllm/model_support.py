@@ -23,8 +23,8 @@ SUPPORTED_ARCHITECTURES = (
 PARTIAL_ROTARY_ARCHITECTURES = ("GPTJForCausalLM", "GPTNeoXForCausalLM", "PhiForCausalLM")
 # Position encodings that are not RoPE, by architecture: refused with the reason.
 ALIBI_ARCHITECTURES = ("BloomForCausalLM", "MPTForCausalLM")
-# Scaled RoPE is proven on vLLM's Llama code path, which Mistral and Qwen2 share.
-SCALED_ROPE_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+# Scaled RoPE is proven through the engine on these (tests/test_rope_scaling.py).
+SCALED_ROPE_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
 # RoPE variants whose frequencies are fixed per position, so the re-rotation is
 # exact: llama3 and linear fold their scaling into the frequencies, yarn also
 # scales cos/sin (its mscale), which stored keys and queries already carry.

@@ -1,4 +1,4 @@
-"""Scaled RoPE (llama3, linear, yarn) through the real engine, against HF's RoPE.
+"""Scaled RoPE (llama3, linear on Llama; yarn on Qwen2) through the real engine, against HF's RoPE.
 
 Each tiny model has a RoPE table of 128 rows and an original (pretraining)
 length of 64 where the scaling has one, so the default distance cap is 64.
@@ -23,8 +23,9 @@ SCALINGS = {
         original_max_position_embeddings=64, rope_theta=10000.0)),
     # vLLM's table is max_position_embeddings * factor rows, positions divided by the factor
     "linear": dict(max_position_embeddings=TABLE // 2, rope_parameters=dict(rope_type="linear", factor=2.0, rope_theta=10000.0)),
-    # table original * factor rows; cos/sin scaled by mscale = 1 + 0.1 ln 2
-    "yarn": dict(max_position_embeddings=TABLE, rope_parameters=dict(
+    # table original * factor rows; cos/sin scaled by mscale = 1 + 0.1 ln 2. On Qwen2
+    # (q/k/v biases), the usual home of yarn, so both scaled-RoPE architectures run.
+    "yarn": dict(max_position_embeddings=TABLE, architecture="qwen2", use_sliding_window=False, rope_parameters=dict(
         rope_type="yarn", factor=2.0, original_max_position_embeddings=64, rope_theta=10000.0)),
 }
 
