@@ -64,9 +64,10 @@ class HFLambdaReference:
         AttentionInterface.register(IMPLEMENTATION, _attention_interface)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
         for m in self.model.modules():
-            # A vLLM engine in this process (Transformers backend) wraps the
-            # transformers model classes in place for torch.compile; this flag
-            # makes the wrapper call the plain forward.
+            # A vLLM engine on its Transformers backend rewrites transformers'
+            # model classes in place for torch.compile; this flag makes the
+            # rewritten __call__ run the plain forward. (Its rewritten __init__
+            # wants a vLLM config: build references before such an engine runs.)
             m.do_not_compile = True
         config = self.model.config
         self.model_type = config.model_type
