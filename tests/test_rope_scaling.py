@@ -53,3 +53,27 @@ def test_scaled_rope_through_the_engine(scaled):
         torch.testing.assert_close(spec.inv_freq, reference.rotary.inv_freq, rtol=1e-6, atol=0)
         assert spec.attention_scaling == pytest.approx(reference.rotary.attention_scaling, rel=1e-12)
     print(f"\n{kind}: max |lminf - stock| {worst['stock']:.1e}, |lminf - reference| prompt {worst['prompt']:.1e} decode {worst['decode']:.1e}, cap moves {worst['cap_effect']:.2f}")
+
+
+@pytest.mark.parametrize("kind", ["linear", "yarn"])
+def test_a_misread_scaling_is_refused_at_start_up(kind):
+    """The frequencies lminf reads must reproduce vLLM's own table, or the engine stops."""
+    import dataclasses
+
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor.layers.rotary_embedding import get_rope
+
+    from lminf_vllm.config import LminfConfigError
+    from lminf_vllm.patches.patch_model_loader_base_loader import check_spec_reproduces_table, rotary_spec_of
+
+    rope_parameters = dict(SCALINGS[kind]["rope_parameters"])
+    with set_current_vllm_config(VllmConfig()):
+        rope = get_rope(32, SCALINGS[kind]["max_position_embeddings"], True, rope_parameters, torch.float32)
+    spec = rotary_spec_of(rope)  # read right: accepted
+    wrong = (
+        dataclasses.replace(spec, inv_freq=spec.inv_freq * 2.0)  # the linear factor not folded in
+        if kind == "linear"
+        else dataclasses.replace(spec, attention_scaling=1.0)  # yarn's mscale forgotten
+    )
+    with pytest.raises(LminfConfigError, match="does not reproduce vLLM's cos/sin table"):
+        check_spec_reproduces_table(wrong, rope.cos_sin_cache, type(rope).__name__)
