@@ -22,8 +22,12 @@ INTERLEAVED = ("gptj",)  # model types whose RoPE rotates pairs (x[2i], x[2i+1])
 _active: dict = {}  # the (cfg, rotary) of the forward pass being run
 
 
-def lambda_attention(q, k, v, cfg: LminfConfig, rotary: RotarySpec, scale: float):
-    """q [B, H, n, D], k [B, Hkv, n, D] rotated at 0..n-1; v [B, Hkv, n, Dv]. -> [B, n, H, Dv]."""
+def lambda_attention(q, k, v, cfg: LminfConfig, rotary: RotarySpec | None, scale: float, alibi=None):
+    """q [B, H, n, D], k [B, Hkv, n, D] rotated at 0..n-1; v [B, Hkv, n, Dv]. -> [B, n, H, Dv].
+
+    RoPE models pass their rotary; ALiBi models pass rotary=None and alibi [H]
+    slopes, the bias being -m * d with d the distance SPEC.md shows.
+    """
     n, H = q.shape[2], q.shape[1]
     k = k.repeat_interleave(H // k.shape[1], dim=1)
     v = v.repeat_interleave(H // v.shape[1], dim=1)
@@ -31,7 +35,9 @@ def lambda_attention(q, k, v, cfg: LminfConfig, rotary: RotarySpec, scale: float
     visible, dist = lambda_mask_and_distance(n, cfg, q.device)
     rel = (torch.arange(n)[:, None] - torch.arange(n)[None, :]).to(q.device)
     G = min(cfg.global_tokens, n)
-    if G:
+    if alibi is not None:
+        scores = scores - alibi[None, :, None, None] * dist.to(scores.dtype)
+    if G and rotary is not None:
         # global keys beyond the window: the query moved by min(i-j, C) - (i-j)
         delta = (dist[:, :G] - rel[:, :G]).clamp(max=0)  # [n, G], 0 where no cap applies
         cos, sin = cos_sin(delta, rotary.inv_freq, q.dtype)  # a pure rotation: no attention_scaling
@@ -40,6 +46,20 @@ def lambda_attention(q, k, v, cfg: LminfConfig, rotary: RotarySpec, scale: float
         scores[..., :G] = torch.einsum("bhigd,bhgd->bhig", q_moved, k[:, :, :G]) * scale
     scores = scores.masked_fill(~visible, float("-inf"))
     return torch.einsum("bhij,bhjd->bihd", torch.softmax(scores, dim=-1), v)
+
+
+def _bloom_attention(module, slopes):
+    """BLOOM's attention forward with the Λ-mask and capped ALiBi distances (float64 throughout)."""
+    from transformers.models.bloom.modeling_bloom import dropout_add
+
+    def forward(hidden_states, residual, alibi, attention_mask, layer_past=None, use_cache=False, output_attentions=False, **kwargs):
+        B, n, _ = hidden_states.shape
+        q, k, v = module._reshape(module.query_key_value(hidden_states))  # [B, H, n, D] each
+        out = lambda_attention(q, k, v, _active["cfg"], None, module.inv_norm_factor, slopes)
+        context = module.dense(out.reshape(B, n, -1))
+        return dropout_add(context, residual, module.hidden_dropout, False), None
+
+    return forward
 
 
 def _attention_interface(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -71,8 +91,23 @@ class HFLambdaReference:
             m.do_not_compile = True
         config = self.model.config
         self.model_type = config.model_type
-        self.max_position_embeddings = getattr(config, "max_position_embeddings", None) or config.n_positions
-        if self.model_type == "gptj":
+        self.max_position_embeddings = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        if self.model_type == "bloom":
+            from transformers.models.bloom.modeling_bloom import build_alibi_tensor
+
+            # transformers' own slopes: its bias at key 1 is m * 1
+            H = config.n_head
+            self.alibi = build_alibi_tensor(torch.ones(1, 2), H, torch.float64)[:, 0, 1]
+            self.rotary = None
+            for m in self.model.modules():
+                if type(m).__name__ == "BloomAttention":
+                    m.forward = _bloom_attention(m, self.alibi)
+                elif type(m).__name__ == "BloomGelu":
+                    # vLLM's BLOOM uses exact GELU where transformers uses the tanh
+                    # approximation (8e-4 apart here): follow vLLM, so that only
+                    # the attention is under test
+                    m.forward = torch.nn.functional.gelu
+        elif self.model_type == "gptj":
             head_dim = config.n_embd // config.n_head
             rotary_dim = config.rotary_dim or head_dim
             self.rotary = RotarySpec(default_inv_freq(10000.0, rotary_dim), rotary_dim, False)

@@ -18,11 +18,12 @@ SUPPORTED_ARCHITECTURES = (
     "GPTJForCausalLM",  # partial (rotary_dim), interleaved pairs; vLLM's own model
     "GPTNeoXForCausalLM",  # partial (rotary_pct), halves; run by vLLM's Transformers backend
     "PhiForCausalLM",  # partial (partial_rotary_factor), halves; Transformers backend
+    "BloomForCausalLM",  # ALiBi: bias -m * d with the capped d; no table, set distance_cap
 )
 # Architectures whose RoPE may cover only part of each head.
 PARTIAL_ROTARY_ARCHITECTURES = ("GPTJForCausalLM", "GPTNeoXForCausalLM", "PhiForCausalLM")
-# Position encodings that are not RoPE, by architecture: refused with the reason.
-ALIBI_ARCHITECTURES = ("BloomForCausalLM", "MPTForCausalLM")
+# ALiBi models not held to a reference (MPT is not in vLLM 0.32 at all).
+UNPROVEN_ALIBI_ARCHITECTURES = ("MPTForCausalLM",)
 # Scaled RoPE is proven through the engine on these (tests/test_rope_scaling.py).
 SCALED_ROPE_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
 # RoPE variants whose frequencies are fixed per position, so the re-rotation is
@@ -41,10 +42,10 @@ REFUSED_ROPE_TYPES = {
 
 def check_model_supported(hf_config: Any) -> None:
     archs = list(getattr(hf_config, "architectures", None) or [])
-    if any(a in ALIBI_ARCHITECTURES for a in archs) or getattr(hf_config, "alibi", False):
+    if any(a in UNPROVEN_ALIBI_ARCHITECTURES for a in archs) or getattr(hf_config, "alibi", False):
         raise LminfConfigError(
-            f"model architecture {archs} uses ALiBi position biases, which lminf does not "
-            "support yet (it re-rotates RoPE queries; ALiBi needs the capped distance in the bias)"
+            f"model architecture {archs} uses ALiBi position biases, which lminf supports "
+            "on BloomForCausalLM only (the one ALiBi model checked against the reference)"
         )
     if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
         raise LminfConfigError(

@@ -90,6 +90,9 @@ FAMILY_CONFIGS = {
         hidden_size=h, num_attention_heads=heads, num_hidden_layers=layers, intermediate_size=2 * h,
         max_position_embeddings=table, rotary_pct=0.25,  # 8 of 32 features rotate
     ),
+    "bloom": lambda h, heads, layers, table: dict(
+        hidden_size=h, n_head=heads, n_layer=layers  # ALiBi: no positions table at all
+    ),
     "phi": lambda h, heads, layers, table: dict(
         hidden_size=h, num_attention_heads=heads, num_hidden_layers=layers, intermediate_size=2 * h,
         max_position_embeddings=table, partial_rotary_factor=0.5,  # 16 of 32
@@ -132,7 +135,7 @@ def _save_random(config, out: Path, qk_std: float, seed: int) -> Path:
         for name, p in model.named_parameters():
             if name.endswith(("q_proj.weight", "k_proj.weight")):
                 p.normal_(0.0, qk_std)
-            elif name.endswith("query_key_value.weight"):  # GPT-NeoX: per head [q, k, v]
+            elif name.endswith("query_key_value.weight"):  # GPT-NeoX, BLOOM: per head [q, k, v]
                 p.view(heads, 3, -1, p.shape[-1])[:, :2].normal_(0.0, qk_std)
     model.save_pretrained(out, safe_serialization=True)
     cfg = json.loads((out / "config.json").read_text())

@@ -47,3 +47,20 @@ def test_hook_on_scaled_llama_equals_dense_llama(tmp_path):
     assert hook.rotary.attention_scaling == dense.rotary.attention_scaling > 1.05
     cfg = LminfConfig(4, 48, 64)
     torch.testing.assert_close(hook.prompt_logprobs(ids, cfg), dense.prompt_logprobs(ids, cfg), atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("cfg", [LminfConfig(3, 5, 9), LminfConfig(2, 1, 1), LminfConfig(0, 7, 7)])
+def test_hook_alibi_follows_spec_wording(cfg):
+    """ALiBi: score - m * d over the visible keys, d capped for global keys past the window."""
+    torch.manual_seed(1)
+    n, H, D = 21, 4, 8
+    q, k, v = (torch.randn(1, H, n, D, dtype=torch.float64) for _ in range(3))
+    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625], dtype=torch.float64)
+    got = lambda_attention(q, k, v, cfg, None, 0.3, slopes)[0]  # [n, H, D]
+    for i in range(n):
+        keys = [j for j in range(i + 1) if j < cfg.global_tokens or i - j < cfg.local_tokens]
+        d = torch.tensor([i - j if i - j < cfg.local_tokens else min(i - j, cfg.distance_cap) for j in keys], dtype=torch.float64)
+        for h in range(H):
+            scores = (q[0, h, i] * k[0, h, keys]).sum(-1) * 0.3 - slopes[h] * d
+            expected = torch.softmax(scores, 0) @ v[0, h, keys]
+            torch.testing.assert_close(got[i, h], expected, atol=1e-12, rtol=0)

@@ -3,7 +3,7 @@
 Llama, Mistral and Qwen2 against DenseLlama; GPT-J (partial, interleaved
 pairs), GPT-NeoX and Phi (partial, halves; vLLM runs these two through its
 Transformers backend) against the transformers model with Λ-attention hooked
-in, by the three checks of family_checks.py.
+in, by the three checks of family_checks.py; BLOOM (ALiBi) likewise.
 """
 
 import pytest
@@ -34,7 +34,7 @@ ROPE_FAMILIES = {
 
 
 def test_every_supported_architecture_is_covered():
-    assert set(FAMILIES) | set(ROPE_FAMILIES) == set(SUPPORTED_ARCHITECTURES)
+    assert set(FAMILIES) | set(ROPE_FAMILIES) | {"BloomForCausalLM"} == set(SUPPORTED_ARCHITECTURES)
 
 
 @pytest.mark.parametrize("arch", sorted(ROPE_FAMILIES))
@@ -63,3 +63,12 @@ def test_family_matches_reference_past_the_table(arch, tmp_path):
         assert any(k.endswith("q_proj.bias") for k in reference.w)  # the biases are really exercised
     for out, prompt in zip(outs, prompts):
         torch.testing.assert_close(prompt_logprobs(out, prompt), reference.prompt_logprobs(prompt, cfg), atol=1e-3, rtol=0)
+
+
+def test_alibi_family_through_the_engine(tmp_path):
+    """BLOOM: no RoPE; the bias -m * d sees the capped distance (it has no table: 128 is nominal)."""
+    model = build_family(tmp_path / "bloom", "bloom", seed=3)
+    reference = HFLambdaReference(model)
+    worst = check_family(model, reference, 128, LminfConfig(4, 48, 96))
+    assert all(spec is None for spec in worst["specs"])  # no rotary bound: ALiBi layers
+    print(f"\nBloomForCausalLM: max |lminf - stock| {worst['stock']:.1e}, |lminf - reference| prompt {worst['prompt']:.1e} decode {worst['decode']:.1e}, cap moves {worst['cap_effect']:.2f}")

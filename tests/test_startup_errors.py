@@ -113,9 +113,14 @@ def config_only(tmp_path, model_type, **fields):
     "model_type, fields, message",
     [
         (
+            "falcon",
+            dict(architectures=["FalconForCausalLM"], hidden_size=64, num_hidden_layers=1, num_attention_heads=2, alibi=True),
+            r"\['FalconForCausalLM'\] uses ALiBi position biases, which lminf supports on BloomForCausalLM only",
+        ),
+        (
             "bloom",
             dict(architectures=["BloomForCausalLM"], hidden_size=64, n_layer=1, n_head=2),
-            r"\['BloomForCausalLM'\] uses ALiBi position biases, which lminf does not support yet",
+            r"model config has no max_position_embeddings: lminf cannot derive distance_cap; set additional_config.lminf.distance_cap",
         ),
         (
             "gpt_neox",
@@ -130,10 +135,10 @@ def config_only(tmp_path, model_type, **fields):
             r"partial_rotary_factor=0.5 is not handled by lminf yet: only full-width rotary embeddings are supported for \['LlamaForCausalLM'\]",
         ),
     ],
-    ids=["alibi-bloom", "scaled-rope-on-neox", "partial-rope-on-llama"],
+    ids=["alibi-falcon", "bloom-without-cap", "scaled-rope-on-neox", "partial-rope-on-llama"],
 )
 def test_unproven_position_encoding_is_refused(tmp_path, model_type, fields, message):
     model = config_only(tmp_path, model_type, **fields)
     with pytest.raises(Exception, match=message):
-        with engine(model, max_model_len=128):
+        with engine(model, lminf=lminf_options(global_tokens=4), max_model_len=128):
             pass

@@ -20,7 +20,8 @@ How: after the original post-load processing, walk the model. For every module
     backend (GPT-NeoX, Phi) have one transformers rotary module instead, which
     forms cos/sin on the fly in float32: its forward is replaced by a float64
     one (checked against the original) and its RoPE bound to every lminf layer.
-    Refuse to start if any lminf attention layer is left without one. Cost: max_model_len * rotary_dim table values.
+    Refuse to start if any lminf attention layer is left without one, unless
+    it has ALiBi slopes (BLOOM), whose bias needs no RoPE. Cost: max_model_len * rotary_dim table values.
 Upstream: size the table by max_model_len (or compute cos/sin past it), in
     every scaled subclass too, and pass the layer's positional-encoding
     parameters to AttentionImpl; in transformers, form RoPE angles in float64.
@@ -152,12 +153,12 @@ def bind_rotary(model, max_model_len: int) -> int:
     missing = [
         name
         for name, m in model.named_modules()
-        if isinstance(m, Attention) and isinstance(m.impl, LminfAttentionImpl) and m.impl.rotary is None
+        if isinstance(m, Attention) and isinstance(m.impl, LminfAttentionImpl) and m.impl.rotary is None and m.impl.alibi is None
     ]
     if missing:
         raise ValueError(
             f"lminf cannot serve this model: attention layer(s) {missing[:3]} have no "
-            "rotary embedding beside them (lminf needs RoPE on every attention layer)"
+            "rotary embedding beside them (lminf needs RoPE or ALiBi on every attention layer)"
         )
     return bound
 
@@ -176,7 +177,9 @@ def bind_transformers_rotary(model) -> int:
     from lminf_vllm.rope import RotarySpec, exact_hf_rotary_forward
 
     unbound = [
-        m for m in model.modules() if isinstance(m, Attention) and isinstance(m.impl, LminfAttentionImpl) and m.impl.rotary is None
+        m
+        for m in model.modules()
+        if isinstance(m, Attention) and isinstance(m.impl, LminfAttentionImpl) and m.impl.rotary is None and m.impl.alibi is None
     ]
     ropes = [
         m
