@@ -146,7 +146,6 @@ class LminfAttentionImpl(AttentionImpl[LminfMetadata]):
         sinks: torch.Tensor | None = None,
     ) -> None:
         unsupported = {
-            "alibi_slopes": alibi_slopes is not None,
             "sliding_window": sliding_window is not None,
             "logits_soft_cap": bool(logits_soft_cap),
             "attention sinks": sinks is not None,
@@ -167,6 +166,8 @@ class LminfAttentionImpl(AttentionImpl[LminfMetadata]):
         # rotary embedding of the layer that owns this attention.
         self.rotary: RotarySpec | None = None
         self._inv_freq: torch.Tensor | None = None  # rotary.inv_freq on the GPU, copied once
+        # ALiBi models (no RoPE): per-head slopes of the bias -m * d.
+        self.alibi = None if alibi_slopes is None else torch.tensor(alibi_slopes, dtype=torch.float32)
 
     def forward(
         self,
@@ -184,24 +185,27 @@ class LminfAttentionImpl(AttentionImpl[LminfMetadata]):
             raise NotImplementedError("lminf attention has no fused output quantization")
         if attn_metadata is None:  # profiling / warm-up run
             return output
-        if self.rotary is None:
+        if self.rotary is None and self.alibi is None:
             raise RuntimeError(
                 "lminf attention layer was never bound to its rotary embedding; "
                 "the model loader patch did not run"
             )
         md = attn_metadata
         n = md.num_actual_tokens
+        if self.alibi is not None and self.alibi.device != query.device:
+            self.alibi = self.alibi.to(query.device)
         write_kv(kv_cache, key[:n], value[:n], md.slot_mapping[:n])
-        if md.query_start_loc is not None and query.is_cuda:
+        # The Triton kernel has no ALiBi bias yet: ALiBi models take the torch path.
+        if md.query_start_loc is not None and query.is_cuda and self.alibi is None:
             return self._forward_triton(query, kv_cache, md, output)
         if md.decode_tokens.numel():
             output[md.decode_tokens] = decode_lambda_attention(
-                query[md.decode_tokens], kv_cache, md.decode_plans, self.scale, self.rotary
+                query[md.decode_tokens], kv_cache, md.decode_plans, self.scale, self.rotary, self.alibi
             ).to(output.dtype)
         for r in md.other_reqs:
             a, b = md.query_start[r], md.query_start[r + 1]
             output[a:b] = paged_lambda_attention(
-                query[a:b], kv_cache, md.block_table[r], md.seq_lens[r], self.cfg, self.scale, self.rotary
+                query[a:b], kv_cache, md.block_table[r], md.seq_lens[r], self.cfg, self.scale, self.rotary, self.alibi
             ).to(output.dtype)
         return output
 

@@ -53,7 +53,8 @@ def attend_span(
     loc_start: int,
     cfg: LminfConfig,
     scale: float,
-    rotary: RotarySpec,
+    rotary: RotarySpec | None,
+    alibi: torch.Tensor | None = None,  # [H] slopes: score - m * d (ALiBi models, rotary None)
 ) -> torch.Tensor:
     """One softmax over the visible global and local keys; returns [T, H, Dv] in float32."""
     T, H, D = q.shape
@@ -67,6 +68,8 @@ def attend_span(
     dist = i[:, None] - j[None, :]
     local_ok = (dist >= 0) & (dist < cfg.local_tokens)
     scores = [torch.einsum("tkgd,lkd->tkgl", qf, k_loc.float()) * scale]
+    if alibi is not None:
+        scores[0] -= alibi.view(1, Hkv, -1, 1) * dist[:, None, None, :]
     scores[0].masked_fill_(~local_ok[:, None, None, :], float("-inf"))
     values = [v_loc]
 
@@ -75,10 +78,15 @@ def attend_span(
         # so that the distance the model sees is min(i - j, C) instead of i - j.
         jg = torch.arange(k_glob.shape[0], device=dev)
         dist_g = i[:, None] - jg[None, :]  # [T, Gk]
-        delta = dist_g.clamp(max=cfg.distance_cap) - dist_g  # <= 0; 0 inside the cap
-        cos, sin = cos_sin(delta, rotary.inv_freq, torch.float32)  # [T, Gk, F]
-        q_moved = rotate(qf[:, None], cos[:, :, None, None], sin[:, :, None, None], rotary)
-        s_glob = torch.einsum("tjkgd,jkd->tkgj", q_moved, k_glob.float()) * scale
+        if rotary is not None:
+            delta = dist_g.clamp(max=cfg.distance_cap) - dist_g  # <= 0; 0 inside the cap
+            cos, sin = cos_sin(delta, rotary.inv_freq, torch.float32)  # [T, Gk, F]
+            q_moved = rotate(qf[:, None], cos[:, :, None, None], sin[:, :, None, None], rotary)
+            s_glob = torch.einsum("tjkgd,jkd->tkgj", q_moved, k_glob.float()) * scale
+        else:
+            s_glob = torch.einsum("tkgd,jkd->tkgj", qf, k_glob.float()) * scale
+        if alibi is not None:  # ALiBi: the bias sees the capped distance
+            s_glob -= alibi.view(1, Hkv, -1, 1) * dist_g.clamp(max=cfg.distance_cap)[:, None, None, :]
         s_glob.masked_fill_(~(dist_g >= cfg.local_tokens)[:, None, None, :], float("-inf"))
         scores.insert(0, s_glob)
         values.insert(0, v_glob)
@@ -95,7 +103,8 @@ def paged_lambda_attention(
     seq_len: int,  # tokens computed after this step (the last query is at seq_len - 1)
     cfg: LminfConfig,
     scale: float,
-    rotary: RotarySpec,
+    rotary: RotarySpec | None,
+    alibi: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Λ-attention for one request's queries over its paged cache. -> [T, H, Dv] float32."""
     T, _, D = q.shape
@@ -109,7 +118,7 @@ def paged_lambda_attention(
         k_loc, v_loc = gather_kv(kv_cache, block_row, lo, b, D)
         k_glob, v_glob = gather_kv(kv_cache, block_row, 0, n_glob, D)
         outs.append(
-            attend_span(q[a - first : b - first], a, k_glob, v_glob, k_loc, v_loc, lo, cfg, scale, rotary)
+            attend_span(q[a - first : b - first], a, k_glob, v_glob, k_loc, v_loc, lo, cfg, scale, rotary, alibi)
         )
     return torch.cat(outs, dim=0)
 
@@ -130,6 +139,7 @@ class DecodePlan:
     valid: torch.Tensor  # [R, K] may the query read it (each visible key exactly once)
     n_glob: int  # the first n_glob slots are global keys, the rest the window
     glob_delta: torch.Tensor  # [R, n_glob] query re-rotation per global key: min(d, C) - d
+    seen_dist: torch.Tensor | None = None  # [R, K] distance the model is shown per slot (ALiBi's d)
 
 
 def plan_decode(seq_lens: torch.Tensor, block_table: torch.Tensor, cfg: LminfConfig, block_size: int) -> list[DecodePlan]:
@@ -162,6 +172,7 @@ def plan_decode(seq_lens: torch.Tensor, block_table: torch.Tensor, cfg: LminfCon
                 valid=valid,
                 n_glob=n_glob,
                 glob_delta=d_g.clamp(max=cfg.distance_cap) - d_g,
+                seen_dist=torch.cat((d_g.clamp(max=cfg.distance_cap), dist[:, n_glob:]), dim=1),
             )
         )
     return plans
@@ -172,13 +183,14 @@ def decode_lambda_attention(
     kv_cache: torch.Tensor,
     plans: list[DecodePlan],
     scale: float,
-    rotary: RotarySpec,
+    rotary: RotarySpec | None,
+    alibi: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Λ-attention for R decode queries at once (no loop over requests). -> [R, H, Dv] float32."""
-    return torch.cat([_decode_group(q, kv_cache, plan, scale, rotary) for plan in plans], dim=0)
+    return torch.cat([_decode_group(q, kv_cache, plan, scale, rotary, alibi) for plan in plans], dim=0)
 
 
-def _decode_group(q, kv_cache, plan: DecodePlan, scale, rotary):
+def _decode_group(q, kv_cache, plan: DecodePlan, scale, rotary, alibi=None):
     R = plan.blocks.shape[0]
     q = q[plan.first : plan.first + R]
     _, H, D = q.shape
@@ -191,10 +203,15 @@ def _decode_group(q, kv_cache, plan: DecodePlan, scale, rotary):
     qf = q.float().view(R, Hkv, H // Hkv, D)
     g = plan.n_glob
     scores = [torch.einsum("rkgd,rlkd->rkgl", qf, k[:, g:]) * scale]
-    if g:
+    if g and rotary is None:
+        scores.insert(0, torch.einsum("rkgd,rjkd->rkgj", qf, k[:, :g]) * scale)
+    elif g:
         cos, sin = cos_sin(plan.glob_delta, rotary.inv_freq, torch.float32)  # [R, G, F]
         q_moved = rotate(qf[:, None], cos[:, :, None, None], sin[:, :, None, None], rotary)  # [R, G, Hkv, g, D]
         scores.insert(0, torch.einsum("rjkgd,rjkd->rkgj", q_moved, k[:, :g]) * scale)
-    s = torch.cat(scores, dim=-1).masked_fill(~plan.valid[:, None, None, :], float("-inf"))
+    s = torch.cat(scores, dim=-1)
+    if alibi is not None:
+        s = s - alibi.view(1, Hkv, -1, 1) * plan.seen_dist[:, None, None, :]
+    s = s.masked_fill(~plan.valid[:, None, None, :], float("-inf"))
     out = torch.einsum("rkgl,rlkd->rkgd", torch.softmax(s, dim=-1), v)
     return out.reshape(R, H, -1)

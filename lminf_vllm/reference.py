@@ -36,7 +36,7 @@ def dense_lambda_attention(q0, k0, v, cfg: LminfConfig, rotary: RotarySpec, scal
     j = torch.arange(n, device=q0.device)
     # Every position used below lies in [0, n): keys sit at j, and a query is
     # placed at j + d <= i. One cos/sin row per position.
-    cos_t, sin_t = cos_sin(j, rotary.inv_freq, q0.dtype)
+    cos_t, sin_t = (t * rotary.attention_scaling for t in cos_sin(j, rotary.inv_freq, q0.dtype))  # as the model's table
     k_rot = rotate(k0, cos_t[:, None], sin_t[:, None], rotary)  # keys at their true position j
     out = torch.empty(n, H, v.shape[-1], dtype=q0.dtype, device=q0.device)
     for a in range(0, n, ROW_CHUNK):
@@ -66,8 +66,9 @@ def brute_force_lambda_attention(q0, k0, v, cfg: LminfConfig, rotary: RotarySpec
                 if not (j < cfg.global_tokens or i - j < cfg.local_tokens):
                     continue
                 d = i - j if i - j < cfg.local_tokens else min(i - j, cfg.distance_cap)
-                cq, sq = cos_sin(torch.tensor(j + d), rotary.inv_freq, q0.dtype)
-                ck, sk = cos_sin(torch.tensor(j), rotary.inv_freq, q0.dtype)
+                m = rotary.attention_scaling  # the model's cos/sin carry it (yarn)
+                cq, sq = (t * m for t in cos_sin(torch.tensor(j + d), rotary.inv_freq, q0.dtype))
+                ck, sk = (t * m for t in cos_sin(torch.tensor(j), rotary.inv_freq, q0.dtype))
                 qr = rotate(q0[i, h], cq, sq, rotary)
                 kr = rotate(k0[j, h // group], ck, sk, rotary)
                 scores.append((qr * kr).sum() * scale)
@@ -75,6 +76,26 @@ def brute_force_lambda_attention(q0, k0, v, cfg: LminfConfig, rotary: RotarySpec
             probs = torch.softmax(torch.stack(scores), dim=0)
             out[i, h] = (probs[:, None] * torch.stack(values)).sum(0)
     return out
+
+
+def hf_rotary_spec(model_dir, head_dim: int, is_neox_style: bool = True) -> RotarySpec:
+    """The model's RoPE as Hugging Face transformers derives it (scaling included).
+
+    Independent of vLLM's rotary modules on purpose: the engine tests then hold
+    vLLM's frequencies (as lminf reads them) against HF's.
+    """
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    config = AutoConfig.from_pretrained(model_dir)
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    rotary_dim = int(head_dim * rope.get("partial_rotary_factor", 1.0))
+    kind = rope.get("rope_type", "default")
+    if kind == "default":
+        return RotarySpec(default_inv_freq(rope.get("rope_theta", 10000.0), rotary_dim), rotary_dim, is_neox_style)
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[kind](config, "cpu")
+    assert 2 * inv_freq.numel() == rotary_dim
+    return RotarySpec(inv_freq.to(torch.float64), rotary_dim, is_neox_style, float(scaling))
 
 
 class DenseLlama:
@@ -93,9 +114,7 @@ class DenseLlama:
         self.n_kv = c.get("num_key_value_heads", self.n_heads)
         self.head_dim = c.get("head_dim") or c["hidden_size"] // self.n_heads
         self.eps = c.get("rms_norm_eps", 1e-6)
-        rope = c.get("rope_parameters") or {}
-        theta = c.get("rope_theta") or rope.get("rope_theta", 10000.0)
-        self.rotary = RotarySpec(default_inv_freq(theta, self.head_dim), self.head_dim, True)
+        self.rotary = hf_rotary_spec(model_dir, self.head_dim)
         self.max_position_embeddings = c["max_position_embeddings"]
 
     def _norm(self, x, weight):

@@ -17,6 +17,9 @@ class RotarySpec:
     inv_freq: torch.Tensor  # [rotary_dim // 2], float64
     rotary_dim: int
     is_neox_style: bool  # halves (x[:d/2], x[d/2:]) vs interleaved pairs (x[0::2], x[1::2])
+    # Factor on cos and sin (YaRN's mscale; 1 elsewhere). Stored q and k carry it
+    # once each, so a re-rotation by a relative angle must not apply it again.
+    attention_scaling: float = 1.0
 
 
 def default_inv_freq(base: float, rotary_dim: int) -> torch.Tensor:
@@ -31,10 +34,10 @@ def cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-def cos_sin_table(start: int, stop: int, inv_freq: torch.Tensor) -> torch.Tensor:
-    """Rows [start, stop) of vLLM's cos_sin_cache layout: [n, rotary_dim] = cat(cos, sin)."""
+def cos_sin_table(start: int, stop: int, inv_freq: torch.Tensor, scaling: float = 1.0) -> torch.Tensor:
+    """Rows [start, stop) of vLLM's cos_sin_cache layout: [n, rotary_dim] = cat(cos, sin) * scaling."""
     cos, sin = cos_sin(torch.arange(start, stop), inv_freq, torch.float64)
-    return torch.cat((cos, sin), dim=-1)
+    return torch.cat((cos, sin), dim=-1) * scaling
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, spec: RotarySpec) -> torch.Tensor:
@@ -48,6 +51,20 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, spec: RotarySp
         rotated = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
     if not rest.shape[-1]:
         return rotated
-    # cos/sin may broadcast x to more dims (one angle per key): the pass-through
-    # features must follow, or partial rotary fails exactly where it is re-rotated.
+    # cos/sin may broadcast x to more dimensions (one query, many angles): so must the unrotated part
     return torch.cat((rotated, rest.expand(*rotated.shape[:-1], rest.shape[-1])), dim=-1)
+
+
+def exact_hf_rotary_forward(module):
+    """A forward for a transformers rotary module (inv_freq, attention_scaling) with float64 angles.
+
+    transformers forms position * inv_freq in float32; this returns the same
+    cos/sin layout (halves repeated, scaled) computed exactly, then cast.
+    """
+
+    def forward(x, position_ids):
+        cos, sin = cos_sin(position_ids, module.inv_freq.to(torch.float64), torch.float64)
+        scaling = module.attention_scaling
+        return (torch.cat((cos, cos), -1) * scaling).to(x.dtype), (torch.cat((sin, sin), -1) * scaling).to(x.dtype)
+
+    return forward

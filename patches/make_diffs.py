@@ -176,6 +176,34 @@ def register_backend_alias(alias: str, backend: AttentionBackendEnum) -> None:
         return cache
 ''',
     ), (
+        "model_executor/layers/rotary_embedding/linear_scaling_rope.py",
+        '''            cache = torch.cat((cos, sin), dim=-1)
+''',
+        '''            cache = torch.cat((cos, sin), dim=-1)
+            # Positions past the table, exact (float64), position / factor as above.
+            rows = getattr(self, "max_model_len", 0)
+            if rows > cache.shape[0] and len(self.scaling_factors) == 1:
+                t64 = torch.arange(cache.shape[0], rows, dtype=torch.float64)
+                freqs64 = torch.outer(t64 / scaling_factor, inv_freq.to(torch.float64))
+                extra = torch.cat((freqs64.cos(), freqs64.sin()), dim=-1)
+                cache = torch.cat((cache, extra.to(cache.dtype)), dim=0)
+''',
+    ), (
+        "model_executor/layers/rotary_embedding/yarn_scaling_rope.py",
+        '''        cache = torch.cat((cos, sin), dim=-1)
+        return cache
+''',
+        '''        cache = torch.cat((cos, sin), dim=-1)
+        # Positions past the table, exact (float64), with the same mscale.
+        rows = getattr(self, "max_model_len", 0)
+        if rows > cache.shape[0]:
+            t64 = torch.arange(cache.shape[0], rows, dtype=torch.float64)
+            freqs64 = torch.outer(t64, inv_freq.to(torch.float64))
+            extra = torch.cat((freqs64.cos(), freqs64.sin()), dim=-1) * self.mscale
+            cache = torch.cat((cache, extra.to(cache.dtype)), dim=0)
+        return cache
+''',
+    ), (
         "model_executor/model_loader/base_loader.py",
         '''            process_weights_after_loading(model, model_config, target_device)
 ''',

@@ -47,10 +47,22 @@ def test_model_with_its_own_sliding_window_is_refused(tiny_llama, tmp_path):
             pass
 
 
-def test_unhandled_rope_variant_is_refused(tiny_llama, tmp_path):
-    rope = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128, "rope_theta": 10000.0}
-    model = variant(tiny_llama, tmp_path, "yarn", rope_scaling=rope, rope_parameters=rope)
-    with pytest.raises(Exception, match=r"rope_type='yarn' is not handled by lminf yet"):
+@pytest.mark.parametrize(
+    "rope, message",
+    [
+        ({"rope_type": "dynamic", "factor": 2.0}, r"rope_type='dynamic' is not supported by lminf: its frequencies depend on the sequence length"),
+        (
+            {"rope_type": "longrope", "short_factor": [1.0] * 16, "long_factor": [2.0] * 16, "original_max_position_embeddings": 64},
+            r"rope_type='longrope' is not supported by lminf: it switches between two frequency sets",
+        ),
+        ({"rope_type": "default", "mrope_section": [4, 6, 6]}, r"multimodal M-RoPE \(3-D positions\) is not supported by lminf"),
+    ],
+    ids=["dynamic", "longrope", "mrope"],
+)
+def test_unhandled_rope_variant_is_refused(tiny_llama, tmp_path, rope, message):
+    rope = dict(rope, rope_theta=10000.0)
+    model = variant(tiny_llama, tmp_path, rope["rope_type"], rope_scaling=rope, rope_parameters=rope)
+    with pytest.raises(Exception, match=message):
         with engine(model, max_model_len=256):
             pass
 
@@ -81,4 +93,52 @@ def test_stock_backend_keeps_vllms_length_check(tiny_llama):
 def test_quantized_kv_cache_is_refused(tiny_llama):
     with pytest.raises(Exception, match=r"kv_cache_dtype='fp8' is not supported by lminf yet"):
         with engine(tiny_llama, lminf=lminf_options(4, 64), max_model_len=256, kv_cache_dtype="fp8"):
+            pass
+
+
+def config_only(tmp_path, model_type, **fields):
+    """A model directory with a tokenizer and a config, no weights (refused before loading)."""
+    from transformers import AutoConfig
+
+    from lminf_vllm.tiny_models import build_tokenizer
+
+    out = tmp_path / model_type
+    out.mkdir()
+    build_tokenizer(out)
+    AutoConfig.for_model(model_type, vocab_size=300, **fields).save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize(
+    "model_type, fields, message",
+    [
+        (
+            "falcon",
+            dict(architectures=["FalconForCausalLM"], hidden_size=64, num_hidden_layers=1, num_attention_heads=2, alibi=True),
+            r"\['FalconForCausalLM'\] uses ALiBi position biases, which lminf supports on BloomForCausalLM only",
+        ),
+        (
+            "bloom",
+            dict(architectures=["BloomForCausalLM"], hidden_size=64, n_layer=1, n_head=2),
+            r"model config has no max_position_embeddings: lminf cannot derive distance_cap; set additional_config.lminf.distance_cap",
+        ),
+        (
+            "gpt_neox",
+            dict(architectures=["GPTNeoXForCausalLM"], hidden_size=128, num_attention_heads=4, num_hidden_layers=1,
+                 max_position_embeddings=128, rope_parameters=dict(rope_type="linear", factor=2.0, rope_theta=10000.0)),
+            r"rope_type='linear' on \['GPTNeoXForCausalLM'\] is not supported by lminf yet: scaled RoPE is checked on",
+        ),
+        (
+            "llama",
+            dict(architectures=["LlamaForCausalLM"], hidden_size=128, num_attention_heads=4, num_hidden_layers=1,
+                 max_position_embeddings=128, rope_parameters=dict(rope_type="default", partial_rotary_factor=0.5, rope_theta=10000.0)),
+            r"partial_rotary_factor=0.5 is not handled by lminf yet: only full-width rotary embeddings are supported for \['LlamaForCausalLM'\]",
+        ),
+    ],
+    ids=["alibi-falcon", "bloom-without-cap", "scaled-rope-on-neox", "partial-rope-on-llama"],
+)
+def test_unproven_position_encoding_is_refused(tmp_path, model_type, fields, message):
+    model = config_only(tmp_path, model_type, **fields)
+    with pytest.raises(Exception, match=message):
+        with engine(model, lminf=lminf_options(global_tokens=4), max_model_len=128):
             pass

@@ -10,13 +10,21 @@ Why: (1) the global branch re-rotates the query by min(i-j, C) - (i-j), which
 How: after the original post-load processing, walk the model. For every module
     that owns a `rotary_emb` and an lminf attention child: replace its rotary
     module by a private copy whose table runs to max_model_len, rows past the
-    stock table computed in float64 from the module's own inverse frequencies
-    (stock rows kept bit for bit; the shared instance from vLLM's get_rope
-    cache stays untouched for other engines in the process); then hand the
-    attention a RotarySpec of that RoPE. Refuse to start if any lminf attention
-    layer is left without one. Cost: max_model_len * rotary_dim table values.
-Upstream: size the table by max_model_len (or compute cos/sin past it) and
-    pass the layer's positional-encoding parameters to AttentionImpl.
+    stock table computed in float64 from the module's own inverse frequencies,
+    scaling included (stock rows kept bit for bit; the shared instance from
+    vLLM's get_rope cache stays untouched for other engines in the process).
+    Scalings: llama3 and linear fold into the frequencies, yarn adds its mscale
+    on cos/sin; other rotary classes are refused, and the frequencies must
+    reproduce the stock table before they are trusted. Then hand the
+    attention a RotarySpec of that RoPE. Models run by vLLM's Transformers
+    backend (GPT-NeoX, Phi) have one transformers rotary module instead, which
+    forms cos/sin on the fly in float32: its forward is replaced by a float64
+    one (checked against the original) and its RoPE bound to every lminf layer.
+    Refuse to start if any lminf attention layer is left without one, unless
+    it has ALiBi slopes (BLOOM), whose bias needs no RoPE. Cost: max_model_len * rotary_dim table values.
+Upstream: size the table by max_model_len (or compute cos/sin past it), in
+    every scaled subclass too, and pass the layer's positional-encoding
+    parameters to AttentionImpl; in transformers, form RoPE angles in float64.
 Remove when: vLLM does both.
 """
 
@@ -30,23 +38,84 @@ from lminf_vllm.versions import SUPPORTED_VLLM_SERIES
 
 TARGET = "vllm.model_executor.model_loader.base_loader.process_weights_after_loading"
 VLLM_VERSIONS = SUPPORTED_VLLM_SERIES
+# Table rows compared with the exact RoPE at start-up: a wrong scaling shows in
+# the first few; more would only cost time and memory on 128k-row tables.
+CHECKED_ROWS = 8192
+
+
+def scaled_inv_freq(rope) -> tuple[torch.Tensor, float]:
+    """(inverse frequencies, cos/sin factor) of a vLLM rotary module, its scaling included.
+
+    Taken from the module's own `_compute_inv_freq`, whose argument and meaning
+    differ by class; a class not listed here is refused, not guessed.
+    """
+    from lminf_vllm.config import LminfConfigError
+
+    kind = type(rope).__name__
+    if kind in ("RotaryEmbedding", "Llama3RotaryEmbedding"):
+        return rope._compute_inv_freq(rope.base), 1.0
+    if kind == "LinearScalingRotaryEmbedding":
+        if len(rope.scaling_factors) != 1:
+            raise LminfConfigError(
+                f"rope_scaling linear with several factors {rope.scaling_factors} is not supported by lminf"
+            )
+        # the table rotates position t by t / factor: fold the factor into the frequencies
+        return rope._compute_inv_freq(rope.base) / rope.scaling_factors[0], 1.0
+    if kind == "YaRNScalingRotaryEmbedding":
+        return rope._compute_inv_freq(rope.scaling_factor), rope.mscale
+    raise LminfConfigError(
+        f"rotary embedding {kind} is not supported by lminf: its positions cannot be "
+        "re-rotated exactly (supported: default, llama3, linear and yarn RoPE)"
+    )
 
 
 def rotary_spec_of(rope):
     from lminf_vllm.rope import RotarySpec
 
-    inv_freq = rope._compute_inv_freq(rope.base).to(torch.float64).cpu()
-    return RotarySpec(inv_freq=inv_freq, rotary_dim=rope.rotary_dim, is_neox_style=rope.is_neox_style)
+    inv_freq, scaling = scaled_inv_freq(rope)
+    spec = RotarySpec(
+        inv_freq=inv_freq.to(torch.float64).cpu(),
+        rotary_dim=rope.rotary_dim,
+        is_neox_style=rope.is_neox_style,
+        attention_scaling=float(scaling),
+    )
+    check_spec_reproduces_table(spec, rope.cos_sin_cache, type(rope).__name__)
+    return spec
 
 
-def exact_rope(rope, rows: int):
+def check_spec_reproduces_table(spec, table: torch.Tensor, kind: str) -> None:
+    """Refuse to start if the spec's RoPE is not the one vLLM tabulated.
+
+    A scaling handled wrongly moves angles by O(1) within a few rows; the
+    tolerance only admits the table's own rounding (its dtype, and float32
+    angles p * inv_freq off by about p * inv_freq * 1.2e-7).
+    """
+    from lminf_vllm.config import LminfConfigError
+    from lminf_vllm.rope import cos_sin_table
+
+    if table.shape[0] == 0 or table.shape[1] != spec.rotary_dim:
+        raise LminfConfigError(f"lminf cannot read the RoPE table of {kind} (shape {tuple(table.shape)})")
+    rows = min(table.shape[0], CHECKED_ROWS)
+    table = table[:rows]
+    exact = cos_sin_table(0, rows, spec.inv_freq, spec.attention_scaling)
+    angle_error = torch.arange(rows, dtype=torch.float64)[:, None] * spec.inv_freq.max() * 2.4e-7
+    tol = 1e-3 + 4 * torch.finfo(table.dtype).eps * spec.attention_scaling + angle_error
+    worst = ((table.double().cpu() - exact).abs() - tol).max().item()
+    if worst > 0:
+        raise LminfConfigError(
+            f"lminf's RoPE for {kind} does not reproduce vLLM's cos/sin table "
+            f"(off by {worst:.3g} beyond rounding): this scaling is not supported"
+        )
+
+
+def exact_rope(rope, rows: int, spec):
     """A copy of `rope` whose cos/sin table covers positions [0, rows)."""
     from lminf_vllm.rope import cos_sin_table
 
     table = rope.cos_sin_cache
     if rows <= table.shape[0]:
         return rope
-    extra = cos_sin_table(table.shape[0], rows, rope._compute_inv_freq(rope.base))
+    extra = cos_sin_table(table.shape[0], rows, spec.inv_freq, spec.attention_scaling)
     private = copy.copy(rope)
     private._buffers = dict(rope._buffers)  # copy.copy would share the buffer dict
     for name, value in vars(rope).items():
@@ -74,23 +143,78 @@ def bind_rotary(model, max_model_len: int) -> int:
         if not children:
             continue
         if id(rope) not in private:
-            private[id(rope)] = exact_rope(rope, max_model_len)
-        module.rotary_emb = private[id(rope)]
-        spec = rotary_spec_of(module.rotary_emb)
+            spec = rotary_spec_of(rope)
+            private[id(rope)] = (exact_rope(rope, max_model_len, spec), spec)
+        module.rotary_emb, spec = private[id(rope)]
         for child in children:
             child.impl.rotary = spec
             bound += 1
+    bound += bind_transformers_rotary(model)
     missing = [
         name
         for name, m in model.named_modules()
-        if isinstance(m, Attention) and isinstance(m.impl, LminfAttentionImpl) and m.impl.rotary is None
+        if isinstance(m, Attention) and isinstance(m.impl, LminfAttentionImpl) and m.impl.rotary is None and m.impl.alibi is None
     ]
     if missing:
         raise ValueError(
             f"lminf cannot serve this model: attention layer(s) {missing[:3]} have no "
-            "rotary embedding beside them (lminf needs RoPE on every attention layer)"
+            "rotary embedding beside them (lminf needs RoPE or ALiBi on every attention layer)"
         )
     return bound
+
+
+def bind_transformers_rotary(model) -> int:
+    """Models run by vLLM's Transformers backend (GPT-NeoX, Phi): one transformers
+    rotary module feeds every layer, and it computes cos/sin on the fly (no
+    table, so no bounds), in float32. Make its angles float64-exact and bind
+    its RoPE to every lminf layer still unbound. Its pairs are halves
+    (rotate_half): model_support admits only such architectures here.
+    """
+    from vllm.model_executor.layers.attention import Attention
+    from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbeddingBase
+
+    from lminf_vllm.backend import LminfAttentionImpl
+    from lminf_vllm.rope import RotarySpec, exact_hf_rotary_forward
+
+    unbound = [
+        m
+        for m in model.modules()
+        if isinstance(m, Attention) and isinstance(m.impl, LminfAttentionImpl) and m.impl.rotary is None and m.impl.alibi is None
+    ]
+    ropes = [
+        m
+        for m in model.modules()
+        if not isinstance(m, RotaryEmbeddingBase) and hasattr(m, "inv_freq") and hasattr(m, "attention_scaling")
+    ]
+    if not unbound or len(ropes) != 1:
+        return 0  # none to bind, or ambiguous: bind_rotary refuses the unbound layers
+    rope = ropes[0]
+    check_exact_forward_matches(rope)
+    rope.forward = exact_hf_rotary_forward(rope)
+    inv_freq = rope.inv_freq.to(torch.float64).cpu()
+    spec = RotarySpec(inv_freq, 2 * inv_freq.numel(), True, float(rope.attention_scaling))
+    for layer in unbound:
+        layer.impl.rotary = spec
+    return len(unbound)
+
+
+def check_exact_forward_matches(rope) -> None:
+    """The float64 forward must equal transformers' own within its float32 rounding."""
+    from lminf_vllm.config import LminfConfigError
+    from lminf_vllm.rope import exact_hf_rotary_forward
+
+    rows = min(int(getattr(rope, "original_max_seq_len", 0) or CHECKED_ROWS), CHECKED_ROWS)
+    positions = torch.arange(rows, device=rope.inv_freq.device)[None]
+    probe = torch.empty(0, dtype=torch.float32, device=rope.inv_freq.device)
+    with torch.no_grad():
+        stock, exact = rope.forward(probe, positions), exact_hf_rotary_forward(rope)(probe, positions)
+    tol = 1e-3 + rows * float(rope.inv_freq.max()) * 2.4e-7
+    worst = max((a.double() - b.double()).abs().max().item() for a, b in zip(stock, exact))
+    if worst > tol:
+        raise LminfConfigError(
+            f"lminf's RoPE for {type(rope).__name__} does not reproduce transformers' "
+            f"(off by {worst:.3g}): this rotary embedding is not supported"
+        )
 
 
 def apply() -> bool:
