@@ -130,49 +130,59 @@ DECODE_KEYS_PER_GROUP = 1 << 16
 
 @dataclass
 class DecodePlan:
-    """Which cache slots a group of decode queries reads: the index work of one
-    step, shared by every layer (built once per step by the metadata builder)."""
+    """Which cache blocks a group of decode queries reads: the index work of one
+    step, shared by every layer (built once per step by the metadata builder).
+    Whole blocks are gathered (one contiguous copy each, several times cheaper
+    than a row at a time); the slots a query may not read are masked."""
 
     first: int  # the group is decode rows [first, first + R)
-    blocks: torch.Tensor  # [R, K] physical block of each key slot
-    rows: torch.Tensor  # [R, K] row inside that block
-    valid: torch.Tensor  # [R, K] may the query read it (each visible key exactly once)
-    n_glob: int  # the first n_glob slots are global keys, the rest the window
-    glob_delta: torch.Tensor  # [R, n_glob] query re-rotation per global key: min(d, C) - d
-    seen_dist: torch.Tensor | None = None  # [R, K] distance the model is shown per slot (ALiBi's d)
+    blocks: torch.Tensor  # [R, nb] physical blocks: the global blocks, then the window blocks
+    valid: torch.Tensor  # [R, nb * B] may the query read that slot (each visible key exactly once)
+    glob_slots: int  # the first glob_slots slots (whole global blocks) are the global branch
+    glob_delta: torch.Tensor  # [R, glob_slots] query re-rotation per global slot: min(d, C) - d
+    seen_dist: torch.Tensor  # [R, nb * B] distance the model is shown per slot (ALiBi's d)
 
 
 def plan_decode(seq_lens: torch.Tensor, block_table: torch.Tensor, cfg: LminfConfig, block_size: int) -> list[DecodePlan]:
     """Plans for R decode queries, one per request at position seq_lens[r] - 1."""
     if not seq_lens.numel():
         return []
+    B = block_size
     longest = int(seq_lens.max())
-    L = min(cfg.local_tokens, longest)  # window slots: no request needs more
+    L = min(cfg.local_tokens, longest)  # window keys: no request needs more
     n_glob = max(0, min(cfg.global_tokens, longest - cfg.local_tokens))  # globals outside any window
-    group = max(1, DECODE_KEYS_PER_GROUP // (L + n_glob))
+    nbg = -(-n_glob // B)  # global blocks
+    nbw = min(-(-L // B) + 1, -(-longest // B))  # blocks an L-token window can touch
+    group = max(1, DECODE_KEYS_PER_GROUP // ((nbg + nbw) * B))
     dev = seq_lens.device
     plans = []
     for a in range(0, seq_lens.numel(), group):
         pos_q = (seq_lens[a : a + group] - 1)[:, None]  # [R, 1]
         R = pos_q.shape[0]
-        pos = torch.cat(
-            (torch.arange(n_glob, device=dev).expand(R, n_glob), pos_q - L + 1 + torch.arange(L, device=dev)[None, :]),
+        first_win = (pos_q - L + 1).clamp(min=0) // B
+        blk = torch.cat((torch.arange(nbg, device=dev).expand(R, nbg), first_win + torch.arange(nbw, device=dev)), dim=1)
+        pos = (blk[:, :, None] * B + torch.arange(B, device=dev)).flatten(1)  # [R, nb * B]
+        dist = pos_q - pos  # < 0 past the query: such slots are masked
+        g = nbg * B
+        d_g = dist[:, :g].clamp(min=0)
+        valid = torch.cat(
+            (
+                (pos[:, :g] < cfg.global_tokens) & (dist[:, :g] >= cfg.local_tokens),  # outside the window
+                (dist[:, g:] >= 0) & (dist[:, g:] < cfg.local_tokens),  # the window (a global key in it counts here)
+            ),
             dim=1,
-        )  # [R, n_glob + L]: the globals, then the L most recent positions
-        dist = pos_q - pos
-        local = (dist >= 0) & (dist < cfg.local_tokens) & (pos >= 0)
-        valid = torch.cat((dist[:, :n_glob] >= cfg.local_tokens, local[:, n_glob:]), dim=1)  # a key counts once
-        safe = pos.clamp(min=0)
-        d_g = dist[:, :n_glob]
+        )
+        # Blocks past the request's last one are not its own: read its last
+        # block instead (all masked), never an id from the table's tail.
+        blk = torch.minimum(blk, pos_q // B)
         plans.append(
             DecodePlan(
                 first=a,
-                blocks=block_table[a : a + group].gather(1, safe // block_size).long(),
-                rows=safe % block_size,
+                blocks=block_table[a : a + group].gather(1, blk).long(),
                 valid=valid,
-                n_glob=n_glob,
+                glob_slots=g,
                 glob_delta=d_g.clamp(max=cfg.distance_cap) - d_g,
-                seen_dist=torch.cat((d_g.clamp(max=cfg.distance_cap), dist[:, n_glob:]), dim=1),
+                seen_dist=torch.cat((d_g.clamp(max=cfg.distance_cap), dist[:, g:]), dim=1),
             )
         )
     return plans
@@ -191,17 +201,17 @@ def decode_lambda_attention(
 
 
 def _decode_group(q, kv_cache, plan: DecodePlan, scale, rotary, alibi=None):
-    R = plan.blocks.shape[0]
+    R, nb = plan.blocks.shape
     q = q[plan.first : plan.first + R]
     _, H, D = q.shape
-    Hkv = kv_cache.shape[1]
-    kv = kv_cache[plan.blocks, :, plan.rows]  # [R, K, Hkv, 2D]
+    _, Hkv, B, twoD = kv_cache.shape
+    kv = kv_cache[plan.blocks].transpose(2, 3).reshape(R, nb * B, Hkv, twoD).float()  # [R, K, Hkv, 2D], a copy
     # Slots a request may not read (freed blocks reused elsewhere, never-written
     # memory) may hold anything, NaN included: zero them, since 0 * NaN = NaN.
-    kv = kv.float().masked_fill(~plan.valid[:, :, None, None], 0.0)
+    kv.masked_fill_(~plan.valid[:, :, None, None], 0.0)
     k, v = kv[..., :D], kv[..., D:]
     qf = q.float().view(R, Hkv, H // Hkv, D)
-    g = plan.n_glob
+    g = plan.glob_slots
     scores = [torch.einsum("rkgd,rlkd->rkgl", qf, k[:, g:]) * scale]
     if g and rotary is None:
         scores.insert(0, torch.einsum("rkgd,rjkd->rkgj", qf, k[:, :g]) * scale)
