@@ -4,14 +4,18 @@ Each held-out document is read once at the longest length through vLLM with
 prompt logprobs; the NLL of the token at position p is then its loss given the
 p tokens before it, so one pass gives every shorter length too. Modes:
 
+    segments  the baseline: the same tokens cut into pieces of the training
+              length, each read on its own (the model at 1x, on the same text)
     stock   full attention (vLLM's CPU backend), RoPE at the true positions
     window  sliding window only: lminf with G = 0
     lminf   LM-Infinite: G global tokens, window W, distance cap C
     nocap   LM-Infinite without the cap (C = 10^9)
 
 The table reports perplexity per length n over the tokens at positions
-[previous n, n) (the first column: [1, n)), like the paper's Table 1; the plot
-shows NLL against position with the training length marked.
+[previous n, n) (the first column: [1, n)), like the paper's Table 1; the
+segments row gives, for the very same tokens, the model's perplexity with at
+most its training length of context, so each column compares like with like.
+The plot shows NLL against position with the training length marked.
 
     python benchmarks/quality.py --help
     python benchmarks/quality.py                       # tiny-rope-L256, 1x .. 32x
@@ -35,8 +39,9 @@ import corpus  # noqa: E402
 HERE = Path(__file__).resolve().parent
 TINY_MODEL = HERE / "models" / "tiny-rope-L256"
 NO_CAP = 10**9
-MODES = ("stock", "window", "lminf", "nocap")
+MODES = ("segments", "stock", "window", "lminf", "nocap")
 MODE_LABELS = {
+    "segments": "1x: each training-length piece read alone",
     "stock": "stock attention",
     "window": "window only (G=0)",
     "lminf": "LM-Infinite",
@@ -66,7 +71,7 @@ def engine_options(model: Path, mode: str, max_model_len: int, *, global_tokens:
         max_model_len=max_model_len, kv_cache_memory_bytes=kv_cache_bytes,
         enable_prefix_caching=False, max_num_batched_tokens=step_tokens,
     )  # fmt: skip
-    if mode == "stock":
+    if mode in ("stock", "segments"):
         options["attention_backend"] = "CPU_ATTN"
         if max_model_len > training_length(model):
             # Stock RoPE past the table, done right: a table as long as the
@@ -87,42 +92,46 @@ def token_nll(model: Path, mode: str, docs: list[list[int]], **engine_kw) -> tor
     from vllm import LLM, SamplingParams
 
     n = len(docs[0])
-    llm = LLM(**engine_options(model, mode, n + 1, **engine_kw))
+    # segments: every piece of the training length is its own sequence; the
+    # first token of a piece has no prediction (NaN below).
+    piece = training_length(model) if mode == "segments" else n
+    prompts = [d[a : a + piece] for d in docs for a in range(0, n, piece)]
+    llm = LLM(**engine_options(model, mode, piece + 1, **engine_kw))
     try:
         outs = llm.generate(
-            [{"prompt_token_ids": d} for d in docs],
+            [{"prompt_token_ids": p} for p in prompts],
             SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0),
             use_tqdm=False,
         )
     finally:
         llm.llm_engine.engine_core.shutdown()
         del llm
-    return torch.tensor(
-        [[-e[t].logprob for e, t in zip(o.prompt_logprobs[1:], d[1:])] for o, d in zip(outs, docs)],
-        dtype=torch.float64,
-    )
+    flat = []
+    for o, p in zip(outs, prompts):
+        flat += [float("nan")] + [-e[t].logprob for e, t in zip(o.prompt_logprobs[1:], p[1:])]
+    return torch.tensor(flat, dtype=torch.float64).view(len(docs), n)[:, 1:]
 
 
 def ppl_by_length(nll: torch.Tensor, lengths: list[int]) -> dict[int, float]:
     """Perplexity over positions [previous length, length) for each length (first: [1, length))."""
-    mean = nll.mean(dim=0)  # over documents; index p - 1 is position p
+    mean = nll.nanmean(dim=0)  # over documents; index p - 1 is position p
     out, lo = {}, 1
     for n in lengths:
-        out[n] = math.exp(float(mean[lo - 1 : n - 1].mean()))
+        out[n] = math.exp(float(mean[lo - 1 : n - 1].nanmean()))
         lo = n
     return out
 
 
 def smoothed_curve(nll: torch.Tensor, bins: int = 48) -> tuple[list[int], list[float]]:
     """Mean NLL in log-spaced position bins: (bin end positions, NLL)."""
-    mean = nll.mean(dim=0)
+    mean = nll.nanmean(dim=0)
     n = mean.numel() + 1
     edges = sorted({int(round(math.exp(x))) for x in torch.linspace(0, math.log(n), bins + 1).tolist()} | {1, n})
     pos, val = [], []
     for a, b in zip(edges, edges[1:]):
         if b > a:
             pos.append(b - 1)
-            val.append(round(float(mean[a - 1 : b - 1].mean()), 4))
+            val.append(round(float(mean[a - 1 : b - 1].nanmean()), 4))
     return pos, val
 
 
