@@ -27,6 +27,7 @@ from lminf_vllm.lambda_attention import (
     plan_decode,
     write_kv,
 )
+from lminf_vllm.model_support import uses_alibi
 from lminf_vllm.rope import RotarySpec
 from lminf_vllm.vllm_config import lminf_config_from_vllm
 
@@ -84,7 +85,9 @@ class LminfMetadataBuilder(AttentionMetadataBuilder[LminfMetadata]):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.cfg = lminf_config_from_vllm(vllm_config)
         self.use_triton = False
-        if device.type == "cuda":  # imported only here: the CPU path never loads triton
+        # Imported only here: the CPU path never loads triton. ALiBi models
+        # (no bias in the kernel yet) take the torch path on CUDA too.
+        if device.type == "cuda" and not uses_alibi(vllm_config.model_config.hf_config):
             from lminf_vllm.triton_lambda_attention import triton_available
 
             self.use_triton = triton_available()
@@ -195,8 +198,7 @@ class LminfAttentionImpl(AttentionImpl[LminfMetadata]):
         if self.alibi is not None and self.alibi.device != query.device:
             self.alibi = self.alibi.to(query.device)
         write_kv(kv_cache, key[:n], value[:n], md.slot_mapping[:n])
-        # The Triton kernel has no ALiBi bias yet: ALiBi models take the torch path.
-        if md.query_start_loc is not None and query.is_cuda and self.alibi is None:
+        if md.query_start_loc is not None:  # the builder chose Triton (CUDA, RoPE model)
             return self._forward_triton(query, kv_cache, md, output)
         if md.decode_tokens.numel():
             output[md.decode_tokens] = decode_lambda_attention(

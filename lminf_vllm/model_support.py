@@ -20,6 +20,8 @@ SUPPORTED_ARCHITECTURES = (
     "PhiForCausalLM",  # partial (partial_rotary_factor), halves; Transformers backend
     "BloomForCausalLM",  # ALiBi: bias -m * d with the capped d; no table, set distance_cap
 )
+# ALiBi models among them (no rotary embedding; the Triton kernel has no bias yet).
+ALIBI_ARCHITECTURES = ("BloomForCausalLM",)
 # Architectures whose RoPE may cover only part of each head.
 PARTIAL_ROTARY_ARCHITECTURES = ("GPTJForCausalLM", "GPTNeoXForCausalLM", "PhiForCausalLM")
 # ALiBi models not held to a reference (MPT is not in vLLM 0.32 at all).
@@ -38,6 +40,11 @@ REFUSED_ROPE_TYPES = {
     "longrope": "it switches between two frequency sets at the original length "
     "(short/long factors), so a key's rotation depends on the sequence length",
 }
+
+
+def uses_alibi(hf_config: Any) -> bool:
+    archs = getattr(hf_config, "architectures", None) or []
+    return any(a in ALIBI_ARCHITECTURES for a in archs) or bool(getattr(hf_config, "alibi", False))
 
 
 def check_model_supported(hf_config: Any) -> None:

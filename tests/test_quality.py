@@ -53,3 +53,18 @@ def test_at_the_training_length_all_modes_agree(tiny_rope_result):
     # n <= W: LM-Infinite is full attention, so the first column is the same number.
     first = {m: r["ppl"][L] for m, r in tiny_rope_result["modes"].items()}
     assert max(first.values()) - min(first.values()) < 1e-3 * first["stock"], first
+
+
+def test_smollm2_needs_its_global_tokens_with_a_small_window():
+    """The default model with W=256: dropping the first tokens (G=0) hurts far
+    more than what the window itself loses (the paper's Table 4 in small)."""
+    from lminf_vllm.prepare_model import DEFAULT_OUT
+
+    if not (DEFAULT_OUT / "config.json").exists():
+        pytest.skip("SmolLM2 not prepared (make model)")
+    result = quality.run(
+        DEFAULT_OUT, [512, 1024], ["window", "lminf"], docs=2,
+        global_tokens=4, local_tokens=256, distance_cap=8192, kv_cache_bytes=512 << 20,
+    )  # fmt: skip
+    window, with_globals = (result["modes"][m]["ppl"][1024] for m in ("window", "lminf"))
+    assert window >= 1.3 * with_globals, (window, with_globals)
