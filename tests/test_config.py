@@ -54,7 +54,8 @@ def test_bad_values_name_field_and_rule(raw, message):
     [
         (hf(architectures=["GPT2LMHeadModel"]), r"architecture \['GPT2LMHeadModel'\] is not supported"),
         (hf(architectures=["MistralForCausalLM"], sliding_window=4096), r"sliding_window=4096 is not supported"),
-        (hf(rope_scaling={"rope_type": "yarn", "factor": 4.0}), r"rope_type='yarn' is not handled"),
+        (hf(rope_scaling={"rope_type": "dynamic", "factor": 4.0}), r"rope_type='dynamic' is not supported"),
+        (hf(rope_scaling={"rope_type": "longrope", "factor": 4.0}), r"rope_type='longrope' is not supported"),
         (hf(partial_rotary_factor=0.5), r"partial_rotary_factor=0.5 is not handled"),
     ],
 )
