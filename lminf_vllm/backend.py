@@ -20,7 +20,17 @@ from vllm.v1.attention.backend import (
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
 from lminf_vllm.config import LminfConfig
+from lminf_vllm.cpu_kernel_path import (
+    KernelPlan,
+    kernel_attention,
+    kernel_mode,
+    kernel_serves,
+    plan_kernel,
+    write_kv_kernel,
+)
 from lminf_vllm.lambda_attention import (
+    CPU_KERNEL_LAYOUT,
+    OWN_LAYOUT,
     DecodePlan,
     decode_lambda_attention,
     paged_lambda_attention,
@@ -71,6 +81,10 @@ class LminfMetadata:
     query_start_loc: torch.Tensor | None = None  # [num_reqs + 1] int32
     seq_lens_tensor: torch.Tensor | None = None  # [num_reqs] int32
     decode_only: bool = False  # every request has one query: smaller tiles
+    # CPU with vLLM's kernel (cpu_kernel_path): the cache is in its layout, and
+    # the rows it can serve go to one call of it; the rest take the paths above.
+    kernel_isa: str | None = None
+    kernel_plan: KernelPlan | None = None
 
 
 class LminfMetadataBuilder(AttentionMetadataBuilder[LminfMetadata]):
@@ -91,6 +105,12 @@ class LminfMetadataBuilder(AttentionMetadataBuilder[LminfMetadata]):
             from lminf_vllm.triton_lambda_attention import triton_available
 
             self.use_triton = triton_available()
+        spec = kv_cache_spec
+        self.kernel_isa = kernel_mode(
+            device.type, not uses_alibi(vllm_config.model_config.hf_config), spec.dtype,
+            spec.block_size, spec.num_kv_heads, spec.head_size,
+        )  # fmt: skip
+        self.num_heads = vllm_config.model_config.get_num_attention_heads(vllm_config.parallel_config)
 
     def build(
         self,
@@ -117,8 +137,9 @@ class LminfMetadataBuilder(AttentionMetadataBuilder[LminfMetadata]):
         seq_lens = m.seq_lens[: m.num_reqs].cpu().tolist()
         block_table = m.block_table_tensor[: m.num_reqs]
         lengths = [b - a for a, b in zip(query_start, query_start[1:])]
-        decodes = [r for r, n in enumerate(lengths) if n == 1]
         dev = block_table.device
+        kernel_rows, rest = self._kernel_rows(query_start, lengths, seq_lens)
+        decodes = [r for r in rest if lengths[r] == 1]
         decode_seq_lens = torch.tensor([seq_lens[r] for r in decodes], dtype=torch.long, device=dev)
         decode_table = block_table.index_select(0, torch.tensor(decodes, dtype=torch.long, device=dev))
         return LminfMetadata(
@@ -129,8 +150,29 @@ class LminfMetadataBuilder(AttentionMetadataBuilder[LminfMetadata]):
             slot_mapping=m.slot_mapping,
             decode_tokens=torch.tensor([query_start[r] for r in decodes], dtype=torch.long, device=dev),
             decode_plans=plan_decode(decode_seq_lens, decode_table, self.cfg, self.kv_cache_spec.block_size),
-            other_reqs=[r for r, n in enumerate(lengths) if n > 1],
+            other_reqs=[r for r in rest if lengths[r] > 1],
+            kernel_isa=self.kernel_isa,
+            kernel_plan=self._plan_kernel(kernel_rows, block_table),
         )
+
+    def _kernel_rows(self, query_start, lengths, seq_lens):
+        """Requests vLLM's CPU kernel serves (see cpu_kernel_path), and the rest."""
+        if self.kernel_isa is None:
+            return [], list(range(len(lengths)))
+        kernel, rest = [], []
+        for r, (t, n) in enumerate(zip(lengths, seq_lens)):
+            if kernel_serves(t, n, self.cfg, self.kv_cache_spec.block_size):
+                kernel.append((r, query_start[r], t, n))
+            else:
+                rest.append(r)
+        return kernel, rest
+
+    def _plan_kernel(self, rows, block_table):
+        spec = self.kv_cache_spec
+        return plan_kernel(
+            rows, block_table, self.cfg, spec.block_size, self.kernel_isa,
+            self.num_heads, spec.num_kv_heads, spec.head_size, spec.dtype,
+        )  # fmt: skip
 
 
 class LminfAttentionImpl(AttentionImpl[LminfMetadata]):
@@ -197,18 +239,25 @@ class LminfAttentionImpl(AttentionImpl[LminfMetadata]):
         n = md.num_actual_tokens
         if self.alibi is not None and self.alibi.device != query.device:
             self.alibi = self.alibi.to(query.device)
-        write_kv(kv_cache, key[:n], value[:n], md.slot_mapping[:n])
+        if md.kernel_isa is not None:
+            write_kv_kernel(kv_cache, key[:n], value[:n], md.slot_mapping[:n], md.kernel_isa)
+        else:
+            write_kv(kv_cache, key[:n], value[:n], md.slot_mapping[:n])
         if md.query_start_loc is not None:  # the builder chose Triton (CUDA, RoPE model)
             return self._forward_triton(query, kv_cache, md, output)
+        if md.kernel_plan is not None:
+            kernel_attention(query, kv_cache, md.kernel_plan, self.scale, self.rotary, md.kernel_isa, output)
+        layout = OWN_LAYOUT if md.kernel_isa is None else CPU_KERNEL_LAYOUT
         if md.decode_tokens.numel():
             output[md.decode_tokens] = decode_lambda_attention(
-                query[md.decode_tokens], kv_cache, md.decode_plans, self.scale, self.rotary, self.alibi
+                query[md.decode_tokens], kv_cache, md.decode_plans, self.scale, self.rotary, self.alibi, layout
             ).to(output.dtype)
         for r in md.other_reqs:
             a, b = md.query_start[r], md.query_start[r + 1]
             output[a:b] = paged_lambda_attention(
-                query[a:b], kv_cache, md.block_table[r], md.seq_lens[r], self.cfg, self.scale, self.rotary, self.alibi
-            ).to(output.dtype)
+                query[a:b], kv_cache, md.block_table[r], md.seq_lens[r], self.cfg, self.scale, self.rotary,
+                self.alibi, layout,
+            ).to(output.dtype)  # fmt: skip
         return output
 
     def _forward_triton(self, query, kv_cache, md: LminfMetadata, output):

@@ -3,9 +3,12 @@
 No vLLM import: the backend in `backend.py` is a thin shell around these
 functions, and the tests call them directly on hand-made caches too.
 
-KV cache layout (owned by this backend, one tensor per layer):
-    kv_cache: [num_blocks, num_kv_heads, block_size, 2 * head_size]
-    key = kv_cache[..., :head_size], value = kv_cache[..., head_size:]
+KV cache layouts (one tensor per layer, allocated as
+[num_blocks, num_kv_heads, block_size, 2 * head_size]):
+    OWN_LAYOUT: key = kv_cache[..., :head_size], value = kv_cache[..., head_size:]
+    CPU_KERNEL_LAYOUT: vLLM's CPU attention kernel's: per block and head, the keys
+        transposed [head_size, block_size], then the values [block_size, head_size]
+        (used when that kernel serves part of the batch, see cpu_kernel_path.py).
 A token at position p of a request lives in block block_table[p // B], row p % B.
 
 What a query at position i may read is derived from (i, G, W) alone, never from
@@ -24,6 +27,34 @@ from lminf_vllm.rope import RotarySpec, cos_sin, rotate
 QUERY_SPAN = 256
 
 
+OWN_LAYOUT = "own"
+CPU_KERNEL_LAYOUT = "cpu_kernel"
+
+
+def kernel_layout_views(kv_cache: torch.Tensor):
+    """(keys [nb, Hkv, D, B], values [nb, Hkv, B, D]) views of a CPU_KERNEL_LAYOUT cache."""
+    nb, Hkv, B, twoD = kv_cache.shape
+    halves = kv_cache.view(nb, Hkv, 2, B * twoD // 2)
+    return halves[:, :, 0].view(nb, Hkv, twoD // 2, B), halves[:, :, 1].view(nb, Hkv, B, twoD // 2)
+
+
+def read_rows(kv_cache: torch.Tensor, blocks: torch.Tensor, rows: torch.Tensor, head_size: int, layout: str):
+    """Keys and values of the cache rows (blocks[i], rows[i]): ([N, Hkv, D], [N, Hkv, Dv]), copies."""
+    if layout == CPU_KERNEL_LAYOUT:
+        k, v = kernel_layout_views(kv_cache)
+        return k[blocks, :, :, rows], v[blocks, :, rows]
+    kv = kv_cache[blocks, :, rows]
+    return kv[..., :head_size], kv[..., head_size:]
+
+
+def read_blocks(kv_cache: torch.Tensor, blocks: torch.Tensor, layout: str) -> torch.Tensor:
+    """Whole blocks [..., B, Hkv, 2D] (key | value per row) for block ids [...], a copy."""
+    if layout == CPU_KERNEL_LAYOUT:
+        k, v = kernel_layout_views(kv_cache)
+        return torch.cat((k[blocks].permute(*range(blocks.dim()), -1, -3, -2), v[blocks].transpose(-2, -3)), dim=-1)
+    return kv_cache[blocks].transpose(-2, -3)
+
+
 def write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
     """Store key/value [T, Hkv, D] at flat slots [T] (slot = block * B + row; < 0 = padding)."""
     block_size, head_size = kv_cache.shape[2], key.shape[-1]
@@ -35,12 +66,11 @@ def write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slo
     kv_cache[blocks, :, rows, head_size:] = value.to(kv_cache.dtype)
 
 
-def gather_kv(kv_cache: torch.Tensor, block_row: torch.Tensor, start: int, stop: int, head_size: int):
+def gather_kv(kv_cache, block_row, start: int, stop: int, head_size: int, layout: str = OWN_LAYOUT):
     """Keys and values of positions [start, stop) of one request: ([L, Hkv, D], [L, Hkv, Dv])."""
     block_size = kv_cache.shape[2]
     pos = torch.arange(start, stop, device=kv_cache.device)
-    kv = kv_cache[block_row[pos // block_size].long(), :, pos % block_size]
-    return kv[..., :head_size], kv[..., head_size:]
+    return read_rows(kv_cache, block_row[pos // block_size].long(), pos % block_size, head_size, layout)
 
 
 def attend_span(
@@ -105,6 +135,7 @@ def paged_lambda_attention(
     scale: float,
     rotary: RotarySpec | None,
     alibi: torch.Tensor | None = None,
+    layout: str = OWN_LAYOUT,
 ) -> torch.Tensor:
     """Λ-attention for one request's queries over its paged cache. -> [T, H, Dv] float32."""
     T, _, D = q.shape
@@ -115,8 +146,8 @@ def paged_lambda_attention(
         b = min(a + QUERY_SPAN, seq_len)
         lo = max(0, a - W + 1)  # oldest key in any window of this span
         n_glob = max(0, min(G, b - W))  # global keys that some query here sees outside its window
-        k_loc, v_loc = gather_kv(kv_cache, block_row, lo, b, D)
-        k_glob, v_glob = gather_kv(kv_cache, block_row, 0, n_glob, D)
+        k_loc, v_loc = gather_kv(kv_cache, block_row, lo, b, D, layout)
+        k_glob, v_glob = gather_kv(kv_cache, block_row, 0, n_glob, D, layout)
         outs.append(
             attend_span(q[a - first : b - first], a, k_glob, v_glob, k_loc, v_loc, lo, cfg, scale, rotary, alibi)
         )
@@ -195,17 +226,18 @@ def decode_lambda_attention(
     scale: float,
     rotary: RotarySpec | None,
     alibi: torch.Tensor | None = None,
+    layout: str = OWN_LAYOUT,
 ) -> torch.Tensor:
     """Λ-attention for R decode queries at once (no loop over requests). -> [R, H, Dv] float32."""
-    return torch.cat([_decode_group(q, kv_cache, plan, scale, rotary, alibi) for plan in plans], dim=0)
+    return torch.cat([_decode_group(q, kv_cache, plan, scale, rotary, alibi, layout) for plan in plans], dim=0)
 
 
-def _decode_group(q, kv_cache, plan: DecodePlan, scale, rotary, alibi=None):
+def _decode_group(q, kv_cache, plan: DecodePlan, scale, rotary, alibi=None, layout=OWN_LAYOUT):
     R, nb = plan.blocks.shape
     q = q[plan.first : plan.first + R]
     _, H, D = q.shape
     _, Hkv, B, twoD = kv_cache.shape
-    kv = kv_cache[plan.blocks].transpose(2, 3).reshape(R, nb * B, Hkv, twoD).float()  # [R, K, Hkv, 2D], a copy
+    kv = read_blocks(kv_cache, plan.blocks, layout).reshape(R, nb * B, Hkv, twoD).float()  # [R, K, Hkv, 2D]
     # Slots a request may not read (freed blocks reused elsewhere, never-written
     # memory) may hold anything, NaN included: zero them, since 0 * NaN = NaN.
     kv.masked_fill_(~plan.valid[:, :, None, None], 0.0)

@@ -1,0 +1,135 @@
+"""vLLM's CPU kernel serving Λ-attention (cpu_kernel_path) against the dense reference.
+
+Steps are simulated as the engine runs them: a batch of requests of different
+lengths, each fed in prefill chunks then decoded token by token, in one cache
+in the kernel's layout with permuted blocks and large random values in every
+slot nobody wrote (vLLM zero-fills a new cache, so slots hold finite values:
+the kernel, like vLLM's own use of it, relies on that).
+Per step, the rows the kernel serves go through it and the rest through the
+PyTorch path reading the same layout, as the backend does.
+"""
+
+import pytest
+import torch
+
+from lminf_vllm.config import LminfConfig
+from lminf_vllm.cpu_kernel_path import kernel_attention, kernel_mode, kernel_serves, plan_kernel, write_kv_kernel
+from lminf_vllm.lambda_attention import (
+    CPU_KERNEL_LAYOUT,
+    decode_lambda_attention,
+    paged_lambda_attention,
+    plan_decode,
+)
+from lminf_vllm.reference import dense_lambda_attention
+from lminf_vllm.rope import RotarySpec, cos_sin, default_inv_freq, rotate
+
+H, HKV, D = 4, 2, 32
+
+ISA = kernel_mode("cpu", True, torch.float32, 32, HKV, D)
+pytestmark = pytest.mark.skipif(ISA is None, reason="vLLM's CPU attention kernel is not available here")
+
+CONFIGS = [
+    LminfConfig(global_tokens=4, local_tokens=40, distance_cap=64),
+    LminfConfig(global_tokens=0, local_tokens=48, distance_cap=48),  # sliding window only
+    LminfConfig(global_tokens=10, local_tokens=37, distance_cap=41),  # W + G - 1 > C: some decodes fall back
+    LminfConfig(global_tokens=40, local_tokens=50, distance_cap=60),  # G > B: globals span two blocks
+    LminfConfig(global_tokens=3, local_tokens=64, distance_cap=20),  # C < W: every global distance capped
+]
+
+
+def sequence(n, seed, neox):
+    g = torch.Generator().manual_seed(seed)
+    q0, k0, v = (torch.randn(n, h, D, generator=g) * 1.5 for h in (H, HKV, HKV))
+    rotary = RotarySpec(default_inv_freq(100.0, D), D, neox)
+    cos, sin = cos_sin(torch.arange(n), rotary.inv_freq, torch.float32)
+    q = rotate(q0, cos[:, None], sin[:, None], rotary)
+    k = rotate(k0, cos[:, None], sin[:, None], rotary)
+    expected = dense_lambda_attention(q0.double(), k0.double(), v.double(), CFG[0], rotary, D**-0.5)
+    return q, k, v, rotary, expected
+
+
+CFG = [None]  # the config of the running test (sequence() needs it)
+
+
+def run_batch(cfg, block_size, schedules, neox=True):
+    """schedules[r]: request r's query counts per step (0 = not scheduled). Returns max |out - ref|."""
+    CFG[0] = cfg
+    B = block_size
+    seqs = [sequence(sum(s), seed=r, neox=neox) for r, s in enumerate(schedules)]
+    rotary = seqs[0][3]
+    need = [-(-sum(s) // B) for s in schedules]
+    pool = sum(need) + 3
+    kv_cache = torch.randn(pool, HKV, B, 2 * D, generator=torch.Generator().manual_seed(1)) * 1e3
+    free = torch.randperm(pool, generator=torch.Generator().manual_seed(B)).tolist()
+    table = torch.zeros(len(schedules), max(need), dtype=torch.int32)
+    for r, m in enumerate(need):
+        table[r, :m] = torch.tensor([free.pop() for _ in range(m)])
+    done = [0] * len(schedules)
+    worst, served = 0.0, {"kernel": 0, "append": 0, "torch": 0}
+    for step in range(max(len(s) for s in schedules)):
+        counts = [s[step] if step < len(s) else 0 for s in schedules]
+        reqs = [r for r, t in enumerate(counts) if t]
+        starts, query, slots = [], [], []
+        for r in reqs:
+            a, b = done[r], done[r] + counts[r]
+            starts.append(len(torch.cat(query)) if query else 0)
+            query.append(seqs[r][0][a:b])
+            pos = torch.arange(a, b)
+            slots.append(table[r][pos // B].long() * B + pos % B)
+            k, v = seqs[r][1][a:b], seqs[r][2][a:b]
+            write_kv_kernel(kv_cache, k, v, slots[-1], ISA)
+        query = torch.cat(query)
+        output = torch.full_like(query, float("nan"))
+        sub = table[reqs]
+        rows, rest = [], []
+        for idx, r in enumerate(reqs):
+            n = done[r] + counts[r]
+            (rows if kernel_serves(counts[r], n, cfg, B) else rest).append((idx, starts[idx], counts[r], n))
+        plan = plan_kernel(rows, sub, cfg, B, ISA, H, HKV, D, torch.float32)
+        if plan is not None:
+            kernel_attention(query, kv_cache, plan, D**-0.5, rotary, ISA, output)
+        for idx, a, t, n in rest:
+            if t == 1:
+                plans = plan_decode(torch.tensor([n]), sub[idx : idx + 1], cfg, B)
+                out = decode_lambda_attention(query[a : a + 1], kv_cache, plans, D**-0.5, rotary, None, CPU_KERNEL_LAYOUT)
+            else:
+                out = paged_lambda_attention(
+                    query[a : a + t], kv_cache, sub[idx], n, cfg, D**-0.5, rotary, None, CPU_KERNEL_LAYOUT
+                )
+            output[a : a + t] = out
+        served["kernel"] += len(rows)
+        served["append"] += sum(1 for _, _, t, n in rows if n - 1 >= cfg.local_tokens + cfg.global_tokens - 1)
+        served["torch"] += len(rest)
+        for idx, r in enumerate(reqs):
+            a, t = starts[idx], counts[r]
+            got = output[a : a + t].double()
+            ref = seqs[r][4][done[r] : done[r] + t]
+            assert torch.isfinite(got).all(), f"request {r} step {step}: non-finite output"
+            worst = max(worst, (got - ref).abs().max().item())
+            done[r] += t
+    return worst, served
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c.describe().replace(" ", ","))
+@pytest.mark.parametrize("block_size", [32, 64])
+def test_mixed_batch_of_prefills_and_decodes_matches_reference(cfg, block_size):
+    schedules = [
+        [1] * 130,  # a one-token prompt, then decoding
+        [3] + [1] * 129,
+        [19, 0, 0, 80] + [1] * 126,  # joins late, prefill chunk straddling blocks
+        [99, 200] + [1] * 128,  # long chunks past the window, then decode past it
+        [0, 0, 7, 1, 1, 177] + [1] * 124,
+    ]
+    worst, served = run_batch(cfg, block_size, schedules)
+    assert worst < 2e-5
+    assert served["torch"] > 0  # both paths ran, in the same steps
+    if cfg.global_tokens < block_size:  # else no decode's G slots fit in its block
+        assert served["append"] > 100, served
+
+
+@pytest.mark.parametrize("neox", [True, False], ids=["neox", "interleaved"])
+def test_long_decode_far_past_the_cap_matches_reference(neox):
+    cfg = LminfConfig(global_tokens=5, local_tokens=64, distance_cap=96)
+    worst, served = run_batch(cfg, 32, [[600] + [1] * 400, [1177] + [1] * 20], neox=neox)
+    assert worst < 2e-5
+    assert served["append"] > 300, served
