@@ -4,7 +4,7 @@ Registered as vLLM's `CUSTOM` backend (the only member that survives into
 engine-core subprocesses); `--attention-backend lminf` is an alias of it.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -21,7 +21,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
 from lminf_vllm.config import LminfConfig
 from lminf_vllm.cpu_kernel_path import (
-    KernelPlan,
+    KernelCall,
     kernel_attention,
     kernel_mode,
     kernel_serves,
@@ -84,7 +84,7 @@ class LminfMetadata:
     # CPU with vLLM's kernel (cpu_kernel_path): the cache is in its layout, and
     # the rows it can serve go to one call of it; the rest take the paths above.
     kernel_isa: str | None = None
-    kernel_plan: KernelPlan | None = None
+    kernel_calls: list[KernelCall] = field(default_factory=list)
 
 
 class LminfMetadataBuilder(AttentionMetadataBuilder[LminfMetadata]):
@@ -152,7 +152,7 @@ class LminfMetadataBuilder(AttentionMetadataBuilder[LminfMetadata]):
             decode_plans=plan_decode(decode_seq_lens, decode_table, self.cfg, self.kv_cache_spec.block_size),
             other_reqs=[r for r in rest if lengths[r] > 1],
             kernel_isa=self.kernel_isa,
-            kernel_plan=self._plan_kernel(kernel_rows, block_table),
+            kernel_calls=self._plan_kernel(kernel_rows, block_table),
         )
 
     def _kernel_rows(self, query_start, lengths, seq_lens):
@@ -161,7 +161,7 @@ class LminfMetadataBuilder(AttentionMetadataBuilder[LminfMetadata]):
             return [], list(range(len(lengths)))
         kernel, rest = [], []
         for r, (t, n) in enumerate(zip(lengths, seq_lens)):
-            if kernel_serves(t, n, self.cfg, self.kv_cache_spec.block_size):
+            if kernel_serves(t, n, self.cfg):
                 kernel.append((r, query_start[r], t, n))
             else:
                 rest.append(r)
@@ -245,8 +245,8 @@ class LminfAttentionImpl(AttentionImpl[LminfMetadata]):
             write_kv(kv_cache, key[:n], value[:n], md.slot_mapping[:n])
         if md.query_start_loc is not None:  # the builder chose Triton (CUDA, RoPE model)
             return self._forward_triton(query, kv_cache, md, output)
-        if md.kernel_plan is not None:
-            kernel_attention(query, kv_cache, md.kernel_plan, self.scale, self.rotary, md.kernel_isa, output)
+        if md.kernel_calls:
+            kernel_attention(query, kv_cache, md.kernel_calls, self.scale, self.rotary, md.kernel_isa, output)
         layout = OWN_LAYOUT if md.kernel_isa is None else CPU_KERNEL_LAYOUT
         if md.decode_tokens.numel():
             output[md.decode_tokens] = decode_lambda_attention(

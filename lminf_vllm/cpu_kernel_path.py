@@ -13,18 +13,19 @@ that the kernel's dot product sees the capped distance), written into the
 request's own next G slots, i + 1 .. i + G, when these lie in its last block
 (already allocated, private: a block is shared through the prefix cache only
 once full). They hold no token yet, and each token that later lands there
-overwrites the copy before anything reads it. A window of W + G keys then
-masks exactly the rows of the first block that precede the window. A decode
-query of the kernel sees every key of its sequence, so order does not matter.
-No slot is reserved for this: the KV bound of SPEC.md is unchanged.
+overwrites the copy before anything reads it. When they would leave the block
+(G of every B steps), the row's window blocks are copied into a scratch cache
+with spare blocks after them instead, and the kernel runs a second time on
+that. No slot is reserved for this: the KV bound of SPEC.md is unchanged.
+A window of W + G keys masks exactly the rows of the first block that precede
+the window; a decode query of the kernel sees every key of its sequence, so
+the order of the keys does not matter.
 
 Rows the kernel can serve:
   * "plain": position i < min(W + G - 1, C): every key 0..i is visible at its
     true distance, which is all Λ-attention asks there (prefill chunks too);
-  * "append": decode rows (one query) with i >= W + G - 1 and i % B + G < B:
-    the layout above.
-The rest (prefill chunks past the window, the G of every B decode steps whose
-slots i + 1 .. i + G would leave the block, and the G - 1 decode positions
+  * "append": decode rows (one query) with i >= W + G - 1: the layout above.
+The rest (prefill chunks past the window, and the G - 1 decode positions
 C <= i < W + G - 1 when W + G - 1 > C) stay on the PyTorch path, which reads
 the same cache layout.
 
@@ -97,19 +98,18 @@ def write_kv_kernel(kv_cache, key, value, slots, isa: str) -> None:
     ops.cpu_attn_reshape_and_cache(key, value, kc, vc, slots, isa)
 
 
-def kernel_serves(num_queries: int, seq_len: int, cfg: LminfConfig, block_size: int) -> bool:
+def kernel_serves(num_queries: int, seq_len: int, cfg: LminfConfig) -> bool:
     """Can the kernel serve a request with these queries this step (a "plain" or an "append" row)?"""
     G, W, C = cfg.global_tokens, cfg.local_tokens, cfg.distance_cap
     last = seq_len - 1
-    plain = last < min(W + G - 1, C)
-    return plain or (num_queries == 1 and last >= W + G - 1 and last % block_size + G < block_size)
+    return last < min(W + G - 1, C) or (num_queries == 1 and last >= W + G - 1)
 
 
 @dataclass
-class KernelPlan:
-    """One step's kernel call, shared by every layer (built once by the metadata builder)."""
+class KernelCall:
+    """One call of the kernel, shared by every layer (planned once per step by the metadata builder)."""
 
-    tokens: torch.Tensor  # [Tk] long: the batch's query tokens served by the kernel, request by request
+    tokens: torch.Tensor  # [Tk] long: the batch's query tokens it serves, request by request
     query_start_loc: torch.Tensor  # [Rk + 1] int32, into `tokens`
     seq_lens: torch.Tensor  # [Rk] int32: virtual sequence lengths
     block_table: torch.Tensor  # [Rk, nbv] int32: virtual block tables
@@ -118,8 +118,12 @@ class KernelPlan:
     # Append rows: where their G re-rotated globals come from and go to.
     glob_blocks: torch.Tensor  # [Ra, G] long: physical block and row of global key j
     glob_rows: torch.Tensor  # [Ra, G] long
-    append_slots: torch.Tensor  # [Ra * G] long: flat slots i + 1 .. i + G
+    append_slots: torch.Tensor  # [Ra * G] long: flat slots i + 1 .. i + G (in the scratch cache if any)
     glob_shift: torch.Tensor  # [Ra, G] long: rotate key j forward by d - min(d, C) positions
+    # Set when the appended globals would leave the request's last block: the
+    # call then runs on a scratch cache, row r's blocks at [r * nbv, (r + 1) * nbv):
+    # copies of these blocks [Rs, nbs] then zeroed spares for the globals.
+    scratch_sources: torch.Tensor | None = None
     # cos/sin of glob_shift per rotary (layers may differ), made by the first layer that needs them
     _cos_sin: dict = field(default_factory=dict)
 
@@ -140,82 +144,108 @@ def plan_kernel(
     num_kv_heads: int,
     head_size: int,
     dtype: torch.dtype,
-) -> KernelPlan | None:
-    """The kernel call for `rows` (plain rows first, then append rows), or None if there are none."""
+) -> list[KernelCall]:
+    """The kernel calls serving `rows` (all of them `kernel_serves`): one in place
+    (plain rows, and append rows whose G slots fit in their last block), one on a
+    scratch copy (the other append rows). Empty calls are left out."""
+    G, W, B = cfg.global_tokens, cfg.local_tokens, block_size
+    appends = lambda r: r[3] - 1 >= W + G - 1  # noqa: E731
+    fits = lambda r: (r[3] - 1) % B + G < B  # noqa: E731
+    in_place = [r for r in rows if not appends(r)] + [r for r in rows if appends(r) and fits(r)]
+    spill = [r for r in rows if appends(r) and not fits(r)]
+    args = (block_table, cfg, B, isa, num_heads, num_kv_heads, head_size, dtype)
+    return [call for call in (_plan_call(in_place, False, *args), _plan_call(spill, True, *args)) if call]
+
+
+def _plan_call(rows, scratch, block_table, cfg, B, isa, num_heads, num_kv_heads, head_size, dtype):
     if not rows:
         return None
     from vllm import _custom_ops as ops
     from vllm import envs
 
-    G, W, C, B = cfg.global_tokens, cfg.local_tokens, cfg.distance_cap, block_size
-    plain = [r for r in rows if r[3] - 1 < min(W + G - 1, C)]
-    append = [r for r in rows if r[3] - 1 >= W + G - 1]
-    assert len(plain) + len(append) == len(rows) and all(r[2] == 1 for r in append)
-    ordered = plain + append
+    G, W, C = cfg.global_tokens, cfg.local_tokens, cfg.distance_cap
     dev = block_table.device
-    reqs = torch.tensor([r[0] for r in ordered], dtype=torch.long, device=dev)
-    counts = torch.tensor([r[2] for r in ordered], dtype=torch.long, device=dev)
-    seq = torch.tensor([r[3] for r in ordered], dtype=torch.long, device=dev)
-    is_app = torch.arange(len(ordered), device=dev) >= len(plain)
+    reqs = torch.tensor([r[0] for r in rows], dtype=torch.long, device=dev)
+    counts = torch.tensor([r[2] for r in rows], dtype=torch.long, device=dev)
+    seq = torch.tensor([r[3] for r in rows], dtype=torch.long, device=dev)
+    is_app = seq - 1 >= W + G - 1
     # Virtual sequence: from the first window block (block 0 for plain rows) to
     # row i, then the G appended globals.
     first_blk = torch.where(is_app, (seq - W) // B, 0)  # (i - W + 1) // B with i = seq - 1
     vlen = seq - first_blk * B + torch.where(is_app, G, 0)
     nbv = int(((vlen + B - 1) // B).max())
     cols = (first_blk[:, None] + torch.arange(nbv, device=dev)).clamp(max=block_table.shape[1] - 1)
-    table = block_table[reqs].gather(1, cols).to(torch.int32)
-    qsl = torch.zeros(len(ordered) + 1, dtype=torch.int32, device=dev)
+    table = block_table[reqs].gather(1, cols)
+    sources = None
+    if scratch:  # row r's virtual block k is scratch block r * nbv + k
+        real = seq - first_blk * B  # tokens of the row's own blocks in its virtual sequence
+        sources = table[:, : int((real + B - 1).max()) // B].long()
+        table = torch.arange(len(rows) * nbv, device=dev).view(len(rows), nbv)
+    qsl = torch.zeros(len(rows) + 1, dtype=torch.int32, device=dev)
     qsl[1:] = counts.cumsum(0)
-    tokens = torch.cat([torch.arange(r[1], r[1] + r[2], device=dev) for r in ordered])
+    tokens = torch.cat([torch.arange(r[1], r[1] + r[2], device=dev) for r in rows])
     vlen32 = vlen.to(torch.int32)
     metadata = ops.cpu_attn_get_scheduler_metadata(
-        num_reqs=len(ordered), num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_size,
+        num_reqs=len(rows), num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_size,
         seq_lens=vlen32, dtype=dtype, query_start_loc=qsl, causal=True, sliding_window_size=W + G,
         isa=isa, enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
     )  # fmt: skip
 
     # Append rows: global key j at distance d = i - j >= W is shown at min(d, C).
-    a_reqs, i = reqs[len(plain) :], seq[len(plain) :, None] - 1  # [Ra], [Ra, 1]
+    app = is_app.nonzero().flatten()
+    i = seq[app, None] - 1  # [Ra, 1]
     j = torch.arange(G, device=dev)
-    glob_blocks = block_table[a_reqs].gather(1, (j // B).expand(len(append), G)).long()
+    glob_blocks = block_table[reqs[app]].gather(1, (j // B).expand(len(app), G)).long()
     d = i - j
-    slots = ((i + 1 + j) // B).clamp(max=block_table.shape[1] - 1)
-    append_slots = (block_table[a_reqs].gather(1, slots).long() * B + (i + 1 + j) % B).flatten()
-    return KernelPlan(
-        tokens=tokens, query_start_loc=qsl, seq_lens=vlen32, block_table=table, window=W + G,
-        scheduler_metadata=metadata, glob_blocks=glob_blocks, glob_rows=(j % B).expand(len(append), G),
-        append_slots=append_slots, glob_shift=d - d.clamp(max=C),
+    p = i + 1 + j - first_blk[app, None] * B  # virtual position of appended global j
+    append_slots = (table[app].gather(1, p // B).long() * B + p % B).flatten()
+    return KernelCall(
+        tokens=tokens, query_start_loc=qsl, seq_lens=vlen32, block_table=table.to(torch.int32), window=W + G,
+        scheduler_metadata=metadata, glob_blocks=glob_blocks, glob_rows=(j % B).expand(len(app), G),
+        append_slots=append_slots, glob_shift=d - d.clamp(max=C), scratch_sources=sources,
     )  # fmt: skip
 
 
 def kernel_attention(
     query: torch.Tensor,  # [T, H, D] the whole batch
     kv_cache: torch.Tensor,
-    plan: KernelPlan,
+    calls: list[KernelCall],
     scale: float,
     rotary: RotarySpec | None,
     isa: str,
     output: torch.Tensor,  # [T, H, D]: the planned rows are written
 ) -> None:
+    for call in calls:
+        _run_call(query, kv_cache, call, scale, rotary, isa, output)
+
+
+def _run_call(query, kv_cache, call: KernelCall, scale, rotary, isa, output) -> None:
     from vllm import _custom_ops as ops
 
-    Ra, G = plan.glob_blocks.shape
+    cache = kv_cache
+    if call.scratch_sources is not None:
+        rows, nbv = call.block_table.shape
+        cache = kv_cache.new_empty(rows, nbv, *kv_cache.shape[1:])
+        copied = call.scratch_sources.shape[1]
+        cache[:, :copied] = kv_cache[call.scratch_sources]
+        cache[:, copied:] = 0  # the kernel reads whole blocks: no NaN from uninitialised memory
+        cache = cache.view(rows * nbv, *kv_cache.shape[1:])
+    Ra, G = call.glob_blocks.shape
     if Ra and G:
         D = query.shape[-1]
-        k, v = read_rows(kv_cache, plan.glob_blocks.flatten(), plan.glob_rows.flatten(), D, "cpu_kernel")
+        k, v = read_rows(kv_cache, call.glob_blocks.flatten(), call.glob_rows.flatten(), D, "cpu_kernel")
         if rotary is not None:
             Hkv = k.shape[1]
-            k = k.view(Ra, G, Hkv, D)
-            cos, sin = plan.cos_sin(rotary)
-            # (cos/sin broadcast over heads)
-            k = rotate(k.float(), cos[:, :, None], sin[:, :, None], rotary).to(kv_cache.dtype).view(Ra * G, Hkv, D)
-        write_kv_kernel(kv_cache, k.contiguous(), v.contiguous(), plan.append_slots, isa)
-    kc, vc = _kernel_views(kv_cache)
-    q = query[plan.tokens].contiguous()
+            cos, sin = call.cos_sin(rotary)  # [Ra, G, F], broadcast over heads below
+            k = rotate(k.view(Ra, G, Hkv, D).float(), cos[:, :, None], sin[:, :, None], rotary)
+            k = k.to(kv_cache.dtype).view(Ra * G, Hkv, D)
+        write_kv_kernel(cache, k.contiguous(), v.contiguous(), call.append_slots, isa)
+    kc, vc = _kernel_views(cache)
+    q = query[call.tokens].contiguous()
     out = torch.empty_like(q)
     ops.cpu_attention_with_kv_cache(
-        query=q, key_cache=kc, value_cache=vc, output=out, query_start_loc=plan.query_start_loc,
-        seq_lens=plan.seq_lens, scale=scale, causal=True, alibi_slopes=None, sliding_window=plan.window,
-        block_table=plan.block_table, softcap=0.0, scheduler_metadata=plan.scheduler_metadata, s_aux=None,
+        query=q, key_cache=kc, value_cache=vc, output=out, query_start_loc=call.query_start_loc,
+        seq_lens=call.seq_lens, scale=scale, causal=True, alibi_slopes=None, sliding_window=call.window,
+        block_table=call.block_table, softcap=0.0, scheduler_metadata=call.scheduler_metadata, s_aux=None,
     )  # fmt: skip
-    output[plan.tokens] = out.to(output.dtype)
+    output[call.tokens] = out.to(output.dtype)

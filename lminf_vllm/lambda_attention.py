@@ -87,6 +87,8 @@ def attend_span(
     alibi: torch.Tensor | None = None,  # [H] slopes: score - m * d (ALiBi models, rotary None)
 ) -> torch.Tensor:
     """One softmax over the visible global and local keys; returns [T, H, Dv] in float32."""
+    if q.device.type == "cpu" and alibi is None:
+        return _attend_span_fused(q, q_start, k_glob, v_glob, k_loc, v_loc, loc_start, cfg, scale, rotary)
     T, H, D = q.shape
     Hkv = k_loc.shape[1]
     qf = q.float().view(T, Hkv, H // Hkv, D)
@@ -124,6 +126,55 @@ def attend_span(
     probs = torch.softmax(torch.cat(scores, dim=-1), dim=-1)
     out = torch.einsum("tkgl,lkd->tkgd", probs, torch.cat(values, dim=0).float())
     return out.reshape(T, H, -1)
+
+
+def _attend_span_fused(q, q_start, k_glob, v_glob, k_loc, v_loc, loc_start, cfg, scale, rotary):
+    """attend_span on CPU: the local branch through PyTorch's fused flash attention,
+    which also returns each row's log-sum-exp; the few global keys in PyTorch ops;
+    the two merged by their log-sum-exps (as vLLM's merge_attn_states does)."""
+    T, H, D = q.shape
+    Hkv = k_loc.shape[1]
+    g = H // Hkv
+    # The query heads of a KV head become extra query rows: GQA without copying keys.
+    qf = q.float().view(T, Hkv, g, D).permute(1, 2, 0, 3).reshape(1, Hkv, g * T, D)
+    mask = _local_mask(T, k_loc.shape[0], q_start - loc_start, cfg.local_tokens, g, q.device)
+    o_loc, lse_loc = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        qf, k_loc.float().transpose(0, 1)[None], v_loc.float().transpose(0, 1)[None], 0.0, False,
+        attn_mask=mask, scale=scale,
+    )  # [1, Hkv, g * T, Dv], [1, Hkv, g * T]
+    o_loc, lse_loc = o_loc.view(Hkv, g, T, -1), lse_loc.view(Hkv, g, T, 1)
+    if k_glob.shape[0]:
+        jg = torch.arange(k_glob.shape[0], device=q.device)
+        dist_g = torch.arange(q_start, q_start + T, device=q.device)[:, None] - jg[None, :]  # [T, Gk]
+        delta = dist_g.clamp(max=cfg.distance_cap) - dist_g
+        cos, sin = cos_sin(delta, rotary.inv_freq, torch.float32)  # [T, Gk, F]
+        q_moved = rotate(q.float().view(T, 1, Hkv, g, D), cos[:, :, None, None], sin[:, :, None, None], rotary)
+        s_glob = torch.einsum("tjkgd,jkd->kgtj", q_moved, k_glob.float()) * scale
+        s_glob.masked_fill_(~(dist_g >= cfg.local_tokens), float("-inf"))
+        lse_glob = torch.logsumexp(s_glob, dim=-1, keepdim=True)  # -inf where no global key is visible
+        o_glob = torch.einsum("kgtj,jkd->kgtd", torch.exp(s_glob - lse_glob.clamp(min=-1e30)), v_glob.float())
+        top = torch.maximum(lse_loc, lse_glob)
+        w_loc, w_glob = torch.exp(lse_loc - top), torch.exp(lse_glob - top)
+        o_loc = (o_loc * w_loc + o_glob * w_glob) / (w_loc + w_glob)
+    return o_loc.permute(2, 0, 1, 3).reshape(T, H, -1)
+
+
+_MASKS: dict = {}
+
+
+def _local_mask(T: int, L: int, offset: int, W: int, g: int, device) -> torch.Tensor:
+    """[g * T, L] additive mask of the local branch: query t (at key index offset + t)
+    sees key l when 0 <= offset + t - l < W. Spans inside a long prefill share one."""
+    key = (T, L, offset, W, g, str(device))
+    mask = _MASKS.get(key)
+    if mask is None:
+        dist = torch.arange(offset, offset + T, device=device)[:, None] - torch.arange(L, device=device)[None, :]
+        mask = torch.zeros(T, L, device=device).masked_fill_(~((dist >= 0) & (dist < W)), float("-inf"))
+        mask = mask.repeat(g, 1)
+        if len(_MASKS) > 64:
+            _MASKS.clear()
+        _MASKS[key] = mask
+    return mask
 
 
 def paged_lambda_attention(

@@ -65,7 +65,7 @@ def run_batch(cfg, block_size, schedules, neox=True):
     for r, m in enumerate(need):
         table[r, :m] = torch.tensor([free.pop() for _ in range(m)])
     done = [0] * len(schedules)
-    worst, served = 0.0, {"kernel": 0, "append": 0, "torch": 0}
+    worst, served = 0.0, {"kernel": 0, "append": 0, "scratch": 0, "torch": 0}
     for step in range(max(len(s) for s in schedules)):
         counts = [s[step] if step < len(s) else 0 for s in schedules]
         reqs = [r for r, t in enumerate(counts) if t]
@@ -84,10 +84,10 @@ def run_batch(cfg, block_size, schedules, neox=True):
         rows, rest = [], []
         for idx, r in enumerate(reqs):
             n = done[r] + counts[r]
-            (rows if kernel_serves(counts[r], n, cfg, B) else rest).append((idx, starts[idx], counts[r], n))
-        plan = plan_kernel(rows, sub, cfg, B, ISA, H, HKV, D, torch.float32)
-        if plan is not None:
-            kernel_attention(query, kv_cache, plan, D**-0.5, rotary, ISA, output)
+            (rows if kernel_serves(counts[r], n, cfg) else rest).append((idx, starts[idx], counts[r], n))
+        calls = plan_kernel(rows, sub, cfg, B, ISA, H, HKV, D, torch.float32)
+        kernel_attention(query, kv_cache, calls, D**-0.5, rotary, ISA, output)
+        served["scratch"] += sum(len(c.seq_lens) for c in calls if c.scratch_sources is not None)
         for idx, a, t, n in rest:
             if t == 1:
                 plans = plan_decode(torch.tensor([n]), sub[idx : idx + 1], cfg, B)
@@ -122,9 +122,9 @@ def test_mixed_batch_of_prefills_and_decodes_matches_reference(cfg, block_size):
     ]
     worst, served = run_batch(cfg, block_size, schedules)
     assert worst < 2e-5
-    assert served["torch"] > 0  # both paths ran, in the same steps
-    if cfg.global_tokens < block_size:  # else no decode's G slots fit in its block
-        assert served["append"] > 100, served
+    assert served["torch"] > 0 and served["append"] > 300, served  # both paths, in the same steps
+    if cfg.global_tokens:  # the G slots after some decode queries leave their block
+        assert served["scratch"] > 0, served
 
 
 @pytest.mark.parametrize("neox", [True, False], ids=["neox", "interleaved"])
