@@ -39,6 +39,7 @@ import functools
 import os
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from lminf_vllm.config import LminfConfig
@@ -163,46 +164,49 @@ def _plan_call(rows, scratch, block_table, cfg, B, isa, num_heads, num_kv_heads,
     from vllm import _custom_ops as ops
     from vllm import envs
 
+    # Index arithmetic on a handful of rows: numpy, not many tiny torch ops.
     G, W, C = cfg.global_tokens, cfg.local_tokens, cfg.distance_cap
-    dev = block_table.device
-    reqs = torch.tensor([r[0] for r in rows], dtype=torch.long, device=dev)
-    counts = torch.tensor([r[2] for r in rows], dtype=torch.long, device=dev)
-    seq = torch.tensor([r[3] for r in rows], dtype=torch.long, device=dev)
+    req, first_tok, counts, seq = (np.array(col, dtype=np.int64) for col in zip(*rows))
     is_app = seq - 1 >= W + G - 1
     # Virtual sequence: from the first window block (block 0 for plain rows) to
     # row i, then the G appended globals.
-    first_blk = torch.where(is_app, (seq - W) // B, 0)  # (i - W + 1) // B with i = seq - 1
-    vlen = seq - first_blk * B + torch.where(is_app, G, 0)
+    first_blk = np.where(is_app, (seq - W) // B, 0)  # (i - W + 1) // B with i = seq - 1
+    vlen = seq - first_blk * B + np.where(is_app, G, 0)
     nbv = int(((vlen + B - 1) // B).max())
-    cols = (first_blk[:, None] + torch.arange(nbv, device=dev)).clamp(max=block_table.shape[1] - 1)
-    table = block_table[reqs].gather(1, cols)
+    own = block_table.cpu().numpy()[req]  # [R, max_blocks]
+    cols = np.minimum(first_blk[:, None] + np.arange(nbv), own.shape[1] - 1)
+    table = np.take_along_axis(own, cols, axis=1).astype(np.int64)
     sources = None
     if scratch:  # row r's virtual block k is scratch block r * nbv + k
         real = seq - first_blk * B  # tokens of the row's own blocks in its virtual sequence
-        sources = table[:, : int((real + B - 1).max()) // B].long()
-        table = torch.arange(len(rows) * nbv, device=dev).view(len(rows), nbv)
-    qsl = torch.zeros(len(rows) + 1, dtype=torch.int32, device=dev)
-    qsl[1:] = counts.cumsum(0)
-    tokens = torch.cat([torch.arange(r[1], r[1] + r[2], device=dev) for r in rows])
-    vlen32 = vlen.to(torch.int32)
-    metadata = ops.cpu_attn_get_scheduler_metadata(
-        num_reqs=len(rows), num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_size,
-        seq_lens=vlen32, dtype=dtype, query_start_loc=qsl, causal=True, sliding_window_size=W + G,
-        isa=isa, enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
-    )  # fmt: skip
+        sources = torch.from_numpy(table[:, : int((real + B - 1).max()) // B].copy())
+        table = np.arange(len(rows) * nbv).reshape(len(rows), nbv)
+    qsl = np.zeros(len(rows) + 1, dtype=np.int32)
+    qsl[1:] = np.cumsum(counts)
+    tokens = np.concatenate([np.arange(a, a + t) for a, t in zip(first_tok, counts)])
 
     # Append rows: global key j at distance d = i - j >= W is shown at min(d, C).
-    app = is_app.nonzero().flatten()
+    app = np.nonzero(is_app)[0]
     i = seq[app, None] - 1  # [Ra, 1]
-    j = torch.arange(G, device=dev)
-    glob_blocks = block_table[reqs[app]].gather(1, (j // B).expand(len(app), G)).long()
+    j = np.arange(G)
+    glob_blocks = own[app][:, j // B] if G else np.zeros((len(app), 0), dtype=np.int64)
     d = i - j
     p = i + 1 + j - first_blk[app, None] * B  # virtual position of appended global j
-    append_slots = (table[app].gather(1, p // B).long() * B + p % B).flatten()
+    append_slots = (np.take_along_axis(table[app], p // B, axis=1) * B + p % B).reshape(-1)
+    dev = block_table.device
+    as_tensor = lambda a, t=torch.long: torch.from_numpy(np.array(a)).to(dev, t)  # noqa: E731 (a copy: writable)
+    vlen32, qsl32 = as_tensor(vlen, torch.int32), as_tensor(qsl, torch.int32)
+    metadata = ops.cpu_attn_get_scheduler_metadata(
+        num_reqs=len(rows), num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_size,
+        seq_lens=vlen32, dtype=dtype, query_start_loc=qsl32, causal=True, sliding_window_size=W + G,
+        isa=isa, enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
+    )  # fmt: skip
     return KernelCall(
-        tokens=tokens, query_start_loc=qsl, seq_lens=vlen32, block_table=table.to(torch.int32), window=W + G,
-        scheduler_metadata=metadata, glob_blocks=glob_blocks, glob_rows=(j % B).expand(len(app), G),
-        append_slots=append_slots, glob_shift=d - d.clamp(max=C), scratch_sources=sources,
+        tokens=as_tensor(tokens), query_start_loc=qsl32, seq_lens=vlen32,
+        block_table=as_tensor(table, torch.int32), window=W + G, scheduler_metadata=metadata,
+        glob_blocks=as_tensor(glob_blocks), glob_rows=as_tensor(np.broadcast_to(j % B, (len(app), G))),
+        append_slots=as_tensor(append_slots), glob_shift=as_tensor(d - np.minimum(d, C)),
+        scratch_sources=None if sources is None else sources.to(dev),
     )  # fmt: skip
 
 
