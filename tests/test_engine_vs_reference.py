@@ -30,8 +30,31 @@ def reference(tiny_llama):
     return DenseLlama(tiny_llama)
 
 
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Counts the steps vLLM's CPU kernel served (cpu_kernel_path), per layer call."""
+    import lminf_vllm.backend as backend
+
+    calls = []
+    original = backend.kernel_attention
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(backend, "kernel_attention", counting)
+    return calls
+
+
+@pytest.mark.parametrize("path", ["cpu-kernel", "torch"])
 @pytest.mark.parametrize("G, W, C, block_size, step_tokens", CASES)
-def test_prompt_logprobs_match_reference(tiny_llama, reference, G, W, C, block_size, step_tokens):
+def test_prompt_logprobs_match_reference(
+    tiny_llama, reference, G, W, C, block_size, step_tokens, path, kernel_calls, monkeypatch
+):
+    if path == "torch":
+        monkeypatch.setenv("LMINF_CPU_KERNEL", "0")
+    elif block_size % 32:
+        pytest.skip("vLLM's CPU kernel needs blocks of a multiple of 32: these runs take the torch path")
     cfg = LminfConfig(G, W, C)
     prompts = [random_prompt(n, seed=n + G) for n in LENGTHS]
     params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
@@ -49,9 +72,13 @@ def test_prompt_logprobs_match_reference(tiny_llama, reference, G, W, C, block_s
         expected = reference.prompt_logprobs(prompt, cfg)
         assert torch.isfinite(got).all()
         torch.testing.assert_close(got, expected, atol=1e-3, rtol=0, msg=lambda m: f"n={len(prompt)}: {m}")
+    assert bool(kernel_calls) == (path == "cpu-kernel")
 
 
-def test_greedy_decode_past_the_table_matches_reference(tiny_llama, reference):
+@pytest.mark.parametrize("path", ["cpu-kernel", "torch"])
+def test_greedy_decode_past_the_table_matches_reference(tiny_llama, reference, path, kernel_calls, monkeypatch):
+    if path == "torch":
+        monkeypatch.setenv("LMINF_CPU_KERNEL", "0")
     G, W, C = 4, 64, 96
     cfg = LminfConfig(G, W, C)
     prompts = [random_prompt(100, seed=11), random_prompt(20, seed=12)]
@@ -68,3 +95,4 @@ def test_greedy_decode_past_the_table_matches_reference(tiny_llama, reference):
         assert (logp.max(dim=1).values - chosen).max() < 1e-3
         # ... and its logprob is the reference's
         torch.testing.assert_close(sample_logprobs(completion), chosen, atol=1e-3, rtol=0)
+    assert bool(kernel_calls) == (path == "cpu-kernel")
