@@ -25,6 +25,7 @@ from lminf_vllm.cpu_kernel_path import (
     kernel_attention,
     kernel_mode,
     kernel_serves,
+    plain_kernel_call,
     plan_kernel,
     write_kv_kernel,
 )
@@ -133,6 +134,11 @@ class LminfMetadataBuilder(AttentionMetadataBuilder[LminfMetadata]):
                 seq_lens_tensor=m.seq_lens[: m.num_reqs],
                 decode_only=m.max_query_len == 1,
             )
+        cfg = self.cfg
+        if self.kernel_isa is not None and m.max_seq_len - 1 < min(cfg.local_tokens + cfg.global_tokens - 1, cfg.distance_cap):
+            # Every query sees every key before it, at its true distance: the
+            # whole batch is plain causal attention, vLLM's kernel as it is.
+            return self._plain_batch(m)
         query_start = m.query_start_loc_cpu[: m.num_reqs + 1].tolist()
         seq_lens = m.seq_lens[: m.num_reqs].cpu().tolist()
         block_table = m.block_table_tensor[: m.num_reqs]
@@ -154,6 +160,18 @@ class LminfMetadataBuilder(AttentionMetadataBuilder[LminfMetadata]):
             kernel_isa=self.kernel_isa,
             kernel_calls=self._plan_kernel(kernel_rows, block_table),
         )
+
+    def _plain_batch(self, m: CommonAttentionMetadata) -> LminfMetadata:
+        spec = self.kv_cache_spec
+        call = plain_kernel_call(
+            m.query_start_loc[: m.num_reqs + 1], m.seq_lens[: m.num_reqs], m.block_table_tensor[: m.num_reqs],
+            self.cfg, self.kernel_isa, self.num_heads, spec.num_kv_heads, spec.head_size, spec.dtype,
+        )  # fmt: skip
+        return LminfMetadata(
+            num_actual_tokens=m.num_actual_tokens, query_start=[], seq_lens=[], block_table=call.block_table,
+            slot_mapping=m.slot_mapping, decode_tokens=m.slot_mapping.new_empty(0, dtype=torch.long),
+            decode_plans=[], other_reqs=[], kernel_isa=self.kernel_isa, kernel_calls=[call],
+        )  # fmt: skip
 
     def _kernel_rows(self, query_start, lengths, seq_lens):
         """Requests vLLM's CPU kernel serves (see cpu_kernel_path), and the rest."""

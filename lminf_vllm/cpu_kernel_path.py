@@ -43,8 +43,8 @@ import numpy as np
 import torch
 
 from lminf_vllm.config import LminfConfig
-from lminf_vllm.lambda_attention import kernel_layout_views, read_rows
-from lminf_vllm.rope import RotarySpec, cos_sin, rotate
+from lminf_vllm.lambda_attention import read_rows
+from lminf_vllm.rope import RotarySpec, cos_sin
 
 
 # LMINF_CPU_KERNEL=0 keeps every row on the PyTorch path (tests, benchmarks).
@@ -110,15 +110,16 @@ def kernel_serves(num_queries: int, seq_len: int, cfg: LminfConfig) -> bool:
 class KernelCall:
     """One call of the kernel, shared by every layer (planned once per step by the metadata builder)."""
 
-    tokens: torch.Tensor  # [Tk] long: the batch's query tokens it serves, request by request
+    tokens: torch.Tensor | None  # [Tk] long: the batch's query tokens it serves (None: all, in order)
     query_start_loc: torch.Tensor  # [Rk + 1] int32, into `tokens`
     seq_lens: torch.Tensor  # [Rk] int32: virtual sequence lengths
     block_table: torch.Tensor  # [Rk, nbv] int32: virtual block tables
     window: int  # the kernel's sliding window: W + G
     scheduler_metadata: torch.Tensor
     # Append rows: where their G re-rotated globals come from and go to.
-    glob_blocks: torch.Tensor  # [Ra, G] long: physical block and row of global key j
-    glob_rows: torch.Tensor  # [Ra, G] long
+    glob_blocks: torch.Tensor  # [Ra, G] long: physical block of global key j
+    glob_k_index: torch.Tensor  # [Ra * G, Hkv, D] long: offsets of its key and value in the flat cache
+    glob_v_index: torch.Tensor
     append_slots: torch.Tensor  # [Ra * G] long: flat slots i + 1 .. i + G (in the scratch cache if any)
     glob_shift: torch.Tensor  # [Ra, G] long: rotate key j forward by d - min(d, C) positions
     # Set when the appended globals would leave the request's last block: the
@@ -128,10 +129,20 @@ class KernelCall:
     # cos/sin of glob_shift per rotary (layers may differ), made by the first layer that needs them
     _cos_sin: dict = field(default_factory=dict)
 
-    def cos_sin(self, rotary: RotarySpec):
+    def rotation(self, rotary: RotarySpec):
+        """(cos, signed sin) over the rotary width [Ra, G, 1, rotary_dim], and the
+        feature permutation that pairs each feature with its partner."""
         key = id(rotary.inv_freq)
         if key not in self._cos_sin:
-            self._cos_sin[key] = cos_sin(self.glob_shift, rotary.inv_freq, torch.float32)
+            cos, sin = cos_sin(self.glob_shift, rotary.inv_freq, torch.float32)  # [Ra, G, F]
+            half = cos.shape[-1]
+            if rotary.is_neox_style:  # (x1, x2) -> (x1 c - x2 s, x2 c + x1 s)
+                cos2, sin2 = torch.cat((cos, cos), -1), torch.cat((-sin, sin), -1)
+                perm = torch.cat((torch.arange(half, 2 * half), torch.arange(half)))
+            else:  # interleaved pairs
+                cos2, sin2 = cos.repeat_interleave(2, -1), torch.stack((-sin, sin), -1).flatten(-2)
+                perm = torch.arange(2 * half).view(half, 2).flip(-1).flatten()
+            self._cos_sin[key] = (cos2[:, :, None], sin2[:, :, None], perm.to(cos.device))
         return self._cos_sin[key]
 
 
@@ -156,6 +167,25 @@ def plan_kernel(
     spill = [r for r in rows if appends(r) and not fits(r)]
     args = (block_table, cfg, B, isa, num_heads, num_kv_heads, head_size, dtype)
     return [call for call in (_plan_call(in_place, False, *args), _plan_call(spill, True, *args)) if call]
+
+
+def plain_kernel_call(query_start_loc, seq_lens, block_table, cfg, isa, num_heads, num_kv_heads, head_size, dtype):
+    """The call for a batch whose every request is a plain row: vLLM's own metadata as it is."""
+    from vllm import _custom_ops as ops
+    from vllm import envs
+
+    qsl, seq = query_start_loc.to(torch.int32), seq_lens.to(torch.int32)
+    metadata = ops.cpu_attn_get_scheduler_metadata(
+        num_reqs=len(seq), num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_size,
+        seq_lens=seq, dtype=dtype, query_start_loc=qsl, causal=True,
+        sliding_window_size=cfg.local_tokens + cfg.global_tokens, isa=isa, enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
+    )  # fmt: skip
+    none = torch.zeros(0, 0, dtype=torch.long, device=seq.device)
+    return KernelCall(
+        tokens=None, query_start_loc=qsl, seq_lens=seq, block_table=block_table.to(torch.int32),
+        window=cfg.local_tokens + cfg.global_tokens, scheduler_metadata=metadata, glob_blocks=none,
+        glob_k_index=none, glob_v_index=none, append_slots=none.flatten(), glob_shift=none,
+    )  # fmt: skip
 
 
 def _plan_call(rows, scratch, block_table, cfg, B, isa, num_heads, num_kv_heads, head_size, dtype):
@@ -190,6 +220,12 @@ def _plan_call(rows, scratch, block_table, cfg, B, isa, num_heads, num_kv_heads,
     i = seq[app, None] - 1  # [Ra, 1]
     j = np.arange(G)
     glob_blocks = own[app][:, j // B] if G else np.zeros((len(app), 0), dtype=np.int64)
+    # Flat offsets in the kernel's layout: per block and head, keys [D, B] then values [B, D].
+    Hkv, D = num_kv_heads, head_size
+    base = (glob_blocks.reshape(-1, 1, 1) * Hkv + np.arange(Hkv)[:, None]) * (2 * B * D)  # [Ra * G, Hkv, 1]
+    row = np.broadcast_to(j % B, (len(app), G)).reshape(-1, 1, 1)
+    k_index = base + np.arange(D) * B + row
+    v_index = base + B * D + row * D + np.arange(D)
     d = i - j
     p = i + 1 + j - first_blk[app, None] * B  # virtual position of appended global j
     append_slots = (np.take_along_axis(table[app], p // B, axis=1) * B + p % B).reshape(-1)
@@ -204,7 +240,7 @@ def _plan_call(rows, scratch, block_table, cfg, B, isa, num_heads, num_kv_heads,
     return KernelCall(
         tokens=as_tensor(tokens), query_start_loc=qsl32, seq_lens=vlen32,
         block_table=as_tensor(table, torch.int32), window=W + G, scheduler_metadata=metadata,
-        glob_blocks=as_tensor(glob_blocks), glob_rows=as_tensor(np.broadcast_to(j % B, (len(app), G))),
+        glob_blocks=as_tensor(glob_blocks), glob_k_index=as_tensor(k_index), glob_v_index=as_tensor(v_index),
         append_slots=as_tensor(append_slots), glob_shift=as_tensor(d - np.minimum(d, C)),
         scratch_sources=None if sources is None else sources.to(dev),
     )  # fmt: skip
@@ -236,20 +272,27 @@ def _run_call(query, kv_cache, call: KernelCall, scale, rotary, isa, output) -> 
         cache = cache.view(rows * nbv, *kv_cache.shape[1:])
     Ra, G = call.glob_blocks.shape
     if Ra and G:
-        D = query.shape[-1]
-        k, v = read_rows(kv_cache, call.glob_blocks.flatten(), call.glob_rows.flatten(), D, "cpu_kernel")
+        flat = kv_cache.view(-1)
+        k, v = flat.take(call.glob_k_index), flat.take(call.glob_v_index)  # [Ra * G, Hkv, D]
         if rotary is not None:
-            Hkv = k.shape[1]
-            cos, sin = call.cos_sin(rotary)  # [Ra, G, F], broadcast over heads below
-            k = rotate(k.view(Ra, G, Hkv, D).float(), cos[:, :, None], sin[:, :, None], rotary)
-            k = k.to(kv_cache.dtype).view(Ra * G, Hkv, D)
-        write_kv_kernel(cache, k.contiguous(), v.contiguous(), call.append_slots, isa)
+            cos, sin, perm = call.rotation(rotary)
+            r = rotary.rotary_dim
+            x = k.view(Ra, G, *k.shape[1:])[..., :r].float()
+            x = x * cos + x.index_select(-1, perm) * sin
+            k = k.clone()
+            k.view(Ra, G, *k.shape[1:])[..., :r] = x.to(k.dtype)
+        write_kv_kernel(cache, k, v, call.append_slots, isa)
     kc, vc = _kernel_views(cache)
-    q = query[call.tokens].contiguous()
-    out = torch.empty_like(q)
+    if call.tokens is None:  # the whole batch, in order: read and write in place
+        n = int(call.query_start_loc[-1])
+        q, out = query[:n], output[:n]
+    else:
+        q = query[call.tokens].contiguous()
+        out = torch.empty_like(q)
     ops.cpu_attention_with_kv_cache(
         query=q, key_cache=kc, value_cache=vc, output=out, query_start_loc=call.query_start_loc,
         seq_lens=call.seq_lens, scale=scale, causal=True, alibi_slopes=None, sliding_window=call.window,
         block_table=call.block_table, softcap=0.0, scheduler_metadata=call.scheduler_metadata, s_aux=None,
     )  # fmt: skip
-    output[call.tokens] = out.to(output.dtype)
+    if call.tokens is not None:
+        output[call.tokens] = out.to(output.dtype)
