@@ -179,7 +179,7 @@ class LminfMetadataBuilder(AttentionMetadataBuilder[LminfMetadata]):
             return [], list(range(len(lengths)))
         kernel, rest = [], []
         for r, (t, n) in enumerate(zip(lengths, seq_lens)):
-            if kernel_serves(t, n, self.cfg):
+            if kernel_serves(t, n, self.cfg, self.kv_cache_spec.block_size):
                 kernel.append((r, query_start[r], t, n))
             else:
                 rest.append(r)

@@ -9,25 +9,31 @@ seen at a capped distance, so a query at position i can be handed to it as a
     [its window blocks, from the one holding i - W + 1, up to row i] + [G globals]
 
 where the G global keys are re-rotated copies (position i - min(i - j, C), so
-that the kernel's dot product sees the capped distance), written into the
-request's own next G slots, i + 1 .. i + G, when these lie in its last block
-(already allocated, private: a block is shared through the prefix cache only
-once full). They hold no token yet, and each token that later lands there
-overwrites the copy before anything reads it. When they would leave the block
-(G of every B steps), the row's window blocks are copied into a scratch cache
-with spare blocks after them instead, and the kernel runs a second time on
-that. No slot is reserved for this: the KV bound of SPEC.md is unchanged.
-A window of W + G keys masks exactly the rows of the first block that precede
-the window; a decode query of the kernel sees every key of its sequence, so
-the order of the keys does not matter.
+that the kernel's dot product sees the capped distance). A window of W + G
+keys masks exactly the rows of the first block that precede the window, and a
+decode query of the kernel sees every key of its sequence, so the order of
+the keys does not matter. Where the copies go:
 
-Rows the kernel can serve:
+  * "after": into the request's own next G slots, i + 1 .. i + G, when these
+    lie in its last block (allocated, and private: a block is shared through
+    the prefix cache only once full). They hold no token yet, and each token
+    that later lands there overwrites its copy before anything reads it.
+  * "front" (the G steps in B when they would leave the block): into the end
+    of vLLM's null block (block 0, never given to a request, never read),
+    together with the row's window keys of its partly visible first block;
+    the virtual sequence is then [null block] + [window from its next block].
+    The null block holds one row's copies at a time: one kernel call per such
+    row.
+No slot is reserved for this: the KV bound of SPEC.md is unchanged.
+
+Rows the kernel can serve (`row_kind`):
   * "plain": position i < min(W + G - 1, C): every key 0..i is visible at its
     true distance, which is all Λ-attention asks there (prefill chunks too);
-  * "append": decode rows (one query) with i >= W + G - 1: the layout above.
-The rest (prefill chunks past the window, and the G - 1 decode positions
-C <= i < W + G - 1 when W + G - 1 > C) stay on the PyTorch path, which reads
-the same cache layout.
+  * "after" / "front": decode rows (one query) with i >= W + G - 1.
+The rest (prefill chunks past the window, the G - 1 decode positions
+C <= i < W + G - 1 when W + G - 1 > C, and decodes whose copies fit neither
+way, rare: with W a multiple of B it needs G > B / 2) take the PyTorch path,
+reading the same layout.
 
 The cache is then in the kernel's layout (lambda_attention.CPU_KERNEL_LAYOUT)
 and written by its `cpu_attn_reshape_and_cache`. The layout is checked on
@@ -99,11 +105,31 @@ def write_kv_kernel(kv_cache, key, value, slots, isa: str) -> None:
     ops.cpu_attn_reshape_and_cache(key, value, kc, vc, slots, isa)
 
 
-def kernel_serves(num_queries: int, seq_len: int, cfg: LminfConfig) -> bool:
-    """Can the kernel serve a request with these queries this step (a "plain" or an "append" row)?"""
-    G, W, C = cfg.global_tokens, cfg.local_tokens, cfg.distance_cap
-    last = seq_len - 1
-    return last < min(W + G - 1, C) or (num_queries == 1 and last >= W + G - 1)
+NULL_BLOCK = 0  # vLLM's null block: never given to a request (LminfManager checks the id)
+
+
+def row_kind(num_queries: int, seq_len: int, cfg: LminfConfig, block_size: int) -> str | None:
+    """How the kernel serves a request with these queries this step: "plain",
+    "after" or "front" (see the module docstring), or None (the PyTorch path)."""
+    G, W, C, B = cfg.global_tokens, cfg.local_tokens, cfg.distance_cap, block_size
+    i = seq_len - 1
+    if i < min(W + G - 1, C):
+        return "plain"
+    if num_queries != 1 or i < W + G - 1:
+        return None
+    if i % B + G < B:
+        return "after"
+    return "front" if _front_rows(i, W, B) + G <= B else None
+
+
+def _front_rows(i: int, W: int, B: int) -> int:
+    """Window keys of a query at i in its first window block when that block is only partly visible."""
+    start = (i - W + 1) % B
+    return B - start if start else 0
+
+
+def kernel_serves(num_queries: int, seq_len: int, cfg: LminfConfig, block_size: int) -> bool:
+    return row_kind(num_queries, seq_len, cfg, block_size) is not None
 
 
 @dataclass
@@ -116,25 +142,22 @@ class KernelCall:
     block_table: torch.Tensor  # [Rk, nbv] int32: virtual block tables
     window: int  # the kernel's sliding window: W + G
     scheduler_metadata: torch.Tensor
-    # Append rows: where their G re-rotated globals come from and go to.
-    glob_blocks: torch.Tensor  # [Ra, G] long: physical block of global key j
-    glob_k_index: torch.Tensor  # [Ra * G, Hkv, D] long: offsets of its key and value in the flat cache
-    glob_v_index: torch.Tensor
-    append_slots: torch.Tensor  # [Ra * G] long: flat slots i + 1 .. i + G (in the scratch cache if any)
-    glob_shift: torch.Tensor  # [Ra, G] long: rotate key j forward by d - min(d, C) positions
-    # Set when the appended globals would leave the request's last block: the
-    # call then runs on a scratch cache, row r's blocks at [r * nbv, (r + 1) * nbv):
-    # copies of these blocks [Rs, nbs] then zeroed spares for the globals.
-    scratch_sources: torch.Tensor | None = None
-    # cos/sin of glob_shift per rotary (layers may differ), made by the first layer that needs them
+    # Keys and values copied before the call, E per appending row: the G global
+    # keys re-rotated (and, for a "front" row, its window rows of a partly
+    # visible first block, shift 0).
+    copy_k_index: torch.Tensor  # [Ra * E, Hkv, D] long: offsets of the source key and value in the flat cache
+    copy_v_index: torch.Tensor
+    copy_slots: torch.Tensor  # [Ra * E] long: flat destination slots
+    copy_shift: torch.Tensor  # [Ra, E] long: rotate the key forward by d - min(d, C) positions
+    # cos/sin of copy_shift per rotary (layers may differ), made by the first layer that needs them
     _cos_sin: dict = field(default_factory=dict)
 
     def rotation(self, rotary: RotarySpec):
-        """(cos, signed sin) over the rotary width [Ra, G, 1, rotary_dim], and the
+        """(cos, signed sin) over the rotary width [Ra, E, 1, rotary_dim], and the
         feature permutation that pairs each feature with its partner."""
         key = id(rotary.inv_freq)
         if key not in self._cos_sin:
-            cos, sin = cos_sin(self.glob_shift, rotary.inv_freq, torch.float32)  # [Ra, G, F]
+            cos, sin = cos_sin(self.copy_shift, rotary.inv_freq, torch.float32)  # [Ra, E, F]
             half = cos.shape[-1]
             if rotary.is_neox_style:  # (x1, x2) -> (x1 c - x2 s, x2 c + x1 s)
                 cos2, sin2 = torch.cat((cos, cos), -1), torch.cat((-sin, sin), -1)
@@ -157,92 +180,85 @@ def plan_kernel(
     head_size: int,
     dtype: torch.dtype,
 ) -> list[KernelCall]:
-    """The kernel calls serving `rows` (all of them `kernel_serves`): one in place
-    (plain rows, and append rows whose G slots fit in their last block), one on a
-    scratch copy (the other append rows). Empty calls are left out."""
-    G, W, B = cfg.global_tokens, cfg.local_tokens, block_size
-    appends = lambda r: r[3] - 1 >= W + G - 1  # noqa: E731
-    fits = lambda r: (r[3] - 1) % B + G < B  # noqa: E731
-    in_place = [r for r in rows if not appends(r)] + [r for r in rows if appends(r) and fits(r)]
-    spill = [r for r in rows if appends(r) and not fits(r)]
-    args = (block_table, cfg, B, isa, num_heads, num_kv_heads, head_size, dtype)
-    return [call for call in (_plan_call(in_place, False, *args), _plan_call(spill, True, *args)) if call]
+    """The kernel calls serving `rows` (all of them `kernel_serves`): one for the
+    plain and "after" rows, one per "front" row (they all use the null block)."""
+    kinds = [row_kind(r[2], r[3], cfg, block_size) for r in rows]
+    batch = [r for r, k in zip(rows, kinds) if k != "front"]
+    fronts = [[r] for r, k in zip(rows, kinds) if k == "front"]
+    args = (block_table, cfg, block_size, isa, num_heads, num_kv_heads, head_size, dtype)
+    return ([_plan_call(batch, False, *args)] if batch else []) + [_plan_call(f, True, *args) for f in fronts]
 
 
 def plain_kernel_call(query_start_loc, seq_lens, block_table, cfg, isa, num_heads, num_kv_heads, head_size, dtype):
     """The call for a batch whose every request is a plain row: vLLM's own metadata as it is."""
+    qsl, seq = query_start_loc.to(torch.int32), seq_lens.to(torch.int32)
+    none = torch.zeros(0, 0, dtype=torch.long, device=seq.device)
+    return KernelCall(
+        tokens=None, query_start_loc=qsl, seq_lens=seq, block_table=block_table.to(torch.int32),
+        window=cfg.local_tokens + cfg.global_tokens,
+        scheduler_metadata=_scheduler_metadata(qsl, seq, cfg, isa, num_heads, num_kv_heads, head_size, dtype),
+        copy_k_index=none, copy_v_index=none, copy_slots=none.flatten(), copy_shift=none,
+    )  # fmt: skip
+
+
+def _scheduler_metadata(qsl, seq, cfg, isa, num_heads, num_kv_heads, head_size, dtype):
     from vllm import _custom_ops as ops
     from vllm import envs
 
-    qsl, seq = query_start_loc.to(torch.int32), seq_lens.to(torch.int32)
-    metadata = ops.cpu_attn_get_scheduler_metadata(
+    return ops.cpu_attn_get_scheduler_metadata(
         num_reqs=len(seq), num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_size,
         seq_lens=seq, dtype=dtype, query_start_loc=qsl, causal=True,
         sliding_window_size=cfg.local_tokens + cfg.global_tokens, isa=isa, enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
     )  # fmt: skip
-    none = torch.zeros(0, 0, dtype=torch.long, device=seq.device)
-    return KernelCall(
-        tokens=None, query_start_loc=qsl, seq_lens=seq, block_table=block_table.to(torch.int32),
-        window=cfg.local_tokens + cfg.global_tokens, scheduler_metadata=metadata, glob_blocks=none,
-        glob_k_index=none, glob_v_index=none, append_slots=none.flatten(), glob_shift=none,
-    )  # fmt: skip
 
 
-def _plan_call(rows, scratch, block_table, cfg, B, isa, num_heads, num_kv_heads, head_size, dtype):
-    if not rows:
-        return None
-    from vllm import _custom_ops as ops
-    from vllm import envs
-
+def _plan_call(rows, front, block_table, cfg, B, isa, num_heads, num_kv_heads, head_size, dtype):
     # Index arithmetic on a handful of rows: numpy, not many tiny torch ops.
     G, W, C = cfg.global_tokens, cfg.local_tokens, cfg.distance_cap
     req, first_tok, counts, seq = (np.array(col, dtype=np.int64) for col in zip(*rows))
-    is_app = seq - 1 >= W + G - 1
-    # Virtual sequence: from the first window block (block 0 for plain rows) to
-    # row i, then the G appended globals.
-    first_blk = np.where(is_app, (seq - W) // B, 0)  # (i - W + 1) // B with i = seq - 1
-    vlen = seq - first_blk * B + np.where(is_app, G, 0)
-    nbv = int(((vlen + B - 1) // B).max())
+    i = seq - 1
+    is_app = i >= W + G - 1
     own = block_table.cpu().numpy()[req]  # [R, max_blocks]
-    cols = np.minimum(first_blk[:, None] + np.arange(nbv), own.shape[1] - 1)
-    table = np.take_along_axis(own, cols, axis=1).astype(np.int64)
-    sources = None
-    if scratch:  # row r's virtual block k is scratch block r * nbv + k
-        real = seq - first_blk * B  # tokens of the row's own blocks in its virtual sequence
-        sources = torch.from_numpy(table[:, : int((real + B - 1).max()) // B].copy())
-        table = np.arange(len(rows) * nbv).reshape(len(rows), nbv)
-    qsl = np.zeros(len(rows) + 1, dtype=np.int32)
+    j = np.arange(G)
+    if front:  # one row: [null block: its copies at the end] + its window from the first whole block
+        (i0,) = i
+        m = _front_rows(i0, W, B)
+        first_blk = np.array([(i0 - W + 1) // B + (1 if m else 0)])
+        vlen = B + seq - first_blk * B
+        table = np.concatenate(([[NULL_BLOCK]], own[:, first_blk[0] : i0 // B + 1]), axis=1)
+        src_pos = np.concatenate((j, i0 - W + 1 + np.arange(m)))[None]  # globals, then the front window rows
+        dst_slot = (B - m - G + np.arange(G + m))[None]  # slots in the null block
+        shift = np.concatenate((i0 - j - np.minimum(i0 - j, C), np.zeros(m, dtype=np.int64)))[None]
+    else:  # window from its first block (block 0 for plain rows), row i, then the G globals
+        first_blk = np.where(is_app, (i - W + 1) // B, 0)
+        vlen = seq - first_blk * B + np.where(is_app, G, 0)
+        nbv = int(((vlen + B - 1) // B).max())
+        cols = np.minimum(first_blk[:, None] + np.arange(nbv), own.shape[1] - 1)
+        table = np.take_along_axis(own, cols, axis=1)
+        app = np.nonzero(is_app)[0]
+        src_pos = np.broadcast_to(j, (len(app), G))
+        p = i[app, None] + 1 + j  # the slots after the query
+        dst_slot = np.take_along_axis(own[app], p // B, axis=1) * B + p % B
+        d = i[app, None] - j
+        shift = d - np.minimum(d, C)
+        own = own[app]
+    # Flat offsets of the sources in the kernel's layout: per block and head,
+    # keys [D, B] then values [B, D].
+    Hkv, D = num_kv_heads, head_size
+    src_blk = np.take_along_axis(own, src_pos // B, axis=1) if src_pos.size else src_pos
+    base = (src_blk.reshape(-1, 1, 1) * Hkv + np.arange(Hkv)[:, None]) * (2 * B * D)  # [Ra * E, Hkv, 1]
+    row = (src_pos % B).reshape(-1, 1, 1)
+    qsl = np.zeros(len(rows) + 1, dtype=np.int64)
     qsl[1:] = np.cumsum(counts)
     tokens = np.concatenate([np.arange(a, a + t) for a, t in zip(first_tok, counts)])
-
-    # Append rows: global key j at distance d = i - j >= W is shown at min(d, C).
-    app = np.nonzero(is_app)[0]
-    i = seq[app, None] - 1  # [Ra, 1]
-    j = np.arange(G)
-    glob_blocks = own[app][:, j // B] if G else np.zeros((len(app), 0), dtype=np.int64)
-    # Flat offsets in the kernel's layout: per block and head, keys [D, B] then values [B, D].
-    Hkv, D = num_kv_heads, head_size
-    base = (glob_blocks.reshape(-1, 1, 1) * Hkv + np.arange(Hkv)[:, None]) * (2 * B * D)  # [Ra * G, Hkv, 1]
-    row = np.broadcast_to(j % B, (len(app), G)).reshape(-1, 1, 1)
-    k_index = base + np.arange(D) * B + row
-    v_index = base + B * D + row * D + np.arange(D)
-    d = i - j
-    p = i + 1 + j - first_blk[app, None] * B  # virtual position of appended global j
-    append_slots = (np.take_along_axis(table[app], p // B, axis=1) * B + p % B).reshape(-1)
     dev = block_table.device
     as_tensor = lambda a, t=torch.long: torch.from_numpy(np.array(a)).to(dev, t)  # noqa: E731 (a copy: writable)
-    vlen32, qsl32 = as_tensor(vlen, torch.int32), as_tensor(qsl, torch.int32)
-    metadata = ops.cpu_attn_get_scheduler_metadata(
-        num_reqs=len(rows), num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_size,
-        seq_lens=vlen32, dtype=dtype, query_start_loc=qsl32, causal=True, sliding_window_size=W + G,
-        isa=isa, enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
-    )  # fmt: skip
+    qsl32, vlen32 = as_tensor(qsl, torch.int32), as_tensor(vlen, torch.int32)
     return KernelCall(
-        tokens=as_tensor(tokens), query_start_loc=qsl32, seq_lens=vlen32,
-        block_table=as_tensor(table, torch.int32), window=W + G, scheduler_metadata=metadata,
-        glob_blocks=as_tensor(glob_blocks), glob_k_index=as_tensor(k_index), glob_v_index=as_tensor(v_index),
-        append_slots=as_tensor(append_slots), glob_shift=as_tensor(d - np.minimum(d, C)),
-        scratch_sources=None if sources is None else sources.to(dev),
+        tokens=as_tensor(tokens), query_start_loc=qsl32, seq_lens=vlen32, block_table=as_tensor(table, torch.int32),
+        window=W + G, scheduler_metadata=_scheduler_metadata(qsl32, vlen32, cfg, isa, num_heads, Hkv, D, dtype),
+        copy_k_index=as_tensor(base + np.arange(D) * B + row), copy_v_index=as_tensor(base + B * D + row * D + np.arange(D)),
+        copy_slots=as_tensor(dst_slot.reshape(-1)), copy_shift=as_tensor(shift),
     )  # fmt: skip
 
 
@@ -262,27 +278,18 @@ def kernel_attention(
 def _run_call(query, kv_cache, call: KernelCall, scale, rotary, isa, output) -> None:
     from vllm import _custom_ops as ops
 
-    cache = kv_cache
-    if call.scratch_sources is not None:
-        rows, nbv = call.block_table.shape
-        cache = kv_cache.new_empty(rows, nbv, *kv_cache.shape[1:])
-        copied = call.scratch_sources.shape[1]
-        cache[:, :copied] = kv_cache[call.scratch_sources]
-        cache[:, copied:] = 0  # the kernel reads whole blocks: no NaN from uninitialised memory
-        cache = cache.view(rows * nbv, *kv_cache.shape[1:])
-    Ra, G = call.glob_blocks.shape
-    if Ra and G:
+    Ra, E = call.copy_shift.shape
+    if Ra and E:
         flat = kv_cache.view(-1)
-        k, v = flat.take(call.glob_k_index), flat.take(call.glob_v_index)  # [Ra * G, Hkv, D]
+        k, v = flat.take(call.copy_k_index), flat.take(call.copy_v_index)  # [Ra * E, Hkv, D]
         if rotary is not None:
             cos, sin, perm = call.rotation(rotary)
             r = rotary.rotary_dim
-            x = k.view(Ra, G, *k.shape[1:])[..., :r].float()
+            x = k.view(Ra, E, *k.shape[1:])[..., :r].float()
             x = x * cos + x.index_select(-1, perm) * sin
-            k = k.clone()
-            k.view(Ra, G, *k.shape[1:])[..., :r] = x.to(k.dtype)
-        write_kv_kernel(cache, k, v, call.append_slots, isa)
-    kc, vc = _kernel_views(cache)
+            k.view(Ra, E, *k.shape[1:])[..., :r] = x.to(k.dtype)  # k is a copy (take)
+        write_kv_kernel(kv_cache, k, v, call.copy_slots, isa)
+    kc, vc = _kernel_views(kv_cache)
     if call.tokens is None:  # the whole batch, in order: read and write in place
         n = int(call.query_start_loc[-1])
         q, out = query[:n], output[:n]

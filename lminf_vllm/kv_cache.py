@@ -46,6 +46,14 @@ class LminfManager(SlidingWindowManager):
         super().__init__(kv_cache_spec, **kwargs)
         self.global_tokens = kv_cache_spec.global_tokens
         self.num_freed_blocks = 0  # freed by the Λ policy, for observability
+        # cpu_kernel_path writes scratch rows into the null block, by id.
+        from lminf_vllm.cpu_kernel_path import NULL_BLOCK
+
+        if self.block_pool.null_block.block_id != NULL_BLOCK:
+            raise RuntimeError(
+                f"vLLM's null block has id {self.block_pool.null_block.block_id}, not {NULL_BLOCK}: "
+                "this vLLM version is not supported by lminf"
+            )
 
     def remove_skipped_blocks(self, request_id: str, processed_computed_tokens: int, num_prompt_tokens=None) -> None:
         gap = block_policy.freeable_blocks(
