@@ -135,7 +135,8 @@ class LminfMetadataBuilder(AttentionMetadataBuilder[LminfMetadata]):
                 decode_only=m.max_query_len == 1,
             )
         cfg = self.cfg
-        if self.kernel_isa is not None and m.max_seq_len - 1 < min(cfg.local_tokens + cfg.global_tokens - 1, cfg.distance_cap):
+        plain_below = min(cfg.local_tokens + cfg.global_tokens - 1, cfg.distance_cap)
+        if self.kernel_isa is not None and m.max_seq_len - 1 < plain_below:
             # Every query sees every key before it, at its true distance: the
             # whole batch is plain causal attention, vLLM's kernel as it is.
             return self._plain_batch(m)

@@ -140,7 +140,7 @@ class KernelCall:
     query_start_loc: torch.Tensor  # [Rk + 1] int32, into `tokens`
     seq_lens: torch.Tensor  # [Rk] int32: virtual sequence lengths
     block_table: torch.Tensor  # [Rk, nbv] int32: virtual block tables
-    window: int  # the kernel's sliding window: W + G
+    window: int  # the kernel's sliding window: W + G (-1: none, all rows plain)
     scheduler_metadata: torch.Tensor
     # Keys and values copied before the call, E per appending row: the G global
     # keys re-rotated (and, for a "front" row, its window rows of a partly
@@ -193,22 +193,22 @@ def plain_kernel_call(query_start_loc, seq_lens, block_table, cfg, isa, num_head
     """The call for a batch whose every request is a plain row: vLLM's own metadata as it is."""
     qsl, seq = query_start_loc.to(torch.int32), seq_lens.to(torch.int32)
     none = torch.zeros(0, 0, dtype=torch.long, device=seq.device)
+    # Plain rows see all their keys: no window, the kernel's full-attention path as for stock.
     return KernelCall(
-        tokens=None, query_start_loc=qsl, seq_lens=seq, block_table=block_table.to(torch.int32),
-        window=cfg.local_tokens + cfg.global_tokens,
-        scheduler_metadata=_scheduler_metadata(qsl, seq, cfg, isa, num_heads, num_kv_heads, head_size, dtype),
+        tokens=None, query_start_loc=qsl, seq_lens=seq, block_table=block_table.to(torch.int32), window=-1,
+        scheduler_metadata=_scheduler_metadata(qsl, seq, -1, isa, num_heads, num_kv_heads, head_size, dtype),
         copy_k_index=none, copy_v_index=none, copy_slots=none.flatten(), copy_shift=none,
     )  # fmt: skip
 
 
-def _scheduler_metadata(qsl, seq, cfg, isa, num_heads, num_kv_heads, head_size, dtype):
+def _scheduler_metadata(qsl, seq, window, isa, num_heads, num_kv_heads, head_size, dtype):
     from vllm import _custom_ops as ops
     from vllm import envs
 
     return ops.cpu_attn_get_scheduler_metadata(
         num_reqs=len(seq), num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_size,
-        seq_lens=seq, dtype=dtype, query_start_loc=qsl, causal=True,
-        sliding_window_size=cfg.local_tokens + cfg.global_tokens, isa=isa, enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
+        seq_lens=seq, dtype=dtype, query_start_loc=qsl, causal=True, sliding_window_size=window,
+        isa=isa, enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
     )  # fmt: skip
 
 
@@ -254,10 +254,12 @@ def _plan_call(rows, front, block_table, cfg, B, isa, num_heads, num_kv_heads, h
     dev = block_table.device
     as_tensor = lambda a, t=torch.long: torch.from_numpy(np.array(a)).to(dev, t)  # noqa: E731 (a copy: writable)
     qsl32, vlen32 = as_tensor(qsl, torch.int32), as_tensor(vlen, torch.int32)
+    window = W + G if is_app.any() else -1  # (plain rows alone: no window, as above)
     return KernelCall(
         tokens=as_tensor(tokens), query_start_loc=qsl32, seq_lens=vlen32, block_table=as_tensor(table, torch.int32),
-        window=W + G, scheduler_metadata=_scheduler_metadata(qsl32, vlen32, cfg, isa, num_heads, Hkv, D, dtype),
-        copy_k_index=as_tensor(base + np.arange(D) * B + row), copy_v_index=as_tensor(base + B * D + row * D + np.arange(D)),
+        window=window, scheduler_metadata=_scheduler_metadata(qsl32, vlen32, window, isa, num_heads, Hkv, D, dtype),
+        copy_k_index=as_tensor(base + np.arange(D) * B + row),
+        copy_v_index=as_tensor(base + B * D + row * D + np.arange(D)),
         copy_slots=as_tensor(dst_slot.reshape(-1)), copy_shift=as_tensor(shift),
     )  # fmt: skip
 

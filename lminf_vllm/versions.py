@@ -2,6 +2,10 @@
 
 Every runtime patch names the versions it was written against by pointing here;
 `check_vllm_version()` refuses anything else at plugin load with one clear line.
+Besides the patches, `cpu_kernel_path` calls vLLM's CPU attention ops and
+relies on its null block being block 0: the first is checked by a round trip
+through the ops at start-up (else the PyTorch path serves), the second by
+`LminfManager`.
 """
 
 from importlib import metadata
