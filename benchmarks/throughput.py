@@ -1,4 +1,4 @@
-"""Offline batched generation: prefill and decode speed, lminf next to stock, one run.
+r"""Offline batched generation: prefill and decode speed, lminf next to stock, one run.
 
 For each prompt length both backends serve the same batch on the same model:
 the engine's per-request timestamps split each run into prefill and decode.
@@ -9,6 +9,9 @@ and a PNG.
 
     python benchmarks/throughput.py --help
     python benchmarks/throughput.py --lengths 1024 2048 8192 32768 --batch 4
+    # GPUs, tensor parallel through Ray (not yet run by this project):
+    python benchmarks/throughput.py --model MODEL --dtype bfloat16 --backends FLASH_ATTN lminf \
+        --lengths 4096 16384 65536 131072 --tensor-parallel-size 2 --executor ray
 
 The default model is the random 2-layer Llama with a 128k RoPE table that
 benchmarks/kv_memory.py builds, so stock attention can run every length.
@@ -38,7 +41,11 @@ def parse_args(argv=None):
     p.add_argument("--distance-cap", type=int, default=4096)
     p.add_argument("--block-size", type=int, default=32)
     p.add_argument("--step-tokens", type=int, default=4096, help="max_num_batched_tokens")
-    p.add_argument("--backends", nargs="+", default=["CPU_ATTN", "lminf"])
+    p.add_argument("--backends", nargs="+", default=["CPU_ATTN", "lminf"],
+                   help="the first is the baseline of the ratios (on GPUs: FLASH_ATTN lminf)")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--executor", choices=["mp", "ray"], default=None, help="distributed_executor_backend")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per point; the fastest counts")
     p.add_argument("--out", type=Path, default=Path("out/throughput.json"))
     return p.parse_args(argv)
@@ -49,12 +56,15 @@ def measure(args, model, backend, n):
 
     lminf = backend == "lminf"
     kv_blocks = args.batch * (-(-(n + args.gen) // args.block_size) + 2)  # room for the full batch, either way
+    dtype_bytes = 4 if args.dtype == "float32" else 2
+    kv_bytes = kv_blocks * page_bytes(model, args.block_size, dtype_bytes) // args.tensor_parallel_size  # per worker
     llm = LLM(
-        model=str(model), dtype="float32", enforce_eager=True, block_size=args.block_size, seed=0,
+        model=str(model), dtype=args.dtype, enforce_eager=True, block_size=args.block_size, seed=0,
         attention_backend=backend, max_model_len=n + args.gen, max_num_seqs=args.batch,
         enable_prefix_caching=False,  # each timed run computes its prompts in full
         disable_log_stats=False,  # per-request timestamps
-        max_num_batched_tokens=args.step_tokens, kv_cache_memory_bytes=kv_blocks * page_bytes(model, args.block_size),
+        tensor_parallel_size=args.tensor_parallel_size, distributed_executor_backend=args.executor,
+        max_num_batched_tokens=args.step_tokens, kv_cache_memory_bytes=kv_bytes,
         additional_config={"lminf": {"global_tokens": args.global_tokens, "local_tokens": args.local_tokens,
                                      "distance_cap": args.distance_cap}} if lminf else {},
     )  # fmt: skip
@@ -109,18 +119,18 @@ def main(argv=None):
     print("| prompt | backend | prefill tok/s | decode tok/s | ms/output token | prefill x stock | decode x stock "
           "| KV blocks/seq | KV MiB/seq |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|")
-    stock = {r["prompt_tokens"]: r for r in rows if r["backend"] == "CPU_ATTN"}
+    stock = {r["prompt_tokens"]: r for r in rows if r["backend"] == args.backends[0]}
     for r in rows:
         base = stock.get(r["prompt_tokens"])
         ratio = lambda key: f"{r[key] / base[key]:.2f}" if base else "-"  # noqa: E731
         print(f"| {r['prompt_tokens']} | {r['backend']} | {r['prefill_tok_s']} | {r['decode_tok_s']} | "
               f"{r['ms_per_output_token']} | {ratio('prefill_tok_s')} | {ratio('decode_tok_s')} | "
               f"{r['kv_blocks_per_seq']} | {r['kv_mib_per_seq']} |")  # fmt: skip
-    plot(rows, args.out.with_suffix(".png"))
+    plot(rows, args.backends[0], args.out.with_suffix(".png"))
     print(f"\nwrote {args.out}")
 
 
-def plot(rows, path):
+def plot(rows, baseline, path):
     try:
         import matplotlib
 
@@ -130,10 +140,10 @@ def plot(rows, path):
         return
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, title in ((axes[0], "prefill_tok_s", "prefill"), (axes[1], "decode_tok_s", "decode")):
-        for backend, style in (("CPU_ATTN", "o-"), ("lminf", "s-")):
+        for backend, style in ((baseline, "o-"), ("lminf", "s-")):
             pts = [r for r in rows if r["backend"] == backend]
             ax.plot([r["prompt_tokens"] for r in pts], [r[key] for r in pts], style,
-                    label="stock (CPU_ATTN)" if backend == "CPU_ATTN" else "lminf")  # fmt: skip
+                    label=f"stock ({backend})" if backend == baseline else "lminf")  # fmt: skip
         ax.set_xscale("log", base=2)
         ax.set_xlabel("prompt tokens")
         ax.set_ylabel("tokens/s")

@@ -49,7 +49,7 @@ def sequence(n, seed, neox, cfg):
     return q, k, v, rotary, expected
 
 
-def run_batch(cfg, block_size, schedules, neox=True):
+def run_batch(cfg, block_size, schedules, neox=True, dtype=torch.float32):
     """schedules[r]: request r's query counts per step (0 = not scheduled).
     Returns (max |out - ref|, how many rows each path served)."""
     B = block_size
@@ -57,7 +57,7 @@ def run_batch(cfg, block_size, schedules, neox=True):
     rotary = seqs[0][3]
     need = [-(-sum(s) // B) for s in schedules]
     pool = sum(need) + 4
-    kv_cache = torch.randn(pool, HKV, B, 2 * D, generator=torch.Generator().manual_seed(1)) * 1e3
+    kv_cache = (torch.randn(pool, HKV, B, 2 * D, generator=torch.Generator().manual_seed(1)) * 1e3).to(dtype)
     # Block 0 is vLLM's null block: never a request's (the kernel path uses it as scratch).
     free = [b for b in torch.randperm(pool, generator=torch.Generator().manual_seed(B)).tolist() if b]
     table = torch.zeros(len(schedules), max(need), dtype=torch.int32)
@@ -76,8 +76,8 @@ def run_batch(cfg, block_size, schedules, neox=True):
             pos = torch.arange(a, b)
             slots.append(table[r][pos // B].long() * B + pos % B)
             k, v = seqs[r][1][a:b], seqs[r][2][a:b]
-            write_kv_kernel(kv_cache, k, v, slots[-1], ISA)
-        query = torch.cat(query)
+            write_kv_kernel(kv_cache, k.to(dtype), v.to(dtype), slots[-1], ISA)
+        query = torch.cat(query).to(dtype)
         output = torch.full_like(query, float("nan"))
         sub = table[reqs]
         rows, rest = [], []
@@ -86,7 +86,7 @@ def run_batch(cfg, block_size, schedules, neox=True):
             kind = row_kind(counts[r], n, cfg, B)
             served[kind or "torch"] += 1
             (rows if kind else rest).append((idx, starts[idx], counts[r], n))
-        calls = plan_kernel(rows, sub, cfg, B, ISA, H, HKV, D, torch.float32)
+        calls = plan_kernel(rows, sub, cfg, B, ISA, H, HKV, D, dtype)
         kernel_attention(query, kv_cache, calls, D**-0.5, rotary, ISA, output)
         for idx, a, t, n in rest:
             if t == 1:
@@ -134,3 +134,12 @@ def test_long_decode_far_past_the_cap_matches_reference(neox):
     worst, served = run_batch(cfg, 32, [[600] + [1] * 400, [1177] + [1] * 20], neox=neox)
     assert worst < 2e-5
     assert served["after"] > 300 and served["front"] > 20, served
+
+
+def test_bfloat16_cache_matches_reference_to_its_precision():
+    """vLLM serves bfloat16 models on CPU with the same kernel and cache layout."""
+    assert kernel_mode("cpu", True, torch.bfloat16, 32, HKV, D) == ISA
+    cfg = LminfConfig(global_tokens=4, local_tokens=64, distance_cap=96)
+    worst, served = run_batch(cfg, 32, [[300] + [1] * 100, [5] + [1] * 150], dtype=torch.bfloat16)
+    assert worst < 0.05  # bfloat16 keeps 8 bits of mantissa: outputs of size ~1 move by ~1e-2
+    assert served["after"] > 100 and served["front"] > 10, served
