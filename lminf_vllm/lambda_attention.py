@@ -171,7 +171,7 @@ def _local_mask(T: int, L: int, offset: int, W: int, g: int, device) -> torch.Te
         dist = torch.arange(offset, offset + T, device=device)[:, None] - torch.arange(L, device=device)[None, :]
         mask = torch.zeros(T, L, device=device).masked_fill_(~((dist >= 0) & (dist < W)), float("-inf"))
         mask = mask.repeat(g, 1)
-        if len(_MASKS) > 64:
+        if len(_MASKS) >= 8:  # a few MB each: keep the recent ones
             _MASKS.clear()
         _MASKS[key] = mask
     return mask
