@@ -46,15 +46,22 @@ def kernel_calls(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("path", ["cpu-kernel", "torch"])
-@pytest.mark.parametrize("G, W, C, block_size, step_tokens", CASES)
+# On CPU both attention paths: vLLM's kernel (blocks of a multiple of 32 only)
+# and PyTorch alone (LMINF_CPU_KERNEL=0).
+PATH_CASES = [
+    pytest.param(*case.values, path, id=f"{case.id}-{path}")
+    for case in CASES
+    for path in ("cpu-kernel", "torch")
+    if path == "torch" or case.values[3] % 32 == 0
+]
+
+
+@pytest.mark.parametrize("G, W, C, block_size, step_tokens, path", PATH_CASES)
 def test_prompt_logprobs_match_reference(
     tiny_llama, reference, G, W, C, block_size, step_tokens, path, kernel_calls, monkeypatch
 ):
     if path == "torch":
         monkeypatch.setenv("LMINF_CPU_KERNEL", "0")
-    elif block_size % 32:
-        pytest.skip("vLLM's CPU kernel needs blocks of a multiple of 32: these runs take the torch path")
     cfg = LminfConfig(G, W, C)
     prompts = [random_prompt(n, seed=n + G) for n in LENGTHS]
     params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
