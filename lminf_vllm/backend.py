@@ -24,7 +24,7 @@ from lminf_vllm.cpu_kernel_path import (
     KernelCall,
     kernel_attention,
     kernel_mode,
-    kernel_serves,
+    plain,
     plain_kernel_call,
     plan_kernel,
     write_kv_kernel,
@@ -134,9 +134,7 @@ class LminfMetadataBuilder(AttentionMetadataBuilder[LminfMetadata]):
                 seq_lens_tensor=m.seq_lens[: m.num_reqs],
                 decode_only=m.max_query_len == 1,
             )
-        cfg = self.cfg
-        plain_below = min(cfg.local_tokens + cfg.global_tokens - 1, cfg.distance_cap)
-        if self.kernel_isa is not None and m.max_seq_len - 1 < plain_below:
+        if self.kernel_isa is not None and plain(m.max_seq_len, self.cfg):
             # Every query sees every key before it, at its true distance: the
             # whole batch is plain causal attention, vLLM's kernel as it is.
             return self._plain_batch(m)
@@ -145,7 +143,15 @@ class LminfMetadataBuilder(AttentionMetadataBuilder[LminfMetadata]):
         block_table = m.block_table_tensor[: m.num_reqs]
         lengths = [b - a for a, b in zip(query_start, query_start[1:])]
         dev = block_table.device
-        kernel_rows, rest = self._kernel_rows(query_start, lengths, seq_lens)
+        kernel_calls, rest = [], list(range(m.num_reqs))
+        if self.kernel_isa is not None:
+            spec = self.kv_cache_spec
+            requests = [(r, query_start[r], t, n) for r, (t, n) in enumerate(zip(lengths, seq_lens))]
+            kernel_calls, left = plan_kernel(
+                requests, block_table, self.cfg, spec.block_size, self.kernel_isa,
+                self.num_heads, spec.num_kv_heads, spec.head_size, spec.dtype,
+            )  # fmt: skip
+            rest = [r[0] for r in left]
         decodes = [r for r in rest if lengths[r] == 1]
         decode_seq_lens = torch.tensor([seq_lens[r] for r in decodes], dtype=torch.long, device=dev)
         decode_table = block_table.index_select(0, torch.tensor(decodes, dtype=torch.long, device=dev))
@@ -159,7 +165,7 @@ class LminfMetadataBuilder(AttentionMetadataBuilder[LminfMetadata]):
             decode_plans=plan_decode(decode_seq_lens, decode_table, self.cfg, self.kv_cache_spec.block_size),
             other_reqs=[r for r in rest if lengths[r] > 1],
             kernel_isa=self.kernel_isa,
-            kernel_calls=self._plan_kernel(kernel_rows, block_table),
+            kernel_calls=kernel_calls,
         )
 
     def _plain_batch(self, m: CommonAttentionMetadata) -> LminfMetadata:
@@ -172,25 +178,6 @@ class LminfMetadataBuilder(AttentionMetadataBuilder[LminfMetadata]):
             num_actual_tokens=m.num_actual_tokens, query_start=[], seq_lens=[], block_table=call.block_table,
             slot_mapping=m.slot_mapping, decode_tokens=m.slot_mapping.new_empty(0, dtype=torch.long),
             decode_plans=[], other_reqs=[], kernel_isa=self.kernel_isa, kernel_calls=[call],
-        )  # fmt: skip
-
-    def _kernel_rows(self, query_start, lengths, seq_lens):
-        """Requests vLLM's CPU kernel serves (see cpu_kernel_path), and the rest."""
-        if self.kernel_isa is None:
-            return [], list(range(len(lengths)))
-        kernel, rest = [], []
-        for r, (t, n) in enumerate(zip(lengths, seq_lens)):
-            if kernel_serves(t, n, self.cfg, self.kv_cache_spec.block_size):
-                kernel.append((r, query_start[r], t, n))
-            else:
-                rest.append(r)
-        return kernel, rest
-
-    def _plan_kernel(self, rows, block_table):
-        spec = self.kv_cache_spec
-        return plan_kernel(
-            rows, block_table, self.cfg, spec.block_size, self.kernel_isa,
-            self.num_heads, spec.num_kv_heads, spec.head_size, spec.dtype,
         )  # fmt: skip
 
 

@@ -50,7 +50,7 @@ import torch
 
 from lminf_vllm.config import LminfConfig
 from lminf_vllm.lambda_attention import read_rows
-from lminf_vllm.rope import RotarySpec, cos_sin
+from lminf_vllm.rope import RotarySpec, cos_sin, rotate
 
 
 # LMINF_CPU_KERNEL=0 keeps every row on the PyTorch path (tests, benchmarks).
@@ -108,12 +108,17 @@ def write_kv_kernel(kv_cache, key, value, slots, isa: str) -> None:
 NULL_BLOCK = 0  # vLLM's null block: never given to a request (LminfManager checks the id)
 
 
+def plain(seq_len: int, cfg: LminfConfig) -> bool:
+    """Does every query of a request up to seq_len see every key before it, at its true distance?"""
+    return seq_len - 1 < min(cfg.local_tokens + cfg.global_tokens - 1, cfg.distance_cap)
+
+
 def row_kind(num_queries: int, seq_len: int, cfg: LminfConfig, block_size: int) -> str | None:
     """How the kernel serves a request with these queries this step: "plain",
     "after" or "front" (see the module docstring), or None (the PyTorch path)."""
-    G, W, C, B = cfg.global_tokens, cfg.local_tokens, cfg.distance_cap, block_size
+    G, W, B = cfg.global_tokens, cfg.local_tokens, block_size
     i = seq_len - 1
-    if i < min(W + G - 1, C):
+    if plain(seq_len, cfg):
         return "plain"
     if num_queries != 1 or i < W + G - 1:
         return None
@@ -126,10 +131,6 @@ def _front_rows(i: int, W: int, B: int) -> int:
     """Window keys of a query at i in its first window block when that block is only partly visible."""
     start = (i - W + 1) % B
     return B - start if start else 0
-
-
-def kernel_serves(num_queries: int, seq_len: int, cfg: LminfConfig, block_size: int) -> bool:
-    return row_kind(num_queries, seq_len, cfg, block_size) is not None
 
 
 @dataclass
@@ -152,20 +153,12 @@ class KernelCall:
     # cos/sin of copy_shift per rotary (layers may differ), made by the first layer that needs them
     _cos_sin: dict = field(default_factory=dict)
 
-    def rotation(self, rotary: RotarySpec):
-        """(cos, signed sin) over the rotary width [Ra, E, 1, rotary_dim], and the
-        feature permutation that pairs each feature with its partner."""
+    def cos_sin(self, rotary: RotarySpec):
+        """cos, sin of copy_shift: [Ra, E, 1, rotary_dim / 2] (broadcast over heads)."""
         key = id(rotary.inv_freq)
         if key not in self._cos_sin:
-            cos, sin = cos_sin(self.copy_shift, rotary.inv_freq, torch.float32)  # [Ra, E, F]
-            half = cos.shape[-1]
-            if rotary.is_neox_style:  # (x1, x2) -> (x1 c - x2 s, x2 c + x1 s)
-                cos2, sin2 = torch.cat((cos, cos), -1), torch.cat((-sin, sin), -1)
-                perm = torch.cat((torch.arange(half, 2 * half), torch.arange(half)))
-            else:  # interleaved pairs
-                cos2, sin2 = cos.repeat_interleave(2, -1), torch.stack((-sin, sin), -1).flatten(-2)
-                perm = torch.arange(2 * half).view(half, 2).flip(-1).flatten()
-            self._cos_sin[key] = (cos2[:, :, None], sin2[:, :, None], perm.to(cos.device))
+            cos, sin = cos_sin(self.copy_shift, rotary.inv_freq, torch.float32)
+            self._cos_sin[key] = (cos[:, :, None], sin[:, :, None])
         return self._cos_sin[key]
 
 
@@ -179,14 +172,17 @@ def plan_kernel(
     num_kv_heads: int,
     head_size: int,
     dtype: torch.dtype,
-) -> list[KernelCall]:
-    """The kernel calls serving `rows` (all of them `kernel_serves`): one for the
-    plain and "after" rows, one per "front" row (they all use the null block)."""
+) -> tuple[list[KernelCall], list[tuple[int, int, int, int]]]:
+    """The kernel calls serving what they can of `rows` (one for the plain and
+    "after" rows, one per "front" row: they all use the null block), and the
+    rows left to the PyTorch path."""
     kinds = [row_kind(r[2], r[3], cfg, block_size) for r in rows]
-    batch = [r for r, k in zip(rows, kinds) if k != "front"]
+    batch = [r for r, k in zip(rows, kinds) if k in ("plain", "after")]
     fronts = [[r] for r, k in zip(rows, kinds) if k == "front"]
+    rest = [r for r, k in zip(rows, kinds) if k is None]
     args = (block_table, cfg, block_size, isa, num_heads, num_kv_heads, head_size, dtype)
-    return ([_plan_call(batch, False, *args)] if batch else []) + [_plan_call(f, True, *args) for f in fronts]
+    calls = ([_plan_call(batch, False, *args)] if batch else []) + [_plan_call(f, True, *args) for f in fronts]
+    return calls, rest
 
 
 def plain_kernel_call(query_start_loc, seq_lens, block_table, cfg, isa, num_heads, num_kv_heads, head_size, dtype):
@@ -285,11 +281,8 @@ def _run_call(query, kv_cache, call: KernelCall, scale, rotary, isa, output) -> 
         flat = kv_cache.view(-1)
         k, v = flat.take(call.copy_k_index), flat.take(call.copy_v_index)  # [Ra * E, Hkv, D]
         if rotary is not None:
-            cos, sin, perm = call.rotation(rotary)
-            r = rotary.rotary_dim
-            x = k.view(Ra, E, *k.shape[1:])[..., :r].float()
-            x = x * cos + x.index_select(-1, perm) * sin
-            k.view(Ra, E, *k.shape[1:])[..., :r] = x.to(k.dtype)  # k is a copy (take)
+            cos, sin = call.cos_sin(rotary)
+            k = rotate(k.view(Ra, E, *k.shape[1:]).float(), cos, sin, rotary).to(k.dtype).view(k.shape)
         write_kv_kernel(kv_cache, k, v, call.copy_slots, isa)
     kc, vc = _kernel_views(kv_cache)
     if call.tokens is None:  # the whole batch, in order: read and write in place

@@ -106,17 +106,7 @@ def attend_span(
     values = [v_loc]
 
     if k_glob.shape[0]:
-        # Global branch: keys outside the window; the query is re-rotated per key
-        # so that the distance the model sees is min(i - j, C) instead of i - j.
-        jg = torch.arange(k_glob.shape[0], device=dev)
-        dist_g = i[:, None] - jg[None, :]  # [T, Gk]
-        if rotary is not None:
-            delta = dist_g.clamp(max=cfg.distance_cap) - dist_g  # <= 0; 0 inside the cap
-            cos, sin = cos_sin(delta, rotary.inv_freq, torch.float32)  # [T, Gk, F]
-            q_moved = rotate(qf[:, None], cos[:, :, None, None], sin[:, :, None, None], rotary)
-            s_glob = torch.einsum("tjkgd,jkd->tkgj", q_moved, k_glob.float()) * scale
-        else:
-            s_glob = torch.einsum("tkgd,jkd->tkgj", qf, k_glob.float()) * scale
+        s_glob, dist_g = _global_scores(qf, q_start, k_glob, cfg, scale, rotary)
         if alibi is not None:  # ALiBi: the bias sees the capped distance
             s_glob -= alibi.view(1, Hkv, -1, 1) * dist_g.clamp(max=cfg.distance_cap)[:, None, None, :]
         s_glob.masked_fill_(~(dist_g >= cfg.local_tokens)[:, None, None, :], float("-inf"))
@@ -126,6 +116,22 @@ def attend_span(
     probs = torch.softmax(torch.cat(scores, dim=-1), dim=-1)
     out = torch.einsum("tkgl,lkd->tkgd", probs, torch.cat(values, dim=0).float())
     return out.reshape(T, H, -1)
+
+
+def _global_scores(qf, q_start, k_glob, cfg, scale, rotary):
+    """Unmasked scores [T, Hkv, g, Gk] of queries qf [T, Hkv, g, D] (at q_start ..)
+    against the global keys 0 .. Gk-1, and the true distances [T, Gk]. Under RoPE
+    the query is re-rotated per key, so that the model sees min(i - j, C), not i - j."""
+    T = qf.shape[0]
+    dist_g = torch.arange(q_start, q_start + T, device=qf.device)[:, None] - torch.arange(
+        k_glob.shape[0], device=qf.device
+    )  # fmt: skip
+    if rotary is None:
+        return torch.einsum("tkgd,jkd->tkgj", qf, k_glob.float()) * scale, dist_g
+    delta = dist_g.clamp(max=cfg.distance_cap) - dist_g  # <= 0; 0 inside the cap
+    cos, sin = cos_sin(delta, rotary.inv_freq, torch.float32)  # [T, Gk, F]
+    q_moved = rotate(qf[:, None], cos[:, :, None, None], sin[:, :, None, None], rotary)
+    return torch.einsum("tjkgd,jkd->tkgj", q_moved, k_glob.float()) * scale, dist_g
 
 
 def _attend_span_fused(q, q_start, k_glob, v_glob, k_loc, v_loc, loc_start, cfg, scale, rotary):
@@ -144,13 +150,8 @@ def _attend_span_fused(q, q_start, k_glob, v_glob, k_loc, v_loc, loc_start, cfg,
     )  # [1, Hkv, g * T, Dv], [1, Hkv, g * T]
     o_loc, lse_loc = o_loc.view(Hkv, g, T, -1), lse_loc.view(Hkv, g, T, 1)
     if k_glob.shape[0]:
-        jg = torch.arange(k_glob.shape[0], device=q.device)
-        dist_g = torch.arange(q_start, q_start + T, device=q.device)[:, None] - jg[None, :]  # [T, Gk]
-        delta = dist_g.clamp(max=cfg.distance_cap) - dist_g
-        cos, sin = cos_sin(delta, rotary.inv_freq, torch.float32)  # [T, Gk, F]
-        q_moved = rotate(q.float().view(T, 1, Hkv, g, D), cos[:, :, None, None], sin[:, :, None, None], rotary)
-        s_glob = torch.einsum("tjkgd,jkd->kgtj", q_moved, k_glob.float()) * scale
-        s_glob.masked_fill_(~(dist_g >= cfg.local_tokens), float("-inf"))
+        s_glob, dist_g = _global_scores(q.float().view(T, Hkv, g, D), q_start, k_glob, cfg, scale, rotary)
+        s_glob = s_glob.permute(1, 2, 0, 3).masked_fill(~(dist_g >= cfg.local_tokens), float("-inf"))  # [Hkv, g, T, Gk]
         lse_glob = torch.logsumexp(s_glob, dim=-1, keepdim=True)  # -inf where no global key is visible
         o_glob = torch.einsum("kgtj,jkd->kgtd", torch.exp(s_glob - lse_glob.clamp(min=-1e30)), v_glob.float())
         top = torch.maximum(lse_loc, lse_glob)

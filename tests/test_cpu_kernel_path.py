@@ -80,13 +80,10 @@ def run_batch(cfg, block_size, schedules, neox=True, dtype=torch.float32):
         query = torch.cat(query).to(dtype)
         output = torch.full_like(query, float("nan"))
         sub = table[reqs]
-        rows, rest = [], []
-        for idx, r in enumerate(reqs):
-            n = done[r] + counts[r]
-            kind = row_kind(counts[r], n, cfg, B)
-            served[kind or "torch"] += 1
-            (rows if kind else rest).append((idx, starts[idx], counts[r], n))
-        calls = plan_kernel(rows, sub, cfg, B, ISA, H, HKV, D, dtype)
+        rows = [(idx, starts[idx], counts[r], done[r] + counts[r]) for idx, r in enumerate(reqs)]
+        for _, _, t, n in rows:
+            served[row_kind(t, n, cfg, B) or "torch"] += 1
+        calls, rest = plan_kernel(rows, sub, cfg, B, ISA, H, HKV, D, dtype)
         kernel_attention(query, kv_cache, calls, D**-0.5, rotary, ISA, output)
         for idx, a, t, n in rest:
             if t == 1:
