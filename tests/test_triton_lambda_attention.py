@@ -3,7 +3,7 @@
 No GPU is needed: tests/triton_cases.py runs every case in one subprocess under
 TRITON_INTERPRET=1 (the interpreter must be chosen before triton is imported,
 and this pytest process has usually imported it through vLLM already). Each
-case is one launch over a batch, with the cache NaN wherever the step may not
+case is one call over a batch, with the cache NaN wherever the step may not
 read (see triton_cases.py); the tests below only check the reported errors.
 
 Awkward sizes on purpose: lengths 1, 3, 19, 99, 1177 (and 10^6); block sizes 1, 16, 32,
@@ -36,7 +36,7 @@ ODD = [1, 3, 19, 99]
 
 def _cases():
     cases = {}
-    # Fresh prefills of odd lengths, batched in one launch.
+    # Fresh prefills of odd lengths, batched in one call.
     prefill_blocks = {"cap": (16, 128), "window-only": (32,), "G-not-block-multiple": (16, 32, 128), "no-cap": (128,)}
     for name, cfg in CONFIGS.items():
         for block_size in prefill_blocks[name]:
@@ -55,7 +55,7 @@ def _cases():
         cfg=(5, 200, 250), block_size=16, lengths=lengths, queries=[1] * len(lengths), segments=3
     )
     cases["decode-split8-B1"] = dict(cfg=(5, 200, 250), block_size=1, lengths=[333, 2], queries=[1, 1], segments=8)
-    # Mixed batches: a chunk starting mid-sequence, a fresh prefill and decodes in one launch.
+    # Mixed batches: a chunk starting mid-sequence, a fresh prefill and decodes in one call.
     mixed = dict(lengths=[200, 19, 333, 1, 2, 40, 150], queries=[77, 19, 1, 1, 1, 1, 1])
     for name, cfg in CONFIGS.items():
         cases[f"mixed-{name}-B16"] = dict(cfg=cfg, block_size=16, **mixed)
@@ -76,7 +76,7 @@ def _cases():
             cfg=(5, 20, 30), block_size=32, heads=heads, rotary_dim=rotary_dim, neox=neox,
             lengths=[99, 19, 333, 3], queries=[40, 19, 1, 1],
         )  # fmt: skip
-    # Chunked prefill, then decode: one request, one launch per step.
+    # Chunked prefill, then decode: one request, one call per step.
     for name in ("cap", "G-not-block-multiple"):
         cases[f"steps-{name}-B16"] = dict(
             cfg=CONFIGS[name], block_size=16, lengths=[300], steps=[5, 64, 1, 130, 33, 63, 1, 1, 1, 1]

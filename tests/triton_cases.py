@@ -3,12 +3,14 @@
 Run as a script (tests/test_triton_lambda_attention.py does, in a subprocess):
 TRITON_INTERPRET must be set before triton is imported, and the pytest process
 has usually imported triton already (through vLLM). Without a GPU the kernel
-runs in Triton's interpreter on CPU tensors.
+runs in Triton's interpreter on CPU tensors. With LMINF_TRITON_DEVICE=cuda the
+same cases run compiled on a GPU (benchmarks/gpu_check.py): everything is built
+on the CPU as before and only the kernel's inputs travel to the GPU.
 
     stdin:  JSON list of cases (see `run_case`)
     stdout: JSON list of {"err": max |kernel - reference|} or {"error": traceback}
 
-Every case is one launch over a batch of requests, or one request fed in
+Every case is one call over a batch of requests, or one request fed in
 several steps, or one request at a far position (checked against a reference
 built from relative distances only, since a dense one cannot reach 10^6).
 The cache is NaN everywhere a query of the step may not read: unwritten rows,
@@ -21,7 +23,9 @@ import os
 import sys
 import traceback
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+DEVICE = os.environ.get("LMINF_TRITON_DEVICE", "cpu")
+if DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
 
@@ -64,19 +68,20 @@ def launch(cache, reqs, steps, cfg, rotary, dtype, H, D, padding, segments=None)
     starts.append(starts[-1])
     seq_lens.append(0)
     q = torch.cat(qs + [torch.zeros(padding, H, D, dtype=torch.float64)]).to(dtype)
-    out = torch.full(q.shape, float("nan"), dtype=dtype)
+    out = torch.full(q.shape, float("nan"), dtype=dtype, device=DEVICE)
     triton_lambda_attention(
-        q, cache, out,
-        torch.tensor(starts, dtype=torch.int32), torch.tensor(seq_lens, dtype=torch.int32), table,
-        cfg, D**-0.5, rotary.inv_freq, rotary.rotary_dim, rotary.is_neox_style,
+        q.to(DEVICE), cache.to(DEVICE), out,
+        torch.tensor(starts, dtype=torch.int32, device=DEVICE),
+        torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE), table.to(DEVICE),
+        cfg, D**-0.5, rotary.inv_freq.to(DEVICE), rotary.rotary_dim, rotary.is_neox_style,
         decode_only=all(s == 1 for s in steps), num_segments=segments,
     )  # fmt: skip
-    return out, starts
+    return out.cpu(), starts
 
 
 def run_case(case):
     """case: {"cfg": [G, W, C], "block_size", "lengths": [n, ...], "queries": [q_len, ...]
-    (one launch) or "steps": [chunk, ...] (one request, one launch per chunk),
+    (one call) or "steps": [chunk, ...] (one request, one call per chunk),
     "heads": [H, Hkv, D], "rotary_dim", "neox", "dtype", "seed", "segments" (split-K)}"""
     G, W, C = case["cfg"]
     cfg = LminfConfig(global_tokens=G, local_tokens=W, distance_cap=C)
@@ -97,7 +102,7 @@ def run_case(case):
         reqs.append({"n": n, "q": q, "k": k, "v": v, "blocks": [order.pop() for _ in range(nb)]})
         expected.append(dense_lambda_attention(q0, k0, v, cfg, rotary, D**-0.5))
 
-    if "steps" in case:  # one request fed chunk by chunk, one launch per chunk
+    if "steps" in case:  # one request fed chunk by chunk, one call per chunk
         (req,), full, outs, done = reqs, reqs[0]["n"], [], 0
         for chunk in case["steps"]:
             done += chunk
@@ -131,7 +136,7 @@ def relative_reference(q0, k0, v, positions, cfg, rotary, scale):
 
 
 def run_far_case(case):
-    """One request at a far position ("far": n tokens), its last "queries" in one launch.
+    """One request at a far position ("far": n tokens), its last "queries" in one call.
     Only the globals and the window exist: vectors for other positions are never made."""
     G, W, C = case["cfg"]
     cfg = LminfConfig(global_tokens=G, local_tokens=W, distance_cap=C)
@@ -157,8 +162,9 @@ def run_far_case(case):
         "v": dict(zip(needed, v)),
         "blocks": {b: order.pop() for b in blocks},
     }
-    cache = torch.full((len(blocks) + 4, Hkv, B, 2 * D), float("nan"))
-    out, _ = launch(cache, [req], [q_len], cfg, rotary, torch.float32, H, D, 0, case.get("segments"))
+    dtype = getattr(torch, case.get("dtype", "float32"))
+    cache = torch.full((len(blocks) + 4, Hkv, B, 2 * D), float("nan"), dtype=dtype)
+    out, _ = launch(cache, [req], [q_len], cfg, rotary, dtype, H, D, 0, case.get("segments"))
     want = relative_reference(q0, dict(zip(needed, k0)), dict(zip(needed, v)), range(first, n), cfg, rotary, D**-0.5)
     return float((out.double() - want).abs().max())
 
