@@ -65,18 +65,26 @@ def main(argv=None):
                 row = dict(mode=mode, n=args.n, warps=warps, stages=stages, block_n=block_n, error=str(exc)[:200])
             rows.append(row)
             print(json.dumps(row), flush=True)
+            write(args, rows)
         del s
         torch.cuda.empty_cache()
     tla.TUNING.clear()
+    for mode, b in write(args, rows).items():
+        print(f"BEST {mode}: {json.dumps(b)}", flush=True)
+
+
+def write(args, rows):
+    """Write every row so far and the fastest setting per mode; returns the latter.
+    Called after each row, so a run cut short by a time limit still leaves them."""
     best = {}
     for mode in args.modes:
         timed = [r for r in rows if r["mode"] == mode and "us" in r]
         if timed:
             b = min(timed, key=lambda r: r["us"])
             best[mode] = dict(num_warps=b["warps"], num_stages=b["stages"], BLOCK_N=b["block_n"])
-            print(f"BEST {mode}: {json.dumps(best[mode])} ({b['us']:.1f} us)", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(dict(rows=rows, best=best), indent=1))
+    return best
 
 
 if __name__ == "__main__":
