@@ -13,7 +13,9 @@ three launches:
    partials.
 The global branch has its own launch because its per-key re-rotation needs
 many registers: compiled into the window kernel, it made that kernel spill
-kilobytes per thread and cut its occupancy (measured on an H200: 4-6x slower).
+kilobytes per thread and cut its occupancy. With float64 cos/sin (now float32
+after a float64 reduction) that first version was 12x slower in decode and 4x
+in prefill on an H200 (benchmarks/results/gpu-h200/).
 
 Grid: (q_blocks, num_kv_heads[, NUM_SEGMENTS]). A program owns BLOCK_Q query
 tokens of one request times the GROUP query heads that share one KV head (GQA
