@@ -376,7 +376,19 @@ if triton is not None:
 # Launch overrides for tuning runs (benchmarks/gpu_tune.py): num_warps,
 # num_stages, BLOCK_M, BLOCK_N of the window kernel, also settable as JSON in
 # LMINF_TRITON_TUNING. Empty in serving.
-TUNING: dict[str, int] = json.loads(os.environ.get("LMINF_TRITON_TUNING") or "{}")
+def _tuning_from_env() -> dict[str, int]:
+    text = os.environ.get("LMINF_TRITON_TUNING") or "{}"
+    known = {"num_warps", "num_stages", "BLOCK_M", "BLOCK_N"}
+    try:
+        tuning = json.loads(text)
+        assert isinstance(tuning, dict) and set(tuning) <= known and all(type(v) is int for v in tuning.values())
+    except (ValueError, AssertionError):
+        raise ValueError(f"LMINF_TRITON_TUNING must be a JSON object of integers with keys from {sorted(known)}, "
+                         f"got {text!r}") from None  # fmt: skip
+    return tuning
+
+
+TUNING: dict[str, int] = _tuning_from_env()
 
 
 def tile_sizes(group: int, head_size: int, dtype: torch.dtype, decode_only: bool) -> dict[str, int]:

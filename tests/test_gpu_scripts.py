@@ -60,3 +60,10 @@ def test_gpu_tune_writes_best_settings(tmp_path):
     run("gpu_tune.py", "--n", "40", "--warps", "4", "--stages", "1", "--block-n", "16", "32", *TINY, "--out", str(out))
     best = json.loads(out.read_text())["best"]
     assert set(best) == {"decode", "prefill"} and best["decode"]["BLOCK_N"] in (16, 32)
+
+
+def test_bad_tuning_override_is_named():
+    env = dict(os.environ, LMINF_TRITON_TUNING='{"warps": 4}', PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", "import lminf_vllm.triton_lambda_attention"],
+                          capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+    assert proc.returncode != 0 and "LMINF_TRITON_TUNING must be a JSON object" in proc.stderr
