@@ -87,8 +87,6 @@ def attend_span(
     alibi: torch.Tensor | None = None,  # [H] slopes: score - m * d (ALiBi models, rotary None)
 ) -> torch.Tensor:
     """One softmax over the visible global and local keys; returns [T, H, Dv] in float32."""
-    if q.device.type == "cpu" and alibi is None:
-        return _attend_span_fused(q, q_start, k_glob, v_glob, k_loc, v_loc, loc_start, cfg, scale, rotary)
     T, H, D = q.shape
     Hkv = k_loc.shape[1]
     qf = q.float().view(T, Hkv, H // Hkv, D)
@@ -134,30 +132,70 @@ def _global_scores(qf, q_start, k_glob, cfg, scale, rotary):
     return torch.einsum("tjkgd,jkd->tkgj", q_moved, k_glob.float()) * scale, dist_g
 
 
-def _attend_span_fused(q, q_start, k_glob, v_glob, k_loc, v_loc, loc_start, cfg, scale, rotary):
-    """attend_span on CPU: the local branch through PyTorch's fused flash attention,
-    which also returns each row's log-sum-exp; the few global keys in PyTorch ops;
-    the two merged by their log-sum-exps (as vLLM's merge_attn_states does)."""
+def _paged_fused_cpu(q, kv_cache, block_row, seq_len, cfg, scale, rotary, layout):
+    """paged_lambda_attention on CPU for RoPE and NoPE models:
+    - the window keys of the whole chunk are gathered once; each span of
+      QUERY_SPAN queries runs PyTorch's fused flash attention over its slice of
+      them (which also returns each row's log-sum-exp);
+    - the global branch runs once for the whole chunk: past the cap the score
+      <R(C - (i - j)) q_i, k_j> is computed as <R(C - i) q_i, R(-j) k_j>, one
+      rotation per query and one per key (as the Triton kernel does), not a
+      rotated copy of every query per key;
+    - the two branches are merged by their log-sum-exps (as vLLM's merge_attn_states)."""
     T, H, D = q.shape
-    Hkv = k_loc.shape[1]
+    first = seq_len - T
+    W = cfg.local_tokens
+    lo_all = max(0, first - W + 1)  # oldest key of any window of this chunk
+    k_loc, v_loc = gather_kv(kv_cache, block_row, lo_all, seq_len, D, layout)
+    Hkv, Dv = k_loc.shape[1], v_loc.shape[-1]
     g = H // Hkv
-    # The query heads of a KV head become extra query rows: GQA without copying keys.
-    qf = q.float().view(T, Hkv, g, D).permute(1, 2, 0, 3).reshape(1, Hkv, g * T, D)
-    mask = _local_mask(T, k_loc.shape[0], q_start - loc_start, cfg.local_tokens, g, q.device)
-    o_loc, lse_loc = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        qf, k_loc.float().transpose(0, 1)[None], v_loc.float().transpose(0, 1)[None], 0.0, False,
-        attn_mask=mask, scale=scale,
-    )  # [1, Hkv, g * T, Dv], [1, Hkv, g * T]
-    o_loc, lse_loc = o_loc.view(Hkv, g, T, -1), lse_loc.view(Hkv, g, T, 1)
-    if k_glob.shape[0]:
-        s_glob, dist_g = _global_scores(q.float().view(T, Hkv, g, D), q_start, k_glob, cfg, scale, rotary)
-        s_glob = s_glob.permute(1, 2, 0, 3).masked_fill(~(dist_g >= cfg.local_tokens), float("-inf"))  # [Hkv, g, T, Gk]
+    k_all, v_all = k_loc.float().transpose(0, 1)[None], v_loc.float().transpose(0, 1)[None]  # [1, Hkv, L, D]
+    qf = q.float().view(T, Hkv, g, D)
+    out = torch.empty(Hkv, g, T, Dv)
+    lse = torch.empty(Hkv, g, T, 1)
+    for a in range(first, seq_len, QUERY_SPAN):
+        b = min(a + QUERY_SPAN, seq_len)
+        lo = max(0, a - W + 1)
+        # The query heads of a KV head become extra query rows: GQA without copying keys.
+        rows = qf[a - first : b - first].permute(1, 2, 0, 3).reshape(1, Hkv, g * (b - a), D)
+        o_s, lse_s = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            rows, k_all[:, :, lo - lo_all : b - lo_all], v_all[:, :, lo - lo_all : b - lo_all], 0.0, False,
+            attn_mask=_local_mask(b - a, b - lo, a - lo, W, g, q.device), scale=scale,
+        )  # [1, Hkv, g * t, Dv], [1, Hkv, g * t]
+        out[:, :, a - first : b - first] = o_s.view(Hkv, g, b - a, Dv)
+        lse[:, :, a - first : b - first] = lse_s.view(Hkv, g, b - a, 1)
+    n_glob = max(0, min(cfg.global_tokens, seq_len - W))  # globals some query sees outside its window
+    if n_glob:
+        k_glob, v_glob = gather_kv(kv_cache, block_row, 0, n_glob, D, layout)
+        s_glob, dist_g = _chunk_global_scores(qf, first, k_glob.float(), cfg, scale, rotary)
+        s_glob = s_glob.permute(1, 2, 0, 3).masked_fill(~(dist_g >= W), float("-inf"))  # [Hkv, g, T, Gk]
         lse_glob = torch.logsumexp(s_glob, dim=-1, keepdim=True)  # -inf where no global key is visible
         o_glob = torch.einsum("kgtj,jkd->kgtd", torch.exp(s_glob - lse_glob.clamp(min=-1e30)), v_glob.float())
-        top = torch.maximum(lse_loc, lse_glob)
-        w_loc, w_glob = torch.exp(lse_loc - top), torch.exp(lse_glob - top)
-        o_loc = (o_loc * w_loc + o_glob * w_glob) / (w_loc + w_glob)
-    return o_loc.permute(2, 0, 1, 3).reshape(T, H, -1)
+        top = torch.maximum(lse, lse_glob)  # finite: every query sees its own key
+        w_loc, w_glob = torch.exp(lse - top), torch.exp(lse_glob - top)
+        out = (out * w_loc + o_glob * w_glob) / (w_loc + w_glob)
+    return out.permute(2, 0, 1, 3).reshape(T, H, Dv)
+
+
+def _chunk_global_scores(qf, q_start, k_glob, cfg, scale, rotary):
+    """Unmasked scores [T, Hkv, g, Gk] of queries qf [T, Hkv, g, D] (at q_start ..)
+    against the global keys 0 .. Gk-1 [Gk, Hkv, D], and the true distances [T, Gk].
+    Past the cap (i - j > C) the model is shown distance C: since rotations
+    compose, <R(C - (i - j)) q_i, k_j> = <R(C - i) q_i, R(-j) k_j>."""
+    T, Gk = qf.shape[0], k_glob.shape[0]
+    i = torch.arange(q_start, q_start + T, device=qf.device)
+    j = torch.arange(Gk, device=qf.device)
+    dist = i[:, None] - j[None, :]
+    plain = torch.einsum("tkgd,jkd->tkgj", qf, k_glob) * scale
+    past_cap = dist > cfg.distance_cap
+    if rotary is None or not bool(past_cap.any()):
+        return plain, dist
+    cos_q, sin_q = cos_sin(cfg.distance_cap - i, rotary.inv_freq, torch.float32)  # angles formed in float64
+    cos_k, sin_k = cos_sin(-j, rotary.inv_freq, torch.float32)
+    q_cap = rotate(qf, cos_q[:, None, None], sin_q[:, None, None], rotary)
+    k_cap = rotate(k_glob, cos_k[:, None], sin_k[:, None], rotary)
+    capped = torch.einsum("tkgd,jkd->tkgj", q_cap, k_cap) * scale
+    return torch.where(past_cap[:, None, None, :], capped, plain), dist
 
 
 _MASKS: dict = {}
@@ -190,6 +228,8 @@ def paged_lambda_attention(
     layout: str = OWN_LAYOUT,
 ) -> torch.Tensor:
     """Λ-attention for one request's queries over its paged cache. -> [T, H, Dv] float32."""
+    if q.device.type == "cpu" and alibi is None:
+        return _paged_fused_cpu(q, kv_cache, block_row, seq_len, cfg, scale, rotary, layout)
     T, _, D = q.shape
     first = seq_len - T
     G, W = cfg.global_tokens, cfg.local_tokens
