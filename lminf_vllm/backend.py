@@ -267,7 +267,7 @@ class LminfAttentionImpl(AttentionImpl[LminfMetadata]):
         return output
 
     def _forward_triton(self, query, kv_cache, md: LminfMetadata, output):
-        """The same attention as the loop above, one Triton launch for the whole batch."""
+        """The same attention as the loop above, one Triton call (two or three launches) for the whole batch."""
         from lminf_vllm.triton_lambda_attention import triton_lambda_attention
 
         if self._inv_freq is None or self._inv_freq.device != query.device:

@@ -434,7 +434,7 @@ def triton_lambda_attention(
     decode_only: bool = False,  # host hint: every request has one query (smaller tiles)
     num_segments: int | None = None,  # split-K over key tiles; None: chosen from the shapes
 ) -> torch.Tensor:
-    """Λ-attention for a whole batch in one launch; returns `output`."""
+    """Λ-attention for a whole batch in one call (global branch, window, split-K merge); returns `output`."""
     if triton is None:
         raise RuntimeError("triton is not installed: use lambda_attention.py's PyTorch path")
     T, H, D = query.shape
