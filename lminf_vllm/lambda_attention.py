@@ -104,7 +104,7 @@ def attend_span(
     values = [v_loc]
 
     if k_glob.shape[0]:
-        s_glob, dist_g = _global_scores(qf, q_start, k_glob, cfg, scale, rotary)
+        s_glob, dist_g = _global_scores(qf, q_start, k_glob.float(), cfg, scale, rotary)
         if alibi is not None:  # ALiBi: the bias sees the capped distance
             s_glob -= alibi.view(1, Hkv, -1, 1) * dist_g.clamp(max=cfg.distance_cap)[:, None, None, :]
         s_glob.masked_fill_(~(dist_g >= cfg.local_tokens)[:, None, None, :], float("-inf"))
@@ -114,22 +114,6 @@ def attend_span(
     probs = torch.softmax(torch.cat(scores, dim=-1), dim=-1)
     out = torch.einsum("tkgl,lkd->tkgd", probs, torch.cat(values, dim=0).float())
     return out.reshape(T, H, -1)
-
-
-def _global_scores(qf, q_start, k_glob, cfg, scale, rotary):
-    """Unmasked scores [T, Hkv, g, Gk] of queries qf [T, Hkv, g, D] (at q_start ..)
-    against the global keys 0 .. Gk-1, and the true distances [T, Gk]. Under RoPE
-    the query is re-rotated per key, so that the model sees min(i - j, C), not i - j."""
-    T = qf.shape[0]
-    dist_g = torch.arange(q_start, q_start + T, device=qf.device)[:, None] - torch.arange(
-        k_glob.shape[0], device=qf.device
-    )  # fmt: skip
-    if rotary is None:
-        return torch.einsum("tkgd,jkd->tkgj", qf, k_glob.float()) * scale, dist_g
-    delta = dist_g.clamp(max=cfg.distance_cap) - dist_g  # <= 0; 0 inside the cap
-    cos, sin = cos_sin(delta, rotary.inv_freq, torch.float32)  # [T, Gk, F]
-    q_moved = rotate(qf[:, None], cos[:, :, None, None], sin[:, :, None, None], rotary)
-    return torch.einsum("tjkgd,jkd->tkgj", q_moved, k_glob.float()) * scale, dist_g
 
 
 def _paged_fused_cpu(q, kv_cache, block_row, seq_len, cfg, scale, rotary, layout):
@@ -167,7 +151,7 @@ def _paged_fused_cpu(q, kv_cache, block_row, seq_len, cfg, scale, rotary, layout
     n_glob = max(0, min(cfg.global_tokens, seq_len - W))  # globals some query sees outside its window
     if n_glob:
         k_glob, v_glob = gather_kv(kv_cache, block_row, 0, n_glob, D, layout)
-        s_glob, dist_g = _chunk_global_scores(qf, first, k_glob.float(), cfg, scale, rotary)
+        s_glob, dist_g = _global_scores(qf, first, k_glob.float(), cfg, scale, rotary)
         s_glob = s_glob.permute(1, 2, 0, 3).masked_fill(~(dist_g >= W), float("-inf"))  # [Hkv, g, T, Gk]
         lse_glob = torch.logsumexp(s_glob, dim=-1, keepdim=True)  # -inf where no global key is visible
         o_glob = torch.einsum("kgtj,jkd->kgtd", torch.exp(s_glob - lse_glob.clamp(min=-1e30)), v_glob.float())
@@ -177,7 +161,7 @@ def _paged_fused_cpu(q, kv_cache, block_row, seq_len, cfg, scale, rotary, layout
     return out.permute(2, 0, 1, 3).reshape(T, H, Dv)
 
 
-def _chunk_global_scores(qf, q_start, k_glob, cfg, scale, rotary):
+def _global_scores(qf, q_start, k_glob, cfg, scale, rotary):
     """Unmasked scores [T, Hkv, g, Gk] of queries qf [T, Hkv, g, D] (at q_start ..)
     against the global keys 0 .. Gk-1 [Gk, Hkv, D], and the true distances [T, Gk].
     Past the cap (i - j > C) the model is shown distance C: since rotations

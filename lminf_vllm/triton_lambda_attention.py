@@ -147,6 +147,21 @@ if triton is not None:
         return active, req, q_start, tok, head, row_ok, first_pos + tok, i_min, i_max
 
     @triton.jit
+    def _query_tile(q_start, tok, head, row_ok, stride_qt, stride_qh, BLOCK_D: tl.constexpr,
+                    HEAD_SIZE: tl.constexpr):  # fmt: skip
+        """Feature lanes, which are real, and the query offsets and mask of the tile's rows."""
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < HEAD_SIZE
+        q_rows = (q_start + tok).to(tl.int64) * stride_qt + head * stride_qh
+        return d, d_ok, q_rows, row_ok[:, None] & d_ok[None, :]
+
+    @triton.jit
+    def _empty_softmax_state(BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Running max (-inf), sum and accumulator of an online softmax with no key yet."""
+        return (tl.full([BLOCK_M], float("-inf"), tl.float32), tl.zeros([BLOCK_M], tl.float32),
+                tl.zeros([BLOCK_M, BLOCK_D], tl.float32))  # fmt: skip
+
+    @triton.jit
     def _global_branch_kernel(
         q_ptr,  # [T, H, D], rotated at true positions
         kv_ptr,  # [num_blocks, Hkv, B, 2 * D]
@@ -189,13 +204,8 @@ if triton is not None:
         )
         if not active:
             return
-        d = tl.arange(0, BLOCK_D)
-        d_ok = d < HEAD_SIZE
-        q_rows = (q_start + tok).to(tl.int64) * stride_qt + head * stride_qh
-        q_mask = row_ok[:, None] & d_ok[None, :]
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        d, d_ok, q_rows, q_mask = _query_tile(q_start, tok, head, row_ok, stride_qt, stride_qh, BLOCK_D, HEAD_SIZE)
+        m_i, l_i, acc = _empty_softmax_state(BLOCK_M, BLOCK_D)
         n_glob = tl.maximum(tl.minimum(G, i_max - W + 1), 0)  # globals some query sees outside its window
         if n_glob > 0:
             q = tl.load(q_ptr + q_rows[:, None] + d[None, :], mask=q_mask, other=0.0)
@@ -274,16 +284,11 @@ if triton is not None:
         )
         if not active:
             return
-        d = tl.arange(0, BLOCK_D)
-        d_ok = d < HEAD_SIZE
-        q_rows = (q_start + tok).to(tl.int64) * stride_qt + head * stride_qh
-        q_mask = row_ok[:, None] & d_ok[None, :]
+        d, d_ok, q_rows, q_mask = _query_tile(q_start, tok, head, row_ok, stride_qt, stride_qh, BLOCK_D, HEAD_SIZE)
         q = tl.load(q_ptr + q_rows[:, None] + d[None, :], mask=q_mask, other=0.0)
         kv_base = kv_ptr + kv_head * stride_kh
         table_row = block_table_ptr + req.to(tl.int64) * stride_bt
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        m_i, l_i, acc = _empty_softmax_state(BLOCK_M, BLOCK_D)
 
         # Split-K: segment program_id(2) of NUM_SEGMENTS takes a contiguous share of the tiles.
         lo = tl.maximum(i_min - W + 1, 0)  # oldest key of any window here
