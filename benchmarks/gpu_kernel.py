@@ -147,7 +147,7 @@ class Setup:
         self.args, self.cfg = args, cfg
         self.dev = args.device
         self.dtype = getattr(torch, args.dtype)
-        H, Hkv, D, B = args.heads, args.kv_heads, args.head_size, args.block_size
+        Hkv, D, B = args.kv_heads, args.head_size, args.block_size
         rot = args.rotary_dim or D
         self.rotary_dim, self.neox = rot, not args.interleaved
         self.inv_freq = default_inv_freq(10000.0, rot).to(self.dev)

@@ -20,7 +20,6 @@ benchmarks/kv_memory.py builds, so stock attention can run every length.
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))

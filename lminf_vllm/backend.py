@@ -29,6 +29,7 @@ from lminf_vllm.cpu_kernel_path import (
     plan_kernel,
     write_kv_kernel,
 )
+from lminf_vllm.cpu_kernel_prefill import prefill_attention
 from lminf_vllm.lambda_attention import (
     CPU_KERNEL_LAYOUT,
     OWN_LAYOUT,
@@ -260,10 +261,16 @@ class LminfAttentionImpl(AttentionImpl[LminfMetadata]):
             ).to(output.dtype)
         for r in md.other_reqs:
             a, b = md.query_start[r], md.query_start[r + 1]
-            output[a:b] = paged_lambda_attention(
-                query[a:b], kv_cache, md.block_table[r], md.seq_lens[r], self.cfg, self.scale, self.rotary,
-                self.alibi, layout,
-            ).to(output.dtype)  # fmt: skip
+            if md.kernel_isa is not None:  # prefill past the window: the kernel on a scratch cache
+                out = prefill_attention(
+                    query[a:b], kv_cache, md.block_table[r], md.seq_lens[r], self.cfg, self.scale, self.rotary, layout
+                )  # fmt: skip
+            else:
+                out = paged_lambda_attention(
+                    query[a:b], kv_cache, md.block_table[r], md.seq_lens[r], self.cfg, self.scale, self.rotary,
+                    self.alibi, layout,
+                )  # fmt: skip
+            output[a:b] = out.to(output.dtype)
         return output
 
     def _forward_triton(self, query, kv_cache, md: LminfMetadata, output):

@@ -14,10 +14,18 @@ import torch
 
 from lminf_vllm.config import LminfConfig
 from lminf_vllm.cpu_kernel_path import kernel_attention, kernel_mode, plan_kernel, row_kind, write_kv_kernel
+from lminf_vllm.cpu_kernel_prefill import (
+    ALL_KEYS,
+    CAPPED,
+    NO_GLOBALS,
+    TRUE_DISTANCE,
+    kernel_isa,
+    prefill_attention,
+    row_runs,
+)
 from lminf_vllm.lambda_attention import (
     CPU_KERNEL_LAYOUT,
     decode_lambda_attention,
-    paged_lambda_attention,
     plan_decode,
 )
 from lminf_vllm.reference import dense_lambda_attention
@@ -92,9 +100,10 @@ def run_batch(cfg, block_size, schedules, neox=True, dtype=torch.float32):
                     query[a : a + 1], kv_cache, plans, D**-0.5, rotary, None, CPU_KERNEL_LAYOUT
                 )
             else:
-                out = paged_lambda_attention(
-                    query[a : a + t], kv_cache, sub[idx], n, cfg, D**-0.5, rotary, None, CPU_KERNEL_LAYOUT
-                )
+                q = query[a : a + t]
+                out = prefill_attention(q, kv_cache, sub[idx], n, cfg, D**-0.5, rotary, CPU_KERNEL_LAYOUT)
+                for lo, hi, mode in row_runs(n - t, n, cfg):
+                    served[f"prefill {mode}"] = served.get(f"prefill {mode}", 0) + hi - lo
             output[a : a + t] = out
         for idx, r in enumerate(reqs):
             a, t = starts[idx], counts[r]
@@ -123,6 +132,29 @@ def test_mixed_batch_of_prefills_and_decodes_matches_reference(cfg, block_size):
         assert served["after"] + served["front"] > 300, served
     if 0 < cfg.global_tokens <= block_size // 2:  # some decodes' G slots after the query leave its block
         assert served["front"] > 0, served
+    # Prefill chunks past the window go through the kernel on a scratch cache (cpu_kernel_prefill).
+    assert served.get("prefill capped" if cfg.global_tokens else "prefill no_globals", 0) > 200, served
+    if cfg.global_tokens:  # the early rows of a prompt that runs past the window
+        assert served.get("prefill all_keys", 0) > 20, served
+
+
+def test_prefill_rows_are_split_by_how_they_see_the_globals():
+    cfg = LminfConfig(global_tokens=4, local_tokens=40, distance_cap=64)
+    # < W + G - 1: some global inside the window; 65, 66: some globals capped, some not.
+    runs = [(0, 43, ALL_KEYS), (43, 65, TRUE_DISTANCE), (65, 67, None), (67, 200, CAPPED)]
+    assert row_runs(0, 200, cfg) == runs
+    assert row_runs(50, 60, cfg) == [(50, 60, TRUE_DISTANCE)]
+    assert row_runs(66, 90, cfg) == [(66, 67, None), (67, 90, CAPPED)]
+    assert row_runs(5, 300, LminfConfig(0, 48, 48)) == [(5, 300, NO_GLOBALS)]
+    runs = [(0, 21, ALL_KEYS), (21, 66, None), (66, 100, CAPPED)]  # C < W: rows past C see capped globals
+    assert row_runs(0, 100, LminfConfig(3, 64, 20)) == runs
+    runs = [(0, 10, ALL_KEYS), (10, 31, TRUE_DISTANCE), (31, 100, CAPPED)]
+    assert row_runs(0, 100, LminfConfig(1, 10, 30)) == runs
+
+
+def test_prefill_falls_back_where_the_kernel_lacks_the_doubled_head_size():
+    assert kernel_isa(torch.float32, 32, 2 * D) is not None
+    assert kernel_isa(torch.float32, 32, 2 * 160) is None  # head size 160: no 320 in the kernel
 
 
 @pytest.mark.parametrize("neox", [True, False], ids=["neox", "interleaved"])
