@@ -7,7 +7,8 @@ length, on a random cache in the kernel's layout with permuted blocks:
   * kernel: cpu_kernel_prefill.prefill_attention (vLLM's CPU kernel on a
             scratch cache, the head size doubled for the capped globals);
   * stock:  vLLM's CPU kernel as the stock backend runs it (full causal).
-Prints microseconds per query and writes JSON. The engine-level numbers are
+Prints microseconds per query (and how far the two lminf paths' outputs
+differ) and writes JSON. The engine-level numbers are
 benchmarks/throughput.py's; this isolates the attention call.
 
     python benchmarks/cpu_prefill.py --lengths 8192 32768 65536
@@ -85,8 +86,8 @@ def main(argv=None):
     gen = torch.Generator().manual_seed(0)
     rows = []
     print(f"threads {torch.get_num_threads()}; H={H} Hkv={Hkv} D={D} B={B}; {cfg.describe()}; chunk {args.chunk}")
-    print("| prompt | torch us/query | kernel us/query | stock us/query | kernel x torch | kernel x stock |")
-    print("|---|---|---|---|---|---|")
+    print("| prompt | torch us/query | kernel us/query | stock us/query | kernel x torch | kernel x stock | max diff |")
+    print("|---|---|---|---|---|---|---|")
     for n in args.lengths:
         T = min(args.chunk, n)
         blocks = -(-n // B)
@@ -94,17 +95,18 @@ def main(argv=None):
         table = (torch.randperm(blocks, generator=gen) + 1).to(torch.int32)
         q = torch.randn(T, H, D, generator=gen)
         call = (q, kv_cache, table, n, cfg, scale, rotary)
+        diff = (paged_lambda_attention(*call, None, CPU_KERNEL_LAYOUT) - prefill_attention(*call, CPU_KERNEL_LAYOUT))
         t_torch = fastest(lambda: paged_lambda_attention(*call, None, CPU_KERNEL_LAYOUT), args.repeats)
         t_kernel = fastest(lambda: prefill_attention(*call, CPU_KERNEL_LAYOUT), args.repeats)
         t_stock = None if args.no_stock else fastest(stock_call(q, kv_cache, table, n, scale, isa), args.repeats)
         row = {"prompt": n, "chunk": T, "torch_us_per_query": t_torch / T * 1e6,
-               "kernel_us_per_query": t_kernel / T * 1e6,
+               "kernel_us_per_query": t_kernel / T * 1e6, "max_diff_kernel_vs_torch": diff.abs().max().item(),
                "stock_us_per_query": None if t_stock is None else t_stock / T * 1e6}  # fmt: skip
         rows.append(row)
         stock = "-" if t_stock is None else f"{row['stock_us_per_query']:.2f}"
         vs_stock = "-" if t_stock is None else f"{t_stock / t_kernel:.2f}"
         print(f"| {n} | {row['torch_us_per_query']:.2f} | {row['kernel_us_per_query']:.2f} | {stock} "
-              f"| {t_torch / t_kernel:.2f} | {vs_stock} |")  # fmt: skip
+              f"| {t_torch / t_kernel:.2f} | {vs_stock} | {row['max_diff_kernel_vs_torch']:.1e} |")  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1))
     print(f"wrote {args.out}")

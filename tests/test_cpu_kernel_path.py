@@ -172,3 +172,21 @@ def test_bfloat16_cache_matches_reference_to_its_precision():
     worst, served = run_batch(cfg, 32, [[300] + [1] * 100, [5] + [1] * 150], dtype=torch.bfloat16)
     assert worst < 0.05  # bfloat16 keeps 8 bits of mantissa: outputs of size ~1 move by ~1e-2
     assert served["after"] > 100 and served["front"] > 10, served
+
+
+def test_cpu_prefill_benchmark_runs(tmp_path):
+    """benchmarks/cpu_prefill.py end to end, tiny; its two lminf paths must agree."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "p.json"
+    args = ["--lengths", "300", "--chunk", "120", "--local-tokens", "64", "--distance-cap", "96", "--repeats", "1"]
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "cpu_prefill.py"), *args, "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["prompt"] == 300 and row["kernel_us_per_query"] > 0 and row["stock_us_per_query"] > 0
+    assert row["max_diff_kernel_vs_torch"] < 1e-4
