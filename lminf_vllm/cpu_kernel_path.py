@@ -150,16 +150,21 @@ class KernelCall:
     copy_v_index: torch.Tensor
     copy_slots: torch.Tensor  # [Ra * E] long: flat destination slots
     copy_shift: torch.Tensor  # [Ra, E] long: rotate the key forward by d - min(d, C) positions
-    # cos/sin of copy_shift per rotary (layers may differ), made by the first layer that needs them
-    _cos_sin: dict = field(default_factory=dict)
+    # The rotations by copy_shift as matrices, per rotary (layers may differ),
+    # made by the first layer that needs them.
+    _rotations: dict = field(default_factory=dict)
 
-    def cos_sin(self, rotary: RotarySpec):
-        """cos, sin of copy_shift: [Ra, E, 1, rotary_dim / 2] (broadcast over heads)."""
+    def rotations(self, rotary: RotarySpec, head_size: int) -> torch.Tensor:
+        """[Ra, E, D, D]: a key row k rotated by its copy's shift is k @ M. One small
+        matmul per layer instead of the dozen elementwise ops of rope.rotate."""
         key = id(rotary.inv_freq)
-        if key not in self._cos_sin:
+        if key not in self._rotations:
             cos, sin = cos_sin(self.copy_shift, rotary.inv_freq, torch.float32)
-            self._cos_sin[key] = (cos[:, :, None], sin[:, :, None])
-        return self._cos_sin[key]
+            Ra, E = self.copy_shift.shape
+            basis = torch.eye(head_size, device=cos.device).expand(Ra, E, head_size, head_size)
+            # rope.rotate is linear: row d of M is the d-th unit vector rotated.
+            self._rotations[key] = rotate(basis, cos[:, :, None], sin[:, :, None], rotary)
+        return self._rotations[key]
 
 
 def plan_kernel(
@@ -252,7 +257,7 @@ def _plan_call(rows, front, block_table, cfg, B, isa, num_heads, num_kv_heads, h
     qsl32, vlen32 = as_tensor(qsl, torch.int32), as_tensor(vlen, torch.int32)
     window = W + G if is_app.any() else -1  # (plain rows alone: no window, as above)
     return KernelCall(
-        tokens=as_tensor(tokens), query_start_loc=qsl32, seq_lens=vlen32, block_table=as_tensor(table, torch.int32),
+        tokens=None if np.array_equal(tokens, np.arange(len(tokens))) else as_tensor(tokens), query_start_loc=qsl32, seq_lens=vlen32, block_table=as_tensor(table, torch.int32),
         window=window, scheduler_metadata=_scheduler_metadata(qsl32, vlen32, window, isa, num_heads, Hkv, D, dtype),
         copy_k_index=as_tensor(base + np.arange(D) * B + row),
         copy_v_index=as_tensor(base + B * D + row * D + np.arange(D)),
@@ -281,8 +286,8 @@ def _run_call(query, kv_cache, call: KernelCall, scale, rotary, isa, output) -> 
         flat = kv_cache.view(-1)
         k, v = flat.take(call.copy_k_index), flat.take(call.copy_v_index)  # [Ra * E, Hkv, D]
         if rotary is not None:
-            cos, sin = call.cos_sin(rotary)
-            k = rotate(k.view(Ra, E, *k.shape[1:]).float(), cos, sin, rotary).to(k.dtype).view(k.shape)
+            m = call.rotations(rotary, k.shape[-1])
+            k = torch.matmul(k.view(Ra, E, *k.shape[1:]).float(), m).to(k.dtype).view(k.shape)
         write_kv_kernel(kv_cache, k, v, call.copy_slots, isa)
     kc, vc = _kernel_views(kv_cache)
     if call.tokens is None:  # the whole batch, in order: read and write in place
