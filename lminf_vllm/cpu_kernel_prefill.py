@@ -29,9 +29,9 @@ over the real keys. Rows where only some globals are capped (C < i < C + G - 1),
 the rest of the rows before W + G - 1, and head sizes the kernel lacks take the
 PyTorch path (lambda_attention.paged_lambda_attention).
 
-The scratch cache lives for one layer's call: (W + G + piece) rows per piece,
-at most 2 * (chunk + W + G) rows per request, in the kernel's own layout
-(written by its own `cpu_attn_reshape_and_cache`).
+The scratch cache lives for one kernel call: (W + G + piece) rows per piece,
+pieces of at most QUERIES_PER_CALL queries per call (about 2 x 16k rows), in
+the kernel's own layout (written by its own `cpu_attn_reshape_and_cache`).
 """
 
 import functools
@@ -42,6 +42,10 @@ from lminf_vllm.config import LminfConfig
 from lminf_vllm.cpu_kernel_path import _kernel_views, _scheduler_metadata
 from lminf_vllm.lambda_attention import gather_kv, paged_lambda_attention
 from lminf_vllm.rope import RotarySpec, cos_sin, rotate
+
+# Queries per kernel call (rounded to whole pieces of W): bounds the scratch
+# cache when a prefill step is very long (no chunked prefill).
+QUERIES_PER_CALL = 16384
 
 # How the globals of a run of rows are presented to the kernel.
 ALL_KEYS = "all_keys"  # i < W + G - 1 and i <= C: every key 0..i at its true distance, plain causal
@@ -102,8 +106,13 @@ def prefill_attention(
         isa = None if mode is None else kernel_isa(kv_cache.dtype, kv_cache.shape[2], 2 * D if mode == CAPPED else D)
         if isa is None:
             out[rows] = paged_lambda_attention(q[rows], kv_cache, block_row, b, cfg, scale, rotary, None, layout)
-        else:
-            out[rows] = _kernel_run(q[rows], kv_cache, block_row, a, b, cfg, scale, rotary, layout, mode, isa)
+            continue
+        # Bounded scratch for very long chunks: several calls of whole pieces each.
+        step = max(1, QUERIES_PER_CALL // cfg.local_tokens) * cfg.local_tokens
+        for a1 in range(a, b, step):
+            b1 = min(a1 + step, b)
+            rows = slice(a1 - first, b1 - first)
+            out[rows] = _kernel_run(q[rows], kv_cache, block_row, a1, b1, cfg, scale, rotary, layout, mode, isa)
     return out
 
 

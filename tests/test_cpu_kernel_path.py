@@ -190,3 +190,17 @@ def test_cpu_prefill_benchmark_runs(tmp_path):
     (row,) = json.loads(out.read_text())["rows"]
     assert row["prompt"] == 300 and row["kernel_us_per_query"] > 0 and row["stock_us_per_query"] > 0
     assert row["max_diff_kernel_vs_torch"] < 1e-4
+
+
+def test_long_prefill_step_is_split_into_several_kernel_calls(monkeypatch):
+    """A very long step (no chunked prefill) runs as several calls of whole pieces."""
+    from lminf_vllm import cpu_kernel_prefill
+
+    monkeypatch.setattr(cpu_kernel_prefill, "QUERIES_PER_CALL", 50)  # pieces of W = 40: one per call
+    calls, run = [], cpu_kernel_prefill._kernel_run
+    monkeypatch.setattr(cpu_kernel_prefill, "_kernel_run", lambda *a: calls.append(a[4] - a[3]) or run(*a))
+    cfg = LminfConfig(global_tokens=4, local_tokens=40, distance_cap=64)
+    worst, served = run_batch(cfg, 32, [[700] + [1] * 5, [0, 333] + [1] * 4])
+    assert worst < 2e-5
+    assert served["prefill capped"] == (700 - 67) + (333 - 67), served  # capped from C + G - 1 = 67
+    assert max(calls) == 40 and len(calls) > 20, calls
