@@ -137,7 +137,7 @@ def _front_rows(i: int, W: int, B: int) -> int:
 class KernelCall:
     """One call of the kernel, shared by every layer (planned once per step by the metadata builder)."""
 
-    tokens: torch.Tensor | None  # [Tk] long: the batch's query tokens it serves (None: all, in order)
+    tokens: torch.Tensor | None  # [Tk] long: the batch's query tokens it serves (None: the first Tk, in order)
     query_start_loc: torch.Tensor  # [Rk + 1] int32, into `tokens`
     seq_lens: torch.Tensor  # [Rk] int32: virtual sequence lengths
     block_table: torch.Tensor  # [Rk, nbv] int32: virtual block tables
@@ -256,8 +256,10 @@ def _plan_call(rows, front, block_table, cfg, B, isa, num_heads, num_kv_heads, h
     as_tensor = lambda a, t=torch.long: torch.from_numpy(np.array(a)).to(dev, t)  # noqa: E731 (a copy: writable)
     qsl32, vlen32 = as_tensor(qsl, torch.int32), as_tensor(vlen, torch.int32)
     window = W + G if is_app.any() else -1  # (plain rows alone: no window, as above)
+    in_order = np.array_equal(tokens, np.arange(len(tokens)))  # the batch's first tokens: read and write in place
     return KernelCall(
-        tokens=None if np.array_equal(tokens, np.arange(len(tokens))) else as_tensor(tokens), query_start_loc=qsl32, seq_lens=vlen32, block_table=as_tensor(table, torch.int32),
+        tokens=None if in_order else as_tensor(tokens), query_start_loc=qsl32, seq_lens=vlen32,
+        block_table=as_tensor(table, torch.int32),
         window=window, scheduler_metadata=_scheduler_metadata(qsl32, vlen32, window, isa, num_heads, Hkv, D, dtype),
         copy_k_index=as_tensor(base + np.arange(D) * B + row),
         copy_v_index=as_tensor(base + B * D + row * D + np.arange(D)),
@@ -290,7 +292,7 @@ def _run_call(query, kv_cache, call: KernelCall, scale, rotary, isa, output) -> 
             k = torch.matmul(k.view(Ra, E, *k.shape[1:]).float(), m).to(k.dtype).view(k.shape)
         write_kv_kernel(kv_cache, k, v, call.copy_slots, isa)
     kc, vc = _kernel_views(kv_cache)
-    if call.tokens is None:  # the whole batch, in order: read and write in place
+    if call.tokens is None:  # the batch's first n tokens, in order: read and write in place
         n = int(call.query_start_loc[-1])
         q, out = query[:n], output[:n]
     else:
