@@ -134,6 +134,33 @@ def _front_rows(i: int, W: int, B: int) -> int:
 
 
 @dataclass
+class Copies:
+    """Keys and values copied before a call, E per appending row: the G global
+    keys re-rotated (and, for a "front" row, its window rows of a partly
+    visible first block, shift 0)."""
+
+    k_index: torch.Tensor  # [Ra * E, Hkv, D] long: offsets of the source key and value in the flat cache
+    v_index: torch.Tensor
+    slots: torch.Tensor  # [Ra * E] long: flat destination slots
+    shift: torch.Tensor  # [Ra, E] long: rotate the key forward by d - min(d, C) positions
+    # The rotations by `shift` as matrices, per rotary (layers may differ),
+    # made by the first layer that needs them.
+    _rotations: dict = field(default_factory=dict)
+
+    def rotations(self, rotary: RotarySpec, head_size: int) -> torch.Tensor:
+        """[Ra, E, D, D]: a key row k rotated by its copy's shift is k @ M. One small
+        matmul per layer instead of the dozen elementwise ops of rope.rotate."""
+        key = id(rotary.inv_freq)
+        if key not in self._rotations:
+            cos, sin = cos_sin(self.shift, rotary.inv_freq, torch.float32)
+            Ra, E = self.shift.shape
+            basis = torch.eye(head_size, device=cos.device).expand(Ra, E, head_size, head_size)
+            # rope.rotate is linear: row d of M is the d-th unit vector rotated.
+            self._rotations[key] = rotate(basis, cos[:, :, None], sin[:, :, None], rotary)
+        return self._rotations[key]
+
+
+@dataclass
 class KernelCall:
     """One call of the kernel, shared by every layer (planned once per step by the metadata builder)."""
 
@@ -143,28 +170,7 @@ class KernelCall:
     block_table: torch.Tensor  # [Rk, nbv] int32: virtual block tables
     window: int  # the kernel's sliding window: W + G (-1: none, all rows plain)
     scheduler_metadata: torch.Tensor
-    # Keys and values copied before the call, E per appending row: the G global
-    # keys re-rotated (and, for a "front" row, its window rows of a partly
-    # visible first block, shift 0).
-    copy_k_index: torch.Tensor  # [Ra * E, Hkv, D] long: offsets of the source key and value in the flat cache
-    copy_v_index: torch.Tensor
-    copy_slots: torch.Tensor  # [Ra * E] long: flat destination slots
-    copy_shift: torch.Tensor  # [Ra, E] long: rotate the key forward by d - min(d, C) positions
-    # The rotations by copy_shift as matrices, per rotary (layers may differ),
-    # made by the first layer that needs them.
-    _rotations: dict = field(default_factory=dict)
-
-    def rotations(self, rotary: RotarySpec, head_size: int) -> torch.Tensor:
-        """[Ra, E, D, D]: a key row k rotated by its copy's shift is k @ M. One small
-        matmul per layer instead of the dozen elementwise ops of rope.rotate."""
-        key = id(rotary.inv_freq)
-        if key not in self._rotations:
-            cos, sin = cos_sin(self.copy_shift, rotary.inv_freq, torch.float32)
-            Ra, E = self.copy_shift.shape
-            basis = torch.eye(head_size, device=cos.device).expand(Ra, E, head_size, head_size)
-            # rope.rotate is linear: row d of M is the d-th unit vector rotated.
-            self._rotations[key] = rotate(basis, cos[:, :, None], sin[:, :, None], rotary)
-        return self._rotations[key]
+    copies: list[Copies]  # written before the call (the "after" rows', a "front" row's)
 
 
 def plan_kernel(
@@ -178,27 +184,49 @@ def plan_kernel(
     head_size: int,
     dtype: torch.dtype,
 ) -> tuple[list[KernelCall], list[tuple[int, int, int, int]]]:
-    """The kernel calls serving what they can of `rows` (one for the plain and
-    "after" rows, one per "front" row: they all use the null block), and the
-    rows left to the PyTorch path."""
+    """The kernel calls serving what they can of `rows`, and the rows left to
+    the PyTorch path. The plain and "after" rows share one call; "front" rows
+    all use the null block, so each needs its own call, except that the first
+    joins the shared one."""
     kinds = [row_kind(r[2], r[3], cfg, block_size) for r in rows]
     batch = [r for r, k in zip(rows, kinds) if k in ("plain", "after")]
     fronts = [[r] for r, k in zip(rows, kinds) if k == "front"]
     rest = [r for r, k in zip(rows, kinds) if k is None]
     args = (block_table, cfg, block_size, isa, num_heads, num_kv_heads, head_size, dtype)
     calls = ([_plan_call(batch, False, *args)] if batch else []) + [_plan_call(f, True, *args) for f in fronts]
+    if batch and fronts:  # one call fewer per layer: its Python and its launch
+        calls[:2] = [_merge(calls[0], calls[1], cfg, isa, num_heads, num_kv_heads, head_size, dtype)]
     return calls, rest
+
+
+def _merge(a: KernelCall, b: KernelCall, cfg, isa, num_heads, num_kv_heads, head_size, dtype) -> KernelCall:
+    """One call doing a's rows then b's (their copies never share a slot)."""
+    n_a = int(a.query_start_loc[-1])
+    listed = lambda c: torch.arange(int(c.query_start_loc[-1])) if c.tokens is None else c.tokens  # noqa: E731
+    tokens = torch.cat((listed(a), listed(b)))
+    if torch.equal(tokens, torch.arange(len(tokens))):
+        tokens = None  # the batch's first tokens, in order: read and write in place
+    qsl = torch.cat((a.query_start_loc, b.query_start_loc[1:] + n_a))
+    seq = torch.cat((a.seq_lens, b.seq_lens))
+    width = max(a.block_table.shape[1], b.block_table.shape[1])
+    pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731 (padding is never read)
+    window = cfg.local_tokens + cfg.global_tokens  # plain rows of `a` see all their keys within it too
+    meta = _scheduler_metadata(qsl, seq, window, isa, num_heads, num_kv_heads, head_size, dtype)
+    table = torch.cat((pad(a.block_table), pad(b.block_table)))
+    return KernelCall(
+        tokens=tokens, query_start_loc=qsl, seq_lens=seq, block_table=table, window=window,
+        scheduler_metadata=meta, copies=a.copies + b.copies,
+    )  # fmt: skip
 
 
 def plain_kernel_call(query_start_loc, seq_lens, block_table, cfg, isa, num_heads, num_kv_heads, head_size, dtype):
     """The call for a batch whose every request is a plain row: vLLM's own metadata as it is."""
     qsl, seq = query_start_loc.to(torch.int32), seq_lens.to(torch.int32)
-    none = torch.zeros(0, 0, dtype=torch.long, device=seq.device)
     # Plain rows see all their keys: no window, the kernel's full-attention path as for stock.
     return KernelCall(
         tokens=None, query_start_loc=qsl, seq_lens=seq, block_table=block_table.to(torch.int32), window=-1,
         scheduler_metadata=_scheduler_metadata(qsl, seq, -1, isa, num_heads, num_kv_heads, head_size, dtype),
-        copy_k_index=none, copy_v_index=none, copy_slots=none.flatten(), copy_shift=none,
+        copies=[],
     )  # fmt: skip
 
 
@@ -261,9 +289,9 @@ def _plan_call(rows, front, block_table, cfg, B, isa, num_heads, num_kv_heads, h
         tokens=None if in_order else as_tensor(tokens), query_start_loc=qsl32, seq_lens=vlen32,
         block_table=as_tensor(table, torch.int32),
         window=window, scheduler_metadata=_scheduler_metadata(qsl32, vlen32, window, isa, num_heads, Hkv, D, dtype),
-        copy_k_index=as_tensor(base + np.arange(D) * B + row),
-        copy_v_index=as_tensor(base + B * D + row * D + np.arange(D)),
-        copy_slots=as_tensor(dst_slot.reshape(-1)), copy_shift=as_tensor(shift),
+        copies=[Copies(k_index=as_tensor(base + np.arange(D) * B + row),
+                       v_index=as_tensor(base + B * D + row * D + np.arange(D)),
+                       slots=as_tensor(dst_slot.reshape(-1)), shift=as_tensor(shift))],
     )  # fmt: skip
 
 
@@ -283,14 +311,16 @@ def kernel_attention(
 def _run_call(query, kv_cache, call: KernelCall, scale, rotary, isa, output) -> None:
     from vllm import _custom_ops as ops
 
-    Ra, E = call.copy_shift.shape
-    if Ra and E:
+    for copies in call.copies:
+        Ra, E = copies.shift.shape
+        if not (Ra and E):
+            continue
         flat = kv_cache.view(-1)
-        k, v = flat.take(call.copy_k_index), flat.take(call.copy_v_index)  # [Ra * E, Hkv, D]
+        k, v = flat.take(copies.k_index), flat.take(copies.v_index)  # [Ra * E, Hkv, D]
         if rotary is not None:
-            m = call.rotations(rotary, k.shape[-1])
+            m = copies.rotations(rotary, k.shape[-1])
             k = torch.matmul(k.view(Ra, E, *k.shape[1:]).float(), m).to(k.dtype).view(k.shape)
-        write_kv_kernel(kv_cache, k, v, call.copy_slots, isa)
+        write_kv_kernel(kv_cache, k, v, copies.slots, isa)
     kc, vc = _kernel_views(kv_cache)
     if call.tokens is None:  # the batch's first n tokens, in order: read and write in place
         n = int(call.query_start_loc[-1])

@@ -204,3 +204,15 @@ def test_long_prefill_step_is_split_into_several_kernel_calls(monkeypatch):
     assert worst < 2e-5
     assert served["prefill capped"] == (700 - 67) + (333 - 67), served  # capped from C + G - 1 = 67
     assert max(calls) == 40 and len(calls) > 20, calls
+
+
+def test_first_front_row_shares_the_batch_call():
+    """Front rows each need the null block, so only the first joins the shared call."""
+    cfg, B = LminfConfig(global_tokens=4, local_tokens=64, distance_cap=96), 32
+    rows = [(0, 0, 1, 201), (1, 1, 1, 221), (2, 2, 1, 222)]  # i = 200: "after"; i = 220, 221: "front"
+    assert [row_kind(1, n, cfg, B) for _, _, _, n in rows] == ["after", "front", "front"]
+    table = torch.arange(1, 1 + 3 * 8, dtype=torch.int32).view(3, 8)
+    calls, rest = plan_kernel(rows, table, cfg, B, ISA, H, HKV, D, torch.float32)
+    assert not rest and len(calls) == 2
+    assert calls[0].tokens is None and calls[0].query_start_loc.tolist() == [0, 1, 2] and len(calls[0].copies) == 2
+    assert calls[1].tokens.tolist() == [2] and calls[0].window == calls[1].window == 64 + 4
