@@ -22,8 +22,8 @@ the keys does not matter. Where the copies go:
     of vLLM's null block (block 0, never given to a request, never read),
     together with the row's window keys of its partly visible first block;
     the virtual sequence is then [null block] + [window from its next block].
-    The null block holds one row's copies at a time: one kernel call per such
-    row.
+    The null block holds one row's copies at a time: the first such row of a
+    step joins the shared kernel call, each further one has its own.
 No slot is reserved for this: the KV bound of SPEC.md is unchanged.
 
 Rows the kernel can serve (`row_kind`):
