@@ -25,23 +25,19 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lminf_vllm.config import LminfConfig  # noqa: E402
-from lminf_vllm.cpu_kernel_path import _kernel_views, _scheduler_metadata, kernel_mode  # noqa: E402
+from lminf_vllm.cpu_kernel_path import attend, kernel_cache_views, kernel_mode, scheduler_metadata  # noqa: E402
 from lminf_vllm.cpu_kernel_prefill import prefill_attention  # noqa: E402
 from lminf_vllm.lambda_attention import CPU_KERNEL_LAYOUT, paged_lambda_attention  # noqa: E402
 from lminf_vllm.rope import RotarySpec, default_inv_freq  # noqa: E402
+from shape_args import add_head_args, add_lminf_args  # noqa: E402
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768])
     p.add_argument("--chunk", type=int, default=4096, help="queries in the chunk (the last ones of the prompt)")
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--head-size", type=int, default=32)
-    p.add_argument("--block-size", type=int, default=32)
-    p.add_argument("--global-tokens", type=int, default=4)
-    p.add_argument("--local-tokens", type=int, default=2048)
-    p.add_argument("--distance-cap", type=int, default=4096)
+    add_head_args(p)
+    add_lminf_args(p)
     p.add_argument("--repeats", type=int, default=5, help="timed calls per point; the fastest counts")
     p.add_argument("--no-stock", action="store_true", help="skip the full-causal stock call (slow at 64k+)")
     p.add_argument("--out", type=Path, default=Path("out/cpu_prefill.json"))
@@ -60,18 +56,12 @@ def fastest(fn, repeats):
 
 def stock_call(q, kv_cache, table, n, scale, isa):
     """vLLM's kernel over the whole prefix, causal, as CPU_ATTN runs a prefill chunk."""
-    from vllm import _custom_ops as ops
-
     T, H, D = q.shape
     qsl, seq = torch.tensor([0, T], dtype=torch.int32), torch.tensor([n], dtype=torch.int32)
-    meta = _scheduler_metadata(qsl, seq, -1, isa, H, kv_cache.shape[1], D, q.dtype)
-    kc, vc = _kernel_views(kv_cache)
+    meta = scheduler_metadata(qsl, seq, -1, isa, H, kv_cache.shape[1], D, q.dtype)
+    kc, vc = kernel_cache_views(kv_cache)
     out = torch.empty_like(q)
-    return lambda: ops.cpu_attention_with_kv_cache(
-        query=q, key_cache=kc, value_cache=vc, output=out, query_start_loc=qsl, seq_lens=seq, scale=scale,
-        causal=True, alibi_slopes=None, sliding_window=-1, block_table=table[None], softcap=0.0,
-        scheduler_metadata=meta, s_aux=None,
-    )  # fmt: skip
+    return lambda: attend(q, kc, vc, out, qsl, seq, table[None], -1, meta, scale)
 
 
 def main(argv=None):

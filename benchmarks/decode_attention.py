@@ -15,19 +15,15 @@ import torch
 from lminf_vllm.config import LminfConfig
 from lminf_vllm.lambda_attention import decode_lambda_attention, plan_decode
 from lminf_vllm.rope import RotarySpec, default_inv_freq
+from shape_args import add_head_args, add_lminf_args
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 8192, 32768])
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--head-size", type=int, default=32)
-    p.add_argument("--block-size", type=int, default=32)
-    p.add_argument("--global-tokens", type=int, default=4)
-    p.add_argument("--local-tokens", type=int, default=2048)
-    p.add_argument("--distance-cap", type=int, default=4096)
+    add_head_args(p)
+    add_lminf_args(p)
     p.add_argument("--repeats", type=int, default=50)
     a = p.parse_args(argv)
     torch.manual_seed(0)

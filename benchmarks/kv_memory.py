@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from shape_args import add_lminf_args
 
 
 def in_process_engine_env() -> None:
@@ -34,10 +35,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, help="HF model directory (default: a random Llama built on the fly)")
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768, 65536])
-    p.add_argument("--global-tokens", type=int, default=4)
-    p.add_argument("--local-tokens", type=int, default=2048)
-    p.add_argument("--distance-cap", type=int, default=4096)
-    p.add_argument("--block-size", type=int, default=32)
+    add_lminf_args(p)
     p.add_argument("--pool-blocks", type=int, default=4096, help="KV pool size in blocks (both backends)")
     p.add_argument("--step-tokens", type=int, default=2048, help="max_num_batched_tokens")
     p.add_argument("--gen", type=int, default=16, help="tokens generated after each prompt")

@@ -25,6 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 from kv_memory import default_model, in_process_engine_env, page_bytes  # noqa: E402
+from shape_args import add_lminf_args  # noqa: E402
 
 from lminf_vllm.block_policy import max_blocks_per_sequence  # noqa: E402
 
@@ -35,10 +36,7 @@ def parse_args(argv=None):
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 8192, 32768])
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--gen", type=int, default=128, help="tokens generated per sequence")
-    p.add_argument("--global-tokens", type=int, default=4)
-    p.add_argument("--local-tokens", type=int, default=2048)
-    p.add_argument("--distance-cap", type=int, default=4096)
-    p.add_argument("--block-size", type=int, default=32)
+    add_lminf_args(p)
     p.add_argument("--step-tokens", type=int, default=4096, help="max_num_batched_tokens")
     p.add_argument("--backends", nargs="+", default=["CPU_ATTN", "lminf"],
                    help="the first is the baseline of the ratios (on GPUs: FLASH_ATTN lminf)")

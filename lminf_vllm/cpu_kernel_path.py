@@ -85,13 +85,13 @@ def kernel_layout_ok(isa: str, dtype: torch.dtype, num_kv_heads: int, head_size:
     k = torch.randn(5, num_kv_heads, head_size, generator=g).to(dtype)
     v = torch.randn(5, num_kv_heads, head_size, generator=g).to(dtype)
     slots = torch.tensor([0, 1, block_size + 3, 2 * block_size + block_size - 1, 2 * block_size])
-    kc, vc = _kernel_views(cache)
+    kc, vc = kernel_cache_views(cache)
     ops.cpu_attn_reshape_and_cache(k, v, kc, vc, slots, isa)
     k2, v2 = read_rows(cache, slots // block_size, slots % block_size, head_size, "cpu_kernel")
     return torch.equal(k2, k) and torch.equal(v2, v)
 
 
-def _kernel_views(kv_cache: torch.Tensor):
+def kernel_cache_views(kv_cache: torch.Tensor):
     """The (key_cache, value_cache) views vLLM's CPU backend passes to its ops."""
     nb, Hkv, B, twoD = kv_cache.shape
     return kv_cache.view(nb, Hkv, 2 * B, twoD // 2).chunk(2, dim=2)
@@ -101,7 +101,7 @@ def write_kv_kernel(kv_cache, key, value, slots, isa: str) -> None:
     """Store key/value [T, Hkv, D] at flat slots [T] with the kernel's own writer (slot < 0 skipped)."""
     from vllm import _custom_ops as ops
 
-    kc, vc = _kernel_views(kv_cache)
+    kc, vc = kernel_cache_views(kv_cache)
     ops.cpu_attn_reshape_and_cache(key, value, kc, vc, slots, isa)
 
 
@@ -169,8 +169,8 @@ class KernelCall:
     seq_lens: torch.Tensor  # [Rk] int32: virtual sequence lengths
     block_table: torch.Tensor  # [Rk, nbv] int32: virtual block tables
     window: int  # the kernel's sliding window: W + G (-1: none, all rows plain)
-    scheduler_metadata: torch.Tensor
     copies: list[Copies]  # written before the call (the "after" rows', a "front" row's)
+    scheduler_metadata: torch.Tensor | None = None  # made once the calls of a step are final
 
 
 def plan_kernel(
@@ -192,14 +192,18 @@ def plan_kernel(
     batch = [r for r, k in zip(rows, kinds) if k in ("plain", "after")]
     fronts = [[r] for r, k in zip(rows, kinds) if k == "front"]
     rest = [r for r, k in zip(rows, kinds) if k is None]
-    args = (block_table, cfg, block_size, isa, num_heads, num_kv_heads, head_size, dtype)
+    args = (block_table, cfg, block_size, num_kv_heads, head_size)
     calls = ([_plan_call(batch, False, *args)] if batch else []) + [_plan_call(f, True, *args) for f in fronts]
     if batch and fronts:  # one call fewer per layer: its Python and its launch
-        calls[:2] = [_merge(calls[0], calls[1], cfg, isa, num_heads, num_kv_heads, head_size, dtype)]
+        calls[:2] = [_merge(calls[0], calls[1], cfg)]
+    for call in calls:
+        call.scheduler_metadata = scheduler_metadata(
+            call.query_start_loc, call.seq_lens, call.window, isa, num_heads, num_kv_heads, head_size, dtype
+        )
     return calls, rest
 
 
-def _merge(a: KernelCall, b: KernelCall, cfg, isa, num_heads, num_kv_heads, head_size, dtype) -> KernelCall:
+def _merge(a: KernelCall, b: KernelCall, cfg: LminfConfig) -> KernelCall:
     """One call doing a's rows then b's (their copies never share a slot)."""
     n_a = int(a.query_start_loc[-1])
     listed = lambda c: torch.arange(int(c.query_start_loc[-1])) if c.tokens is None else c.tokens  # noqa: E731
@@ -211,12 +215,10 @@ def _merge(a: KernelCall, b: KernelCall, cfg, isa, num_heads, num_kv_heads, head
     width = max(a.block_table.shape[1], b.block_table.shape[1])
     pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731 (padding is never read)
     window = cfg.local_tokens + cfg.global_tokens  # plain rows of `a` see all their keys within it too
-    meta = _scheduler_metadata(qsl, seq, window, isa, num_heads, num_kv_heads, head_size, dtype)
     table = torch.cat((pad(a.block_table), pad(b.block_table)))
     return KernelCall(
-        tokens=tokens, query_start_loc=qsl, seq_lens=seq, block_table=table, window=window,
-        scheduler_metadata=meta, copies=a.copies + b.copies,
-    )  # fmt: skip
+        tokens=tokens, query_start_loc=qsl, seq_lens=seq, block_table=table, window=window, copies=a.copies + b.copies
+    )
 
 
 def plain_kernel_call(query_start_loc, seq_lens, block_table, cfg, isa, num_heads, num_kv_heads, head_size, dtype):
@@ -225,12 +227,12 @@ def plain_kernel_call(query_start_loc, seq_lens, block_table, cfg, isa, num_head
     # Plain rows see all their keys: no window, the kernel's full-attention path as for stock.
     return KernelCall(
         tokens=None, query_start_loc=qsl, seq_lens=seq, block_table=block_table.to(torch.int32), window=-1,
-        scheduler_metadata=_scheduler_metadata(qsl, seq, -1, isa, num_heads, num_kv_heads, head_size, dtype),
-        copies=[],
+        copies=[], scheduler_metadata=scheduler_metadata(qsl, seq, -1, isa, num_heads, num_kv_heads, head_size, dtype),
     )  # fmt: skip
 
 
-def _scheduler_metadata(qsl, seq, window, isa, num_heads, num_kv_heads, head_size, dtype):
+def scheduler_metadata(qsl, seq, window, isa, num_heads, num_kv_heads, head_size, dtype):
+    """The kernel's work split for a call over these virtual sequences."""
     from vllm import _custom_ops as ops
     from vllm import envs
 
@@ -241,7 +243,7 @@ def _scheduler_metadata(qsl, seq, window, isa, num_heads, num_kv_heads, head_siz
     )  # fmt: skip
 
 
-def _plan_call(rows, front, block_table, cfg, B, isa, num_heads, num_kv_heads, head_size, dtype):
+def _plan_call(rows, front, block_table, cfg, B, num_kv_heads, head_size):
     # Index arithmetic on a handful of rows: numpy, not many tiny torch ops.
     G, W, C = cfg.global_tokens, cfg.local_tokens, cfg.distance_cap
     req, first_tok, counts, seq = (np.array(col, dtype=np.int64) for col in zip(*rows))
@@ -288,7 +290,7 @@ def _plan_call(rows, front, block_table, cfg, B, isa, num_heads, num_kv_heads, h
     return KernelCall(
         tokens=None if in_order else as_tensor(tokens), query_start_loc=qsl32, seq_lens=vlen32,
         block_table=as_tensor(table, torch.int32),
-        window=window, scheduler_metadata=_scheduler_metadata(qsl32, vlen32, window, isa, num_heads, Hkv, D, dtype),
+        window=window,
         copies=[Copies(k_index=as_tensor(base + np.arange(D) * B + row),
                        v_index=as_tensor(base + B * D + row * D + np.arange(D)),
                        slots=as_tensor(dst_slot.reshape(-1)), shift=as_tensor(shift))],
@@ -309,8 +311,6 @@ def kernel_attention(
 
 
 def _run_call(query, kv_cache, call: KernelCall, scale, rotary, isa, output) -> None:
-    from vllm import _custom_ops as ops
-
     for copies in call.copies:
         Ra, E = copies.shift.shape
         if not (Ra and E):
@@ -321,17 +321,26 @@ def _run_call(query, kv_cache, call: KernelCall, scale, rotary, isa, output) -> 
             m = copies.rotations(rotary, k.shape[-1])
             k = torch.matmul(k.view(Ra, E, *k.shape[1:]).float(), m).to(k.dtype).view(k.shape)
         write_kv_kernel(kv_cache, k, v, copies.slots, isa)
-    kc, vc = _kernel_views(kv_cache)
+    kc, vc = kernel_cache_views(kv_cache)
     if call.tokens is None:  # the batch's first n tokens, in order: read and write in place
         n = int(call.query_start_loc[-1])
         q, out = query[:n], output[:n]
     else:
         q = query[call.tokens].contiguous()
         out = torch.empty_like(q)
-    ops.cpu_attention_with_kv_cache(
-        query=q, key_cache=kc, value_cache=vc, output=out, query_start_loc=call.query_start_loc,
-        seq_lens=call.seq_lens, scale=scale, causal=True, alibi_slopes=None, sliding_window=call.window,
-        block_table=call.block_table, softcap=0.0, scheduler_metadata=call.scheduler_metadata, s_aux=None,
-    )  # fmt: skip
+    attend(q, kc, vc, out, call.query_start_loc, call.seq_lens, call.block_table, call.window,
+           call.scheduler_metadata, scale)  # fmt: skip
     if call.tokens is not None:
         output[call.tokens] = out.to(output.dtype)
+
+
+def attend(q, key_cache, value_cache, out, query_start_loc, seq_lens, block_table, window, metadata, scale) -> None:
+    """One call of vLLM's kernel: causal attention of q over virtual sequences of
+    the cache views, keys older than `window` (-1: none) masked; writes out."""
+    from vllm import _custom_ops as ops
+
+    ops.cpu_attention_with_kv_cache(
+        query=q, key_cache=key_cache, value_cache=value_cache, output=out, query_start_loc=query_start_loc,
+        seq_lens=seq_lens, scale=scale, causal=True, alibi_slopes=None, sliding_window=window,
+        block_table=block_table, softcap=0.0, scheduler_metadata=metadata, s_aux=None,
+    )  # fmt: skip

@@ -39,9 +39,9 @@ import functools
 import torch
 
 from lminf_vllm.config import LminfConfig
-from lminf_vllm.cpu_kernel_path import _kernel_views, _scheduler_metadata
-from lminf_vllm.lambda_attention import gather_kv, paged_lambda_attention
-from lminf_vllm.rope import RotarySpec, cos_sin, rotate
+from lminf_vllm.cpu_kernel_path import attend, kernel_cache_views, scheduler_metadata, write_kv_kernel
+from lminf_vllm.lambda_attention import capped_rotations, gather_kv, paged_lambda_attention
+from lminf_vllm.rope import RotarySpec
 
 # Queries per kernel call (rounded to whole pieces of W): bounds the scratch
 # cache when a prefill step is very long (no chunked prefill).
@@ -118,8 +118,6 @@ def prefill_attention(
 
 def _kernel_run(q, kv_cache, block_row, a0, b0, cfg, scale, rotary, layout, mode, isa):
     """Queries at [a0, b0), all of one mode, in one kernel call over a scratch cache."""
-    from vllm import _custom_ops as ops
-
     T, H, D = q.shape
     W, B = cfg.local_tokens, kv_cache.shape[2]
     G = cfg.global_tokens if mode in (TRUE_DISTANCE, CAPPED) else 0  # globals inserted
@@ -131,12 +129,8 @@ def _kernel_run(q, kv_cache, block_row, a0, b0, cfg, scale, rotary, layout, mode
     k_glob, v_glob = gather_kv(kv_cache, block_row, 0, G, D, layout)
     Hkv = k_loc.shape[1]
     if wide:
-        i = torch.arange(a0, b0)
-        cos_q, sin_q = cos_sin(cfg.distance_cap - i, rotary.inv_freq, torch.float32)
-        cos_k, sin_k = cos_sin(-torch.arange(G), rotary.inv_freq, torch.float32)
-        q_cap = rotate(q.float(), cos_q[:, None], sin_q[:, None], rotary).to(q.dtype)
-        k_glob = rotate(k_glob.float(), cos_k[:, None], sin_k[:, None], rotary).to(k_glob.dtype)
-        q = torch.cat((q, q_cap), dim=-1)
+        q_cap, k_cap = capped_rotations(q, a0, k_glob, cfg.distance_cap, rotary)
+        q, k_glob = torch.cat((q, q_cap.to(q.dtype)), dim=-1), k_cap.to(k_glob.dtype)
 
     # Pieces of at most W queries (module docstring); each a virtual request padded to whole blocks.
     pieces = [(a0, b0)] if mode == ALL_KEYS else [(a, min(a + W, b0)) for a in range(a0, b0, W)]
@@ -156,8 +150,8 @@ def _kernel_run(q, kv_cache, block_row, a0, b0, cfg, scale, rotary, layout, mode
         values[g0:g1, :, :D] = v_glob
         keys[g1 : g1 + b - a, :, :D], values[g1 : g1 + b - a, :, :D] = k_loc[after], v_loc[after]
     scratch = kv_cache.new_empty(starts[-1] // B, Hkv, B, 2 * Dx)
-    kc, vc = _kernel_views(scratch)
-    ops.cpu_attn_reshape_and_cache(keys, values, kc, vc, torch.arange(starts[-1]), isa)
+    write_kv_kernel(scratch, keys, values, torch.arange(starts[-1]), isa)
+    kc, vc = kernel_cache_views(scratch)
 
     width = max(starts[n + 1] - starts[n] for n in range(len(pieces))) // B
     table = torch.zeros(len(pieces), width, dtype=torch.int32)
@@ -167,12 +161,8 @@ def _kernel_run(q, kv_cache, block_row, a0, b0, cfg, scale, rotary, layout, mode
     qsl = torch.tensor([0] + [b - a0 for _, b in pieces], dtype=torch.int32)
     seq = torch.tensor(lens, dtype=torch.int32)
     window = -1 if mode == ALL_KEYS else W + G
-    meta = _scheduler_metadata(qsl, seq, window, isa, H, Hkv, Dx, q.dtype)
+    meta = scheduler_metadata(qsl, seq, window, isa, H, Hkv, Dx, q.dtype)
     q = q.contiguous()
     out = torch.empty_like(q)
-    ops.cpu_attention_with_kv_cache(
-        query=q, key_cache=kc, value_cache=vc, output=out, query_start_loc=qsl, seq_lens=seq, scale=scale,
-        causal=True, alibi_slopes=None, sliding_window=window, block_table=table, softcap=0.0,
-        scheduler_metadata=meta, s_aux=None,
-    )  # fmt: skip
+    attend(q, kc, vc, out, qsl, seq, table, window, meta, scale)
     return out[..., :D].float()

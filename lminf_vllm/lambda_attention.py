@@ -174,12 +174,22 @@ def _global_scores(qf, q_start, k_glob, cfg, scale, rotary):
     past_cap = dist > cfg.distance_cap
     if rotary is None or not bool(past_cap.any()):
         return plain, dist
-    cos_q, sin_q = cos_sin(cfg.distance_cap - i, rotary.inv_freq, torch.float32)  # angles formed in float64
-    cos_k, sin_k = cos_sin(-j, rotary.inv_freq, torch.float32)
-    q_cap = rotate(qf, cos_q[:, None, None], sin_q[:, None, None], rotary)
-    k_cap = rotate(k_glob, cos_k[:, None], sin_k[:, None], rotary)
+    q_cap, k_cap = capped_rotations(qf, q_start, k_glob, cfg.distance_cap, rotary)
     capped = torch.einsum("tkgd,jkd->tkgj", q_cap, k_cap) * scale
     return torch.where(past_cap[:, None, None, :], capped, plain), dist
+
+
+def capped_rotations(q, q_start: int, k_glob, distance_cap: int, rotary: RotarySpec):
+    """(R(C - i) q_i, R(-j) k_j) in float32 for queries q [T, ...heads, D] at
+    q_start .. and the global keys k_glob [Gk, Hkv, D]: their dot products are
+    the scores at the capped distance C (rotations compose)."""
+    T, Gk = q.shape[0], k_glob.shape[0]
+    i = torch.arange(q_start, q_start + T, device=q.device)
+    cos_q, sin_q = cos_sin(distance_cap - i, rotary.inv_freq, torch.float32)  # angles formed in float64
+    cos_k, sin_k = cos_sin(-torch.arange(Gk, device=q.device), rotary.inv_freq, torch.float32)
+    heads = (slice(None),) + (None,) * (q.dim() - 2)  # broadcast over the head axes
+    q_cap = rotate(q.float(), cos_q[heads], sin_q[heads], rotary)
+    return q_cap, rotate(k_glob.float(), cos_k[:, None], sin_k[:, None], rotary)
 
 
 _MASKS: dict = {}
