@@ -45,7 +45,7 @@ def parse_args(argv=None):
 
 
 def default_model() -> Path:
-    from lminf_vllm.tiny_models import build_llama
+    from lminf_vllm.testing.tiny_models import build_llama
 
     path = Path(os.environ.get("LMINF_CACHE", Path.home() / ".cache" / "lminf-vllm")) / "bench-llama-128k"
     if not (path / "model.safetensors").exists():

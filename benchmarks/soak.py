@@ -201,7 +201,7 @@ def check(report, args) -> list[str]:
 
 
 def run(args) -> dict:
-    from lminf_vllm.tiny_models import build_llama
+    from lminf_vllm.testing.tiny_models import build_llama
 
     model = args.model
     if model is None:

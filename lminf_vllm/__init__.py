@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 def register() -> None:
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
-    from lminf_vllm import patches
+    from lminf_vllm import runtime_patches
     from lminf_vllm.kv_cache import register_kv_cache_spec
     from lminf_vllm.versions import check_vllm_version
     from lminf_vllm.vllm_config import BACKEND_PATH
@@ -19,4 +19,4 @@ def register() -> None:
     check_vllm_version()
     register_backend(AttentionBackendEnum.CUSTOM, BACKEND_PATH)
     register_kv_cache_spec()
-    patches.apply_all()
+    runtime_patches.apply_all()

@@ -8,7 +8,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 
-from lminf_vllm.tiny_models import build_llama  # noqa: E402
+from lminf_vllm.testing.tiny_models import build_llama  # noqa: E402
 
 TABLE = 128  # max_position_embeddings of the tiny test model
 

@@ -17,7 +17,7 @@ from engine import (
 )  # fmt: skip
 from lminf_vllm.block_policy import max_blocks_per_sequence
 from lminf_vllm.config import LminfConfig
-from lminf_vllm.reference import DenseLlama
+from lminf_vllm.testing.reference import DenseLlama
 
 G, W, C, B = 4, 64, 128, 32
 CFG = LminfConfig(G, W, C)

@@ -28,7 +28,7 @@ from lminf_vllm.lambda_attention import (
     decode_lambda_attention,
     plan_decode,
 )
-from lminf_vllm.reference import dense_lambda_attention
+from lminf_vllm.testing.reference import dense_lambda_attention
 from lminf_vllm.rope import RotarySpec, cos_sin, default_inv_freq, rotate
 
 H, HKV, D = 4, 2, 32

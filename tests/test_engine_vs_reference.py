@@ -13,7 +13,7 @@ from vllm import SamplingParams
 from conftest import TABLE
 from engine import engine, lminf_options, prompt_logprobs, random_prompt, sample_logprobs
 from lminf_vllm.config import LminfConfig
-from lminf_vllm.reference import DenseLlama
+from lminf_vllm.testing.reference import DenseLlama
 
 CASES = [
     # (G, W, C, block size, max tokens per step)

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from lminf_vllm.config import LminfConfig
-from lminf_vllm.hf_reference import HFLambdaReference, lambda_attention
-from lminf_vllm.reference import DenseLlama, dense_lambda_attention
+from lminf_vllm.testing.hf_reference import HFLambdaReference, lambda_attention
+from lminf_vllm.testing.reference import DenseLlama, dense_lambda_attention
 from lminf_vllm.rope import RotarySpec, cos_sin, default_inv_freq, rotate
 
 
@@ -38,7 +38,7 @@ def test_hook_on_llama_equals_dense_llama(tiny_llama):
 
 def test_hook_on_scaled_llama_equals_dense_llama(tmp_path):
     """yarn: scaled frequencies and mscale on cos/sin, derived apart by the two oracles."""
-    from lminf_vllm.tiny_models import build_llama
+    from lminf_vllm.testing.tiny_models import build_llama
 
     rope = dict(rope_type="yarn", factor=2.0, original_max_position_embeddings=64, rope_theta=10000.0)
     model = build_llama(tmp_path / "yarn", max_position_embeddings=128, rope_parameters=rope, seed=4)

@@ -13,10 +13,10 @@ from vllm import SamplingParams
 from engine import engine, lminf_options, prompt_logprobs, random_prompt
 from family_checks import check_family
 from lminf_vllm.config import LminfConfig
-from lminf_vllm.hf_reference import HFLambdaReference
+from lminf_vllm.testing.hf_reference import HFLambdaReference
 from lminf_vllm.model_support import SUPPORTED_ARCHITECTURES
-from lminf_vllm.reference import DenseLlama
-from lminf_vllm.tiny_models import build_family, build_llama
+from lminf_vllm.testing.reference import DenseLlama
+from lminf_vllm.testing.tiny_models import build_family, build_llama
 
 FAMILIES = {
     "LlamaForCausalLM": dict(architecture="llama"),

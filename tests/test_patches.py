@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from lminf_vllm import patches
+from lminf_vllm import runtime_patches
 from lminf_vllm.versions import SUPPORTED_VLLM_SERIES, UnsupportedVllmVersion, check_vllm_version, is_supported
 
 ROOT = Path(__file__).resolve().parents[1]
-PATCH_DIR = ROOT / "lminf_vllm" / "patches"
+PATCH_DIR = ROOT / "lminf_vllm" / "runtime_patches"
 SECTIONS = ("Target:", "Why:", "How:", "Upstream:", "Remove when:")
 
 
@@ -23,12 +23,12 @@ def test_plugin_is_found_through_its_entry_point():
 
 def test_every_patch_file_is_listed_and_every_listed_patch_exists():
     files = {p.stem for p in PATCH_DIR.glob("patch_*.py")}
-    assert files == set(patches.PATCH_MODULES)
+    assert files == set(runtime_patches.PATCH_MODULES)
 
 
-@pytest.mark.parametrize("name", patches.PATCH_MODULES)
+@pytest.mark.parametrize("name", runtime_patches.PATCH_MODULES)
 def test_patch_is_documented_versioned_and_in_the_readme(name):
-    module = patches.load(name)
+    module = runtime_patches.load(name)
     doc = ast.get_docstring(ast.parse((PATCH_DIR / f"{name}.py").read_text())) or ""
     for section in SECTIONS:
         assert section in doc, f"{name} docstring lacks {section!r}"
@@ -39,12 +39,12 @@ def test_patch_is_documented_versioned_and_in_the_readme(name):
     assert (ROOT / "patches" / f"{name}.diff").read_text().startswith("--- a/vllm/")
 
 
-@pytest.mark.parametrize("name", patches.PATCH_MODULES)
+@pytest.mark.parametrize("name", runtime_patches.PATCH_MODULES)
 def test_patch_is_applied_by_the_plugin_and_idempotent(name):
     from vllm.plugins import load_general_plugins
 
     load_general_plugins()  # what every vLLM process does
-    module = patches.load(name)
+    module = runtime_patches.load(name)
     assert module.is_applied()
     assert module.apply() is False  # a second apply changes nothing
 
@@ -52,9 +52,9 @@ def test_patch_is_applied_by_the_plugin_and_idempotent(name):
 def test_originals_are_kept():
     from vllm.platforms.cpu import CpuPlatform
 
-    from lminf_vllm.patches._util import original_of
+    from lminf_vllm.runtime_patches._util import original_of
 
-    patches.apply_all()
+    runtime_patches.apply_all()
     original = original_of(CpuPlatform, "get_attn_backend_cls")
     assert original.__module__ == "vllm.platforms.cpu"
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lminf_vllm.config import LminfConfig
-from lminf_vllm.reference import DenseLlama, brute_force_lambda_attention, dense_lambda_attention, lambda_mask_and_distance
+from lminf_vllm.testing.reference import DenseLlama, brute_force_lambda_attention, dense_lambda_attention, lambda_mask_and_distance
 from lminf_vllm.rope import RotarySpec, default_inv_freq
 
 

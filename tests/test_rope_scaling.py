@@ -12,8 +12,8 @@ import torch
 
 from family_checks import check_family
 from lminf_vllm.config import LminfConfig, pretraining_length
-from lminf_vllm.hf_reference import HFLambdaReference
-from lminf_vllm.tiny_models import build_llama
+from lminf_vllm.testing.hf_reference import HFLambdaReference
+from lminf_vllm.testing.tiny_models import build_llama
 
 TABLE = 128
 SCALINGS = {
@@ -64,7 +64,7 @@ def test_a_misread_scaling_is_refused_at_start_up(kind):
     from vllm.model_executor.layers.rotary_embedding import get_rope
 
     from lminf_vllm.config import LminfConfigError
-    from lminf_vllm.patches.patch_model_loader_base_loader import check_spec_reproduces_table, rotary_spec_of
+    from lminf_vllm.runtime_patches.patch_model_loader_base_loader import check_spec_reproduces_table, rotary_spec_of
 
     rope_parameters = dict(SCALINGS[kind]["rope_parameters"])
     with set_current_vllm_config(VllmConfig()):

@@ -70,7 +70,7 @@ def test_unhandled_rope_variant_is_refused(tiny_llama, tmp_path, rope, message):
 def test_model_without_rope_is_refused(tmp_path):
     from transformers import AutoConfig
 
-    from lminf_vllm.tiny_models import build_tokenizer
+    from lminf_vllm.testing.tiny_models import build_tokenizer
 
     out = tmp_path / "gpt2"
     out.mkdir()
@@ -100,7 +100,7 @@ def config_only(tmp_path, model_type, **fields):
     """A model directory with a tokenizer and a config, no weights (refused before loading)."""
     from transformers import AutoConfig
 
-    from lminf_vllm.tiny_models import build_tokenizer
+    from lminf_vllm.testing.tiny_models import build_tokenizer
 
     out = tmp_path / model_type
     out.mkdir()

@@ -30,7 +30,7 @@ if DEVICE == "cpu":
 import torch  # noqa: E402
 
 from lminf_vllm.config import LminfConfig  # noqa: E402
-from lminf_vllm.reference import dense_lambda_attention  # noqa: E402
+from lminf_vllm.testing.reference import dense_lambda_attention  # noqa: E402
 from lminf_vllm.rope import RotarySpec, cos_sin, default_inv_freq, rotate  # noqa: E402
 from lminf_vllm.triton_lambda_attention import triton_lambda_attention  # noqa: E402
 

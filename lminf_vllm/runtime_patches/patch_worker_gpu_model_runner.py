@@ -19,7 +19,7 @@ Remove when: vLLM handles CPU generators there.
 
 import numpy as np
 
-from lminf_vllm.patches._util import is_patched, replace_attr
+from lminf_vllm.runtime_patches._util import is_patched, replace_attr
 from lminf_vllm.versions import SUPPORTED_VLLM_SERIES
 
 TARGET = "vllm.v1.worker.gpu_model_runner.GPUModelRunner._sample"

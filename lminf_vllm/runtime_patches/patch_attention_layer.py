@@ -14,7 +14,7 @@ Upstream: call `attn_backend.customize_spec()` (or a `get_kv_cache_spec` of the
 Remove when: backends build their layers' KV cache spec.
 """
 
-from lminf_vllm.patches._util import is_patched, replace_attr
+from lminf_vllm.runtime_patches._util import is_patched, replace_attr
 from lminf_vllm.versions import SUPPORTED_VLLM_SERIES
 
 TARGET = "vllm.model_executor.layers.attention.attention.Attention.get_kv_cache_spec"

@@ -33,7 +33,7 @@ import types
 
 import torch
 
-from lminf_vllm.patches._util import is_patched, replace_attr
+from lminf_vllm.runtime_patches._util import is_patched, replace_attr
 from lminf_vllm.versions import SUPPORTED_VLLM_SERIES
 
 TARGET = "vllm.model_executor.model_loader.base_loader.process_weights_after_loading"

@@ -11,7 +11,7 @@ Upstream: CpuPlatform could accept `AttentionBackendEnum.CUSTOM` like the CUDA
 Remove when: the CPU platform returns registered CUSTOM backends itself.
 """
 
-from lminf_vllm.patches._util import is_patched, replace_attr
+from lminf_vllm.runtime_patches._util import is_patched, replace_attr
 from lminf_vllm.versions import SUPPORTED_VLLM_SERIES
 
 TARGET = "vllm.platforms.cpu.CpuPlatform.get_attn_backend_cls"

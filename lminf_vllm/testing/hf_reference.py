@@ -14,7 +14,7 @@ import contextlib
 import torch
 
 from lminf_vllm.config import LminfConfig
-from lminf_vllm.reference import lambda_mask_and_distance
+from lminf_vllm.testing.reference import lambda_mask_and_distance
 from lminf_vllm.rope import RotarySpec, cos_sin, default_inv_freq, exact_hf_rotary_forward, rotate
 
 IMPLEMENTATION = "lminf_reference"

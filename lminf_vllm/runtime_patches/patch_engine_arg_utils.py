@@ -15,7 +15,7 @@ Upstream: a backend capability ("supports positions past the model's table")
 Remove when: vLLM asks the attention backend before refusing long lengths.
 """
 
-from lminf_vllm.patches._util import is_patched, replace_attr
+from lminf_vllm.runtime_patches._util import is_patched, replace_attr
 from lminf_vllm.versions import SUPPORTED_VLLM_SERIES
 
 TARGET = "vllm.engine.arg_utils.EngineArgs.create_model_config"

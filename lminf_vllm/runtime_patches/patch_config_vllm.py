@@ -13,7 +13,7 @@ Remove when: vLLM calls such a hook (e.g. `AttentionBackend.validate_config`).
 
 import logging
 
-from lminf_vllm.patches._util import is_patched, replace_attr
+from lminf_vllm.runtime_patches._util import is_patched, replace_attr
 from lminf_vllm.versions import SUPPORTED_VLLM_SERIES
 
 TARGET = "vllm.config.vllm.VllmConfig.__post_init__"
