@@ -1,7 +1,9 @@
 """The patches to vLLM are listed, documented, applied, idempotent and upstreamable."""
 
 import ast
+import importlib
 import importlib.metadata
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +16,28 @@ from lminf_vllm.versions import SUPPORTED_VLLM_SERIES, UnsupportedVllmVersion, c
 ROOT = Path(__file__).resolve().parents[1]
 PATCH_DIR = ROOT / "lminf_vllm" / "runtime_patches"
 SECTIONS = ("Target:", "Why:", "How:", "Upstream:", "Remove when:")
+VLLM_PATH = re.compile(r"\bvllm(?:\.\w+)+")  # a dotted name under vllm, e.g. vllm.config.model
+
+
+def resolve(dotted: str):
+    """The object a dotted vLLM name means: its longest importable module prefix, then attributes."""
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ModuleNotFoundError as e:
+            if e.name is None or not ".".join(parts[:cut]).startswith(e.name):
+                raise  # the module exists but an import inside it failed: say so
+            continue
+        for i, attr in enumerate(parts[cut:], start=cut):
+            assert hasattr(obj, attr), f"{'.'.join(parts[:i])} has no attribute {attr!r} (named {dotted})"
+            obj = getattr(obj, attr)
+        return obj
+    raise AssertionError(f"{dotted}: no such module")
+
+
+def docstring_of(name: str) -> str:
+    return ast.get_docstring(ast.parse((PATCH_DIR / f"{name}.py").read_text())) or ""
 
 
 def test_plugin_is_found_through_its_entry_point():
@@ -29,7 +53,7 @@ def test_every_patch_file_is_listed_and_every_listed_patch_exists():
 @pytest.mark.parametrize("name", runtime_patches.PATCH_MODULES)
 def test_patch_is_documented_versioned_and_in_the_readme(name):
     module = runtime_patches.load(name)
-    doc = ast.get_docstring(ast.parse((PATCH_DIR / f"{name}.py").read_text())) or ""
+    doc = docstring_of(name)
     for section in SECTIONS:
         assert section in doc, f"{name} docstring lacks {section!r}"
     assert module.TARGET.startswith("vllm.")
@@ -37,6 +61,31 @@ def test_patch_is_documented_versioned_and_in_the_readme(name):
     readme = (ROOT / "patches" / "README.md").read_text()
     assert f"`{name}`" in readme and f"`{name}.diff`" in readme
     assert (ROOT / "patches" / f"{name}.diff").read_text().startswith("--- a/vllm/")
+
+
+@pytest.mark.parametrize("name", runtime_patches.PATCH_MODULES)
+def test_what_a_patch_docstring_names_exists_in_the_installed_vllm(name):
+    """Target: and every vllm.x.y the docstring mentions resolve in the installed vLLM, so that
+    a module or attribute renamed upstream fails here rather than misleading a reader."""
+    module = runtime_patches.load(name)
+    doc = docstring_of(name)
+    target_line = next(line for line in doc.splitlines() if line.startswith("Target:"))
+    # "Target: vllm.a.B.m and ._n (note)": the first path, then siblings of its last part
+    first = VLLM_PATH.search(target_line).group(0)
+    assert first.startswith(module.TARGET), f"docstring Target {first} is not the module's TARGET {module.TARGET}"
+    rest = target_line.split(first, 1)[1].split("(")[0]
+    named = [first] + [first.rsplit(".", 1)[0] + sibling for sibling in re.findall(r"\.\w+", rest)]
+    named += VLLM_PATH.findall(doc)
+    for dotted in dict.fromkeys(named):
+        resolve(dotted)
+
+
+def test_the_name_check_catches_a_missing_module_or_attribute():
+    resolve("vllm.platforms.cpu.CpuPlatform.get_attn_backend_cls")
+    with pytest.raises(AssertionError, match="no attribute 'get_attn_backend_clz'"):
+        resolve("vllm.platforms.cpu.CpuPlatform.get_attn_backend_clz")
+    with pytest.raises(AssertionError, match="no attribute 'cpuu'"):
+        resolve("vllm.platforms.cpuu.CpuPlatform")
 
 
 @pytest.mark.parametrize("name", runtime_patches.PATCH_MODULES)
