@@ -29,19 +29,89 @@ class LminfConfig:
         )
 
 
-def pretraining_length(hf_config: Any) -> int:
-    """The model's pretraining length: SPEC.md's default for distance_cap."""
-    rope = rope_parameters(hf_config)
-    original = rope.get("original_max_position_embeddings") if rope else None
-    if original:
-        return int(original)
-    value = getattr(hf_config, "max_position_embeddings", None)
-    if not value:
+# The keys vLLM reads a model's length from, in its order; the smallest present
+# wins (vllm/transformers_utils/model_arch_config_convertor.py,
+# derive_max_model_len_and_key). model_max_length, when set, overrides them.
+LENGTH_KEYS = (
+    "max_position_embeddings",
+    "n_positions",
+    "max_seq_len",
+    "seq_length",
+    "model_max_length",
+    "max_target_positions",
+    "max_sequence_length",
+    "max_seq_length",
+    "seq_len",
+)
+# RoPE types whose config length vLLM takes as already scaled: it applies no
+# `factor` for them (vllm/config/model.py, _get_and_verify_max_len).
+PRESCALED_ROPE_TYPES = ("su", "longrope", "llama3", "yarn", "deepseek_yarn", "deepseek_llama_scaling")
+
+
+@dataclass(frozen=True)
+class DerivedLength:
+    value: int
+    source: str  # how it was derived, for the start-up log
+
+
+def vllm_default_max_model_len(hf_config: Any) -> DerivedLength:
+    """The max_model_len stock vLLM 0.32 derives for this model when none is given.
+
+    SPEC.md's default for distance_cap: Λ-attention takes over exactly where
+    stock vLLM would stop. Mirrors `_get_and_verify_max_len` with
+    max_model_len=None for a generative model (the tokenizer and encoder
+    lengths it also consults belong to pooling and encoder models; a model with
+    its own sliding window is refused by lminf). tests/test_config.py holds this
+    against vLLM's own function. One difference: where the config names no
+    length at all vLLM assumes 2048, which nobody has checked the model against,
+    so lminf asks for distance_cap instead.
+    """
+    length, key = float("inf"), None
+    for name in LENGTH_KEYS:
+        value = getattr(hf_config, name, None)
+        if value is not None and value < length:
+            length, key = value, name
+    if getattr(hf_config, "model_max_length", None):
+        length, key = hf_config.model_max_length, "model_max_length"
+    if key is None:
         raise LminfConfigError(
-            "model config has no max_position_embeddings: lminf cannot derive "
-            "distance_cap; set additional_config.lminf.distance_cap"
+            f"model config has none of {', '.join(LENGTH_KEYS)}: lminf cannot derive "
+            "distance_cap (stock vLLM would assume 2048); set additional_config.lminf.distance_cap"
         )
-    return int(value)
+    source = f"{key}={length}"
+    layers = rope_parameter_sets(hf_config)
+    if layers and "gemma3" not in str(getattr(hf_config, "model_type", "")):
+        factor = 1.0
+        for rope in layers:
+            rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
+            if rope_type not in PRESCALED_ROPE_TYPES:
+                factor = rope.get("factor", factor)
+        factor = 1.0 if factor is None else factor  # vLLM reads a null factor as 1
+        if factor != 1.0:
+            length *= factor
+            source += f" x rope factor {factor}"
+        if any(r.get("rope_type") == "longrope" for r in layers):
+            # vLLM starts LongRoPE models at their original length
+            original = getattr(hf_config, "original_max_position_embeddings", None)
+            if original is not None:
+                length, source = original, f"original_max_position_embeddings={original} (longrope)"
+    return DerivedLength(int(length), source)
+
+
+def distance_cap_source(raw: Any, hf_config: Any) -> str:
+    """Where this engine's distance_cap comes from, in words (the start-up log)."""
+    if isinstance(raw, Mapping) and "distance_cap" in raw:
+        return "set by additional_config.lminf.distance_cap"
+    derived = vllm_default_max_model_len(hf_config)
+    return f"default: the max_model_len stock vLLM derives for this model, {derived.source}"
+
+
+def rope_parameter_sets(hf_config: Any) -> list[dict]:
+    """The RoPE parameters of each layer type (one dict unless nested per layer type)."""
+    rope = rope_parameters(hf_config)
+    if rope and all(isinstance(v, Mapping) for v in rope.values()):
+        return [dict(v) for v in rope.values() if v]
+    return [rope] if rope else []
 
 
 def rope_parameters(hf_config: Any) -> dict:
@@ -77,7 +147,10 @@ def parse_lminf_config(raw: Any, hf_config: Any) -> LminfConfig:
             f"additional_config.lminf has unknown key(s) {', '.join(map(repr, unknown))}: "
             f"the known keys are {', '.join(KNOWN_KEYS)}"
         )
-    cap = _int_field(raw, "distance_cap", 0) if "distance_cap" in raw else pretraining_length(hf_config)
+    if "distance_cap" in raw:
+        cap = _int_field(raw, "distance_cap", 0)
+    else:
+        cap = vllm_default_max_model_len(hf_config).value
     local = _int_field(raw, "local_tokens", cap)
     glob = _int_field(raw, "global_tokens", DEFAULT_GLOBAL_TOKENS)
     if glob < 0:

@@ -1,10 +1,16 @@
-"""SPEC.md's parameter rules and model checks, on plain objects (no engine)."""
+"""SPEC.md's parameter rules and model checks, on plain objects (no engine but vLLM's own length rule)."""
 
 from types import SimpleNamespace
 
 import pytest
 
-from lminf_vllm.config import LminfConfig, LminfConfigError, parse_lminf_config, pretraining_length
+from lminf_vllm.config import (
+    LminfConfig,
+    LminfConfigError,
+    distance_cap_source,
+    parse_lminf_config,
+    vllm_default_max_model_len,
+)
 from lminf_vllm.model_support import check_model_supported
 
 
@@ -19,10 +25,81 @@ def test_defaults_follow_spec():
     assert parse_lminf_config({"local_tokens": 512}, hf()) == LminfConfig(10, 512, 4096)
 
 
-def test_cap_defaults_to_original_pretraining_length():
-    config = hf(max_position_embeddings=131072, rope_scaling={"rope_type": "llama3", "original_max_position_embeddings": 8192})
-    assert pretraining_length(config) == 8192
-    assert parse_lminf_config({}, config).distance_cap == 8192
+# Configs in the shape of real checkpoints: the default C must be the max_model_len
+# stock vLLM derives for each (SPEC.md), never the original (pre-scaling) length.
+LLAMA31 = dict(
+    model_type="llama", architectures=["LlamaForCausalLM"], max_position_embeddings=131072,
+    rope_parameters=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                         original_max_position_embeddings=8192, rope_theta=500000.0),
+)  # fmt: skip
+QWEN25_YARN = dict(
+    model_type="qwen2", architectures=["Qwen2ForCausalLM"], max_position_embeddings=32768, use_sliding_window=False,
+    rope_parameters=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=32768, rope_theta=1e6),
+)  # fmt: skip
+# YaRN whose config already states the stretched length (as Qwen3 and DeepSeek checkpoints do)
+STRETCHED_YARN = dict(
+    model_type="qwen2", architectures=["Qwen2ForCausalLM"], max_position_embeddings=131072, use_sliding_window=False,
+    rope_parameters=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=32768, rope_theta=1e6),
+)  # fmt: skip
+LINEAR = dict(
+    model_type="llama", architectures=["LlamaForCausalLM"], max_position_embeddings=4096,
+    rope_parameters=dict(rope_type="linear", factor=2.0, rope_theta=10000.0),
+)  # fmt: skip
+PLAIN = dict(model_type="llama", architectures=["LlamaForCausalLM"], max_position_embeddings=2048)
+CASES = {"llama3.1": (LLAMA31, 131072), "qwen2.5-yarn": (QWEN25_YARN, 32768),
+         "stretched-yarn": (STRETCHED_YARN, 131072), "linear": (LINEAR, 8192), "plain": (PLAIN, 2048)}  # fmt: skip
+
+
+def vllm_derived_max_model_len(tmp_path, fields) -> tuple[int, object]:
+    """vLLM's own answer: its ModelConfig on a checkpoint directory with this config, no max_model_len."""
+    from transformers import AutoConfig
+    from vllm.config import ModelConfig
+
+    from lminf_vllm.testing.tiny_models import build_tokenizer
+
+    build_tokenizer(tmp_path)
+    fields = dict(fields)
+    AutoConfig.for_model(
+        fields.pop("model_type"), vocab_size=300, hidden_size=64, num_attention_heads=2, num_key_value_heads=2,
+        num_hidden_layers=1, **fields,
+    ).save_pretrained(tmp_path)  # fmt: skip
+    model_config = ModelConfig(model=str(tmp_path))
+    return model_config.max_model_len, model_config.hf_text_config
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_default_cap_is_what_stock_vllm_derives(tmp_path, name):
+    fields, expected = CASES[name]
+    vllm_len, hf_text_config = vllm_derived_max_model_len(tmp_path, fields)
+    assert vllm_len == expected  # vLLM's rule, as read from its source
+    derived = vllm_default_max_model_len(hf_text_config)  # the config object the engine hands lminf
+    assert derived.value == vllm_len
+    cfg = parse_lminf_config({"global_tokens": 4}, hf_text_config)
+    assert cfg == LminfConfig(4, vllm_len, vllm_len)  # W defaults to C
+    assert vllm_default_max_model_len(SimpleNamespace(**fields)).value == vllm_len  # plain objects too
+
+
+def test_the_cap_source_is_said():
+    config = SimpleNamespace(**LLAMA31)
+    assert distance_cap_source({}, config) == (
+        "default: the max_model_len stock vLLM derives for this model, max_position_embeddings=131072"
+    )
+    assert distance_cap_source({}, SimpleNamespace(**LINEAR)).endswith("max_position_embeddings=4096 x rope factor 2.0")
+    assert distance_cap_source({"distance_cap": 8192}, config) == "set by additional_config.lminf.distance_cap"
+    assert parse_lminf_config({"distance_cap": 8192}, config) == LminfConfig(10, 8192, 8192)  # the original: explicit
+
+
+def test_vllms_length_rule_details():
+    # the smallest length key wins; model_max_length overrides; a null factor counts as 1
+    assert vllm_default_max_model_len(SimpleNamespace(max_position_embeddings=4096, seq_length=2048)).value == 2048
+    assert vllm_default_max_model_len(SimpleNamespace(max_position_embeddings=4096, model_max_length=8192)).value == 8192
+    nested = SimpleNamespace(max_position_embeddings=1000, rope_parameters={
+        "full_attention": {"rope_type": "linear", "factor": 4.0}, "sliding_attention": {"rope_type": "default"}})
+    assert vllm_default_max_model_len(nested).value == 4000
+    null = SimpleNamespace(max_position_embeddings=1000, rope_parameters={"rope_type": "dynamic", "factor": None})
+    assert vllm_default_max_model_len(null).value == 1000
+    with pytest.raises(LminfConfigError, match=r"model config has none of max_position_embeddings, n_positions"):
+        vllm_default_max_model_len(SimpleNamespace(architectures=["BloomForCausalLM"]))
 
 
 def test_sliding_window_baseline_and_ablation_cap_are_allowed():

@@ -1,7 +1,8 @@
 """Scaled RoPE (llama3, linear on Llama; yarn on Qwen2) through the real engine, against HF's RoPE.
 
 Each tiny model has a RoPE table of 128 rows and an original (pretraining)
-length of 64 where the scaling has one, so the default distance cap is 64.
+length of 64 where the scaling has one. The default distance cap is the
+max_model_len stock vLLM derives, 128 for all three; the checks state C = 64.
 The reference (the transformers model with Λ-attention hooked in) takes its
 frequencies from transformers, lminf from vLLM's rotary module: the checks
 hold the two against each other too.
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from family_checks import check_family
-from lminf_vllm.config import LminfConfig, pretraining_length
+from lminf_vllm.config import LminfConfig, vllm_default_max_model_len
 from lminf_vllm.testing.hf_reference import HFLambdaReference
 from lminf_vllm.testing.tiny_models import build_llama
 
@@ -36,11 +37,12 @@ def scaled(request, tmp_path_factory):
     return kind, build_llama(tmp_path_factory.mktemp("models") / kind, seed=5, **SCALINGS[kind])
 
 
-def test_default_cap_is_the_original_length(scaled):
+def test_default_cap_is_the_length_vllm_derives(scaled):
     from transformers import AutoConfig
 
     kind, model = scaled
-    assert pretraining_length(AutoConfig.from_pretrained(model)) == (64 if kind != "linear" else TABLE // 2)
+    # llama3 and yarn: the table as stated; linear: 64 rows times its factor 2
+    assert vllm_default_max_model_len(AutoConfig.from_pretrained(model)).value == TABLE
 
 
 def test_scaled_rope_through_the_engine(scaled):

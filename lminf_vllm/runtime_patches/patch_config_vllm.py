@@ -6,7 +6,8 @@ Why: a wrong G/W/C, an unknown key or a model lminf cannot serve exactly must
     that names the field and the rule; not crash a worker later.
 How: after the original __post_init__, if lminf is the selected backend, parse
     `additional_config["lminf"]` and check the model (LminfConfigError on any
-    violation) and log the effective settings once.
+    violation) and log the effective settings once, with where distance_cap
+    came from (given, or the max_model_len stock vLLM derives for the model).
 Upstream: a validation hook for attention backends on the final VllmConfig.
 Remove when: vLLM calls such a hook (e.g. `AttentionBackend.validate_config`).
 """
@@ -33,14 +34,20 @@ def apply() -> bool:
             if is_lminf_selected(self):
                 from lminf_vllm.block_policy import max_blocks_per_sequence
 
+                from lminf_vllm.config import distance_cap_source
+
                 cfg = lminf_config_from_vllm(self)
+                raw = (self.additional_config or {}).get(CONFIG_KEY)
                 block_size = self.cache_config.block_size
                 logger.info(
-                    "lminf attention: %s block_size=%s max_model_len=%s; KV per sequence <= %s blocks "
-                    "while decoding (ceil(G/B) + ceil(W/B) + 1), plus the prefill chunk in flight",
+                    "lminf attention: %s block_size=%s max_model_len=%s; distance_cap %s; local_tokens %s; "
+                    "KV per sequence <= %s blocks while decoding (ceil(G/B) + ceil(W/B) + 1), plus the "
+                    "prefill chunk in flight",
                     cfg.describe(),
                     block_size,
                     self.model_config.max_model_len,
+                    distance_cap_source(raw, self.model_config.hf_text_config),
+                    "set" if isinstance(raw, dict) and "local_tokens" in raw else "defaults to distance_cap",
                     max_blocks_per_sequence(cfg.global_tokens, cfg.local_tokens, block_size)
                     if block_size
                     else "?",
