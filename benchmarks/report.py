@@ -93,8 +93,10 @@ def tokens(n: int) -> str:
 def script_defaults(script: str) -> dict:
     """Literal argparse defaults of a benchmark script and the shared options,
     read from the source (importing the script would import vLLM)."""
-    defaults = {}
-    for name in (script, "benchmarks/shape_args.py"):
+    defaults: dict = {}
+    source = (ROOT / script).read_text()
+    shared = "benchmarks/shape_args.py" if "shape_args" in source else None
+    for name in filter(None, (script, shared)):
         for node in ast.walk(ast.parse((ROOT / name).read_text())):
             if not (isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_argument"):
                 continue
@@ -102,6 +104,8 @@ def script_defaults(script: str) -> dict:
             if not str(flag).startswith("--"):
                 continue
             key = flag[2:].replace("-", "_")
+            if key in defaults:  # the script's own option wins over a shared one
+                continue
             for kw in node.keywords:
                 if kw.arg == "default":
                     try:
@@ -160,30 +164,31 @@ MODE_NAMES = {
 }
 
 
+SHORT_NAMES = {"segments": "1x", "stock": "stock", "window": "window only", "lminf": "LM-Infinite", "nocap": "no cap"}
+
+
 def quality_table(q: dict) -> str:
     L = q["training_length"]
     lengths = q["lengths"]
-    header = ["mode"] + [f"{n} ({n / L:g}x)" for n in lengths]
+    header = ["mode"] + [f"{n} ({n / L:g}x)" if n * 8 >= L else str(n) for n in lengths]
     rows = [[MODE_NAMES[m]] + [num(q["modes"][m]["ppl"][str(n)], 2) for n in lengths] for m in q["modes"]]
     return table(header, rows)
 
 
-def quality_ratios(q: dict, base: str, others: list[str], what: str) -> str:
+def quality_ratios(q: dict, pairs: list[tuple[str, str]]) -> str:
+    """Rows of ppl(a) / ppl(b) per length, for the (a, b) pairs present in the file."""
     lengths = q["lengths"]
-    header = [what] + [tokens(n) for n in lengths]
-    rows = []
-    for m in others:
-        if m in q["modes"] and base in q["modes"]:
-            rows.append([f"{MODE_NAMES[m]} / {MODE_NAMES[base]}"]
-                        + [ratio(q["modes"][m]["ppl"][str(n)] / q["modes"][base]["ppl"][str(n)]) for n in lengths])
-    return table(header, rows)
+    rows = [[f"{SHORT_NAMES[a]} / {SHORT_NAMES[b]}"]
+            + [ratio(q["modes"][a]["ppl"][str(n)] / q["modes"][b]["ppl"][str(n)]) for n in lengths]
+            for a, b in pairs if a in q["modes"] and b in q["modes"]]
+    return table(["perplexity ratio"] + [tokens(n) for n in lengths], rows)
 
 
-def quality_block(doc: Doc, rel: str, image_alt: str | None, ratios: tuple | None) -> str:
+def quality_block(doc: Doc, rel: str, image_alt: str | None, ratios: list | None) -> str:
     q = load(rel)
     parts = [quality_table(q)]
     if ratios:
-        parts.append(quality_ratios(q, *ratios))
+        parts.append(quality_ratios(q, ratios))
     s = q["lminf"]
     parts.append(f"Perplexity of the tokens in [previous length, length) of {len(q['documents'])} held-out "
                  f"documents ({', '.join(q['documents'])}); {q['model']}, trained to {q['training_length']} "
@@ -197,17 +202,17 @@ def quality_block(doc: Doc, rel: str, image_alt: str | None, ratios: tuple | Non
 
 def gen_quality_tiny(doc):
     return quality_block(doc, f"{RESULTS}/quality-tiny-rope-L256.json", "NLL against position, tiny-rope-L256",
-                         ("segments", ["stock", "lminf", "nocap"], "perplexity ratio"))
+                         [("stock", "segments"), ("lminf", "segments"), ("nocap", "segments"), ("nocap", "lminf")])
 
 
 def gen_quality_smollm2_globals(doc):
     return quality_block(doc, f"{RESULTS}/quality-smollm2-globals.json", "NLL against position, SmolLM2, W=256",
-                         ("lminf", ["window", "stock"], "perplexity ratio"))
+                         [("window", "lminf"), ("lminf", "stock")])
 
 
 def gen_quality_smollm2_16k(doc):
     return quality_block(doc, f"{RESULTS}/quality-smollm2-16k.json", "NLL against position, SmolLM2 to 16k",
-                         ("segments", ["stock", "lminf"], "perplexity ratio"))
+                         [("stock", "segments"), ("lminf", "segments")])
 
 
 def gen_readme_quality(doc):
@@ -313,7 +318,7 @@ def gen_cpu_prefill(doc):
     a = c["args"]
     return "\n\n".join([
         table(["prompt", "chunk (last queries)", "kernel path µs/query", "PyTorch path µs/query", "stock µs/query",
-               "PyTorch / kernel", "max |kernel - PyTorch|"], rows),
+               "PyTorch / kernel", "max abs. difference, kernel vs PyTorch"], rows),
         f"One layer, {a['heads']}/{a['kv_heads']} heads of {a['head_size']}, lminf {lminf_settings(a)}, "
         f"blocks of {a['block_size']}; fastest of {a['repeats']} calls.",
         doc.source(rel, command("benchmarks/cpu_prefill.py", a, rel))])

@@ -93,3 +93,23 @@ def test_link_check_sees_links():
 def test_readme_is_short():
     lines = (ROOT / "README.md").read_text().count("\n")
     assert lines <= 250, f"README.md has {lines} lines; move detail to docs/"
+
+
+@pytest.mark.parametrize("md", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_tables_have_as_many_cells_as_their_header(md):
+    """A stray `|` inside a cell (e.g. in a rendered header) silently shifts a column."""
+    lines = md.read_text().splitlines()
+    bad = []
+    for i in range(len(lines) - 1):
+        if lines[i].startswith("|") and re.fullmatch(r"\|(\s*:?-+:?\s*\|)+", lines[i + 1].strip()):
+            width = cells(lines[i])
+            for j in range(i + 2, len(lines)):
+                if not lines[j].startswith("|"):
+                    break
+                if cells(lines[j]) != width:
+                    bad.append(j + 1)
+    assert not bad, f"{md.relative_to(ROOT)}: rows with the wrong number of cells at lines {bad}"
+
+
+def cells(row: str) -> int:
+    return re.sub(r"`[^`]*`", "", row.replace("\\|", "")).count("|")
