@@ -12,10 +12,15 @@ How: before sampling, snapshot the state of the CPU generators of requests
     whose sample will be discarded; in the bookkeeping step restore those
     states (the same rewind, by state instead of offset) and hide those
     generators from vLLM's offset rewind. CUDA generators are left to vLLM.
+    Only in engines that select lminf: a stock engine in the same environment
+    keeps vLLM's behaviour unless its user opts in with LMINF_SEEDED_SAMPLING_FIX=1
+    (read when the engine's model runner first samples).
 Upstream: rewind CPU generators by state in `_bookkeeping_sync` (or make the
     sampler not draw for discarded rows).
 Remove when: vLLM handles CPU generators there.
 """
+
+import os
 
 import numpy as np
 
@@ -25,6 +30,19 @@ from lminf_vllm.versions import SUPPORTED_VLLM_SERIES
 TARGET = "vllm.v1.worker.gpu_model_runner.GPUModelRunner._sample"
 VLLM_VERSIONS = SUPPORTED_VLLM_SERIES
 _SNAPSHOTS = "_lminf_cpu_rng_snapshots"
+_ENABLED = "_lminf_seeded_sampling_fix"
+OPT_IN_ENV = "LMINF_SEEDED_SAMPLING_FIX"
+
+
+def enabled(runner) -> bool:
+    """Whether this runner's engine gets the fix: it selects lminf, or its user opted in."""
+    decided = getattr(runner, _ENABLED, None)
+    if decided is None:
+        from lminf_vllm.vllm_config import is_lminf_selected
+
+        decided = os.environ.get(OPT_IN_ENV) == "1" or is_lminf_selected(runner.vllm_config)
+        setattr(runner, _ENABLED, decided)
+    return decided
 
 
 def _discarded_cpu_generators(runner) -> dict:
@@ -39,6 +57,8 @@ def apply() -> bool:
 
     def make_sample(original):
         def _sample(self, logits, spec_decode_metadata):
+            if not enabled(self):
+                return original(self, logits, spec_decode_metadata)
             setattr(self, _SNAPSHOTS, {i: g.get_state() for i, g in _discarded_cpu_generators(self).items()})
             return original(self, logits, spec_decode_metadata)
 
