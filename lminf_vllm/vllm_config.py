@@ -43,6 +43,28 @@ def check_engine_supported(vllm_config: Any) -> None:
     for name in ("decode_context_parallel_size", "prefill_context_parallel_size"):
         if getattr(parallel, name, 1) not in (None, 1):
             raise LminfConfigError(f"{name}={getattr(parallel, name)} is not supported by lminf: it must be 1")
+    # LminfSpec is a SlidingWindowSpec to vLLM: a feature that reads the spec
+    # (or drafts past the window) would see the window without the global blocks.
+    if getattr(vllm_config, "speculative_config", None) is not None:
+        method = getattr(vllm_config.speculative_config, "method", None)
+        raise LminfConfigError(
+            f"speculative decoding (speculative_config, method={method!r}) is not supported by lminf: "
+            "the Λ block manager does not account for draft tokens (lookahead slots, EAGLE's dropped block)"
+        )
+    transfer = getattr(vllm_config, "kv_transfer_config", None)
+    if transfer is not None:
+        connector = getattr(transfer, "kv_connector", None)
+        raise LminfConfigError(
+            f"KV connectors (kv_transfer_config, kv_connector={connector!r}: prefill/decode "
+            "disaggregation, KV offloading) are not supported by lminf: a connector would move "
+            "the local window without the global blocks"
+        )
+    events = getattr(vllm_config, "kv_events_config", None)
+    if events is not None and getattr(events, "enable_kv_cache_events", False):
+        raise LminfConfigError(
+            "KV cache events (kv_events_config.enable_kv_cache_events=True) are not supported by "
+            "lminf: they would report the Λ cache to external routers as a plain sliding window"
+        )
 
 
 def lminf_config_from_vllm(vllm_config: Any) -> LminfConfig:

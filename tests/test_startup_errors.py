@@ -1,6 +1,7 @@
 """Each class of bad configuration stops the engine at start with a clear message."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -120,7 +121,7 @@ def config_only(tmp_path, model_type, **fields):
         (
             "bloom",
             dict(architectures=["BloomForCausalLM"], hidden_size=64, n_layer=1, n_head=2),
-            r"model config has no max_position_embeddings: lminf cannot derive distance_cap; set additional_config.lminf.distance_cap",
+            r"model config has none of max_position_embeddings, .*: lminf cannot derive distance_cap \(stock vLLM would assume 2048\); set additional_config.lminf.distance_cap",
         ),
         (
             "gpt_neox",
@@ -142,3 +143,43 @@ def test_unproven_position_encoding_is_refused(tmp_path, model_type, fields, mes
     with pytest.raises(Exception, match=message):
         with engine(model, lminf=lminf_options(global_tokens=4), max_model_len=128):
             pass
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (
+            dict(speculative_config={"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3}),
+            r"speculative decoding \(speculative_config, method='ngram'\) is not supported by lminf: .*",
+        ),
+        (
+            dict(kv_transfer_config={"kv_connector": "ExampleConnector", "kv_role": "kv_both"}),
+            r"KV connectors \(kv_transfer_config, kv_connector='ExampleConnector': prefill/decode "
+            r"disaggregation, KV offloading\) are not supported by lminf: .*",
+        ),
+        (  # vLLM turns this into its OffloadingConnector
+            dict(kv_offloading_size=0.01),
+            r"KV connectors \(kv_transfer_config, kv_connector='OffloadingConnector'.*\) are not supported by lminf: .*",
+        ),
+        (
+            dict(kv_events_config={"enable_kv_cache_events": True, "publisher": "null"}),
+            r"KV cache events \(kv_events_config.enable_kv_cache_events=True\) are not supported by lminf: .*",
+        ),
+    ],
+    ids=["speculative-ngram", "kv-connector", "kv-offloading", "kv-events"],
+)
+def test_vllm_features_lminf_cannot_serve_are_refused_in_one_line(tiny_llama, options, message):
+    from lminf_vllm.cli import lminf_config_error
+
+    with pytest.raises(Exception) as caught:
+        with engine(tiny_llama, lminf=lminf_options(4, 64), max_model_len=256, **options):
+            pass
+    line = lminf_config_error(caught.value)  # what `lminf-vllm serve` prints
+    assert line is not None and "\n" not in line, caught.value
+    assert re.fullmatch(message, line), line
+
+
+def test_kv_events_switched_off_are_accepted(tiny_llama):
+    with engine(tiny_llama, lminf=lminf_options(4, 64), max_model_len=256,
+                kv_events_config={"enable_kv_cache_events": False}) as llm:  # fmt: skip
+        assert llm.generate([{"prompt_token_ids": [1, 2, 3]}], use_tqdm=False)[0].outputs[0].token_ids
