@@ -1,4 +1,9 @@
-"""The real `vllm serve ... --attention-backend lminf` over HTTP on 127.0.0.1."""
+"""The real `vllm serve ... --attention-backend lminf` over HTTP on 127.0.0.1.
+
+What comes back over HTTP is held to the same oracles as the offline engine:
+vLLM's stock CPU backend while n <= W, the dense float64 reference of SPEC.md
+past the window and past the RoPE table.
+"""
 
 import json
 import os
@@ -8,13 +13,19 @@ from pathlib import Path
 
 import pytest
 import requests
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from conftest import TABLE  # noqa: E402
+from engine import engine, random_prompt, sample_logprobs  # noqa: E402
+from lminf_vllm.config import LminfConfig  # noqa: E402
+from lminf_vllm.testing.reference import DenseLlama  # noqa: E402
 from soak import free_port, wait_ready  # noqa: E402
 
 VLLM = Path(sys.executable).with_name("vllm")  # the command users type
+G, W = 4, 64  # the module server's lminf settings; C defaults to the table
+CFG = LminfConfig(G, W, TABLE)
 
 
 def serve(model, port, lminf, log_path, *extra):
@@ -33,7 +44,7 @@ def serve(model, port, lminf, log_path, *extra):
 def server(tiny_llama, tmp_path_factory):
     port = free_port()
     log_path = tmp_path_factory.mktemp("serve") / "serve.log"
-    proc = serve(tiny_llama, port, {"global_tokens": 4, "local_tokens": 64}, log_path, "--max-model-len", "4096")
+    proc = serve(tiny_llama, port, {"global_tokens": G, "local_tokens": W}, log_path, "--max-model-len", "4096")
     try:
         wait_ready(proc, f"http://127.0.0.1:{port}", log_path)
         yield f"http://127.0.0.1:{port}", log_path
@@ -42,7 +53,62 @@ def server(tiny_llama, tmp_path_factory):
         proc.wait(timeout=60)
 
 
-def test_completions_generate_past_the_rope_table(server, tiny_llama):
+@pytest.fixture(scope="module")
+def reference(tiny_llama):
+    return DenseLlama(tiny_llama)
+
+
+def post(url, path, body) -> dict:
+    reply = requests.post(f"{url}{path}", json=body, timeout=300)
+    assert reply.status_code == 200, reply.text
+    return reply.json()
+
+
+def check_greedy_is_reference(reference, prompt, token_ids, logprobs):
+    """Every generated token is the reference's argmax (up to float ties), with its logprob."""
+    tokens = list(prompt) + list(token_ids)
+    logp = torch.log_softmax(reference.logits(tokens, CFG), dim=-1)[len(prompt) - 1 : -1]
+    chosen = logp.gather(1, torch.tensor(token_ids)[:, None])[:, 0]
+    assert (logp.max(dim=1).values - chosen).max() < 1e-3
+    torch.testing.assert_close(torch.tensor(logprobs, dtype=torch.float64), chosen, atol=1e-3, rtol=0)
+
+
+def test_short_completions_equal_stock_vllm_token_for_token(server, tiny_llama):
+    """n <= W: over HTTP, the same greedy tokens and logprobs as an offline stock engine."""
+    from vllm import SamplingParams
+
+    url, _ = server
+    prompts = [random_prompt(n, seed=n) for n in (3, 24)]
+    gen = 40  # every sequence stays within W = 64
+    body = {"model": str(tiny_llama), "prompt": prompts, "max_tokens": gen, "temperature": 0.0,
+            "ignore_eos": True, "logprobs": 1, "return_token_ids": True}  # fmt: skip
+    choices = sorted(post(url, "/v1/completions", body)["choices"], key=lambda c: c["index"])
+    params = SamplingParams(max_tokens=gen, temperature=0.0, logprobs=0, ignore_eos=True)
+    with engine(tiny_llama, backend="CPU_ATTN", max_model_len=TABLE) as llm:
+        stock = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    for choice, out, prompt in zip(choices, stock, prompts):
+        assert choice["prompt_token_ids"] == prompt
+        assert choice["token_ids"] == list(out.outputs[0].token_ids)
+        served = torch.tensor(choice["logprobs"]["token_logprobs"], dtype=torch.float64)
+        torch.testing.assert_close(served, sample_logprobs(out.outputs[0]), atol=1e-4, rtol=0)
+
+
+def test_prompt_logprobs_past_the_window_equal_the_reference(server, tiny_llama, reference):
+    """n = 8x the RoPE table: prompt logprobs (vLLM's extra `prompt_logprobs`) are SPEC.md's."""
+    url, _ = server
+    prompt = random_prompt(8 * TABLE, seed=21)
+    body = {"model": str(tiny_llama), "prompt": prompt, "max_tokens": 1, "temperature": 0.0, "prompt_logprobs": 0}
+    entries = post(url, "/v1/completions", body)["choices"][0]["prompt_logprobs"]
+    assert entries[0] is None and len(entries) == len(prompt)
+    got = torch.tensor([e[str(t)]["logprob"] for e, t in zip(entries[1:], prompt[1:])], dtype=torch.float64)
+    expected = reference.prompt_logprobs(prompt, CFG)
+    torch.testing.assert_close(got, expected, atol=1e-3, rtol=0)
+    # the check has teeth: without the distance cap the reference is far from what was served
+    no_cap = reference.prompt_logprobs(prompt, LminfConfig(G, W, 10**9))
+    assert (no_cap - got).abs().max() > 0.05
+
+
+def test_completions_generate_past_the_rope_table(server, tiny_llama, reference):
     url, log_path = server
     body = {
         "model": str(tiny_llama),
@@ -51,15 +117,13 @@ def test_completions_generate_past_the_rope_table(server, tiny_llama):
         "temperature": 0.0,
         "ignore_eos": True,
         "logprobs": 1,
+        "return_token_ids": True,
     }
-    reply = requests.post(f"{url}/v1/completions", json=body, timeout=300)
-    assert reply.status_code == 200, reply.text
-    data = reply.json()
-    usage = data["usage"]
+    data = post(url, "/v1/completions", body)
+    usage, choice = data["usage"], data["choices"][0]
     assert usage["completion_tokens"] == 400
     assert usage["prompt_tokens"] + usage["completion_tokens"] > 3 * TABLE
-    logprobs = data["choices"][0]["logprobs"]["token_logprobs"]
-    assert all(lp is not None and lp > -1e9 for lp in logprobs)  # finite all the way
+    check_greedy_is_reference(reference, choice["prompt_token_ids"], choice["token_ids"], choice["logprobs"]["token_logprobs"])
     assert "lminf attention: global_tokens=4 local_tokens=64 distance_cap=128" in Path(log_path).read_text()
 
 
@@ -74,20 +138,24 @@ def test_bad_config_stops_serve_with_one_line_naming_the_rule(tiny_llama, tmp_pa
     )
 
 
-def test_multi_turn_chat_past_the_context_keeps_answering(server, tiny_llama):
+def test_multi_turn_chat_past_the_context_answers_as_the_reference(server, tiny_llama, reference):
+    """Eight turns, the history growing to more than 3x the RoPE table: every
+    reply, token for token, is the dense reference's greedy continuation of the
+    prompt the server built from the chat template."""
     url, _ = server
     messages = [{"role": "system", "content": "You write small Python helpers."}]
     for turn in range(8):
         messages.append({"role": "user", "content": f"Write helper number {turn} that adds {turn} to x."})
-        reply = requests.post(
-            f"{url}/v1/chat/completions",
-            json={"model": str(tiny_llama), "messages": messages, "max_tokens": 40, "temperature": 0.0, "ignore_eos": True},
-            timeout=300,
-        )
-        assert reply.status_code == 200, reply.text
-        data = reply.json()
-        answer = data["choices"][0]["message"]["content"]
+        body = {"model": str(tiny_llama), "messages": messages, "max_tokens": 40, "temperature": 0.0,
+                "ignore_eos": True, "logprobs": True, "return_token_ids": True}  # fmt: skip
+        data = post(url, "/v1/chat/completions", body)
+        choice = data["choices"][0]
+        answer = choice["message"]["content"]
         assert data["usage"]["completion_tokens"] == 40 and answer
+        prompt = data["prompt_token_ids"]
+        assert len(prompt) == data["usage"]["prompt_tokens"]
+        logprobs = [entry["logprob"] for entry in choice["logprobs"]["content"]]
+        check_greedy_is_reference(reference, prompt, choice["token_ids"], logprobs)
         messages.append({"role": "assistant", "content": answer})
     assert data["usage"]["prompt_tokens"] > 3 * TABLE  # the history is far past the RoPE table
 
