@@ -4,7 +4,7 @@ Times one layer's attention for a chunk of --chunk queries ending at each
 length, on a random cache in the kernel's layout with permuted blocks:
   * torch:  lambda_attention.paged_lambda_attention (PyTorch's CPU flash
             attention over the window, the global branch merged by log-sum-exp);
-  * kernel: cpu_kernel_prefill.prefill_attention (vLLM's CPU kernel on a
+  * kernel: paths/cpu_kernel/prefill.py's prefill_attention (vLLM's CPU kernel on a
             scratch cache, the head size doubled for the capped globals);
   * stock:  vLLM's CPU kernel as the stock backend runs it (full causal).
 Prints microseconds per query (and how far the two lminf paths' outputs
@@ -25,9 +25,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lminf_vllm.config import LminfConfig  # noqa: E402
-from lminf_vllm.cpu_kernel_path import attend, kernel_cache_views, kernel_mode, scheduler_metadata  # noqa: E402
-from lminf_vllm.cpu_kernel_prefill import prefill_attention  # noqa: E402
-from lminf_vllm.lambda_attention import CPU_KERNEL_LAYOUT, paged_lambda_attention  # noqa: E402
+from lminf_vllm.kv_layout import CPU_KERNEL_LAYOUT  # noqa: E402
+from lminf_vllm.lambda_attention import paged_lambda_attention  # noqa: E402
+from lminf_vllm.paths.cpu_kernel.ops import attend, kernel_cache_views, kernel_mode, scheduler_metadata  # noqa: E402
+from lminf_vllm.paths.cpu_kernel.prefill import prefill_attention  # noqa: E402
 from lminf_vllm.rope import RotarySpec, default_inv_freq  # noqa: E402
 from shape_args import add_head_args, add_lminf_args  # noqa: E402
 

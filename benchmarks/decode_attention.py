@@ -1,7 +1,7 @@
 """Time the PyTorch decode attention alone (no engine): one call of
 decode_lambda_attention for a batch of decode queries over a paged cache with
 permuted blocks, plan built once as the metadata builder does. (On CPU, vLLM's
-own kernel serves most decodes, see cpu_kernel_path.py; this path serves the
+own kernel serves most decodes, see paths/cpu_kernel/; this path serves the
 rest, and all of them with LMINF_CPU_KERNEL=0.)
 
     python benchmarks/decode_attention.py --lengths 1024 8192 32768

@@ -46,7 +46,7 @@ def graph_check():
 
     from lminf_vllm.config import LminfConfig
     from lminf_vllm.rope import default_inv_freq
-    from lminf_vllm.triton_lambda_attention import triton_lambda_attention
+    from lminf_vllm.paths.triton.kernels import triton_lambda_attention
 
     torch.manual_seed(0)
     dev, dt = "cuda", torch.bfloat16

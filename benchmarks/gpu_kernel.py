@@ -166,7 +166,7 @@ class Setup:
         (with `cfg`, default the benchmark's)."""
         import torch
 
-        from lminf_vllm.triton_lambda_attention import triton_lambda_attention
+        from lminf_vllm.paths.triton.kernels import triton_lambda_attention
 
         starts = torch.tensor([0] + q_lens, device=self.dev).cumsum(0).to(torch.int32)
         T = int(sum(q_lens))
@@ -305,7 +305,7 @@ def main(argv=None):
     import torch
 
     from lminf_vllm.config import LminfConfig
-    from lminf_vllm.triton_lambda_attention import triton_available
+    from lminf_vllm.paths.triton.kernels import triton_available
 
     if not triton_available() or (args.device == "cuda" and not torch.cuda.is_available()):
         raise SystemExit("needs triton and, unless --device cpu, a CUDA GPU")

@@ -3,7 +3,7 @@
 For a decode batch and a prefill, times the kernel (CUDA graph replay, as
 benchmarks/gpu_kernel.py) under each setting of num_warps, num_stages and the
 key tile BLOCK_N, and prints registers and spills of each compiled variant.
-The settings go through `triton_lambda_attention.TUNING` (they apply to
+The settings go through `lminf_vllm.paths.triton.kernels.TUNING` (they apply to
 the window kernel, which carries nearly all the work).
 
     python benchmarks/gpu_tune.py --n 16384
@@ -44,7 +44,7 @@ def main(argv=None):
     bench = gpu_kernel.parse_args(rest)
     import torch
 
-    from lminf_vllm import triton_lambda_attention as tla
+    from lminf_vllm.paths.triton import kernels as tla
     from lminf_vllm.config import LminfConfig
 
     cfg = LminfConfig(bench.global_tokens, bench.local_tokens, bench.distance_cap)

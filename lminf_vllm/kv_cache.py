@@ -46,8 +46,8 @@ class LminfManager(SlidingWindowManager):
         super().__init__(kv_cache_spec, **kwargs)
         self.global_tokens = kv_cache_spec.global_tokens
         self.num_freed_blocks = 0  # freed by the Λ policy, for observability
-        # cpu_kernel_path writes scratch rows into the null block, by id.
-        from lminf_vllm.cpu_kernel_path import NULL_BLOCK
+        # The CPU-kernel path writes scratch rows into the null block, by id.
+        from lminf_vllm.kv_layout import NULL_BLOCK
 
         if self.block_pool.null_block.block_id != NULL_BLOCK:
             raise RuntimeError(

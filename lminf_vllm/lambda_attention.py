@@ -1,15 +1,9 @@
 """The Λ-shaped attention of SPEC.md over a paged KV cache, in plain PyTorch.
 
-No vLLM import: the backend in `backend.py` is a thin shell around these
-functions, and the tests call them directly on hand-made caches too.
-
-KV cache layouts (one tensor per layer, allocated as
-[num_blocks, num_kv_heads, block_size, 2 * head_size]):
-    OWN_LAYOUT: key = kv_cache[..., :head_size], value = kv_cache[..., head_size:]
-    CPU_KERNEL_LAYOUT: vLLM's CPU attention kernel's: per block and head, the keys
-        transposed [head_size, block_size], then the values [block_size, head_size]
-        (used when that kernel serves part of the batch, see cpu_kernel_path.py).
-A token at position p of a request lives in block block_table[p // B], row p % B.
+The shared math below the paths: the PyTorch path serves every row with it,
+the CPU-kernel path the rows its kernel cannot take. No vLLM import; the tests
+call these functions directly on hand-made caches too. Cache layouts: see
+kv_layout.py.
 
 What a query at position i may read is derived from (i, G, W) alone, never from
 the block table: freed block ids stay in the table and are reused by others.
@@ -20,57 +14,12 @@ from dataclasses import dataclass
 import torch
 
 from lminf_vllm.config import LminfConfig
+from lminf_vllm.kv_layout import OWN_LAYOUT, gather_kv, read_blocks
 from lminf_vllm.rope import RotarySpec, cos_sin, rotate
 
 # Queries are processed in spans of this many so that a long prefill chunk
 # costs O(span * (G + W + span)) memory, not O(chunk^2).
 QUERY_SPAN = 256
-
-
-OWN_LAYOUT = "own"
-CPU_KERNEL_LAYOUT = "cpu_kernel"
-
-
-def kernel_layout_views(kv_cache: torch.Tensor):
-    """(keys [nb, Hkv, D, B], values [nb, Hkv, B, D]) views of a CPU_KERNEL_LAYOUT cache."""
-    nb, Hkv, B, twoD = kv_cache.shape
-    halves = kv_cache.view(nb, Hkv, 2, B * twoD // 2)
-    return halves[:, :, 0].view(nb, Hkv, twoD // 2, B), halves[:, :, 1].view(nb, Hkv, B, twoD // 2)
-
-
-def read_rows(kv_cache: torch.Tensor, blocks: torch.Tensor, rows: torch.Tensor, head_size: int, layout: str):
-    """Keys and values of the cache rows (blocks[i], rows[i]): ([N, Hkv, D], [N, Hkv, Dv]), copies."""
-    if layout == CPU_KERNEL_LAYOUT:
-        k, v = kernel_layout_views(kv_cache)
-        return k[blocks, :, :, rows], v[blocks, :, rows]
-    kv = kv_cache[blocks, :, rows]
-    return kv[..., :head_size], kv[..., head_size:]
-
-
-def read_blocks(kv_cache: torch.Tensor, blocks: torch.Tensor, layout: str) -> torch.Tensor:
-    """Whole blocks [..., B, Hkv, 2D] (key | value per row) for block ids [...], a copy."""
-    if layout == CPU_KERNEL_LAYOUT:
-        k, v = kernel_layout_views(kv_cache)
-        return torch.cat((k[blocks].permute(*range(blocks.dim()), -1, -3, -2), v[blocks].transpose(-2, -3)), dim=-1)
-    return kv_cache[blocks].transpose(-2, -3)
-
-
-def write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
-    """Store key/value [T, Hkv, D] at flat slots [T] (slot = block * B + row; < 0 = padding)."""
-    block_size, head_size = kv_cache.shape[2], key.shape[-1]
-    keep = slots >= 0
-    if not bool(keep.all()):
-        key, value, slots = key[keep], value[keep], slots[keep]
-    blocks, rows = slots // block_size, slots % block_size
-    kv_cache[blocks, :, rows, :head_size] = key.to(kv_cache.dtype)
-    kv_cache[blocks, :, rows, head_size:] = value.to(kv_cache.dtype)
-
-
-def gather_kv(kv_cache, block_row, start: int, stop: int, head_size: int, layout: str = OWN_LAYOUT):
-    """Keys and values of positions [start, stop) of one request: ([L, Hkv, D], [L, Hkv, Dv])."""
-    block_size = kv_cache.shape[2]
-    pos = torch.arange(start, stop, device=kv_cache.device)
-    return read_rows(kv_cache, block_row[pos // block_size].long(), pos % block_size, head_size, layout)
 
 
 def attend_span(
@@ -343,3 +292,53 @@ def _decode_group(q, kv_cache, plan: DecodePlan, scale, rotary, alibi=None, layo
     s = s.masked_fill(~plan.valid[:, None, None, :], float("-inf"))
     out = torch.einsum("rkgl,rlkd->rkgd", torch.softmax(s, dim=-1), v)
     return out.reshape(R, H, -1)
+
+
+@dataclass
+class RowsPlan:
+    """The requests of a step this math serves, planned once for every layer:
+    single-query requests (decodes) batched, multi-query ones (prefill chunks)
+    one by one."""
+
+    layout: str
+    decode_tokens: torch.Tensor  # [R] long: each decode's query token in the batch
+    decode_plans: list[DecodePlan]
+    chunks: list[tuple[int, int, int, int]]  # (request, first token, last token + 1, seq_len after the step)
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.decode_tokens.numel()) + sum(b - a for _, a, b, _ in self.chunks)
+
+
+def plan_rows(requests, block_table: torch.Tensor, cfg: LminfConfig, block_size: int, layout: str) -> RowsPlan:
+    """requests: (request index, first token, query count, seq_len after the step)."""
+    dev = block_table.device
+    decodes = [r for r in requests if r[2] == 1]
+    seq = torch.tensor([r[3] for r in decodes], dtype=torch.long, device=dev)
+    table = block_table.index_select(0, torch.tensor([r[0] for r in decodes], dtype=torch.long, device=dev))
+    return RowsPlan(
+        layout=layout,
+        decode_tokens=torch.tensor([r[1] for r in decodes], dtype=torch.long, device=dev),
+        decode_plans=plan_decode(seq, table, cfg, block_size),
+        chunks=[(r, a, a + t, n) for r, a, t, n in requests if t > 1],
+    )
+
+
+def attend_rows(
+    plan: RowsPlan,
+    query: torch.Tensor,  # [T, H, D] the whole batch
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cfg: LminfConfig,
+    scale: float,
+    rotary: RotarySpec | None,
+    alibi: torch.Tensor | None,
+    output: torch.Tensor,  # [T, H, Dv]: the planned rows are written
+) -> None:
+    if plan.decode_tokens.numel():
+        output[plan.decode_tokens] = decode_lambda_attention(
+            query[plan.decode_tokens], kv_cache, plan.decode_plans, scale, rotary, alibi, plan.layout
+        ).to(output.dtype)
+    for r, a, b, n in plan.chunks:
+        out = paged_lambda_attention(query[a:b], kv_cache, block_table[r], n, cfg, scale, rotary, alibi, plan.layout)
+        output[a:b] = out.to(output.dtype)

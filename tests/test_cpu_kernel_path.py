@@ -1,35 +1,25 @@
-"""vLLM's CPU kernel serving Λ-attention (cpu_kernel_path) against the dense reference.
+"""The CPU-kernel path (paths/cpu_kernel) against the dense reference.
 
 Steps are simulated as the engine runs them: a batch of requests of different
 lengths, each fed in prefill chunks then decoded token by token, in one cache
 in the kernel's layout with permuted blocks and large random values in every
 slot nobody wrote (vLLM zero-fills a new cache, so slots hold finite values:
 the kernel, like vLLM's own use of it, relies on that).
-Per step, the rows the kernel serves go through it and the rest through the
-PyTorch path reading the same layout, as the backend does.
+Each step is the path's own `plan` and `run`, exactly what the backend calls.
 """
 
 import pytest
 import torch
 
 from lminf_vllm.config import LminfConfig
-from lminf_vllm.cpu_kernel_path import kernel_attention, kernel_mode, plan_kernel, row_kind, write_kv_kernel
-from lminf_vllm.cpu_kernel_prefill import (
-    ALL_KEYS,
-    CAPPED,
-    NO_GLOBALS,
-    TRUE_DISTANCE,
-    kernel_isa,
-    prefill_attention,
-    row_runs,
-)
-from lminf_vllm.lambda_attention import (
-    CPU_KERNEL_LAYOUT,
-    decode_lambda_attention,
-    plan_decode,
-)
-from lminf_vllm.testing.reference import dense_lambda_attention
+from lminf_vllm.paths import cpu_kernel
+from lminf_vllm.paths.cpu_kernel import prefill
+from lminf_vllm.paths.cpu_kernel.decode import placement, plan_calls
+from lminf_vllm.paths.cpu_kernel.ops import kernel_mode, write_kv_kernel
 from lminf_vllm.rope import RotarySpec, cos_sin, default_inv_freq, rotate
+from lminf_vllm.routing import Rows
+from lminf_vllm.step import EngineShape, LayerMath, StepBatch
+from lminf_vllm.testing.reference import dense_lambda_attention
 
 H, HKV, D = 4, 2, 32
 
@@ -59,10 +49,12 @@ def sequence(n, seed, neox, cfg):
 
 def run_batch(cfg, block_size, schedules, neox=True, dtype=torch.float32):
     """schedules[r]: request r's query counts per step (0 = not scheduled).
-    Returns (max |out - ref|, how many rows each path served)."""
+    Returns (max |out - ref|, query rows per way, summed over the steps)."""
     B = block_size
     seqs = [sequence(sum(s), r, neox, cfg) for r, s in enumerate(schedules)]
-    rotary = seqs[0][3]
+    layer = LayerMath(D**-0.5, seqs[0][3], None)
+    shape = EngineShape(cfg, "cpu", B, H, HKV, D, dtype, rope=True)
+    assert cpu_kernel.available(shape)
     need = [-(-sum(s) // B) for s in schedules]
     pool = sum(need) + 4
     kv_cache = (torch.randn(pool, HKV, B, 2 * D, generator=torch.Generator().manual_seed(1)) * 1e3).to(dtype)
@@ -72,47 +64,32 @@ def run_batch(cfg, block_size, schedules, neox=True, dtype=torch.float32):
     for r, m in enumerate(need):
         table[r, :m] = torch.tensor([free.pop() for _ in range(m)])
     done = [0] * len(schedules)
-    worst, served = 0.0, {"plain": 0, "after": 0, "front": 0, "torch": 0}
+    worst, served = 0.0, {}
     for step in range(max(len(s) for s in schedules)):
         counts = [s[step] if step < len(s) else 0 for s in schedules]
         reqs = [r for r, t in enumerate(counts) if t]
-        starts, query, slots = [], [], []
-        for r in reqs:
-            a, b = done[r], done[r] + counts[r]
-            starts.append(len(torch.cat(query)) if query else 0)
-            query.append(seqs[r][0][a:b])
-            pos = torch.arange(a, b)
-            slots.append(table[r][pos // B].long() * B + pos % B)
-            k, v = seqs[r][1][a:b], seqs[r][2][a:b]
-            write_kv_kernel(kv_cache, k.to(dtype), v.to(dtype), slots[-1], ISA)
-        query = torch.cat(query).to(dtype)
+        pieces = [[seqs[r][x][done[r] : done[r] + counts[r]] for r in reqs] for x in range(3)]
+        query, key, value = (torch.cat(p).to(dtype) for p in pieces)
+        pos = [torch.arange(done[r], done[r] + counts[r]) for r in reqs]
+        slots = torch.cat([table[r][p // B].long() * B + p % B for r, p in zip(reqs, pos)])
+        qsl = torch.tensor([0] + [counts[r] for r in reqs]).cumsum(0).to(torch.int32)
+        seq_lens = torch.tensor([done[r] + counts[r] for r in reqs], dtype=torch.int32)
+        batch = StepBatch(num_tokens=len(query), num_reqs=len(reqs), query_start_loc=qsl, query_start_loc_cpu=qsl,
+                          seq_lens=seq_lens, block_table=table[reqs], slot_mapping=slots,
+                          max_query_len=max(counts), max_seq_len=int(seq_lens.max()))  # fmt: skip
+        plan = cpu_kernel.plan(batch, shape)
+        for way, rows in plan.rows_served.items():
+            served[way] = served.get(way, 0) + rows
         output = torch.full_like(query, float("nan"))
-        sub = table[reqs]
-        rows = [(idx, starts[idx], counts[r], done[r] + counts[r]) for idx, r in enumerate(reqs)]
-        for _, _, t, n in rows:
-            served[row_kind(t, n, cfg, B) or "torch"] += 1
-        calls, rest = plan_kernel(rows, sub, cfg, B, ISA, H, HKV, D, dtype)
-        kernel_attention(query, kv_cache, calls, D**-0.5, rotary, ISA, output)
-        for idx, a, t, n in rest:
-            if t == 1:
-                plans = plan_decode(torch.tensor([n]), sub[idx : idx + 1], cfg, B)
-                out = decode_lambda_attention(
-                    query[a : a + 1], kv_cache, plans, D**-0.5, rotary, None, CPU_KERNEL_LAYOUT
-                )
-            else:
-                q = query[a : a + t]
-                out = prefill_attention(q, kv_cache, sub[idx], n, cfg, D**-0.5, rotary, CPU_KERNEL_LAYOUT)
-                for lo, hi, mode in row_runs(n - t, n, cfg):
-                    served[f"prefill {mode}"] = served.get(f"prefill {mode}", 0) + hi - lo
-            output[a : a + t] = out
+        cpu_kernel.run(plan, layer, query, key, value, kv_cache, output)
         for idx, r in enumerate(reqs):
-            a, t = starts[idx], counts[r]
+            a, t = int(qsl[idx]), counts[r]
             got = output[a : a + t].double()
             ref = seqs[r][4][done[r] : done[r] + t]
             assert torch.isfinite(got).all(), f"request {r} step {step}: non-finite output"
             worst = max(worst, (got - ref).abs().max().item())
             done[r] += t
-    return worst, served
+    return worst, {k: v for k, v in served.items() if v}
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c.describe().replace(" ", ","))
@@ -127,34 +104,24 @@ def test_mixed_batch_of_prefills_and_decodes_matches_reference(cfg, block_size):
     ]
     worst, served = run_batch(cfg, block_size, schedules)
     assert worst < 2e-5
-    assert served["torch"] > 0 and served["plain"] > 0, served  # both paths, in the same steps
+    assert served["cpu_kernel plain"] > 0, served
+    if cfg.global_tokens:  # rows with only some globals capped, or some inside the window past C: PyTorch math
+        assert served["pytorch"] > 0, served
     if cfg.global_tokens < block_size:  # else no decode's globals fit in one block: the torch path
-        assert served["after"] + served["front"] > 300, served
+        assert served.get("cpu_kernel after", 0) + served.get("cpu_kernel front", 0) > 300, served
     if 0 < cfg.global_tokens <= block_size // 2:  # some decodes' G slots after the query leave its block
-        assert served["front"] > 0, served
-    # Prefill chunks past the window go through the kernel on a scratch cache (cpu_kernel_prefill).
-    assert served.get("prefill capped" if cfg.global_tokens else "prefill no_globals", 0) > 200, served
+        assert served["cpu_kernel front"] > 0, served
+    # Prefill chunks past the window go through the kernel on a scratch cache (prefill.py).
+    assert served.get("cpu_kernel prefill " + ("capped" if cfg.global_tokens else "no_globals"), 0) > 200, served
     if cfg.global_tokens:  # the early rows of a prompt that runs past the window
-        assert served.get("prefill all_keys", 0) > 20, served
-
-
-def test_prefill_rows_are_split_by_how_they_see_the_globals():
-    cfg = LminfConfig(global_tokens=4, local_tokens=40, distance_cap=64)
-    # < W + G - 1: some global inside the window; 65, 66: some globals capped, some not.
-    runs = [(0, 43, ALL_KEYS), (43, 65, TRUE_DISTANCE), (65, 67, None), (67, 200, CAPPED)]
-    assert row_runs(0, 200, cfg) == runs
-    assert row_runs(50, 60, cfg) == [(50, 60, TRUE_DISTANCE)]
-    assert row_runs(66, 90, cfg) == [(66, 67, None), (67, 90, CAPPED)]
-    assert row_runs(5, 300, LminfConfig(0, 48, 48)) == [(5, 300, NO_GLOBALS)]
-    runs = [(0, 21, ALL_KEYS), (21, 66, None), (66, 100, CAPPED)]  # C < W: rows past C see capped globals
-    assert row_runs(0, 100, LminfConfig(3, 64, 20)) == runs
-    runs = [(0, 10, ALL_KEYS), (10, 31, TRUE_DISTANCE), (31, 100, CAPPED)]
-    assert row_runs(0, 100, LminfConfig(1, 10, 30)) == runs
+        assert served.get("cpu_kernel prefill all_keys", 0) > 20, served
 
 
 def test_prefill_falls_back_where_the_kernel_lacks_the_doubled_head_size():
-    assert kernel_isa(torch.float32, 32, 2 * D) is not None
-    assert kernel_isa(torch.float32, 32, 2 * 160) is None  # head size 160: no 320 in the kernel
+    assert prefill.kernel_isa(Rows.CAPPED, torch.float32, 32, D) is not None
+    assert prefill.kernel_isa(Rows.CAPPED, torch.float32, 32, 160) is None  # head size 160: no 320 in the kernel
+    assert prefill.kernel_isa(Rows.TRUE_DISTANCE, torch.float32, 32, 160) is not None
+    assert prefill.kernel_isa(Rows.SOME_CAPPED, torch.float32, 32, D) is None
 
 
 @pytest.mark.parametrize("neox", [True, False], ids=["neox", "interleaved"])
@@ -162,7 +129,7 @@ def test_long_decode_far_past_the_cap_matches_reference(neox):
     cfg = LminfConfig(global_tokens=5, local_tokens=64, distance_cap=96)
     worst, served = run_batch(cfg, 32, [[600] + [1] * 400, [1177] + [1] * 20], neox=neox)
     assert worst < 2e-5
-    assert served["after"] > 300 and served["front"] > 20, served
+    assert served["cpu_kernel after"] > 300 and served["cpu_kernel front"] > 20, served
 
 
 def test_bfloat16_cache_matches_reference_to_its_precision():
@@ -171,7 +138,7 @@ def test_bfloat16_cache_matches_reference_to_its_precision():
     cfg = LminfConfig(global_tokens=4, local_tokens=64, distance_cap=96)
     worst, served = run_batch(cfg, 32, [[300] + [1] * 100, [5] + [1] * 150], dtype=torch.bfloat16)
     assert worst < 0.05  # bfloat16 keeps 8 bits of mantissa: outputs of size ~1 move by ~1e-2
-    assert served["after"] > 100 and served["front"] > 10, served
+    assert served["cpu_kernel after"] > 100 and served["cpu_kernel front"] > 10, served
 
 
 def test_cpu_prefill_benchmark_runs(tmp_path):
@@ -194,15 +161,13 @@ def test_cpu_prefill_benchmark_runs(tmp_path):
 
 def test_long_prefill_step_is_split_into_several_kernel_calls(monkeypatch):
     """A very long step (no chunked prefill) runs as several calls of whole pieces."""
-    from lminf_vllm import cpu_kernel_prefill
-
-    monkeypatch.setattr(cpu_kernel_prefill, "QUERIES_PER_CALL", 50)  # pieces of W = 40: one per call
-    calls, run = [], cpu_kernel_prefill._kernel_run
-    monkeypatch.setattr(cpu_kernel_prefill, "_kernel_run", lambda *a: calls.append(a[4] - a[3]) or run(*a))
+    monkeypatch.setattr(prefill, "QUERIES_PER_CALL", 50)  # pieces of W = 40: one per call
+    calls, run = [], prefill._kernel_run
+    monkeypatch.setattr(prefill, "_kernel_run", lambda *a: calls.append(a[4] - a[3]) or run(*a))
     cfg = LminfConfig(global_tokens=4, local_tokens=40, distance_cap=64)
     worst, served = run_batch(cfg, 32, [[700] + [1] * 5, [0, 333] + [1] * 4])
     assert worst < 2e-5
-    assert served["prefill capped"] == (700 - 67) + (333 - 67), served  # capped from C + G - 1 = 67
+    assert served["cpu_kernel prefill capped"] == (700 - 67) + (333 - 67), served  # capped from C + G - 1 = 67
     assert max(calls) == 40 and len(calls) > 20, calls
 
 
@@ -210,9 +175,9 @@ def test_first_front_row_shares_the_batch_call():
     """Front rows each need the null block, so only the first joins the shared call."""
     cfg, B = LminfConfig(global_tokens=4, local_tokens=64, distance_cap=96), 32
     rows = [(0, 0, 1, 201), (1, 1, 1, 221), (2, 2, 1, 222)]  # i = 200: "after"; i = 220, 221: "front"
-    assert [row_kind(1, n, cfg, B) for _, _, _, n in rows] == ["after", "front", "front"]
+    assert [placement(n - 1, cfg, B) for _, _, _, n in rows] == ["after", "front", "front"]
     table = torch.arange(1, 1 + 3 * 8, dtype=torch.int32).view(3, 8)
-    calls, rest = plan_kernel(rows, table, cfg, B, ISA, H, HKV, D, torch.float32)
-    assert not rest and len(calls) == 2
+    calls = plan_calls(rows[:1], rows[1:], table, cfg, B, ISA, H, HKV, D, torch.float32)
+    assert len(calls) == 2
     assert calls[0].tokens is None and calls[0].query_start_loc.tolist() == [0, 1, 2] and len(calls[0].copies) == 2
     assert calls[1].tokens.tolist() == [2] and calls[0].window == calls[1].window == 64 + 4

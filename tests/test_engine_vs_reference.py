@@ -32,17 +32,17 @@ def reference(tiny_llama):
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    """Counts the steps vLLM's CPU kernel served (cpu_kernel_path), per layer call."""
-    import lminf_vllm.backend as backend
+    """Counts the steps vLLM's CPU kernel served (paths/cpu_kernel), per layer call."""
+    import lminf_vllm.paths.cpu_kernel as cpu_kernel
 
     calls = []
-    original = backend.kernel_attention
+    original = cpu_kernel.run_calls
 
     def counting(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(backend, "kernel_attention", counting)
+    monkeypatch.setattr(cpu_kernel, "run_calls", counting)
     return calls
 
 

@@ -64,6 +64,6 @@ def test_gpu_tune_writes_best_settings(tmp_path):
 
 def test_bad_tuning_override_is_named():
     env = dict(os.environ, LMINF_TRITON_TUNING='{"warps": 4}', PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-c", "import lminf_vllm.triton_lambda_attention"],
+    proc = subprocess.run([sys.executable, "-c", "import lminf_vllm.paths.triton.kernels"],
                           capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
     assert proc.returncode != 0 and "LMINF_TRITON_TUNING must be a JSON object" in proc.stderr

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from lminf_vllm.config import LminfConfig
-from lminf_vllm.lambda_attention import decode_lambda_attention, paged_lambda_attention, plan_decode, write_kv
+from lminf_vllm.kv_layout import write_kv
+from lminf_vllm.lambda_attention import decode_lambda_attention, paged_lambda_attention, plan_decode
 from lminf_vllm.testing.reference import dense_lambda_attention
 from lminf_vllm.rope import RotarySpec, cos_sin, default_inv_freq, rotate
 

@@ -32,7 +32,7 @@ import torch  # noqa: E402
 from lminf_vllm.config import LminfConfig  # noqa: E402
 from lminf_vllm.testing.reference import dense_lambda_attention  # noqa: E402
 from lminf_vllm.rope import RotarySpec, cos_sin, default_inv_freq, rotate  # noqa: E402
-from lminf_vllm.triton_lambda_attention import triton_lambda_attention  # noqa: E402
+from lminf_vllm.paths.triton.kernels import triton_lambda_attention  # noqa: E402
 
 
 def make_request(n, H, Hkv, D, rotary, gen):

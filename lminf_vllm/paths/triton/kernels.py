@@ -1,6 +1,6 @@
 """The Λ-attention of SPEC.md as Triton kernels over the paged KV cache.
 
-Same contract and cache layout as `lambda_attention.py` (the PyTorch path):
+Same contract and cache layout (kv_layout.OWN_LAYOUT) as the PyTorch path:
     kv_cache: [num_blocks, num_kv_heads, block_size, 2 * head_size], key | value
 but a whole batch (prefill chunks and decodes mixed) in one call of two or
 three launches:
@@ -441,7 +441,7 @@ def triton_lambda_attention(
 ) -> torch.Tensor:
     """Λ-attention for a whole batch in one call (global branch, window, split-K merge); returns `output`."""
     if triton is None:
-        raise RuntimeError("triton is not installed: use lambda_attention.py's PyTorch path")
+        raise RuntimeError("triton is not installed: use the PyTorch path (paths/pytorch.py)")
     T, H, D = query.shape
     _, Hkv, page, width = kv_cache.shape
     if width != 2 * D or H % Hkv or rotary_dim % 2 or not 0 < rotary_dim <= D:

@@ -22,74 +22,51 @@ cache built per chunk removes both:
   asks for, at twice the arithmetic, which still beats the PyTorch path
   (benchmarks/cpu_prefill.py measures both).
 
-Rows whose globals are all at most C away take the globals unrotated and the
-head size as it is. Rows before W + G - 1 (some global inside the window) and
-at most C see every earlier key at its true distance: plain causal attention
-over the real keys. Rows where only some globals are capped (C < i < C + G - 1),
-the rest of the rows before W + G - 1, and head sizes the kernel lacks take the
-PyTorch path (lambda_attention.paged_lambda_attention).
+By row kind (routing.py): TRUE_DISTANCE rows take the globals unrotated and
+the head size as it is; CAPPED rows the doubled head size; ALL_KEYS rows plain
+causal attention over the real keys; NO_GLOBALS rows a plain sliding window.
+GLOBALS_IN_WINDOW and SOME_CAPPED rows (fewer than G each per sequence), and
+CAPPED rows of head sizes whose double the kernel lacks (160, 192, 224), take
+the PyTorch math (lambda_attention.paged_lambda_attention).
 
 The scratch cache lives for one kernel call: (W + G + piece) rows per piece,
 pieces of at most QUERIES_PER_CALL queries per call (about 2 x 16k rows), in
 the kernel's own layout (written by its own `cpu_attn_reshape_and_cache`).
 """
 
-import functools
-
 import torch
 
 from lminf_vllm.config import LminfConfig
-from lminf_vllm.cpu_kernel_path import attend, kernel_cache_views, scheduler_metadata, write_kv_kernel
-from lminf_vllm.lambda_attention import capped_rotations, gather_kv, paged_lambda_attention
+from lminf_vllm.kv_layout import gather_kv
+from lminf_vllm.lambda_attention import capped_rotations, paged_lambda_attention
+from lminf_vllm.paths.cpu_kernel.ops import (
+    attend,
+    isa_for_head_size,
+    kernel_cache_views,
+    scheduler_metadata,
+    write_kv_kernel,
+)
 from lminf_vllm.rope import RotarySpec
+from lminf_vllm.routing import Rows, row_runs
 
 # Queries per kernel call (rounded to whole pieces of W): bounds the scratch
 # cache when a prefill step is very long (no chunked prefill).
 QUERIES_PER_CALL = 16384
 
-# How the globals of a run of rows are presented to the kernel.
-ALL_KEYS = "all_keys"  # i < W + G - 1 and i <= C: every key 0..i at its true distance, plain causal
-NO_GLOBALS = "no_globals"  # G = 0: a plain sliding window
-TRUE_DISTANCE = "true_distance"  # every global at most C away: stored keys as they are
-CAPPED = "capped"  # every global at least C away: doubled head size (module docstring)
+# The row kinds this module hands to the kernel; the rest take the PyTorch math.
+KERNEL_ROWS = (Rows.ALL_KEYS, Rows.NO_GLOBALS, Rows.TRUE_DISTANCE, Rows.CAPPED)
 
 
-def row_runs(first: int, stop: int, cfg: LminfConfig) -> list[tuple[int, int, str | None]]:
-    """Split query positions [first, stop) into runs (a, b, mode); mode None = the PyTorch path."""
-    G, W, C = cfg.global_tokens, cfg.local_tokens, cfg.distance_cap
-    if G == 0:
-        bounds = [(0, NO_GLOBALS)]
-    else:
-        # From W + G - 1 on every global lies outside the window (i - j >= W for j < G).
-        start = W + G - 1
-        capped_from = max(start, C + G - 1, C + 1)
-        bounds = [(0, ALL_KEYS), (min(start, C + 1), None), (start, TRUE_DISTANCE), (max(start, C + 1), None),
-                  (capped_from, CAPPED)]  # fmt: skip
-    runs = []
-    for n, (lo, mode) in enumerate(bounds):
-        hi = bounds[n + 1][0] if n + 1 < len(bounds) else stop
-        a, b = max(lo, first), min(hi, stop)
-        if a < b:
-            if runs and runs[-1][2] == mode:
-                runs[-1] = (runs[-1][0], b, mode)
-            else:
-                runs.append((a, b, mode))
-    return runs
-
-
-@functools.lru_cache(maxsize=None)
-def kernel_isa(dtype: torch.dtype, block_size: int, head_size: int) -> str | None:
-    """The kernel's ISA for scratch caches of this head size, or None if it has no such head size."""
-    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, _get_attn_isa
-
-    if head_size not in CPUAttentionBackend.get_supported_head_sizes():
+def kernel_isa(kind: Rows, dtype: torch.dtype, block_size: int, head_size: int) -> str | None:
+    """The kernel ISA serving rows of this kind, or None: the PyTorch math."""
+    if kind not in KERNEL_ROWS:
         return None
-    return _get_attn_isa(dtype, block_size, head_size)
+    return isa_for_head_size(dtype, block_size, 2 * head_size if kind is Rows.CAPPED else head_size)
 
 
 def prefill_attention(
     q: torch.Tensor,  # [T, H, D] one request's queries, rotated at true positions
-    kv_cache: torch.Tensor,  # in lambda_attention.CPU_KERNEL_LAYOUT
+    kv_cache: torch.Tensor,  # in kv_layout.CPU_KERNEL_LAYOUT
     block_row: torch.Tensor,
     seq_len: int,  # the last query is at seq_len - 1
     cfg: LminfConfig,
@@ -103,7 +80,7 @@ def prefill_attention(
     out = torch.empty(T, H, D)
     for a, b, mode in row_runs(first, seq_len, cfg):
         rows = slice(a - first, b - first)
-        isa = None if mode is None else kernel_isa(kv_cache.dtype, kv_cache.shape[2], 2 * D if mode == CAPPED else D)
+        isa = kernel_isa(mode, kv_cache.dtype, kv_cache.shape[2], D)
         if isa is None:
             out[rows] = paged_lambda_attention(q[rows], kv_cache, block_row, b, cfg, scale, rotary, None, layout)
             continue
@@ -120,10 +97,10 @@ def _kernel_run(q, kv_cache, block_row, a0, b0, cfg, scale, rotary, layout, mode
     """Queries at [a0, b0), all of one mode, in one kernel call over a scratch cache."""
     T, H, D = q.shape
     W, B = cfg.local_tokens, kv_cache.shape[2]
-    G = cfg.global_tokens if mode in (TRUE_DISTANCE, CAPPED) else 0  # globals inserted
-    wide = mode == CAPPED
+    G = cfg.global_tokens if mode in (Rows.TRUE_DISTANCE, Rows.CAPPED) else 0  # globals inserted
+    wide = mode is Rows.CAPPED
     Dx = 2 * D if wide else D
-    reach = (lambda a: 0) if mode == ALL_KEYS else (lambda a: max(0, a - W + 1))  # a query's oldest key
+    reach = (lambda a: 0) if mode is Rows.ALL_KEYS else (lambda a: max(0, a - W + 1))  # a query's oldest key
     lo_all = reach(a0)
     k_loc, v_loc = gather_kv(kv_cache, block_row, lo_all, b0, D, layout)  # [L, Hkv, D]
     k_glob, v_glob = gather_kv(kv_cache, block_row, 0, G, D, layout)
@@ -133,7 +110,7 @@ def _kernel_run(q, kv_cache, block_row, a0, b0, cfg, scale, rotary, layout, mode
         q, k_glob = torch.cat((q, q_cap.to(q.dtype)), dim=-1), k_cap.to(k_glob.dtype)
 
     # Pieces of at most W queries (module docstring); each a virtual request padded to whole blocks.
-    pieces = [(a0, b0)] if mode == ALL_KEYS else [(a, min(a + W, b0)) for a in range(a0, b0, W)]
+    pieces = [(a0, b0)] if mode is Rows.ALL_KEYS else [(a, min(a + W, b0)) for a in range(a0, b0, W)]
     lens = [(a - reach(a)) + G + (b - a) for a, b in pieces]
     starts = [0]
     for n in lens:
@@ -160,7 +137,7 @@ def _kernel_run(q, kv_cache, block_row, a0, b0, cfg, scale, rotary, layout, mode
         table[n, : len(blocks)] = blocks
     qsl = torch.tensor([0] + [b - a0 for _, b in pieces], dtype=torch.int32)
     seq = torch.tensor(lens, dtype=torch.int32)
-    window = -1 if mode == ALL_KEYS else W + G
+    window = -1 if mode is Rows.ALL_KEYS else W + G
     meta = scheduler_metadata(qsl, seq, window, isa, H, Hkv, Dx, q.dtype)
     q = q.contiguous()
     out = torch.empty_like(q)

@@ -1,10 +1,8 @@
-"""Serving most of a CPU batch with vLLM's own C++ attention kernel.
+"""Decode rows and plain rows through vLLM's CPU kernel, as virtual sequences.
 
-vLLM's CPU kernel (`cpu_attention_with_kv_cache`) does causal attention over a
-paged cache with a sliding window; it reads keys in place and is several times
-faster than PyTorch ops. Λ-attention is a sliding window plus G global keys
-seen at a capped distance, so a query at position i can be handed to it as a
-*virtual sequence*:
+Λ-attention is a sliding window plus G global keys seen at a capped distance,
+so a decode query at position i can be handed to the kernel as a *virtual
+sequence*:
 
     [its window blocks, from the one holding i - W + 1, up to row i] + [G globals]
 
@@ -12,7 +10,7 @@ where the G global keys are re-rotated copies (position i - min(i - j, C), so
 that the kernel's dot product sees the capped distance). A window of W + G
 keys masks exactly the rows of the first block that precede the window, and a
 decode query of the kernel sees every key of its sequence, so the order of
-the keys does not matter. Where the copies go:
+the keys does not matter. Where the copies go (`placement`):
 
   * "after": into the request's own next G slots, i + 1 .. i + G, when these
     lie in its last block (allocated, and private: a block is shared through
@@ -24,104 +22,26 @@ the keys does not matter. Where the copies go:
     the virtual sequence is then [null block] + [window from its next block].
     The null block holds one row's copies at a time: the first such row of a
     step joins the shared kernel call, each further one has its own.
-No slot is reserved for this: the KV bound of SPEC.md is unchanged.
-
-Rows the kernel can serve (`row_kind`):
-  * "plain": position i < min(W + G - 1, C): every key 0..i is visible at its
-    true distance, which is all Λ-attention asks there (prefill chunks too);
-  * "after" / "front": decode rows (one query) with i >= W + G - 1.
-The rest (prefill chunks past the window, the G - 1 decode positions
-C <= i < W + G - 1 when W + G - 1 > C, and decodes whose copies fit neither
-way, rare: with W a multiple of B it needs G > B / 2) take the PyTorch path,
-reading the same layout.
-
-The cache is then in the kernel's layout (lambda_attention.CPU_KERNEL_LAYOUT)
-and written by its `cpu_attn_reshape_and_cache`. The layout is checked on
-start-up by a round trip (`kernel_layout_ok`): a vLLM whose kernel packs keys
-differently (AMX bf16, another version) keeps the PyTorch path.
+  * None: the copies fit neither way (rare: with W a multiple of B it needs
+    G > B / 2); the row takes the PyTorch math.
+No slot is reserved for this: the KV bound of SPEC.md is unchanged. Plain rows
+(routing.Rows.ALL_KEYS, prefill chunks too) join the shared call as they are.
 """
 
-import functools
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from lminf_vllm.config import LminfConfig
-from lminf_vllm.lambda_attention import read_rows
+from lminf_vllm.kv_layout import NULL_BLOCK
+from lminf_vllm.paths.cpu_kernel.ops import attend, kernel_cache_views, scheduler_metadata, write_kv_kernel
 from lminf_vllm.rope import RotarySpec, cos_sin, rotate
 
 
-# LMINF_CPU_KERNEL=0 keeps every row on the PyTorch path (tests, benchmarks).
-ENV_SWITCH = "LMINF_CPU_KERNEL"
-
-
-def kernel_mode(device_type: str, rope: bool, dtype: torch.dtype, block_size: int, num_kv_heads: int, head_size: int):
-    """The ISA string of vLLM's CPU kernel when it can serve lminf layers like these, else None."""
-    if device_type != "cpu" or not rope or os.environ.get(ENV_SWITCH, "1") == "0":
-        return None
-    return _kernel_mode(dtype, block_size, num_kv_heads, head_size)
-
-
-@functools.lru_cache(maxsize=None)
-def _kernel_mode(dtype: torch.dtype, block_size: int, num_kv_heads: int, head_size: int) -> str | None:
-    try:
-        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, _get_attn_isa
-    except ImportError:
-        return None
-    if head_size not in CPUAttentionBackend.get_supported_head_sizes() or block_size % 32:
-        return None
-    isa = _get_attn_isa(dtype, block_size, head_size)
-    return isa if kernel_layout_ok(isa, dtype, num_kv_heads, head_size, block_size) else None
-
-
-def kernel_layout_ok(isa: str, dtype: torch.dtype, num_kv_heads: int, head_size: int, block_size: int) -> bool:
-    """Does the kernel's cache writer store rows where kernel_layout_views reads them?"""
-    from vllm import _custom_ops as ops
-
-    g = torch.Generator().manual_seed(0)
-    cache = torch.zeros(3, num_kv_heads, block_size, 2 * head_size, dtype=dtype)
-    k = torch.randn(5, num_kv_heads, head_size, generator=g).to(dtype)
-    v = torch.randn(5, num_kv_heads, head_size, generator=g).to(dtype)
-    slots = torch.tensor([0, 1, block_size + 3, 2 * block_size + block_size - 1, 2 * block_size])
-    kc, vc = kernel_cache_views(cache)
-    ops.cpu_attn_reshape_and_cache(k, v, kc, vc, slots, isa)
-    k2, v2 = read_rows(cache, slots // block_size, slots % block_size, head_size, "cpu_kernel")
-    return torch.equal(k2, k) and torch.equal(v2, v)
-
-
-def kernel_cache_views(kv_cache: torch.Tensor):
-    """The (key_cache, value_cache) views vLLM's CPU backend passes to its ops."""
-    nb, Hkv, B, twoD = kv_cache.shape
-    return kv_cache.view(nb, Hkv, 2 * B, twoD // 2).chunk(2, dim=2)
-
-
-def write_kv_kernel(kv_cache, key, value, slots, isa: str) -> None:
-    """Store key/value [T, Hkv, D] at flat slots [T] with the kernel's own writer (slot < 0 skipped)."""
-    from vllm import _custom_ops as ops
-
-    kc, vc = kernel_cache_views(kv_cache)
-    ops.cpu_attn_reshape_and_cache(key, value, kc, vc, slots, isa)
-
-
-NULL_BLOCK = 0  # vLLM's null block: never given to a request (LminfManager checks the id)
-
-
-def plain(seq_len: int, cfg: LminfConfig) -> bool:
-    """Does every query of a request up to seq_len see every key before it, at its true distance?"""
-    return seq_len - 1 < min(cfg.local_tokens + cfg.global_tokens - 1, cfg.distance_cap)
-
-
-def row_kind(num_queries: int, seq_len: int, cfg: LminfConfig, block_size: int) -> str | None:
-    """How the kernel serves a request with these queries this step: "plain",
-    "after" or "front" (see the module docstring), or None (the PyTorch path)."""
+def placement(i: int, cfg: LminfConfig, block_size: int) -> str | None:
+    """Where the global copies of a decode row at i >= W + G - 1 go: "after", "front" or None."""
     G, W, B = cfg.global_tokens, cfg.local_tokens, block_size
-    i = seq_len - 1
-    if plain(seq_len, cfg):
-        return "plain"
-    if num_queries != 1 or i < W + G - 1:
-        return None
     if i % B + G < B:
         return "after"
     return "front" if _front_rows(i, W, B) + G <= B else None
@@ -173,8 +93,9 @@ class KernelCall:
     scheduler_metadata: torch.Tensor | None = None  # made once the calls of a step are final
 
 
-def plan_kernel(
-    rows: list[tuple[int, int, int, int]],  # (request index, first token, query count, seq_len after the step)
+def plan_calls(
+    shared: list[tuple[int, int, int, int]],  # plain and "after" rows: (request, first token, count, seq_len)
+    fronts: list[tuple[int, int, int, int]],  # "front" rows
     block_table: torch.Tensor,  # [num_reqs, max_blocks]
     cfg: LminfConfig,
     block_size: int,
@@ -183,24 +104,19 @@ def plan_kernel(
     num_kv_heads: int,
     head_size: int,
     dtype: torch.dtype,
-) -> tuple[list[KernelCall], list[tuple[int, int, int, int]]]:
-    """The kernel calls serving what they can of `rows`, and the rows left to
-    the PyTorch path. The plain and "after" rows share one call; "front" rows
-    all use the null block, so each needs its own call, except that the first
-    joins the shared one."""
-    kinds = [row_kind(r[2], r[3], cfg, block_size) for r in rows]
-    batch = [r for r, k in zip(rows, kinds) if k in ("plain", "after")]
-    fronts = [[r] for r, k in zip(rows, kinds) if k == "front"]
-    rest = [r for r, k in zip(rows, kinds) if k is None]
+) -> list["KernelCall"]:
+    """The kernel calls for these rows. The plain and "after" rows share one call;
+    "front" rows all use the null block, so each needs its own call, except that
+    the first joins the shared one."""
     args = (block_table, cfg, block_size, num_kv_heads, head_size)
-    calls = ([_plan_call(batch, False, *args)] if batch else []) + [_plan_call(f, True, *args) for f in fronts]
-    if batch and fronts:  # one call fewer per layer: its Python and its launch
+    calls = ([_plan_call(shared, False, *args)] if shared else []) + [_plan_call([f], True, *args) for f in fronts]
+    if shared and fronts:  # one call fewer per layer: its Python and its launch
         calls[:2] = [_merge(calls[0], calls[1], cfg)]
     for call in calls:
         call.scheduler_metadata = scheduler_metadata(
             call.query_start_loc, call.seq_lens, call.window, isa, num_heads, num_kv_heads, head_size, dtype
         )
-    return calls, rest
+    return calls
 
 
 def _merge(a: KernelCall, b: KernelCall, cfg: LminfConfig) -> KernelCall:
@@ -221,25 +137,13 @@ def _merge(a: KernelCall, b: KernelCall, cfg: LminfConfig) -> KernelCall:
     )
 
 
-def plain_kernel_call(query_start_loc, seq_lens, block_table, cfg, isa, num_heads, num_kv_heads, head_size, dtype):
+def plain_call(query_start_loc, seq_lens, block_table, isa, num_heads, num_kv_heads, head_size, dtype):
     """The call for a batch whose every request is a plain row: vLLM's own metadata as it is."""
     qsl, seq = query_start_loc.to(torch.int32), seq_lens.to(torch.int32)
     # Plain rows see all their keys: no window, the kernel's full-attention path as for stock.
     return KernelCall(
         tokens=None, query_start_loc=qsl, seq_lens=seq, block_table=block_table.to(torch.int32), window=-1,
         copies=[], scheduler_metadata=scheduler_metadata(qsl, seq, -1, isa, num_heads, num_kv_heads, head_size, dtype),
-    )  # fmt: skip
-
-
-def scheduler_metadata(qsl, seq, window, isa, num_heads, num_kv_heads, head_size, dtype):
-    """The kernel's work split for a call over these virtual sequences."""
-    from vllm import _custom_ops as ops
-    from vllm import envs
-
-    return ops.cpu_attn_get_scheduler_metadata(
-        num_reqs=len(seq), num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_size,
-        seq_lens=seq, dtype=dtype, query_start_loc=qsl, causal=True, sliding_window_size=window,
-        isa=isa, enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
     )  # fmt: skip
 
 
@@ -297,10 +201,10 @@ def _plan_call(rows, front, block_table, cfg, B, num_kv_heads, head_size):
     )  # fmt: skip
 
 
-def kernel_attention(
+def run_calls(
+    calls: list["KernelCall"],
     query: torch.Tensor,  # [T, H, D] the whole batch
     kv_cache: torch.Tensor,
-    calls: list[KernelCall],
     scale: float,
     rotary: RotarySpec | None,
     isa: str,
@@ -332,15 +236,3 @@ def _run_call(query, kv_cache, call: KernelCall, scale, rotary, isa, output) -> 
            call.scheduler_metadata, scale)  # fmt: skip
     if call.tokens is not None:
         output[call.tokens] = out.to(output.dtype)
-
-
-def attend(q, key_cache, value_cache, out, query_start_loc, seq_lens, block_table, window, metadata, scale) -> None:
-    """One call of vLLM's kernel: causal attention of q over virtual sequences of
-    the cache views, keys older than `window` (-1: none) masked; writes out."""
-    from vllm import _custom_ops as ops
-
-    ops.cpu_attention_with_kv_cache(
-        query=q, key_cache=key_cache, value_cache=value_cache, output=out, query_start_loc=query_start_loc,
-        seq_lens=seq_lens, scale=scale, causal=True, alibi_slopes=None, sliding_window=window,
-        block_table=block_table, softcap=0.0, scheduler_metadata=metadata, s_aux=None,
-    )  # fmt: skip

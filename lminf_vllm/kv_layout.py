@@ -1,0 +1,72 @@
+"""Where a token's key and value live in a layer's paged KV cache.
+
+One tensor per layer, allocated by vLLM as [num_blocks, num_kv_heads, block_size,
+2 * head_size]; a token at position p of a request lives in block
+block_table[p // B], row p % B. Two layouts of that tensor:
+    OWN_LAYOUT: key = kv_cache[..., :head_size], value = kv_cache[..., head_size:]
+        (the PyTorch and Triton paths);
+    CPU_KERNEL_LAYOUT: vLLM's CPU attention kernel's: per block and head, the keys
+        transposed [head_size, block_size], then the values [block_size, head_size]
+        (written by that kernel's own op, see paths/cpu_kernel/ops.py).
+No vLLM import.
+"""
+
+import torch
+
+OWN_LAYOUT = "own"
+CPU_KERNEL_LAYOUT = "cpu_kernel"
+
+
+def kernel_layout_views(kv_cache: torch.Tensor):
+    """(keys [nb, Hkv, D, B], values [nb, Hkv, B, D]) views of a CPU_KERNEL_LAYOUT cache."""
+    nb, Hkv, B, twoD = kv_cache.shape
+    halves = kv_cache.view(nb, Hkv, 2, B * twoD // 2)
+    return halves[:, :, 0].view(nb, Hkv, twoD // 2, B), halves[:, :, 1].view(nb, Hkv, B, twoD // 2)
+
+
+def read_rows(kv_cache: torch.Tensor, blocks: torch.Tensor, rows: torch.Tensor, head_size: int, layout: str):
+    """Keys and values of the cache rows (blocks[i], rows[i]): ([N, Hkv, D], [N, Hkv, Dv]), copies."""
+    if layout == CPU_KERNEL_LAYOUT:
+        k, v = kernel_layout_views(kv_cache)
+        return k[blocks, :, :, rows], v[blocks, :, rows]
+    kv = kv_cache[blocks, :, rows]
+    return kv[..., :head_size], kv[..., head_size:]
+
+
+def read_blocks(kv_cache: torch.Tensor, blocks: torch.Tensor, layout: str) -> torch.Tensor:
+    """Whole blocks [..., B, Hkv, 2D] (key | value per row) for block ids [...], a copy."""
+    if layout == CPU_KERNEL_LAYOUT:
+        k, v = kernel_layout_views(kv_cache)
+        return torch.cat((k[blocks].permute(*range(blocks.dim()), -1, -3, -2), v[blocks].transpose(-2, -3)), dim=-1)
+    return kv_cache[blocks].transpose(-2, -3)
+
+
+def write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
+    """Store key/value [T, Hkv, D] at flat slots [T] (slot = block * B + row; < 0 = padding)."""
+    block_size, head_size = kv_cache.shape[2], key.shape[-1]
+    keep = slots >= 0
+    if not bool(keep.all()):
+        key, value, slots = key[keep], value[keep], slots[keep]
+    blocks, rows = slots // block_size, slots % block_size
+    kv_cache[blocks, :, rows, :head_size] = key.to(kv_cache.dtype)
+    kv_cache[blocks, :, rows, head_size:] = value.to(kv_cache.dtype)
+
+
+def gather_kv(kv_cache, block_row, start: int, stop: int, head_size: int, layout: str = OWN_LAYOUT):
+    """Keys and values of positions [start, stop) of one request: ([L, Hkv, D], [L, Hkv, Dv])."""
+    block_size = kv_cache.shape[2]
+    pos = torch.arange(start, stop, device=kv_cache.device)
+    return read_rows(kv_cache, block_row[pos // block_size].long(), pos % block_size, head_size, layout)
+
+
+NULL_BLOCK = 0  # vLLM's null block: never given to a request (LminfManager checks the id)
+
+
+def write_kv_no_sync(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
+    """write_kv without a host synchronisation (CUDA graphs): padding slots (< 0)
+    write into the null block's first row, which no request ever reads."""
+    block_size, head_size = kv_cache.shape[2], key.shape[-1]
+    slots = slots.long().clamp(min=NULL_BLOCK * block_size)
+    blocks, rows = slots // block_size, slots % block_size
+    kv_cache[blocks, :, rows, :head_size] = key.to(kv_cache.dtype)
+    kv_cache[blocks, :, rows, head_size:] = value.to(kv_cache.dtype)

@@ -1,0 +1,99 @@
+"""vLLM's CPU attention ops, as this path calls them (the only vLLM calls in the path).
+
+`cpu_attention_with_kv_cache` does causal attention over a paged cache with a
+sliding window, reading keys in place; `cpu_attn_reshape_and_cache` writes a
+cache in the kernel's own layout (kv_layout.CPU_KERNEL_LAYOUT). Whether that
+writer stores rows where kv_layout reads them is checked once per shape by a
+round trip (`kernel_layout_ok`): a vLLM whose kernel packs keys differently
+(AMX bf16, another version) keeps the PyTorch path.
+"""
+
+import functools
+import os
+
+import torch
+
+from lminf_vllm.kv_layout import CPU_KERNEL_LAYOUT, read_rows
+
+# LMINF_CPU_KERNEL=0 keeps every row on the PyTorch path (tests, benchmarks).
+ENV_SWITCH = "LMINF_CPU_KERNEL"
+
+
+def kernel_mode(device_type: str, rope: bool, dtype: torch.dtype, block_size: int, num_kv_heads: int, head_size: int):
+    """The ISA string of vLLM's CPU kernel when it can serve lminf layers like these, else None."""
+    if device_type != "cpu" or not rope or os.environ.get(ENV_SWITCH, "1") == "0":
+        return None
+    return _kernel_mode(dtype, block_size, num_kv_heads, head_size)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel_mode(dtype: torch.dtype, block_size: int, num_kv_heads: int, head_size: int) -> str | None:
+    try:
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, _get_attn_isa
+    except ImportError:
+        return None
+    if head_size not in CPUAttentionBackend.get_supported_head_sizes() or block_size % 32:
+        return None
+    isa = _get_attn_isa(dtype, block_size, head_size)
+    return isa if kernel_layout_ok(isa, dtype, num_kv_heads, head_size, block_size) else None
+
+
+@functools.lru_cache(maxsize=None)
+def isa_for_head_size(dtype: torch.dtype, block_size: int, head_size: int) -> str | None:
+    """The kernel's ISA for caches of this head size (scratch caches of twice the
+    model's), or None if the kernel has no such head size."""
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, _get_attn_isa
+
+    if head_size not in CPUAttentionBackend.get_supported_head_sizes():
+        return None
+    return _get_attn_isa(dtype, block_size, head_size)
+
+
+def kernel_layout_ok(isa: str, dtype: torch.dtype, num_kv_heads: int, head_size: int, block_size: int) -> bool:
+    """Does the kernel's cache writer store rows where kv_layout.read_rows reads them?"""
+    g = torch.Generator().manual_seed(0)
+    cache = torch.zeros(3, num_kv_heads, block_size, 2 * head_size, dtype=dtype)
+    k = torch.randn(5, num_kv_heads, head_size, generator=g).to(dtype)
+    v = torch.randn(5, num_kv_heads, head_size, generator=g).to(dtype)
+    slots = torch.tensor([0, 1, block_size + 3, 2 * block_size + block_size - 1, 2 * block_size])
+    write_kv_kernel(cache, k, v, slots, isa)
+    k2, v2 = read_rows(cache, slots // block_size, slots % block_size, head_size, CPU_KERNEL_LAYOUT)
+    return torch.equal(k2, k) and torch.equal(v2, v)
+
+
+def kernel_cache_views(kv_cache: torch.Tensor):
+    """The (key_cache, value_cache) views vLLM's CPU backend passes to its ops."""
+    nb, Hkv, B, twoD = kv_cache.shape
+    return kv_cache.view(nb, Hkv, 2 * B, twoD // 2).chunk(2, dim=2)
+
+
+def write_kv_kernel(kv_cache, key, value, slots, isa: str) -> None:
+    """Store key/value [T, Hkv, D] at flat slots [T] with the kernel's own writer (slot < 0 skipped)."""
+    from vllm import _custom_ops as ops
+
+    kc, vc = kernel_cache_views(kv_cache)
+    ops.cpu_attn_reshape_and_cache(key, value, kc, vc, slots, isa)
+
+
+def scheduler_metadata(qsl, seq, window, isa, num_heads, num_kv_heads, head_size, dtype):
+    """The kernel's work split for a call over these virtual sequences."""
+    from vllm import _custom_ops as ops
+    from vllm import envs
+
+    return ops.cpu_attn_get_scheduler_metadata(
+        num_reqs=len(seq), num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_size,
+        seq_lens=seq, dtype=dtype, query_start_loc=qsl, causal=True, sliding_window_size=window,
+        isa=isa, enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
+    )  # fmt: skip
+
+
+def attend(q, key_cache, value_cache, out, query_start_loc, seq_lens, block_table, window, metadata, scale) -> None:
+    """One call of vLLM's kernel: causal attention of q over virtual sequences of
+    the cache views, keys older than `window` (-1: none) masked; writes out."""
+    from vllm import _custom_ops as ops
+
+    ops.cpu_attention_with_kv_cache(
+        query=q, key_cache=key_cache, value_cache=value_cache, output=out, query_start_loc=query_start_loc,
+        seq_lens=seq_lens, scale=scale, causal=True, alibi_slopes=None, sliding_window=window,
+        block_table=block_table, softcap=0.0, scheduler_metadata=metadata, s_aux=None,
+    )  # fmt: skip

@@ -1,0 +1,56 @@
+"""What the attention paths are handed: the engine's shape, one step's batch, one layer's math.
+
+Plain dataclasses, no vLLM import: `backend.py` fills them from vLLM's types.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from lminf_vllm.config import LminfConfig
+from lminf_vllm.rope import RotarySpec
+
+
+@dataclass(frozen=True)
+class EngineShape:
+    """What is fixed for an engine's lminf layers."""
+
+    cfg: LminfConfig
+    device_type: str  # "cpu", "cuda", ...
+    block_size: int
+    num_heads: int  # query heads per rank
+    num_kv_heads: int
+    head_size: int
+    dtype: torch.dtype  # of the KV cache
+    rope: bool  # False: ALiBi (no rotary embedding)
+
+
+@dataclass
+class StepBatch:
+    """One step's batch: the fields of vLLM's CommonAttentionMetadata the paths read."""
+
+    num_tokens: int  # tokens with a query this step (the tensors may be padded past it)
+    num_reqs: int
+    query_start_loc: torch.Tensor  # [num_reqs + 1] int32, on the device
+    query_start_loc_cpu: torch.Tensor  # the same, on the host
+    seq_lens: torch.Tensor  # [num_reqs] int32: tokens computed after the step, on the device
+    block_table: torch.Tensor  # [num_reqs, max_blocks] int32
+    slot_mapping: torch.Tensor  # [>= num_tokens] flat cache slot of each token (< 0: padding)
+    max_query_len: int
+    max_seq_len: int
+
+    def requests(self) -> list[tuple[int, int, int, int]]:
+        """(request, first token, query count, seq_len after the step) per request: host work."""
+        starts = self.query_start_loc_cpu[: self.num_reqs + 1].tolist()
+        lens = self.seq_lens[: self.num_reqs].cpu().tolist()
+        return [(r, starts[r], starts[r + 1] - starts[r], lens[r]) for r in range(self.num_reqs)]
+
+
+@dataclass
+class LayerMath:
+    """What one attention layer adds to the step's plan."""
+
+    scale: float
+    rotary: RotarySpec | None  # None for ALiBi models
+    alibi: torch.Tensor | None  # [H] slopes of the bias -m * d
+    inv_freq: torch.Tensor | None = None  # rotary.inv_freq (float64) on the query's device
