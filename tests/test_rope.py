@@ -1,8 +1,11 @@
-"""rope.rotate on its own: broadcasting one angle per (query, key) pair."""
+"""rope.rotate on its own, and the RoPE table the engine really uses against an independent computation."""
+
+import math
 
 import pytest
 import torch
 
+from conftest import TABLE
 from lminf_vllm.rope import RotarySpec, cos_sin, default_inv_freq, rotate
 
 
@@ -21,3 +24,38 @@ def test_partial_rotary_broadcasts_like_full_loop(neox):
         for k in range(3):
             torch.testing.assert_close(out[t, k], rotate(x[t, 0], cos[t, k], sin[t, k], spec))
     torch.testing.assert_close(out[..., rot:], x[..., rot:].expand(3, 3, D - rot))
+
+
+def rope_rows_by_hand(positions, inv_freq, scaling=1.0) -> torch.Tensor:
+    """[len(positions), 2F] cat(cos, sin) * scaling, element by element with Python's math in float64."""
+    freqs = [float(f) for f in inv_freq]
+    rows = [[math.cos(p * f) * scaling for f in freqs] + [math.sin(p * f) * scaling for f in freqs] for p in positions]
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def sample_positions(table: int, rows: int, count: int = 48) -> list[int]:
+    """Both edges of the stock table, the last row, and random positions past the table."""
+    g = torch.Generator().manual_seed(7)
+    picked = torch.randint(table, rows, (count,), generator=g).tolist()
+    return sorted({0, 1, table - 1, table, table + 1, rows - 1, *picked})
+
+
+def test_engine_rope_table_equals_an_independent_computation(tiny_llama):
+    """The table the engine's model really uses, against cos/sin worked out here from
+    the model's base and head size (nothing from lminf_vllm.rope)."""
+    from engine import engine, lminf_options, worker_model
+
+    base, dim, rows = 10000.0, 32, 50_000  # the tiny model's rope_theta and head size; rows = max_model_len
+    with engine(tiny_llama, lminf=lminf_options(4, 64), max_model_len=rows) as llm:
+        table = worker_model(llm).model.layers[0].self_attn.rotary_emb.cos_sin_cache.double()
+    assert table.shape == (rows, dim)
+    # the model's own inverse frequencies, formed in float32 as transformers and vLLM do
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    positions = sample_positions(TABLE, rows)
+    expected = rope_rows_by_hand(positions, inv_freq)
+    got = table[positions]
+    tail = torch.tensor(positions) >= TABLE
+    # past the stock table: float64 angles then a cast, so float32 rounding only, even at 5e4
+    torch.testing.assert_close(got[tail], expected[tail], atol=1e-6, rtol=0)
+    # the stock rows (vLLM's float32 angles) agree to that arithmetic's own error
+    torch.testing.assert_close(got[~tail], expected[~tail], atol=1e-5, rtol=0)
