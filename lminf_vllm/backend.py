@@ -25,8 +25,8 @@ from vllm.v1.attention.backend import (
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
 from lminf_vllm import paths
+from lminf_vllm.model_support import check_layer_supported, uses_alibi
 from lminf_vllm.step import EngineShape, LayerMath, StepBatch
-from lminf_vllm.model_support import uses_alibi
 from lminf_vllm.vllm_config import lminf_config_from_vllm
 
 _CG_SUPPORT = {"never": AttentionCGSupport.NEVER, "uniform_decode": AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE}
@@ -94,33 +94,15 @@ class LminfAttentionImpl(AttentionImpl[LminfMetadata]):
     def __init__(self, num_heads, head_size, scale, num_kv_heads=None, alibi_slopes=None, sliding_window=None,
                  kv_cache_dtype="auto", logits_soft_cap=None, attn_type=AttentionType.DECODER,
                  kv_sharing_target_layer_name=None, sinks=None) -> None:  # fmt: skip
-        unsupported = {
-            "sliding_window": sliding_window is not None,
-            "logits_soft_cap": bool(logits_soft_cap),
-            "attention sinks": sinks is not None,
-            f"attn_type={attn_type}": attn_type != AttentionType.DECODER,
-            "kv_sharing_target_layer_name": kv_sharing_target_layer_name is not None,
-        }
-        bad = [name for name, present in unsupported.items() if present]
-        if bad:
-            raise ValueError(f"lminf attention does not support this layer's {', '.join(bad)}")
+        check_layer_supported(sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, sinks=sinks,
+                              attn_type=attn_type, decoder=AttentionType.DECODER,
+                              kv_sharing_target_layer_name=kv_sharing_target_layer_name)  # fmt: skip
         self.num_heads, self.head_size, self.scale = num_heads, head_size, float(scale)
         self.num_kv_heads = num_kv_heads or num_heads
         self.cfg = lminf_config_from_vllm(get_current_vllm_config())  # the KV spec patch reads it
-        # Set after the model is built (patch_model_loader_base_loader): this layer's RoPE.
-        self.rotary = None
-        self.alibi = None if alibi_slopes is None else torch.tensor(alibi_slopes, dtype=torch.float32)
+        self.rotary = None  # this layer's RoPE, bound after loading (patch_model_loader_base_loader)
+        self.alibi_slopes = alibi_slopes
         self._math: LayerMath | None = None
-
-    def _layer_math(self, device: torch.device) -> LayerMath:
-        if self._math is None:  # once, on the first real step (before any CUDA graph capture)
-            if self.rotary is None and self.alibi is None:
-                raise RuntimeError("lminf attention layer was never bound to its rotary embedding; "
-                                   "the model loader patch did not run")  # fmt: skip
-            inv_freq = None if self.rotary is None else self.rotary.inv_freq.to(device, torch.float64)
-            alibi = None if self.alibi is None else self.alibi.to(device)
-            self._math = LayerMath(self.scale, self.rotary, alibi, inv_freq)
-        return self._math
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata: LminfMetadata | None, output,
                 output_scale=None, output_block_scale=None) -> torch.Tensor:  # fmt: skip
@@ -129,6 +111,7 @@ class LminfAttentionImpl(AttentionImpl[LminfMetadata]):
             raise NotImplementedError("lminf attention has no fused output quantization")
         if attn_metadata is None:  # profiling / warm-up run
             return output
-        md = attn_metadata
-        md.path.run(md.plan, self._layer_math(query.device), query, key, value, kv_cache, output)
+        if self._math is None:  # once, on the first real step (before any CUDA graph capture)
+            self._math = LayerMath.on_device(self.scale, self.rotary, self.alibi_slopes, query.device)
+        attn_metadata.path.run(attn_metadata.plan, self._math, query, key, value, kv_cache, output)
         return output

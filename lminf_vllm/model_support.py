@@ -102,3 +102,17 @@ def check_model_supported(hf_config: Any) -> None:
             "full-width rotary embeddings are supported for "
             f"{archs} (partial: {', '.join(PARTIAL_ROTARY_ARCHITECTURES)})"
         )
+
+
+def check_layer_supported(*, sliding_window, logits_soft_cap, sinks, attn_type, decoder, kv_sharing_target_layer_name):
+    """Attention-layer features lminf does not implement: refused when the model is built."""
+    unsupported = {
+        "sliding_window": sliding_window is not None,
+        "logits_soft_cap": bool(logits_soft_cap),
+        "attention sinks": sinks is not None,
+        f"attn_type={attn_type}": attn_type != decoder,
+        "kv_sharing_target_layer_name": kv_sharing_target_layer_name is not None,
+    }
+    bad = [name for name, present in unsupported.items() if present]
+    if bad:
+        raise ValueError(f"lminf attention does not support this layer's {', '.join(bad)}")

@@ -153,7 +153,7 @@ def bind_rotary(model, max_model_len: int) -> int:
     missing = [
         name
         for name, m in model.named_modules()
-        if isinstance(m, Attention) and isinstance(m.impl, LminfAttentionImpl) and m.impl.rotary is None and m.impl.alibi is None
+        if isinstance(m, Attention) and isinstance(m.impl, LminfAttentionImpl) and m.impl.rotary is None and m.impl.alibi_slopes is None
     ]
     if missing:
         raise ValueError(
@@ -179,7 +179,7 @@ def bind_transformers_rotary(model) -> int:
     unbound = [
         m
         for m in model.modules()
-        if isinstance(m, Attention) and isinstance(m.impl, LminfAttentionImpl) and m.impl.rotary is None and m.impl.alibi is None
+        if isinstance(m, Attention) and isinstance(m.impl, LminfAttentionImpl) and m.impl.rotary is None and m.impl.alibi_slopes is None
     ]
     ropes = [
         m
