@@ -61,7 +61,8 @@ def vllm_default_max_model_len(hf_config: Any) -> DerivedLength:
     stock vLLM would stop. Mirrors `_get_and_verify_max_len` with
     max_model_len=None for a generative model (the tokenizer and encoder
     lengths it also consults belong to pooling and encoder models; a model with
-    its own sliding window is refused by lminf). tests/test_config.py holds this
+    its own sliding window is refused by lminf; the architectures lminf serves
+    use vLLM's base config convertor). tests/test_config.py holds this
     against vLLM's own function. One difference: where the config names no
     length at all vLLM assumes 2048, which nobody has checked the model against,
     so lminf asks for distance_cap instead.
