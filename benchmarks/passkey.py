@@ -29,6 +29,9 @@ INTRO = (
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.\n"
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key.\n"
 QUESTION = "What is the pass key? The pass key is"
+# The text is the constants above (the paper's synthetic filler), not a corpus
+# file, so the prompts are pinned by this source; results name it.
+CORPUS = "passkey filler: INTRO, FILLER, NEEDLE, QUESTION in benchmarks/passkey.py"
 
 
 def build_prompt(tok, n_tokens: int, depth: float, key: int) -> list[int]:
@@ -105,6 +108,7 @@ def main(argv=None):
         }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     doc = {"model": model.name, "training_length": L, "lminf": {k: v for k, v in engine_kw.items() if k != "kv_cache_bytes"},
+           "corpus": CORPUS,
            "command": "python benchmarks/passkey.py " + " ".join(sys.argv[1:] if argv is None else argv),
            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "results": results}  # fmt: skip
     args.out.write_text(json.dumps(doc, indent=2) + "\n")

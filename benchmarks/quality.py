@@ -136,7 +136,7 @@ def smoothed_curve(nll: torch.Tensor, bins: int = 48) -> tuple[list[int], list[f
 
 
 def load_documents(model: Path, count: int, n_tokens: int) -> list[tuple[str, list[int]]]:
-    """The longest held-out stdlib files, cut to n_tokens tokens of the model's tokenizer."""
+    """The longest documents of the pinned held-out sample, cut to n_tokens tokens of the model's tokenizer."""
     if model.resolve() == TINY_MODEL.resolve():
         encode = corpus.encode
     else:
@@ -146,7 +146,7 @@ def load_documents(model: Path, count: int, n_tokens: int) -> list[tuple[str, li
         encode = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     docs = corpus.held_out_documents(n_tokens, encode)[:count]
     if len(docs) < count:
-        raise SystemExit(f"only {len(docs)} held-out documents have {n_tokens} tokens; ask for fewer or shorter")
+        raise SystemExit(f"only {len(docs)} pinned documents have {n_tokens} tokens; ask for fewer or shorter")
     return [(name, ids[:n_tokens]) for name, ids in docs]
 
 
@@ -156,7 +156,7 @@ def run(model: Path, lengths: list[int], modes: list[str], docs: int, **engine_k
     lengths = sorted(lengths)
     documents = load_documents(model, docs, lengths[-1])
     result = {"model": model.name, "training_length": training_length(model), "lengths": lengths,
-              "documents": [name for name, _ in documents], "modes": {}}  # fmt: skip
+              "corpus": corpus.corpus_info(), "documents": [name for name, _ in documents], "modes": {}}  # fmt: skip
     for mode in tqdm(modes, desc=f"modes ({docs} docs x {lengths[-1]} tokens)", file=sys.stderr):
         nll = token_nll(model, mode, [ids for _, ids in documents], **engine_kw)
         pos, val = smoothed_curve(nll)
@@ -202,7 +202,7 @@ def parse_args(argv=None):
     p.add_argument("--model", default="tiny", help="'tiny' (benchmarks/models/tiny-rope-L256), 'smollm2', or an HF directory")
     p.add_argument("--lengths", type=int, nargs="+", help="sequence lengths in tokens (default: 1x..32x the training length)")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    p.add_argument("--docs", type=int, default=4, help="held-out documents averaged per length")
+    p.add_argument("--docs", type=int, default=4, help="pinned held-out documents averaged per length (4 at most)")
     p.add_argument("--global-tokens", type=int, default=10, help="G for lminf and nocap")
     p.add_argument("--local-tokens", type=int, help="W (default: the training length)")
     p.add_argument("--distance-cap", type=int, help="C (default: the training length)")

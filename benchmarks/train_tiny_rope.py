@@ -7,7 +7,11 @@ Llama-2, it fails past its training length under stock attention: that failure
 is what benchmarks/quality.py shows LM-Infinite removing.
 
 Held-out documents (never trained on) are the stdlib modules that
-`corpus.is_held_out` picks by a hash of their path; the benchmark reads those.
+`corpus.is_held_out` picks by a hash of their path. The benchmark reads the
+longest of them from a pinned copy (benchmarks/data/cpython-3.11.7-heldout/),
+so its numbers stay put; the training text is whatever standard library runs
+this script (the shipped model was trained under CPython 3.11.7, and
+training.json records the version).
 
     python benchmarks/train_tiny_rope.py --minutes 20
 """
@@ -76,6 +80,9 @@ def main() -> None:
     args = ap.parse_args()
 
     torch.manual_seed(args.seed)
+    python = sys.version.split()[0]
+    if python != corpus.PINNED_PYTHON:
+        print(f"note: training on the CPython {python} standard library; the shipped model saw {corpus.PINNED_PYTHON}'s")
     train_docs, held_docs = corpus.split_documents()
     train = corpus.encode_concat(train_docs)
     held = corpus.encode_concat(held_docs)
@@ -145,7 +152,8 @@ useful language model: a test subject for `benchmarks/quality.py`.
 - Training length (the RoPE table, `max_position_embeddings`): {s['context']} tokens.
 - Data: the CPython {s['python']} standard library `.py` sources ({s['train_files']} files,
   {s['train_bytes']:,} bytes), minus {s['held_out_files']} held-out modules picked by a hash of their path
-  (`benchmarks/corpus.py`), which the quality benchmark reads.
+  (`benchmarks/corpus.py`); the quality benchmark reads the longest of them, pinned in
+  `benchmarks/data/cpython-3.11.7-heldout/`.
 - Training: {s['steps']} steps of {s['batch']} x {s['context']} bytes ({s['tokens_seen']:,} bytes seen), AdamW,
   lr 3e-3 with warm-up and cosine decay, {s['minutes']} minutes on 2 CPU cores (torch {s['torch']}).
 - Loss: train {s['train_loss']:.3f}, held out {s['held_out_loss']:.3f} nats per byte at length {s['context']}.

@@ -1,11 +1,13 @@
 """Length generalization through the real engine, on the committed tiny RoPE model.
 
-A fast version of `python benchmarks/quality.py`: two held-out documents of
-4,096 bytes (16x the model's 256-token training length), stock attention vs
+A fast version of `python benchmarks/quality.py`: two held-out documents (of
+the pinned sample in benchmarks/data/, so the numbers do not move with the
+Python that runs them) of 4,096 bytes (16x the model's 256-token training length), stock attention vs
 LM-Infinite with and without the distance cap. "1x" is the model on the same
 tokens with at most its training length of context (the segments mode).
 """
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import pytest
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
+import corpus  # noqa: E402
 import quality  # noqa: E402
 
 L = 256
@@ -27,6 +30,24 @@ def tiny_rope_result():
         quality.TINY_MODEL, LENGTHS, ["segments", "stock", "lminf", "nocap"], docs=2,
         global_tokens=10, local_tokens=L, distance_cap=L, kv_cache_bytes=256 << 20,
     )  # fmt: skip
+
+
+def test_the_result_names_the_pinned_documents_it_read(tiny_rope_result):
+    assert tiny_rope_result["corpus"]["name"] == "cpython-3.11.7-heldout"
+    assert tiny_rope_result["documents"] == ["pydoc.py", "doctest.py"]  # the two longest
+    assert set(tiny_rope_result["documents"]) <= set(tiny_rope_result["corpus"]["sha256"])
+
+
+def test_the_pinned_sample_is_held_out_and_checked(tmp_path, monkeypatch):
+    docs = corpus.pinned_documents()
+    assert len(docs) == 4 and all(corpus.is_held_out(name) for name, _ in docs)  # never trained on
+    assert "class HTTPServer(socketserver.TCPServer)" in dict(docs)["http/server.py"]
+    copy = tmp_path / corpus.PINNED.name
+    shutil.copytree(corpus.PINNED, copy)
+    (copy / "pydoc.py.txt").write_text((copy / "pydoc.py.txt").read_text().replace("def ", "def  ", 1))
+    monkeypatch.setattr(corpus, "PINNED", copy)
+    with pytest.raises(RuntimeError, match="pydoc.py.txt changed"):
+        corpus.pinned_documents()
 
 
 def test_stock_attention_collapses_past_the_training_length(tiny_rope_result):
