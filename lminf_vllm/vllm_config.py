@@ -1,5 +1,6 @@
 """Reading lminf's settings out of a vLLM config (front-end and workers alike)."""
 
+import dataclasses
 from typing import Any
 
 from lminf_vllm.config import CONFIG_KEY, LminfConfig, LminfConfigError, parse_lminf_config
@@ -67,10 +68,24 @@ def check_engine_supported(vllm_config: Any) -> None:
         )
 
 
+# Where the engine's resolved (G, W, C) travel with its config, to the engine
+# core and every worker: the settings are parsed and checked once per engine.
+RESOLVED_KEY = "lminf_resolved"
+
+
 def lminf_config_from_vllm(vllm_config: Any) -> LminfConfig:
-    """The validated (G, W, C) of this engine; raises LminfConfigError with the rule."""
-    hf_config = vllm_config.model_config.hf_text_config
+    """The validated (G, W, C) of this engine; raises LminfConfigError with the rule.
+
+    The first call (VllmConfig.__post_init__, patch_config_vllm) checks the model
+    and engine and parses the user's settings; it records the result in a copy
+    of additional_config, so that every later call (the KV spec, the metadata
+    builder, each layer, in any process) reads it back instead."""
+    additional = vllm_config.additional_config if isinstance(vllm_config.additional_config, dict) else {}
+    if RESOLVED_KEY in additional:
+        return LminfConfig(**additional[RESOLVED_KEY])
     check_model_supported(vllm_config.model_config.hf_config)
     check_engine_supported(vllm_config)
-    additional = vllm_config.additional_config or {}
-    return parse_lminf_config(additional.get(CONFIG_KEY), hf_config)
+    cfg = parse_lminf_config(additional.get(CONFIG_KEY), vllm_config.model_config.hf_text_config)
+    if isinstance(vllm_config.additional_config, dict):  # a copy: the user's dict may serve other engines
+        vllm_config.additional_config = {**additional, RESOLVED_KEY: dataclasses.asdict(cfg)}
+    return cfg

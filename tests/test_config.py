@@ -143,3 +143,23 @@ def test_models_lminf_cannot_serve_are_refused(config, message):
 
 def test_qwen2_with_window_switched_off_is_accepted():
     check_model_supported(hf(architectures=["Qwen2ForCausalLM"], sliding_window=4096, use_sliding_window=False))
+
+
+def test_the_engine_parses_its_settings_once_and_hands_them_down(tiny_llama, monkeypatch):
+    """VllmConfig's post-init parses once; later readers (KV spec, builder, layers,
+    other processes through the pickled config) get the recorded result."""
+    import pickle
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    import lminf_vllm.vllm_config as vc
+
+    user = {"lminf": {"global_tokens": 4}}
+    args = EngineArgs(model=str(tiny_llama), attention_backend="lminf", additional_config=user,
+                      max_model_len=1024, enforce_eager=True)  # fmt: skip
+    config = args.create_engine_config()
+    assert user == {"lminf": {"global_tokens": 4}}  # the user's dict is not written to
+    monkeypatch.setattr(vc, "parse_lminf_config", lambda *a: pytest.fail("parsed a second time"))
+    expected = LminfConfig(4, 128, 128)
+    assert vc.lminf_config_from_vllm(config) == expected
+    assert vc.lminf_config_from_vllm(pickle.loads(pickle.dumps(config))) == expected
