@@ -44,6 +44,7 @@ def check_engine_supported(vllm_config: Any) -> None:
     for name in ("decode_context_parallel_size", "prefill_context_parallel_size"):
         if getattr(parallel, name, 1) not in (None, 1):
             raise LminfConfigError(f"{name}={getattr(parallel, name)} is not supported by lminf: it must be 1")
+    _check_parallel_on_cpu(parallel)
     # LminfSpec is a SlidingWindowSpec to vLLM: a feature that reads the spec
     # (or drafts past the window) would see the window without the global blocks.
     if getattr(vllm_config, "speculative_config", None) is not None:
@@ -71,6 +72,27 @@ def check_engine_supported(vllm_config: Any) -> None:
 # Where the engine's resolved (G, W, C) travel with its config, to the engine
 # core and every worker: the settings are parsed and checked once per engine.
 RESOLVED_KEY = "lminf_resolved"
+
+
+def _check_parallel_on_cpu(parallel: Any) -> None:
+    """What vLLM's CPU path cannot run with lminf, refused before any worker starts."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    if parallel.pipeline_parallel_size > 1:
+        raise LminfConfigError(
+            f"pipeline_parallel_size={parallel.pipeline_parallel_size} is not supported by lminf on CPU: "
+            "vLLM's CPU model runner gives later pipeline stages no intermediate tensors "
+            "(their first step fails, with any backend); use tensor_parallel_size"
+        )
+    import vllm.envs as envs
+
+    if parallel.distributed_executor_backend == "ray" and not envs.VLLM_USE_RAY_V2_EXECUTOR_BACKEND:
+        raise LminfConfigError(
+            "distributed_executor_backend='ray' with VLLM_USE_RAY_V2_EXECUTOR_BACKEND=0 is not supported "
+            "by lminf on CPU: vLLM's older Ray executor cannot start CPU workers (unset the variable)"
+        )
 
 
 def lminf_config_from_vllm(vllm_config: Any) -> LminfConfig:

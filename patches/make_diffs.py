@@ -58,6 +58,37 @@ def register_backend_alias(alias: str, backend: AttentionBackendEnum) -> None:
         if selected_backend and selected_backend != AttentionBackendEnum.CPU_ATTN:
             logger.info("Cannot use %s backend on CPU.", selected_backend)
 ''',
+    ), (
+        "platforms/cpu.py",
+        '''    dispatch_key: str = "CPU"
+    dist_backend: str = "gloo"
+''',
+        '''    dispatch_key: str = "CPU"
+    # Ray's own name for a CPU: each Ray worker's placement-group bundle holds one.
+    ray_device_key: str = "CPU"
+    dist_backend: str = "gloo"
+''',
+    )],
+    "patch_executor_ray_executor_v2": [(
+        "v1/executor/ray_executor_v2.py",
+        '''        if device_key == "GPU":
+            return {"num_gpus": num_devices}
+''',
+        '''        if device_key == "GPU":
+            return {"num_gpus": num_devices}
+        if device_key == "CPU":
+            # The placement-group bundle holds the CPU; Ray refuses "CPU" in
+            # resources (num_cpus is given by the caller).
+            return {"num_gpus": 0}
+''',
+    ), (
+        "v1/executor/ray_executor_v2.py",
+        '''        physical_gpu_ids = ray.get_runtime_context().get_accelerator_ids()[device_key]
+''',
+        '''        if device_key == "CPU":
+            return node_id, []  # a CPU worker binds no device
+        physical_gpu_ids = ray.get_runtime_context().get_accelerator_ids()[device_key]
+''',
     )],
     "patch_attention_layer": [(
         "model_executor/layers/attention/attention.py",
