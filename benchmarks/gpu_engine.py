@@ -410,7 +410,10 @@ def environment(results: Results, mode: str) -> None:
 
     from lminf_vllm.versions import installed_vllm_version
 
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU dry run)"
+    if torch.cuda.is_available():
+        gpu = torch.cuda.get_device_name(0)
+    else:
+        gpu = "none (CPU dry run)" if mode == "dry" else "none: no CUDA device found"
 
     def put(d):
         d.update(vllm_version=installed_vllm_version(), gpu=gpu, torch=torch.__version__, dry_run=mode == "dry")
