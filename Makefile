@@ -4,6 +4,8 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 CACHE  ?= $(HOME)/.cache/lminf-vllm
 MODEL  ?= $(CACHE)/SmolLM2-135M-Instruct
+# The name clients send as "model" (not the cache path).
+MODEL_NAME ?= $(notdir $(MODEL))
 PORT   ?= 8000
 HOST   ?= 127.0.0.1
 # Serving defaults for a CPU machine; override on the command line.
@@ -38,7 +40,7 @@ model: $(STAMP)
 
 serve: setup
 	VLLM_CPU_KVCACHE_SPACE=$(KV_CACHE_GIB) $(BIN)/vllm serve $(MODEL) \
-		--attention-backend lminf --additional-config '$(LMINF_CONFIG)' \
+		--served-model-name $(MODEL_NAME) --attention-backend lminf --additional-config '$(LMINF_CONFIG)' \
 		--max-model-len $(MAX_MODEL_LEN) --host $(HOST) --port $(PORT) $(SERVE_ARGS)
 
 test: setup
