@@ -157,9 +157,9 @@ def register_backend_alias(alias: str, backend: AttentionBackendEnum) -> None:
         "config/model.py",
         '''            if envs.VLLM_ALLOW_LONG_MAX_MODEL_LEN:
 ''',
-        '''            if envs.VLLM_ALLOW_LONG_MAX_MODEL_LEN or getattr(
-                hf_config, "attention_extends_positions", False
-            ):
+        '''            if getattr(hf_config, "attention_extends_positions", False):
+                pass  # the attention backend caps distances: nothing runs off the table
+            elif envs.VLLM_ALLOW_LONG_MAX_MODEL_LEN:
 ''',
     )],
     "patch_config_vllm": [(

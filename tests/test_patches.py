@@ -123,7 +123,7 @@ def test_version_guard_message(monkeypatch):
     import lminf_vllm.versions as versions
 
     monkeypatch.setattr(versions, "installed_vllm_version", lambda: "0.29.0")
-    with pytest.raises(UnsupportedVllmVersion, match=r"supports vLLM 0.32.x, 0.33.x; the installed vLLM is 0.29.0"):
+    with pytest.raises(UnsupportedVllmVersion, match=r"supports vLLM 0.26.x, 0.32.x, 0.33.x; the installed vLLM is 0.29.0"):
         versions.check_vllm_version()
 
 

@@ -183,3 +183,22 @@ def test_kv_events_switched_off_are_accepted(tiny_llama):
     with engine(tiny_llama, lminf=lminf_options(4, 64), max_model_len=256,
                 kv_events_config={"enable_kv_cache_events": False}) as llm:  # fmt: skip
         assert llm.generate([{"prompt_token_ids": [1, 2, 3]}], use_tqdm=False)[0].outputs[0].token_ids
+
+
+def test_long_max_model_len_gets_lminfs_explanation_not_vllms_nan_warning(tiny_llama):
+    """vLLM warns that positions past the table 'lead to nan' (stock RoPE); under
+    lminf that is untrue, so the plugin says why the length is fine instead."""
+    import logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("vllm").addHandler(handler)
+    try:
+        with engine(tiny_llama, lminf=lminf_options(global_tokens=4), max_model_len=4096):
+            pass
+    finally:
+        logging.getLogger("vllm").removeHandler(handler)
+    messages = [r.getMessage() for r in records]
+    assert not any("VLLM_ALLOW_LONG_MAX_MODEL_LEN must be used" in m for m in messages)
+    assert any(m.startswith("max_model_len=4096 is past the model's own positions: fine with lminf") for m in messages)

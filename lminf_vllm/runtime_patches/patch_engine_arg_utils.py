@@ -9,11 +9,16 @@ How: when the engine args select lminf, build the model config while
     `vllm.config.model` sees that variable as set: its `envs` name points to a
     view of `vllm.envs` that answers True for it, for the duration of the call
     only (setting os.environ would not do: vLLM caches its envs after the first
-    engine starts). The stock backend keeps vLLM's check unchanged.
+    engine starts). vLLM then warns that positions past the table "lead to
+    nan", which lminf's capped distances and exact table make untrue: that
+    one warning is held back during the call and one lminf line says why the
+    length is fine. The stock backend keeps vLLM's check unchanged.
 Upstream: a backend capability ("supports positions past the model's table")
     consulted by `_get_and_verify_max_len`.
 Remove when: vLLM asks the attention backend before refusing long lengths.
 """
+
+import logging
 
 from lminf_vllm.runtime_patches._util import is_patched, replace_attr
 from lminf_vllm.versions import SUPPORTED_VLLM_SERIES
@@ -44,6 +49,22 @@ class _AllowLongMaxModelLen:
         return True if name == _ENV else getattr(self._envs, name)
 
 
+class _HoldBackLongLengthWarning(logging.Filter):
+    """Drops vLLM's warning about positions past the table (true of stock RoPE, not of lminf)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return _ENV not in record.getMessage()
+
+
+def _past_the_table(model_config) -> bool:
+    from lminf_vllm.config import LminfConfigError, vllm_default_max_model_len
+
+    try:
+        return model_config.max_model_len > vllm_default_max_model_len(model_config.hf_text_config).value
+    except LminfConfigError:  # no length in the config (ALiBi): nothing to explain
+        return False
+
+
 def apply() -> bool:
     from vllm.config import model as model_config_module
     from vllm.engine.arg_utils import EngineArgs
@@ -52,12 +73,21 @@ def apply() -> bool:
         def create_model_config(self):
             if not _requests_lminf(self):
                 return original(self)
-            envs = model_config_module.envs
+            envs, quiet = model_config_module.envs, _HoldBackLongLengthWarning()
             model_config_module.envs = _AllowLongMaxModelLen(envs)
+            model_config_module.logger.addFilter(quiet)
             try:
-                return original(self)
+                config = original(self)
             finally:
                 model_config_module.envs = envs
+                model_config_module.logger.removeFilter(quiet)
+            if _past_the_table(config):
+                logging.getLogger("vllm.lminf").info(
+                    "max_model_len=%s is past the model's own positions: fine with lminf, which shows "
+                    "the model no distance beyond distance_cap and extends RoPE exactly (vLLM's warning "
+                    "about NaN past the table is about stock attention)", config.max_model_len,
+                )  # fmt: skip
+            return config
 
         return create_model_config
 
