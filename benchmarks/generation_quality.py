@@ -35,6 +35,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import corpus  # noqa: E402
 from quality import engine_options, load_documents, resolve_model, training_length  # noqa: E402
 
 MODES = ("1x", "stock", "window", "lminf", "nocap")
@@ -144,6 +145,22 @@ def pooled(result: dict, mode: str, setting: str, lengths: list[int]) -> dict:
     return score(hyps, refs)
 
 
+def summarize(result: dict) -> dict:
+    """Pooled scores per mode and setting past the training length: over the
+    lengths >= 4x where the run has any (the paper's regime), else over those > 1x."""
+    L, lengths = result["training_length"], result["lengths"]
+    past = [n for n in lengths if n >= 4 * L] or [n for n in lengths if n > L]
+    if not past:
+        return {}
+    out = {"lengths": past, "modes": {}}
+    for mode, per_setting in result["modes"].items():
+        out["modes"][mode] = {}
+        for s in per_setting:
+            p = pooled(result, mode, s, past)
+            out["modes"][mode][s] = {k: v for k, v in p.items() if k != "sentence_bleu"}
+    return out
+
+
 def tokenizer_decode(model: Path):
     from transformers import AutoTokenizer
 
@@ -165,7 +182,7 @@ def run(model: Path, lengths: list[int], modes: list[str], docs: int, *, setting
     references = [decode(c["reference"]) for c in cases]
     result = {
         "model": model.name, "training_length": L, "lengths": lengths, "new_tokens": new_tokens,
-        "documents": [name for name, _ in documents], "settings": list(settings),
+        "corpus": corpus.corpus_info(), "documents": [name for name, _ in documents], "settings": list(settings),
         "sampling": {"temperature": temperature, "top_p": top_p, "seed": seed},
         "references": {f"{c['doc']}@{c['n']}": r for c, r in zip(cases, references)}, "modes": {},
     }  # fmt: skip
@@ -184,6 +201,7 @@ def run(model: Path, lengths: list[int], modes: list[str], docs: int, *, setting
                 per_n[n]["texts"] = [texts[i] for i in idx]
             per_setting[s] = per_n
         result["modes"][mode] = per_setting
+    result["pooled"] = summarize(result)
     return result
 
 

@@ -241,6 +241,51 @@ def gen_passkey(doc):
         doc.source(rel, p["command"])])
 
 
+# --- generation quality (BLEU / ROUGE-L) --------------------------------------
+
+GEN_MODE_NAMES = {"1x": "1x: stock on the last L-T tokens only", **{k: v for k, v in MODE_NAMES.items() if k != "segments"}}
+
+
+def generation_block(doc: Doc, rel: str, image_alt: str) -> str:
+    g = load(rel)
+    L, lengths = g["training_length"], g["lengths"]
+    parts = []
+    for s in g["settings"]:
+        header = [f"{s}: BLEU / ROUGE-L recall"] + [f"{n} ({n / L:g}x)" for n in lengths]
+        rows = [[GEN_MODE_NAMES[m]] + [f"{num(r[s][str(n)]['bleu'])} / {num(r[s][str(n)]['rouge_l_recall'])}"
+                                       for n in lengths] for m, r in g["modes"].items()]
+        parts.append(table(header, rows))
+    pooled = g.get("pooled")
+    if pooled:
+        base = pooled["modes"].get("1x")
+        header = ["pooled over " + ", ".join(f"{n / L:g}x" for n in pooled["lengths"])]
+        for s in g["settings"]:
+            header += [f"{s} BLEU", f"{s} ROUGE-L"] + ([f"{s} ROUGE-L / 1x"] if base else [])
+        rows = []
+        for m, per in pooled["modes"].items():
+            row = [GEN_MODE_NAMES[m]]
+            for s in g["settings"]:
+                row += [num(per[s]["bleu"], 2), num(per[s]["rouge_l_recall"], 2)]
+                if base:
+                    row.append(ratio(per[s]["rouge_l_recall"] / base[s]["rouge_l_recall"]))
+            rows.append(row)
+        parts.append(table(header, rows))
+    a, sm = g["lminf"], g["sampling"]
+    parts.append(f"{g['new_tokens']} tokens generated after each prefix and scored against the document's next "
+                 f"{g['new_tokens']} (corpus BLEU of sacreBLEU over the documents; ROUGE-L recall of rouge-score, "
+                 f"mean over the documents); {len(g['documents'])} held-out documents ({', '.join(g['documents'])}); "
+                 f"{g['model']}, trained to {L} tokens; lminf {lminf_settings(a)}; sampled: temperature "
+                 f"{sm['temperature']}, top-p {sm['top_p']}, seed {sm['seed']} + prompt index; "
+                 f"{g['machine'].split(', Linux')[0]}.")
+    parts.append(doc.image(rel.replace(".json", ".png"), image_alt))
+    parts.append(doc.source(rel, g["command"]))
+    return "\n\n".join(parts)
+
+
+def gen_generation_tiny(doc):
+    return generation_block(doc, f"{RESULTS}/generation-tiny-rope-L256.json", "BLEU and ROUGE-L against prefix length, tiny-rope-L256")
+
+
 # --- CPU speed ---------------------------------------------------------------
 
 
@@ -514,6 +559,7 @@ GENERATORS = {
     "quality-smollm2-globals": gen_quality_smollm2_globals,
     "quality-smollm2-16k": gen_quality_smollm2_16k,
     "passkey": gen_passkey,
+    "generation-tiny": gen_generation_tiny,
     "throughput-cpu": gen_throughput_cpu,
     "throughput-smollm2": gen_throughput_smollm2,
     "cpu-prefill": gen_cpu_prefill,
