@@ -185,7 +185,7 @@ def test_kv_events_switched_off_are_accepted(tiny_llama):
         assert llm.generate([{"prompt_token_ids": [1, 2, 3]}], use_tqdm=False)[0].outputs[0].token_ids
 
 
-def test_long_max_model_len_gets_lminfs_explanation_not_vllms_nan_warning(tiny_llama):
+def test_start_up_log_explains_long_lengths_and_the_kv_bound_not_vllms_nan_warning(tiny_llama):
     """vLLM warns that positions past the table 'lead to nan' (stock RoPE); under
     lminf that is untrue, so the plugin says why the length is fine instead."""
     import logging
@@ -202,3 +202,6 @@ def test_long_max_model_len_gets_lminfs_explanation_not_vllms_nan_warning(tiny_l
     messages = [r.getMessage() for r in records]
     assert not any("VLLM_ALLOW_LONG_MAX_MODEL_LEN must be used" in m for m in messages)
     assert any(m.startswith("max_model_len=4096 is past the model's own positions: fine with lminf") for m in messages)
+    # and what a sequence holds: ceil(4/32) + ceil(128/32) + 1 = 6 blocks of 32 while decoding
+    assert any(m.startswith("lminf KV bound: a sequence of any length holds at most 6 blocks while decoding")
+               for m in messages), messages  # fmt: skip

@@ -22,6 +22,24 @@ VLLM_VERSIONS = SUPPORTED_VLLM_SERIES
 logger = logging.getLogger("vllm.lminf")  # under "vllm" so vLLM's log setup shows it
 
 
+def _kv_bound_line(config, cfg, block_size: int, max_blocks_per_sequence) -> str:
+    """What one sequence can hold, in blocks and bytes, and how to size the cache from it."""
+    model, parallel = config.model_config, config.parallel_config
+    chunk = config.scheduler_config.max_num_batched_tokens
+    decoding = max_blocks_per_sequence(cfg.global_tokens, cfg.local_tokens, block_size)
+    prefilling = max_blocks_per_sequence(cfg.global_tokens, cfg.local_tokens, block_size, in_flight_tokens=chunk)
+    itemsize = model.dtype.itemsize if config.cache_config.cache_dtype == "auto" else 1
+    block_bytes = (model.get_num_layers(parallel) * model.get_num_kv_heads(parallel) * 2 * model.get_head_size()
+                   * block_size * itemsize)  # fmt: skip
+    return (
+        f"lminf KV bound: a sequence of any length holds at most {decoding} blocks while decoding "
+        f"(ceil(G/B) + ceil(W/B) + 1) and {prefilling} with a {chunk}-token prefill chunk in flight, "
+        f"{prefilling * block_bytes / 2**20:.0f} MiB per rank; vLLM's 'Maximum concurrency' line counts requests "
+        f"at that bound. Size the cache as sequences x that (kv_cache_memory_bytes, or VLLM_CPU_KVCACHE_SPACE "
+        f"in GiB on CPU)"
+    )
+
+
 def apply() -> bool:
     from vllm.config.vllm import VllmConfig
 
@@ -40,18 +58,15 @@ def apply() -> bool:
                 raw = (self.additional_config or {}).get(CONFIG_KEY)
                 block_size = self.cache_config.block_size
                 logger.info(
-                    "lminf attention: %s block_size=%s max_model_len=%s; distance_cap %s; local_tokens %s; "
-                    "KV per sequence <= %s blocks while decoding (ceil(G/B) + ceil(W/B) + 1), plus the "
-                    "prefill chunk in flight",
+                    "lminf attention: %s block_size=%s max_model_len=%s; distance_cap %s; local_tokens %s",
                     cfg.describe(),
                     block_size,
                     self.model_config.max_model_len,
                     distance_cap_source(raw, self.model_config.hf_text_config),
                     "set" if isinstance(raw, dict) and "local_tokens" in raw else "defaults to distance_cap",
-                    max_blocks_per_sequence(cfg.global_tokens, cfg.local_tokens, block_size)
-                    if block_size
-                    else "?",
                 )
+                if block_size:
+                    logger.info("%s", _kv_bound_line(self, cfg, block_size, max_blocks_per_sequence))
             elif CONFIG_KEY in (self.additional_config or {}):
                 logger.warning(
                     "additional_config.lminf is set but the attention backend is not lminf; "
