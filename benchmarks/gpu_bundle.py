@@ -66,6 +66,11 @@ ROOTS = [
     "vllm.compilation.backends",
     "vllm.tokenizers.hf",
     "vllm.third_party.pynvml",  # how the CUDA platform is detected
+    # `vllm serve` (python -m vllm.entrypoints.cli.main serve ...)
+    "vllm.entrypoints.cli.main",
+    "vllm.entrypoints.cli.serve",
+    "vllm.entrypoints.openai.api_server",
+    "vllm.entrypoints.serve.instrumentator.metrics",
 ]
 
 # Import names of what the H200 image has: 28 of vLLM 0.26.0's 73 requirements
@@ -100,6 +105,8 @@ IMAGE_HAS = {
 #   partial-json-parser              vllm.tool_parsers <- vllm.entrypoints.pooling.offline <- vllm.entrypoints.llm
 #   xgrammar (+apache-tvm-ffi), llguidance   vllm.tool_parsers / vllm.v1.structured_output
 #   uvloop                           vllm.v1.utils <- vllm.v1.engine.llm_engine
+# and for `vllm serve`: uvicorn, click, watchfiles, model-hosting-container-standards
+# (+jmespath, httpx, httpcore), prometheus-fastapi-instrumentator.
 # Not needed (imported inside functions on paths this run does not take, or
 # behind try/except ImportError): blake3, setproctitle, depyf, compressed-tensors,
 # python-json-logger, ijson, watchfiles, lm-format-enforcer, outlines-core, lark,
@@ -112,6 +119,8 @@ DEPENDENCIES = [
     "oss-harmony==0.0.11", "partial-json-parser==0.2.1.1.post7", "pybase64==1.5.1", "pydantic==2.14.4",
     "pydantic-core==2.50.5", "pyzmq==27.3.0", "sniffio==1.3.1", "starlette==1.10.0", "truststore==0.10.5",
     "typing-extensions==4.16.0", "typing-inspection==0.4.5", "uvloop==0.23.0", "xgrammar==0.2.8",
+    "uvicorn==0.54.0", "click==8.5.1", "watchfiles==1.3.0", "model-hosting-container-standards==0.1.16",
+    "jmespath==1.1.0", "httpx==0.28.1", "httpcore==1.0.9", "prometheus-fastapi-instrumentator==8.1.0",
 ]  # fmt: skip
 
 # Wheel members left out: the kernels and front-ends an FA3 Llama run does not load.

