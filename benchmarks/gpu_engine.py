@@ -435,7 +435,7 @@ def _stretched_tiny(work: Path, table: int) -> Path:
 
 
 SECTIONS = {"exactness": exactness, "cuda_graphs": cuda_graphs, "serve": serve}
-OPTIONAL = {"serve": 120}  # run only when named in --only
+OPTIONAL = {"gpu": {"serve": 120}, "dry": {"serve": 300}}  # run only when named in --only
 
 
 def run_section(name: str, mode: str, work: Path, results: Results, budget: float) -> None:
@@ -493,7 +493,7 @@ def main(argv=None):
     results = Results(args.out)
     args.work.mkdir(parents=True, exist_ok=True)
     if args.section:
-        budget = args.budget or {**SIZES[mode]["budgets"], **OPTIONAL}[args.section]
+        budget = args.budget or {**SIZES[mode]["budgets"], **OPTIONAL[mode]}[args.section]
         run_section(args.section, mode, args.work, results, budget)
         return
     if args.out.exists() and not args.only:  # --only adds to an earlier run's file
@@ -503,7 +503,7 @@ def main(argv=None):
         environment(results, mode)
     except Exception:  # noqa: BLE001
         results.error("environment", traceback.format_exc(limit=4)[-2000:])
-    chosen = {**SIZES[mode]["budgets"], **{k: v for k, v in OPTIONAL.items() if k in (args.only or ())}}
+    chosen = {**SIZES[mode]["budgets"], **{k: v for k, v in OPTIONAL[mode].items() if k in (args.only or ())}}
     for name, budget in chosen.items():
         if args.only and name not in args.only:
             continue
