@@ -62,6 +62,12 @@ def _cases():
     cases["mixed-1177-B128"] = dict(
         cfg=CONFIGS["cap"], block_size=128, lengths=[1177, 300, 19, 1, 40], queries=[1, 77, 19, 1, 1]
     )
+    # Through the CUDA path's own plan and run (the backend's call): the step's keys
+    # written by the path without a host sync, padding tokens' slots of -1 included.
+    cases["path-mixed-cap-B16"] = dict(cfg=CONFIGS["cap"], block_size=16, via_path=True, **mixed)
+    cases["path-decode-G-not-block-multiple-B16"] = dict(
+        cfg=CONFIGS["G-not-block-multiple"], block_size=16, lengths=lengths, queries=[1] * len(lengths), via_path=True
+    )
     cases["mixed-split2-interleaved"] = dict(cfg=(5, 100, 150), block_size=16, neox=False, segments=2, **mixed)
     # GQA group sizes and RoPE pair layouts, full and partial rotary (head 80 pads to 128 lanes).
     layouts = [

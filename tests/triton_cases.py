@@ -32,7 +32,9 @@ import torch  # noqa: E402
 from lminf_vllm.config import LminfConfig  # noqa: E402
 from lminf_vllm.testing.reference import dense_lambda_attention  # noqa: E402
 from lminf_vllm.rope import RotarySpec, cos_sin, default_inv_freq, rotate  # noqa: E402
+from lminf_vllm.paths import triton as triton_path  # noqa: E402
 from lminf_vllm.paths.triton.kernels import triton_lambda_attention  # noqa: E402
+from lminf_vllm.step import EngineShape, LayerMath, StepBatch  # noqa: E402
 
 
 def make_request(n, H, Hkv, D, rotary, gen):
@@ -44,23 +46,29 @@ def make_request(n, H, Hkv, D, rotary, gen):
     return q0, k0, v, q, k
 
 
-def launch(cache, reqs, steps, cfg, rotary, dtype, H, D, padding, segments=None):
+def launch(cache, reqs, steps, cfg, rotary, dtype, H, D, padding, segments=None, via_path=False):
     """One kernel launch: request r has seq_len reqs[r]["n"] after the step and
-    steps[r] queries in it; its keys the step may read are written first."""
+    steps[r] queries in it; its keys the step may read are written first.
+    via_path: the step's own keys are not written here but handed, with the
+    padding tokens' slots of -1, to the CUDA path's plan and run (as the backend does)."""
     B = cache.shape[2]
     poison = cache.shape[0] - 1  # the all-NaN block freed table entries point to
     width = max(-(-r["n"] // B) for r in reqs) + 2
     table = torch.full((len(reqs) + 1, width), poison, dtype=torch.int32)
-    qs, starts, seq_lens = [], [0], []
+    qs, starts, seq_lens, step_kv, slots = [], [0], [], [], []
     for r, (req, q_len) in enumerate(zip(reqs, steps)):
         n = req["n"]
         first = n - q_len
         for p in range(n):  # the keys some query of this step sees
             if p < cfg.global_tokens or p >= first - cfg.local_tokens + 1:
                 blk, row = req["blocks"][p // B], p % B
+                table[r, p // B] = blk
+                if via_path and p >= first:
+                    step_kv.append((req["k"][p], req["v"][p]))
+                    slots.append(blk * B + row)
+                    continue
                 cache[blk, :, row, :D] = req["k"][p].to(dtype)
                 cache[blk, :, row, D:] = req["v"][p].to(dtype)
-                table[r, p // B] = blk
         qs.append(req["q"][first:n] if "q" in req else req["q_tail"])
         starts.append(starts[-1] + q_len)
         seq_lens.append(n)
@@ -69,6 +77,24 @@ def launch(cache, reqs, steps, cfg, rotary, dtype, H, D, padding, segments=None)
     seq_lens.append(0)
     q = torch.cat(qs + [torch.zeros(padding, H, D, dtype=torch.float64)]).to(dtype)
     out = torch.full(q.shape, float("nan"), dtype=dtype, device=DEVICE)
+    if via_path:
+        Hkv = cache.shape[1]
+        blank = torch.zeros(padding, Hkv, D, dtype=torch.float64)
+        key = torch.cat([torch.stack([k for k, _ in step_kv]), blank]).to(dtype)
+        value = torch.cat([torch.stack([v for _, v in step_kv]), blank]).to(dtype)
+        qsl = torch.tensor(starts, dtype=torch.int32)
+        batch = StepBatch(
+            num_tokens=starts[-1], num_reqs=len(seq_lens), query_start_loc=qsl.to(DEVICE), query_start_loc_cpu=qsl,
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE), block_table=table.to(DEVICE),
+            slot_mapping=torch.tensor(slots + [-1] * padding, device=DEVICE), max_query_len=max(steps),
+            max_seq_len=max(seq_lens),
+        )  # fmt: skip
+        shape = EngineShape(cfg, "cuda", B, H, Hkv, D, dtype, rope=True)
+        layer = LayerMath(D**-0.5, rotary, None, rotary.inv_freq.to(DEVICE))
+        device_cache = cache.to(DEVICE)
+        triton_path.run(triton_path.plan(batch, shape), layer, q.to(DEVICE), key.to(DEVICE), value.to(DEVICE),
+                        device_cache, out)  # fmt: skip
+        return out.cpu(), starts
     triton_lambda_attention(
         q.to(DEVICE), cache.to(DEVICE), out,
         torch.tensor(starts, dtype=torch.int32, device=DEVICE),
@@ -94,7 +120,9 @@ def run_case(case):
     lengths = case["lengths"]
     n_blocks = [-(-n // B) for n in lengths]
     pool = sum(n_blocks) + 3
-    order = torch.randperm(pool, generator=gen).tolist()  # permuted physical blocks
+    # Permuted physical blocks; block 0 is vLLM's null block, never a request's
+    # (the CUDA path writes padding tokens there).
+    order = (torch.randperm(pool - 1, generator=gen) + 1).tolist()
     cache = torch.full((pool + 1, Hkv, B, 2 * D), float("nan"), dtype=dtype)
     reqs, expected = [], []
     for n, nb in zip(lengths, n_blocks):
@@ -111,7 +139,8 @@ def run_case(case):
         assert done == full
         got, want = torch.cat(outs), expected[0]
     else:
-        out, starts = launch(cache, reqs, case["queries"], cfg, rotary, dtype, H, D, 5, case.get("segments"))
+        out, starts = launch(cache, reqs, case["queries"], cfg, rotary, dtype, H, D, 5, case.get("segments"),
+                             via_path=case.get("via_path", False))  # fmt: skip
         got = out[: starts[len(reqs)]]
         want = torch.cat([e[n - q_len :] for e, n, q_len in zip(expected, lengths, case["queries"])])
     return float((got.double() - want).abs().max())

@@ -42,7 +42,8 @@ def plan(batch: StepBatch, shape: EngineShape) -> Plan:
 
 def run(plan: Plan, layer: LayerMath, query, key, value, kv_cache, output: torch.Tensor) -> None:
     b = plan.batch
-    write_kv_no_sync(kv_cache, key, value, b.slot_mapping[: key.shape[0]])
+    n = min(key.shape[0], b.slot_mapping.shape[0])  # tensor shapes: no host sync
+    write_kv_no_sync(kv_cache, key[:n], value[:n], b.slot_mapping[:n])
     rotary = layer.rotary
     triton_lambda_attention(
         query, kv_cache, output, b.query_start_loc[: b.num_reqs + 1], b.seq_lens[: b.num_reqs],
