@@ -32,7 +32,7 @@ ray = pytest.importorskip("ray")
 
 G, W, C, B = 4, 64, 96, 32  # small, as in test_tensor_parallel.py
 STEP = 256  # max_num_batched_tokens: the prefill chunk in flight
-PROMPTS = [random_prompt(1200, seed=51), random_prompt(900, seed=52)]  # 7-9x the table
+PROMPTS = [random_prompt(800, seed=51), random_prompt(600, seed=52)]  # 4.7-6.3x the table
 POOL = 2 * max_blocks_per_sequence(G, W, B, in_flight_tokens=STEP) + 2  # both prompts at once, under the bound
 LMINF_BACKEND = "lminf_vllm.backend"
 
@@ -82,14 +82,18 @@ def tp2_ray(tiny_llama, ray_runtime):
         reports = llm.collective_rpc(report)
         result = {"outputs": outputs, "reports": reports, "pool": manager.block_pool.num_gpu_blocks,
                   "peaks": held_blocks_per_step(llm, manager)}  # fmt: skip
-    return result  # the engine is gone: its placement group no longer holds the runtime's 2 CPUs
+        placement = llm.llm_engine.engine_core.engine_core.model_executor.parallel_config.placement_group
+    # vLLM leaves an in-process engine's placement group to the end of the Ray job:
+    # give its 2 CPUs back for the server test
+    ray.util.remove_placement_group(placement)
+    return result
 
 
 def held_blocks_per_step(llm, manager):
-    """Step a 1500-token prompt and 120 decoded tokens (past W) by hand; the peak blocks held in prefill and in decode."""
+    """Step a 900-token prompt and 100 decoded tokens (past W) by hand; the peak blocks held in prefill and in decode."""
     core = llm.llm_engine
-    core.add_request("long", {"prompt_token_ids": random_prompt(1500, seed=53)},
-                     SamplingParams(max_tokens=120, temperature=0.0, ignore_eos=True))  # fmt: skip
+    core.add_request("long", {"prompt_token_ids": random_prompt(900, seed=53)},
+                     SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True))  # fmt: skip
     peak = {"prefill": 0, "decode": 0}
     while core.has_unfinished_requests():
         outputs = core.step()
@@ -97,12 +101,12 @@ def held_blocks_per_step(llm, manager):
         running = list(core.engine_core.engine_core.scheduler.requests.values())
         phase = "decode" if running and running[0].num_computed_tokens > running[0].num_prompt_tokens else "prefill"
         peak[phase] = max(peak[phase], held)
-    assert outputs and len(outputs[0].outputs[0].token_ids) == 120
+    assert outputs and len(outputs[0].outputs[0].token_ids) == 100
     return peak
 
 
 def test_tp2_with_ray_equals_tp1_past_the_rope_table(tp1, tp2_ray):
-    assert all(len(p) > 6 * TABLE for p in PROMPTS)
+    assert all(len(p) > 4 * TABLE for p in PROMPTS)
     for (tokens_1, logprobs_1), (tokens_2, logprobs_2) in zip(tp1, tp2_ray["outputs"]):
         assert len(tokens_1) == 40
         assert tokens_2 == tokens_1
@@ -124,7 +128,7 @@ def test_the_kv_bound_holds_on_every_rank(tiny_llama, tp2_ray):
     """The scheduler's block accounting is shared by the ranks: every rank's cache is the
     POOL blocks of its half of the KV heads, and no sequence ever holds more than the bound."""
     full = sum(len(p) + 40 for p in PROMPTS) // B
-    assert tp2_ray["pool"] == POOL < full / 2  # both prompts ran at once only thanks to the bound
+    assert tp2_ray["pool"] == POOL < full  # both prompts at once fit only thanks to the bound
     for r in tp2_ray["reports"]:
         assert r["kv_heads_per_layer"] == [1], r  # the tiny model's 2 KV heads, split in two
         assert r["kv_cache_bytes"] == POOL * page_bytes() // 2, r
