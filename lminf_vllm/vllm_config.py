@@ -80,15 +80,16 @@ def _check_parallel_on_cpu(parallel: Any) -> None:
 
     if not current_platform.is_cpu():
         return
-    if parallel.pipeline_parallel_size > 1:
+    pipeline = getattr(parallel, "pipeline_parallel_size", 1) or 1
+    if pipeline > 1:
         raise LminfConfigError(
-            f"pipeline_parallel_size={parallel.pipeline_parallel_size} is not supported by lminf on CPU: "
+            f"pipeline_parallel_size={pipeline} is not supported by lminf on CPU: "
             "vLLM's CPU model runner gives later pipeline stages no intermediate tensors "
             "(their first step fails, with any backend); use tensor_parallel_size"
         )
     import vllm.envs as envs
 
-    if parallel.distributed_executor_backend == "ray" and not envs.VLLM_USE_RAY_V2_EXECUTOR_BACKEND:
+    if getattr(parallel, "distributed_executor_backend", None) == "ray" and not envs.VLLM_USE_RAY_V2_EXECUTOR_BACKEND:
         raise LminfConfigError(
             "distributed_executor_backend='ray' with VLLM_USE_RAY_V2_EXECUTOR_BACKEND=0 is not supported "
             "by lminf on CPU: vLLM's older Ray executor cannot start CPU workers (unset the variable)"
