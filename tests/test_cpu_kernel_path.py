@@ -181,3 +181,13 @@ def test_first_front_row_shares_the_batch_call():
     assert len(calls) == 2
     assert calls[0].tokens is None and calls[0].query_start_loc.tolist() == [0, 1, 2] and len(calls[0].copies) == 2
     assert calls[1].tokens.tolist() == [2] and calls[0].window == calls[1].window == 64 + 4
+
+
+def test_plain_chunk_ending_where_the_last_global_leaves_the_window():
+    """A chunk whose last row is i = W + G - 1 still sees every key at its true
+    distance (plain), though every global is already outside that row's window:
+    it must join the shared call as a plain row, not as a decode row with copies."""
+    cfg = LminfConfig(global_tokens=4, local_tokens=40, distance_cap=64)
+    worst, served = run_batch(cfg, 32, [[44] + [1] * 20, [100] + [1] * 20, [3, 41] + [1] * 19])
+    assert worst < 2e-5
+    assert served["cpu_kernel plain"] >= 44 + 41, served

@@ -37,6 +37,7 @@ from lminf_vllm.config import LminfConfig
 from lminf_vllm.kv_layout import NULL_BLOCK
 from lminf_vllm.paths.cpu_kernel.ops import attend, kernel_cache_views, scheduler_metadata, write_kv_kernel
 from lminf_vllm.rope import RotarySpec, cos_sin, rotate
+from lminf_vllm.routing import is_plain
 
 
 def placement(i: int, cfg: LminfConfig, block_size: int) -> str | None:
@@ -152,7 +153,7 @@ def _plan_call(rows, front, block_table, cfg, B, num_kv_heads, head_size):
     G, W, C = cfg.global_tokens, cfg.local_tokens, cfg.distance_cap
     req, first_tok, counts, seq = (np.array(col, dtype=np.int64) for col in zip(*rows))
     i = seq - 1
-    is_app = i >= W + G - 1
+    is_app = np.array([not is_plain(int(n), cfg) for n in seq])  # rows that get global copies after them
     own = block_table.cpu().numpy()[req]  # [R, max_blocks]
     j = np.arange(G)
     if front:  # one row: [null block: its copies at the end] + its window from the first whole block
