@@ -132,3 +132,33 @@ def test_vllm_command_starts_on_the_cpu_install():
     result = subprocess.run([str(vllm), "--version"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().endswith("0.32.0+cpu")
+
+
+def test_every_patched_vllm_module_has_its_deprecations_fail_the_tests():
+    """pytest.ini turns deprecations in the vLLM modules the patches touch into errors:
+    a new patch must be added there too."""
+    import configparser
+    import re
+
+    ini = configparser.ConfigParser()
+    ini.read(ROOT / "pytest.ini")
+    rules = [line.strip() for line in ini["pytest"]["filterwarnings"].splitlines() if line.strip()]
+    for category in ("DeprecationWarning", "FutureWarning"):
+        (pattern,) = [r.split(":", 3)[3] for r in rules if r.startswith(f"error::{category}:vllm")]
+        for name in runtime_patches.PATCH_MODULES:
+            target = runtime_patches.load(name).TARGET
+            module = next(m for m in _module_prefixes(target))
+            assert re.match(pattern, module), f"{name}: {module} is not in pytest.ini's {category} rule"
+
+
+def _module_prefixes(target: str):
+    """The longest importable module path at the start of a dotted target."""
+    import importlib
+
+    parts = target.split(".")
+    for end in range(len(parts), 0, -1):
+        try:
+            importlib.import_module(".".join(parts[:end]))
+        except ImportError:
+            continue
+        yield ".".join(parts[:end])

