@@ -69,11 +69,6 @@ def check_engine_supported(vllm_config: Any) -> None:
         )
 
 
-# Where the engine's resolved (G, W, C) travel with its config, to the engine
-# core and every worker: the settings are parsed and checked once per engine.
-RESOLVED_KEY = "lminf_resolved"
-
-
 def _check_parallel_on_cpu(parallel: Any) -> None:
     """What vLLM's CPU path cannot run with lminf, refused before any worker starts."""
     from vllm.platforms import current_platform
@@ -94,6 +89,11 @@ def _check_parallel_on_cpu(parallel: Any) -> None:
             "distributed_executor_backend='ray' with VLLM_USE_RAY_V2_EXECUTOR_BACKEND=0 is not supported "
             "by lminf on CPU: vLLM's older Ray executor cannot start CPU workers (unset the variable)"
         )
+
+
+# Where the engine's resolved (G, W, C) travel with its config, to the engine
+# core and every worker: the settings are parsed and checked once per engine.
+RESOLVED_KEY = "lminf_resolved"
 
 
 def lminf_config_from_vllm(vllm_config: Any) -> LminfConfig:
