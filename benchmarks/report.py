@@ -273,10 +273,12 @@ def generation_block(doc: Doc, rel: str, image_alt: str) -> str:
     a, sm = g["lminf"], g["sampling"]
     parts.append(f"{g['new_tokens']} tokens generated after each prefix and scored against the document's next "
                  f"{g['new_tokens']} (corpus BLEU of sacreBLEU over the documents; ROUGE-L recall of rouge-score, "
-                 f"mean over the documents); {len(g['documents'])} held-out documents ({', '.join(g['documents'])}); "
-                 f"{g['model']}, trained to {L} tokens; lminf {lminf_settings(a)}; sampled: temperature "
-                 f"{sm['temperature']}, top-p {sm['top_p']}, seed {sm['seed']} + prompt index; "
-                 f"{g['machine'].split(', Linux')[0]}.")
+                 f"mean over the documents); {len(g['documents'])} held-out document"
+                 f"{'s' if len(g['documents']) > 1 else ''} ({', '.join(g['documents'])}); "
+                 f"{g['model']}, trained to {L} tokens; lminf {lminf_settings(a)}; "
+                 + (f"sampled: temperature {sm['temperature']}, top-p {sm['top_p']}, seed {sm['seed']} + prompt index; "
+                    if "sampled" in g["settings"] else "")
+                 + f"{g['machine'].split(', Linux')[0]}.")
     parts.append(doc.image(rel.replace(".json", ".png"), image_alt))
     parts.append(doc.source(rel, g["command"]))
     return "\n\n".join(parts)
@@ -284,6 +286,10 @@ def generation_block(doc: Doc, rel: str, image_alt: str) -> str:
 
 def gen_generation_tiny(doc):
     return generation_block(doc, f"{RESULTS}/generation-tiny-rope-L256.json", "BLEU and ROUGE-L against prefix length, tiny-rope-L256")
+
+
+def gen_generation_smollm2(doc):
+    return generation_block(doc, f"{RESULTS}/generation-smollm2.json", "BLEU and ROUGE-L against prefix length, SmolLM2")
 
 
 # --- CPU speed ---------------------------------------------------------------
@@ -658,6 +664,7 @@ GENERATORS = {
     "quality-smollm2-16k": gen_quality_smollm2_16k,
     "passkey": gen_passkey,
     "generation-tiny": gen_generation_tiny,
+    "generation-smollm2": gen_generation_smollm2,
     "throughput-cpu": gen_throughput_cpu,
     "throughput-smollm2": gen_throughput_smollm2,
     "cpu-prefill": gen_cpu_prefill,
