@@ -43,13 +43,10 @@ def read_blocks(kv_cache: torch.Tensor, blocks: torch.Tensor, layout: str) -> to
 
 def write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
     """Store key/value [T, Hkv, D] at flat slots [T] (slot = block * B + row; < 0 = padding)."""
-    block_size, head_size = kv_cache.shape[2], key.shape[-1]
     keep = slots >= 0
-    if not bool(keep.all()):
+    if not bool(keep.all()):  # drop padding (a host sync: fine off CUDA graphs)
         key, value, slots = key[keep], value[keep], slots[keep]
-    blocks, rows = slots // block_size, slots % block_size
-    kv_cache[blocks, :, rows, :head_size] = key.to(kv_cache.dtype)
-    kv_cache[blocks, :, rows, head_size:] = value.to(kv_cache.dtype)
+    write_kv_no_sync(kv_cache, key, value, slots)
 
 
 def gather_kv(kv_cache, block_row, start: int, stop: int, head_size: int, layout: str = OWN_LAYOUT):
