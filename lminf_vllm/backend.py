@@ -1,10 +1,9 @@
 """The attention backend vLLM sees: a thin shell over `paths/`.
 
-vLLM's types stop here: the builder turns CommonAttentionMetadata into a
-StepBatch and asks the engine's path (chosen once, see paths.choose) for the
-step's plan; each layer's forward hands its tensors to that path's `run`.
-Registered as vLLM's `CUSTOM` backend (the only member that survives into
-engine-core subprocesses); `--attention-backend lminf` is an alias of it.
+vLLM's types stop here: the builder turns CommonAttentionMetadata into a StepBatch, asks the
+engine's path (chosen once, paths.choose) for the step's plan and counts its rows (metrics.py);
+each layer's forward hands its tensors to the path's `run`. Registered as vLLM's `CUSTOM` backend
+(the one member that survives into engine-core subprocesses); `--attention-backend lminf` aliases it.
 """
 
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.kv_cache_interface import AttentionSpec
 
-from lminf_vllm import paths
+from lminf_vllm import metrics, paths
 from lminf_vllm.model_support import check_layer_supported, uses_alibi
 from lminf_vllm.step import EngineShape, LayerMath, StepBatch
 from lminf_vllm.vllm_compat import kv_cache_shape_api
@@ -49,7 +48,6 @@ class LminfAttentionBackend(AttentionBackend):
     @staticmethod
     def get_builder_cls() -> type["LminfMetadataBuilder"]:
         return LminfMetadataBuilder
-
 
 
 for _name, _attr in kv_cache_shape_api().items():  # per layer [blocks, kv heads, rows, K|V], as paths index it
@@ -89,7 +87,10 @@ class LminfMetadataBuilder(AttentionMetadataBuilder[LminfMetadata]):
             query_start_loc_cpu=m.query_start_loc_cpu, seq_lens=m.seq_lens, block_table=m.block_table_tensor,
             slot_mapping=m.slot_mapping, max_query_len=m.max_query_len, max_seq_len=m.max_seq_len,
         )  # fmt: skip
-        return LminfMetadata(self.path, self.path.plan(batch, self.shape))
+        return LminfMetadata(self.path, metrics.counted(self.path.plan(batch, self.shape)))  # rows for /metrics
+
+    def build_for_cudagraph_capture(self, common_attn_metadata):  # dummy batches: no rows counted
+        return metrics.uncounted(super().build_for_cudagraph_capture, common_attn_metadata)
 
 
 class LminfAttentionImpl(AttentionImpl[LminfMetadata]):

@@ -247,6 +247,190 @@ def register_backend_alias(alias: str, backend: AttentionBackendEnum) -> None:
                     attn.impl.bind_rotary(rope)
 ''',
     )],
+    "patch_metrics_stats": [(
+        "v1/metrics/stats.py",
+        """    perf_stats: PerfStats | None = None
+""",
+        """    perf_stats: PerfStats | None = None
+
+    # Counts that plugins (KV cache managers, attention backends) add for their
+    # stat loggers: keys and meaning are the plugin's own.
+    plugin_stats: dict[str, Any] | None = None
+""",
+    )],
+    "patch_worker_gpu_worker": [(
+        "v1/outputs.py",
+        """    # information related to cudagraph execution
+    cudagraph_stats: CUDAGraphStat | None = None
+""",
+        """    # information related to cudagraph execution
+    cudagraph_stats: CUDAGraphStat | None = None
+
+    # Totals since start-up that the attention backend's metadata builder
+    # counts for stat loggers (e.g. query rows per kernel); the scheduler puts
+    # the latest on SchedulerStats.plugin_stats.
+    backend_stats: dict[str, int] | None = None
+""",
+    ), (
+        "v1/worker/gpu_worker.py",
+        """    def sample_tokens(
+        self, grammar_output: "GrammarOutput | None"
+    ) -> ModelRunnerOutput | AsyncModelRunnerOutput:
+        return self.model_runner.sample_tokens(grammar_output)
+""",
+        """    def sample_tokens(
+        self, grammar_output: "GrammarOutput | None"
+    ) -> ModelRunnerOutput | AsyncModelRunnerOutput:
+        output = self.model_runner.sample_tokens(grammar_output)
+        if isinstance(output, ModelRunnerOutput) and output.req_ids:
+            output.backend_stats = self.model_runner.attention_backend_stats()
+        return output
+""",
+    ), (
+        "v1/worker/gpu_model_runner.py",
+        """    def _attn_group_iterator(self) -> Iterator[AttentionGroup]:
+""",
+        """    def attention_backend_stats(self) -> dict[str, int] | None:
+        \"\"\"What the attention metadata builders count for stat loggers (merged).\"\"\"
+        merged: dict[str, int] = {}
+        for group in self._attn_group_iterator():
+            for builder in group.metadata_builders:
+                merged.update(builder.stats() or {})
+        return merged or None
+
+    def _attn_group_iterator(self) -> Iterator[AttentionGroup]:
+""",
+    ), (
+        "v1/attention/backend.py",
+        """    def build_for_cudagraph_capture(
+        self, common_attn_metadata: CommonAttentionMetadata
+    ) -> M:
+""",
+        """    def stats(self) -> dict[str, int] | None:
+        \"\"\"Totals since start-up for stat loggers (e.g. query rows per kernel),
+        sent with the worker's output (ModelRunnerOutput.backend_stats).\"\"\"
+        return None
+
+    def build_for_cudagraph_capture(
+        self, common_attn_metadata: CommonAttentionMetadata
+    ) -> M:
+""",
+    )],
+    "patch_core_sched_scheduler": [(
+        "v1/core/sched/scheduler.py",
+        """            perf_stats=perf_stats,
+            ec_connector_stats=ec_connector_stats_payload,
+        )
+""",
+        """            perf_stats=perf_stats,
+            ec_connector_stats=ec_connector_stats_payload,
+            plugin_stats={
+                **(self.kv_cache_manager.make_plugin_stats() or {}),
+                **self.backend_stats,
+            }
+            or None,
+        )
+""",
+    ), (
+        "v1/core/sched/scheduler.py",
+        """        cudagraph_stats = model_runner_output.cudagraph_stats
+""",
+        """        cudagraph_stats = model_runner_output.cudagraph_stats
+        if model_runner_output.backend_stats:
+            self.backend_stats = model_runner_output.backend_stats
+""",
+    ), (
+        "v1/core/sched/scheduler.py",
+        """        self.perf_metrics: ModelMetrics | None = None
+""",
+        """        self.perf_metrics: ModelMetrics | None = None
+        # The attention backend's latest totals from the workers (plugin_stats).
+        self.backend_stats: dict[str, int] = {}
+""",
+    ), (
+        "v1/core/kv_cache_manager.py",
+        """    def make_prefix_cache_stats(self) -> PrefixCacheStats | None:
+""",
+        """    def make_plugin_stats(self) -> dict[str, int] | None:
+        \"\"\"What the KV cache managers add to SchedulerStats.plugin_stats (merged).\"\"\"
+        merged: dict[str, int] = {}
+        for manager in self.coordinator.single_type_managers:
+            merged.update(manager.make_plugin_stats() or {})
+        return merged or None
+
+    def make_prefix_cache_stats(self) -> PrefixCacheStats | None:
+""",
+    ), (
+        "v1/core/single_type_kv_cache_manager.py",
+        """    def new_step_starts(self) -> None:
+        return None
+
+
+class FullAttentionManager(SingleTypeKVCacheManager):
+""",
+        """    def new_step_starts(self) -> None:
+        return None
+
+    def make_plugin_stats(self) -> dict[str, int] | None:
+        \"\"\"Counts for stat-logger plugins, once per step (none by default).\"\"\"
+        return None
+
+
+class FullAttentionManager(SingleTypeKVCacheManager):
+""",
+    )],
+    "patch_metrics_loggers": [(
+        "v1/engine/async_llm.py",
+        """        custom_stat_loggers.extend(load_stat_logger_plugin_factories())
+""",
+        """        # A plugin logger may serve only some engines (e.g. those that select
+        # its attention backend); one that declines does not turn stats on.
+        custom_stat_loggers.extend(
+            factory
+            for factory in load_stat_logger_plugin_factories()
+            if not hasattr(factory, "serves") or factory.serves(vllm_config)
+        )
+""",
+    ), (
+        "v1/metrics/loggers.py",
+        """        custom_prometheus_logger: bool = False
+        for stat_logger_factory in stat_logger_factories:
+""",
+        """        # vLLM's Prometheus logger first: it unregisters every `vllm:` collector,
+        # so a plugin logger that adds `vllm:` series must come after it.
+        custom_prometheus_logger = any(
+            isinstance(factory, type) and issubclass(factory, PrometheusStatLogger)
+            for factory in stat_logger_factories
+        )
+        if not custom_prometheus_logger:
+            self.stat_loggers.append(
+                PrometheusStatLogger(vllm_config, self.engine_indexes)
+            )
+        for stat_logger_factory in stat_logger_factories:
+""",
+    ), (
+        "v1/metrics/loggers.py",
+        """                    engine_indexes=self.engine_indexes,
+                )
+                if isinstance(global_stat_logger, PrometheusStatLogger):
+                    custom_prometheus_logger = True
+            else:
+""",
+        """                    engine_indexes=self.engine_indexes,
+                )
+            else:
+""",
+    ), (
+        "v1/metrics/loggers.py",
+        """            self.stat_loggers.append(global_stat_logger)
+        if not custom_prometheus_logger:
+            self.stat_loggers.append(
+                PrometheusStatLogger(vllm_config, self.engine_indexes)
+            )
+""",
+        """            self.stat_loggers.append(global_stat_logger)
+""",
+    )],
 }
 
 

@@ -17,6 +17,10 @@ PATCH_MODULES = (
     "patch_model_loader_base_loader",
     "patch_worker_gpu_model_runner",
     "patch_executor_ray_executor_v2",
+    "patch_metrics_stats",
+    "patch_worker_gpu_worker",
+    "patch_core_sched_scheduler",
+    "patch_metrics_loggers",
 )
 
 
