@@ -117,10 +117,13 @@ def test_mixed_batch_of_prefills_and_decodes_matches_reference(cfg, block_size):
         assert served.get("cpu_kernel prefill all_keys", 0) > 20, served
 
 
-def test_prefill_falls_back_where_the_kernel_lacks_the_doubled_head_size():
+def test_prefill_past_the_cap_takes_the_next_kernel_head_size_or_falls_back():
+    assert prefill.scratch_head_size(Rows.CAPPED, 64) == 80  # one channel more: 64 -> 80, not 128
+    assert prefill.scratch_head_size(Rows.CAPPED, 128) == 160
+    assert prefill.scratch_head_size(Rows.TRUE_DISTANCE, 64) == 64
     assert prefill.kernel_isa(Rows.CAPPED, torch.float32, 32, D) is not None
-    assert prefill.kernel_isa(Rows.CAPPED, torch.float32, 32, 160) is None  # head size 160: no 320 in the kernel
-    assert prefill.kernel_isa(Rows.TRUE_DISTANCE, torch.float32, 32, 160) is not None
+    assert prefill.kernel_isa(Rows.CAPPED, torch.float32, 32, 512) is None  # no size above 512 in the kernel
+    assert prefill.kernel_isa(Rows.TRUE_DISTANCE, torch.float32, 32, 512) is not None
     assert prefill.kernel_isa(Rows.SOME_CAPPED, torch.float32, 32, D) is None
 
 

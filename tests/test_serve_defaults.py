@@ -63,7 +63,10 @@ def test_past_the_window_matches_the_reference_to_bfloat16_precision(tiny_llama,
     for prompt, (_, got) in zip(long, ours):
         err = (got - reference.prompt_logprobs(prompt, right)).abs()[C:]  # past the window
         off = (got - reference.prompt_logprobs(prompt, wrong)).abs()[C:]
-        print(f"n={len(prompt)}: error past the window mean {err.mean():.4f} max {err.max():.3f}; "
-              f"inside mean {noise.mean():.4f} max {noise.max():.3f}; vs a wrong Λ mean {off.mean():.4f}")
-        assert err.mean() < 2 * noise.mean() and err.max() < 2 * noise.max()
+        q99 = lambda x: x.quantile(0.99).item()  # noqa: E731
+        print(f"n={len(prompt)}: error past the window mean {err.mean():.4f} p99 {q99(err):.3f} max {err.max():.3f}; "
+              f"inside mean {noise.mean():.4f} p99 {q99(noise):.3f} max {noise.max():.3f}; "
+              f"vs a wrong Λ mean {off.mean():.4f}")  # fmt: skip
+        # Tails compared at a quantile: a maximum grows with the sample (184 positions inside, up to 896 past).
+        assert err.mean() < 2 * noise.mean() and q99(err) < 2 * q99(noise)
         assert err.mean() < 0.25 * off.mean()

@@ -40,13 +40,20 @@ def _kernel_mode(dtype: torch.dtype, block_size: int, num_kv_heads: int, head_si
 
 @functools.lru_cache(maxsize=None)
 def isa_for_head_size(dtype: torch.dtype, block_size: int, head_size: int) -> str | None:
-    """The kernel's ISA for caches of this head size (scratch caches of twice the
-    model's), or None if the kernel has no such head size."""
-    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, _get_attn_isa
+    """The kernel's ISA for caches of this head size (scratch caches may be wider
+    than the model's), or None if the kernel has no such head size."""
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
-    if head_size not in CPUAttentionBackend.get_supported_head_sizes():
+    if head_size not in kernel_head_sizes():
         return None
     return _get_attn_isa(dtype, block_size, head_size)
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_head_sizes() -> tuple[int, ...]:
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    return tuple(sorted(CPUAttentionBackend.get_supported_head_sizes()))
 
 
 def kernel_layout_ok(isa: str, dtype: torch.dtype, num_kv_heads: int, head_size: int, block_size: int) -> bool:
