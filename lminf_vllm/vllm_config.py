@@ -112,3 +112,39 @@ def lminf_config_from_vllm(vllm_config: Any) -> LminfConfig:
     if isinstance(vllm_config.additional_config, dict):  # a copy: the user's dict may serve other engines
         vllm_config.additional_config = {**additional, RESOLVED_KEY: dataclasses.asdict(cfg)}
     return cfg
+
+
+# A long prompt must not starve short requests. vLLM's scheduler serves RUNNING
+# requests first, and a prompt in chunked prefill takes the whole step budget
+# (max_num_batched_tokens) every step until it is done, so a short request that
+# arrives meanwhile waits for the whole prefill; with lminf, which serves
+# prompts far past the model's context, that can be minutes. vLLM's
+# `long_prefill_token_threshold` caps the tokens a request prefills per step
+# while other requests are eligible, leaving the rest of the budget to them;
+# since 0.32 the cap is lifted while the long request is alone, so a lone
+# prompt keeps whole-budget chunks (vllm/v1/core/sched/scheduler.py, schedule()).
+# lminf engines get this cap by default; docs/serving.md has the measurement.
+LONG_PREFILL_SHARE = 8  # the default cap: max_num_batched_tokens // this (256 of `vllm serve`'s 2048 on CPU)
+
+
+def long_prefill_cap_is_lifted_for_a_lone_request() -> bool:
+    """True on vLLM 0.32 (and 0.33), whose scheduler lifts the cap for a lone request and
+    whose SchedulerConfig has `long_prefill_token_threshold_adaptive`; 0.26 has neither
+    (read from its source): it caps every prefill, alone or not, so there the default
+    would slow lone prompts and is not applied. The field is the marker read here."""
+    from vllm.config.scheduler import SchedulerConfig
+
+    return "long_prefill_token_threshold_adaptive" in getattr(SchedulerConfig, "__dataclass_fields__", {})
+
+
+def default_long_prefill_token_threshold(vllm_config: Any) -> int | None:
+    """The per-step prefill cap lminf sets when the user left it unset (0), or None
+    where none applies: already set, no chunked prefill, or a vLLM that caps lone prompts."""
+    scheduler = vllm_config.scheduler_config
+    if scheduler.long_prefill_token_threshold or not scheduler.enable_chunked_prefill:
+        return None
+    if not long_prefill_cap_is_lifted_for_a_lone_request():
+        return None
+    budget = scheduler.max_num_batched_tokens
+    # vLLM's own rule (SchedulerConfig.verify_max_model_len): cap <= max_model_len.
+    return max(1, min(budget // LONG_PREFILL_SHARE, vllm_config.model_config.max_model_len))

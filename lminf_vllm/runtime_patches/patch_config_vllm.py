@@ -7,8 +7,12 @@ Why: a wrong G/W/C, an unknown key or a model lminf cannot serve exactly must
 How: after the original __post_init__, if lminf is the selected backend, parse
     `additional_config["lminf"]` and check the model (LminfConfigError on any
     violation) and log the effective settings once, with where distance_cap
-    came from (given, or the max_model_len stock vLLM derives for the model).
-Upstream: a validation hook for attention backends on the final VllmConfig.
+    came from (given, or the max_model_len stock vLLM derives for the model);
+    and, if the user left `long_prefill_token_threshold` unset, set it so that
+    a long prompt's prefill does not starve short requests (one log line says
+    so and how to override it; vllm_config.default_long_prefill_token_threshold).
+Upstream: a validation hook for attention backends on the final VllmConfig
+    (through which the backend would also set its scheduling default).
 Remove when: vLLM calls such a hook (e.g. `AttentionBackend.validate_config`).
 """
 
@@ -40,6 +44,28 @@ def _kv_bound_line(config, cfg, block_size: int, max_blocks_per_sequence) -> str
     )
 
 
+def _bound_long_prefills(config) -> None:
+    """lminf's default per-step prefill cap, when the user set none (docs/serving.md)."""
+    from lminf_vllm.vllm_config import LONG_PREFILL_SHARE, default_long_prefill_token_threshold
+
+    threshold = default_long_prefill_token_threshold(config)
+    if threshold is None:
+        return
+    scheduler = config.scheduler_config
+    scheduler.long_prefill_token_threshold = threshold
+    scheduler.verify_max_model_len(config.model_config.max_model_len)  # vLLM's own checks, again
+    logger.info(
+        "lminf scheduling: long_prefill_token_threshold=%d (unset; lminf's default, max_num_batched_tokens=%d / %d): "
+        "while other requests wait, a prompt prefills at most %d tokens a step, so a long prompt does not hold up "
+        "short requests' first tokens; override with --long-prefill-token-threshold N "
+        "(N >= max_num_batched_tokens: vLLM's uncapped chunks)",
+        threshold,
+        scheduler.max_num_batched_tokens,
+        LONG_PREFILL_SHARE,
+        threshold,
+    )
+
+
 def apply() -> bool:
     from vllm.config.vllm import VllmConfig
 
@@ -67,6 +93,7 @@ def apply() -> bool:
                 )
                 if block_size:
                     logger.info("%s", _kv_bound_line(self, cfg, block_size, max_blocks_per_sequence))
+                _bound_long_prefills(self)
             elif CONFIG_KEY in (self.additional_config or {}):
                 logger.warning(
                     "additional_config.lminf is set but the attention backend is not lminf; "
