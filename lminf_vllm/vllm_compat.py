@@ -10,6 +10,9 @@ see docs/vllm-0.26.md, not yet run) differs in two of them:
     kv_layout.py indexes.
   * `SlidingWindowSpec.extra_retained_tokens` (tokens a drafter keeps in
     flight) exists from 0.32 on; 0.26 has none, i.e. zero.
+  * `long_prefill_token_threshold`: from 0.32 on the scheduler lifts it while a
+    request is alone; 0.26 caps every prefill (lminf sets its default only
+    where the cap is lifted: vllm_config.default_long_prefill_token_threshold).
 Everything else the plugin touches has the same name and signature in both.
 """
 
@@ -35,3 +38,13 @@ def kv_cache_shape_api() -> dict[str, Any]:
 def extra_retained_tokens(spec: Any) -> int:
     """Tokens a sliding-window spec keeps beyond its window (0 where vLLM has no such field)."""
     return getattr(spec, "extra_retained_tokens", 0)
+
+
+def long_prefill_cap_is_lifted_for_a_lone_request() -> bool:
+    """True on vLLM 0.32 (and 0.33), whose scheduler lifts the cap for a lone request and
+    whose SchedulerConfig has `long_prefill_token_threshold_adaptive`; 0.26 has neither
+    (read from its source): it caps every prefill, alone or not, so there the default
+    would slow lone prompts and is not applied. The field is the marker read here."""
+    from vllm.config.scheduler import SchedulerConfig
+
+    return "long_prefill_token_threshold_adaptive" in getattr(SchedulerConfig, "__dataclass_fields__", {})

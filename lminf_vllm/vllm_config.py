@@ -3,6 +3,7 @@
 import dataclasses
 from typing import Any
 
+from lminf_vllm import vllm_compat
 from lminf_vllm.config import CONFIG_KEY, LminfConfig, LminfConfigError, parse_lminf_config
 from lminf_vllm.model_support import check_model_supported
 
@@ -127,24 +128,29 @@ def lminf_config_from_vllm(vllm_config: Any) -> LminfConfig:
 LONG_PREFILL_SHARE = 8  # the default cap: max_num_batched_tokens // this (256 of `vllm serve`'s 2048 on CPU)
 
 
-def long_prefill_cap_is_lifted_for_a_lone_request() -> bool:
-    """True on vLLM 0.32 (and 0.33), whose scheduler lifts the cap for a lone request and
-    whose SchedulerConfig has `long_prefill_token_threshold_adaptive`; 0.26 has neither
-    (read from its source): it caps every prefill, alone or not, so there the default
-    would slow lone prompts and is not applied. The field is the marker read here."""
-    from vllm.config.scheduler import SchedulerConfig
-
-    return "long_prefill_token_threshold_adaptive" in getattr(SchedulerConfig, "__dataclass_fields__", {})
-
-
 def default_long_prefill_token_threshold(vllm_config: Any) -> int | None:
     """The per-step prefill cap lminf sets when the user left it unset (0), or None
     where none applies: already set, no chunked prefill, or a vLLM that caps lone prompts."""
     scheduler = vllm_config.scheduler_config
     if scheduler.long_prefill_token_threshold or not scheduler.enable_chunked_prefill:
         return None
-    if not long_prefill_cap_is_lifted_for_a_lone_request():
+    if not vllm_compat.long_prefill_cap_is_lifted_for_a_lone_request():
         return None
     budget = scheduler.max_num_batched_tokens
     # vLLM's own rule (SchedulerConfig.verify_max_model_len): cap <= max_model_len.
     return max(1, min(budget // LONG_PREFILL_SHARE, vllm_config.model_config.max_model_len))
+
+
+# vLLM reserves most of a CPU machine's memory for KV when not told otherwise
+# (gpu_memory_utilization of it). Under lminf a sequence never holds more than
+# its bound, so KV beyond max_num_seqs x the bound can never be used: lminf
+# engines that leave the size unset on CPU reserve that product instead,
+# where it is the smaller.
+def default_kv_cache_bytes(vllm_config: Any, per_sequence_bytes: int, total_bytes: int, available_bytes: int):
+    """The KV bytes per rank an lminf engine on CPU reserves when the user set none
+    (kv_cache_memory_bytes, VLLM_CPU_KVCACHE_SPACE), or None: vLLM's own default."""
+    cache = vllm_config.cache_config
+    if cache.kv_cache_memory_bytes is not None or vllm_config.device_config.device_type != "cpu":
+        return None
+    need = vllm_config.scheduler_config.max_num_seqs * per_sequence_bytes
+    return need if need < min(cache.gpu_memory_utilization * total_bytes, available_bytes) else None

@@ -101,3 +101,39 @@ def test_a_short_request_is_answered_while_a_long_prompt_prefills(tiny_llama):
     with engine(tiny_llama, long_prefill_token_threshold=budget, **options) as llm:
         first, _ = first_tokens(llm, long_prompt, short_prompt)
     assert first["short"] >= first["long"] >= n // budget - 1
+
+
+# --- the KV cache an lminf engine reserves on CPU when no size is given -----
+
+
+def test_lminf_reserves_max_num_seqs_times_the_bound_when_no_kv_size_is_given(tiny_llama, monkeypatch):
+    from lminf_vllm.block_policy import max_blocks_per_sequence
+
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    cfg = {"lminf": {"global_tokens": 4, "local_tokens": 256, "distance_cap": 256}}
+    config = scheduler_config(tiny_llama, attention_backend="lminf", additional_config=cfg, max_num_seqs=8,
+                              block_size=32, max_model_len=131072)  # fmt: skip
+    model, B = config.model_config, 32
+    block_bytes = model.get_num_layers(config.parallel_config) * model.get_num_kv_heads(config.parallel_config) \
+        * 2 * model.get_head_size() * B * model.dtype.itemsize
+    bound = max_blocks_per_sequence(4, 256, B, in_flight_tokens=SERVE_BUDGET)
+    assert config.cache_config.kv_cache_memory_bytes == 8 * bound * block_bytes
+    # a size the user gives is kept, and stock engines keep vLLM's default
+    sized = scheduler_config(tiny_llama, attention_backend="lminf", additional_config=cfg, max_num_seqs=8,
+                             kv_cache_memory_bytes=1 << 30)  # fmt: skip
+    assert sized.cache_config.kv_cache_memory_bytes == 1 << 30
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "2")
+    from_env = scheduler_config(tiny_llama, attention_backend="lminf", additional_config=cfg, max_num_seqs=8)
+    assert from_env.cache_config.kv_cache_memory_bytes == 2 << 30
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE")
+    stock = scheduler_config(tiny_llama, attention_backend="CPU_ATTN", max_num_seqs=8, max_model_len=128,
+                             max_num_batched_tokens=SERVE_BUDGET)
+    assert stock.cache_config.kv_cache_memory_bytes is None
+
+
+def test_lminf_keeps_vllms_default_where_the_product_would_exceed_it(tiny_llama, monkeypatch):
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    huge = {"lminf": {"global_tokens": 4, "local_tokens": 1 << 22, "distance_cap": 1 << 22}}
+    config = scheduler_config(tiny_llama, attention_backend="lminf", additional_config=huge, max_num_seqs=256,
+                              max_model_len=1 << 23)  # fmt: skip
+    assert config.cache_config.kv_cache_memory_bytes is None

@@ -10,7 +10,9 @@ How: after the original __post_init__, if lminf is the selected backend, parse
     came from (given, or the max_model_len stock vLLM derives for the model);
     and, if the user left `long_prefill_token_threshold` unset, set it so that
     a long prompt's prefill does not starve short requests (one log line says
-    so and how to override it; vllm_config.default_long_prefill_token_threshold).
+    so and how to override it; vllm_config.default_long_prefill_token_threshold);
+    and on CPU, if no KV size was given, reserve max_num_seqs x the per-sequence
+    bound where that is less than vLLM's default (vllm_config.default_kv_cache_bytes).
 Upstream: a validation hook for attention backends on the final VllmConfig
     (through which the backend would also set its scheduling default).
 Remove when: vLLM calls such a hook (e.g. `AttentionBackend.validate_config`).
@@ -26,8 +28,8 @@ VLLM_VERSIONS = SUPPORTED_VLLM_SERIES
 logger = logging.getLogger("vllm.lminf")  # under "vllm" so vLLM's log setup shows it
 
 
-def _kv_bound_line(config, cfg, block_size: int, max_blocks_per_sequence) -> str:
-    """What one sequence can hold, in blocks and bytes, and how to size the cache from it."""
+def _sequence_bytes(config, cfg, block_size: int, max_blocks_per_sequence) -> tuple[int, int, int]:
+    """(blocks while decoding, blocks with a prefill chunk in flight, bytes of the latter) per sequence and rank."""
     model, parallel = config.model_config, config.parallel_config
     chunk = config.scheduler_config.max_num_batched_tokens
     decoding = max_blocks_per_sequence(cfg.global_tokens, cfg.local_tokens, block_size)
@@ -35,12 +37,41 @@ def _kv_bound_line(config, cfg, block_size: int, max_blocks_per_sequence) -> str
     itemsize = model.dtype.itemsize if config.cache_config.cache_dtype == "auto" else 1
     block_bytes = (model.get_num_layers(parallel) * model.get_num_kv_heads(parallel) * 2 * model.get_head_size()
                    * block_size * itemsize)  # fmt: skip
+    return decoding, prefilling, prefilling * block_bytes
+
+
+def _kv_bound_line(config, cfg, block_size: int, max_blocks_per_sequence) -> str:
+    """What one sequence can hold, in blocks and bytes, and how to size the cache from it."""
+    decoding, prefilling, seq_bytes = _sequence_bytes(config, cfg, block_size, max_blocks_per_sequence)
+    chunk = config.scheduler_config.max_num_batched_tokens
     return (
         f"lminf KV bound: a sequence of any length holds at most {decoding} blocks while decoding "
         f"(ceil(G/B) + ceil(W/B) + 1) and {prefilling} with a {chunk}-token prefill chunk in flight, "
-        f"{prefilling * block_bytes / 2**20:.0f} MiB per rank; vLLM's 'Maximum concurrency' line counts requests "
+        f"{seq_bytes / 2**20:.0f} MiB per rank; vLLM's 'Maximum concurrency' line counts requests "
         f"at that bound. Size the cache as sequences x that (kv_cache_memory_bytes, or VLLM_CPU_KVCACHE_SPACE "
         f"in GiB on CPU)"
+    )
+
+
+def _size_kv_cache(config, cfg, block_size: int, max_blocks_per_sequence) -> None:
+    """On CPU with no KV size given: max_num_seqs x the bound, where that is less than vLLM would take."""
+    import psutil
+
+    from lminf_vllm.vllm_config import default_kv_cache_bytes
+
+    seq_bytes = _sequence_bytes(config, cfg, block_size, max_blocks_per_sequence)[2]
+    memory = psutil.virtual_memory()
+    size = default_kv_cache_bytes(config, seq_bytes, memory.total, memory.available)
+    if size is None:
+        return
+    config.cache_config.kv_cache_memory_bytes = size
+    logger.info(
+        "lminf KV cache: %.2f GiB per rank = max_num_seqs %d x the bound (no size was given; vLLM would reserve "
+        "%.0f%% of memory, which lminf's sequences cannot use); set kv_cache_memory_bytes or "
+        "VLLM_CPU_KVCACHE_SPACE to change it",
+        size / 2**30,
+        config.scheduler_config.max_num_seqs,
+        100 * config.cache_config.gpu_memory_utilization,
     )
 
 
@@ -93,6 +124,7 @@ def apply() -> bool:
                 )
                 if block_size:
                     logger.info("%s", _kv_bound_line(self, cfg, block_size, max_blocks_per_sequence))
+                    _size_kv_cache(self, cfg, block_size, max_blocks_per_sequence)
                 _bound_long_prefills(self)
             elif CONFIG_KEY in (self.additional_config or {}):
                 logger.warning(
