@@ -126,8 +126,14 @@ class DenseLlama:
         return y + bias if bias is not None else y
 
     @torch.no_grad()
-    def logits(self, token_ids, cfg: LminfConfig | None = None) -> torch.Tensor:
-        """[n, vocab] logits; cfg=None means plain full causal attention."""
+    def logits(self, token_ids, cfg: LminfConfig | None = None, attention=None) -> torch.Tensor:
+        """[n, vocab] logits; cfg=None means plain full causal attention.
+
+        attention: a function with dense_lambda_attention's signature (q0, k0, v, cfg, rotary,
+        scale), called per layer in its place (e.g. topk_reference.dense_topk_attention with
+        its keywords bound); None is dense_lambda_attention.
+        """
+        attention = attention or dense_lambda_attention
         n = len(token_ids)
         if cfg is None:
             cfg = LminfConfig(global_tokens=0, local_tokens=n, distance_cap=n)
@@ -139,7 +145,7 @@ class DenseLlama:
             q = self._linear(h, p + "self_attn.q_proj").view(n, self.n_heads, self.head_dim)
             k = self._linear(h, p + "self_attn.k_proj").view(n, self.n_kv, self.head_dim)
             v = self._linear(h, p + "self_attn.v_proj").view(n, self.n_kv, self.head_dim)
-            attn = dense_lambda_attention(q, k, v, cfg, self.rotary, scale)
+            attn = attention(q, k, v, cfg, self.rotary, scale)
             x = x + self._linear(attn.reshape(n, -1), p + "self_attn.o_proj")
             h = self._norm(x, self.w[p + "post_attention_layernorm.weight"])
             gate = torch.nn.functional.silu(self._linear(h, p + "mlp.gate_proj"))
@@ -148,8 +154,8 @@ class DenseLlama:
         head = self.w.get("lm_head.weight", self.w["model.embed_tokens.weight"])
         return x @ head.T
 
-    def prompt_logprobs(self, token_ids, cfg: LminfConfig | None = None) -> torch.Tensor:
+    def prompt_logprobs(self, token_ids, cfg: LminfConfig | None = None, attention=None) -> torch.Tensor:
         """[n - 1]: log p(token[t] | tokens[:t]) for t = 1 .. n-1, as vLLM's prompt_logprobs."""
-        logp = torch.log_softmax(self.logits(token_ids, cfg), dim=-1)
+        logp = torch.log_softmax(self.logits(token_ids, cfg, attention), dim=-1)
         ids = torch.as_tensor(token_ids)
         return logp[:-1].gather(1, ids[1:, None])[:, 0]

@@ -1,0 +1,200 @@
+"""The top-k oracle (docs/topk-contract.md) against its own wording and its limiting cases."""
+
+import functools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lminf_vllm.config import LminfConfig
+from lminf_vllm.rope import RotarySpec, cos_sin, default_inv_freq, rotate
+from lminf_vllm.testing.reference import DenseLlama, dense_lambda_attention
+from lminf_vllm.testing.topk_reference import (
+    CHUNK_RULES,
+    GROUP_REDUCE,
+    block_bounds,
+    block_bounds_matmul,
+    blockwise_topk_attention,
+    brute_force_topk_attention,
+    chunk_spans,
+    dense_topk_attention,
+    first_window_block,
+    global_block_count,
+    key_summaries,
+    middle_blocks,
+    query_at_cap,
+    select_blocks,
+    topk_mask_and_distance,
+    topk_selections,
+)
+
+
+def qkv(n, H=4, Hkv=2, D=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, h, D, dtype=torch.float64, generator=g) * 2 for h in (H, Hkv, Hkv))
+
+
+def rope(D=8, neox=True, rotary_dim=None, scaling=1.0):
+    rd = rotary_dim or D
+    return RotarySpec(default_inv_freq(100.0, rd), rd, neox, scaling)
+
+
+def score_at(q0, k0, j, d, rotary):
+    """<R(j + d) q, R(j) k>: key j seen at distance d, rotated as reference.py does."""
+    m = rotary.attention_scaling
+    cq, sq = (t * m for t in cos_sin(torch.tensor(j + d), rotary.inv_freq, q0.dtype))
+    ck, sk = (t * m for t in cos_sin(torch.tensor(j), rotary.inv_freq, q0.dtype))
+    return (rotate(q0, cq, sq, rotary) * rotate(k0, ck, sk, rotary)).sum(-1)
+
+
+@pytest.mark.parametrize("cfg", [LminfConfig(3, 5, 9), LminfConfig(0, 7, 7), LminfConfig(10, 4, 6), LminfConfig(2, 1, 1)])
+@pytest.mark.parametrize("chunks", [None, 1, [20, 1, 1, 11]])
+def test_k0_is_lambda_bit_for_bit(cfg, chunks):
+    q, k, v = qkv(33)
+    for rotary in (rope(), rope(neox=False, rotary_dim=6, scaling=1.3)):
+        lam = dense_lambda_attention(q, k, v, cfg, rotary, 8**-0.5)
+        got = dense_topk_attention(q, k, v, cfg, rotary, 8**-0.5, topk=0, block_size=4, chunks=chunks)
+        assert torch.equal(got, lam)
+
+
+def test_middle_global_and_window_blocks_are_disjoint_and_cover():
+    for G, W, B in [(10, 64, 16), (0, 5, 4), (3, 8, 4), (16, 16, 16), (5, 1, 2)]:
+        cfg = LminfConfig(G, W, max(W, 9))
+        g = global_block_count(cfg, B)
+        for i in range(200):
+            mid = set(middle_blocks(i, cfg, B))
+            window = set(range(first_window_block(i, cfg, B), i // B + 1))
+            assert not mid & set(range(g)) and not mid & window
+            assert set(range(i // B + 1)) <= set(range(g)) | mid | window
+            for b in mid:  # a middle block is complete, and every token of it is outside both branches
+                assert b * B >= G and (b + 1) * B - 1 <= i - W
+
+
+@pytest.mark.parametrize("group_reduce,chunk_rule", [("max", "last"), ("sum", "max")])
+def test_dense_equals_the_contracts_wording(group_reduce, chunk_rule):
+    q, k, v = qkv(20, seed=1)
+    cfg, rotary = LminfConfig(3, 5, 8), rope()
+    kw = dict(topk=2, block_size=3, chunks=[12, 1, 7] if chunk_rule == "last" else [9, 1, 10],
+              group_reduce=group_reduce, chunk_rule=chunk_rule)  # fmt: skip
+    dense = dense_topk_attention(q, k, v, cfg, rotary, 8**-0.5, **kw)
+    loop = brute_force_topk_attention(q, k, v, cfg, rotary, 8**-0.5, **kw)
+    torch.testing.assert_close(dense, loop, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("cfg,B,chunks,rotary,rule", [
+    (LminfConfig(3, 9, 12), 4, [25, 1, 1, 1, 20], rope(), ("max", "last")),
+    (LminfConfig(8, 16, 16), 8, 17, rope(neox=False, rotary_dim=6, scaling=1.3), ("sum", "max")),
+    (LminfConfig(0, 5, 30), 2, None, rope(), ("sum", "last")),
+    (LminfConfig(5, 6, 6), 1, 9, rope(neox=False, rotary_dim=6, scaling=1.3), ("max", "max")),
+])  # fmt: skip
+def test_blockwise_equals_dense(cfg, B, chunks, rotary, rule):
+    q, k, v = qkv(48, seed=2)
+    for topk in (0, 2):
+        kw = dict(topk=topk, block_size=B, chunks=chunks, group_reduce=rule[0], chunk_rule=rule[1])
+        dense = dense_topk_attention(q, k, v, cfg, rotary, 8**-0.5, **kw)
+        fast = blockwise_topk_attention(q, k, v, cfg, rotary, 8**-0.5, rows_per_step=7, **kw)
+        torch.testing.assert_close(fast, dense, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("chunks", [None, [25, 1, 1, 1, 12]])
+def test_all_middle_blocks_and_no_cap_is_full_causal_attention(chunks):
+    n = 40
+    q, k, v = qkv(n, seed=3)
+    cfg, rotary = LminfConfig(5, 6, n), rope()
+    full = dense_lambda_attention(q, k, v, LminfConfig(0, n, n), rotary, 8**-0.5)
+    got = dense_topk_attention(q, k, v, cfg, rotary, 8**-0.5, topk=n, block_size=4, chunks=chunks)
+    torch.testing.assert_close(got, full, atol=1e-12, rtol=0)
+    assert (got - dense_lambda_attention(q, k, v, cfg, rotary, 8**-0.5)).abs().max() > 0.1  # k = 0 differs
+
+
+@pytest.mark.parametrize("G,B", [(5, 4), (0, 3)])
+def test_all_middle_blocks_with_cap_is_full_attention_at_capped_distance(G, B):
+    n = 40
+    q, k, v = qkv(n, seed=4)
+    cfg, rotary = LminfConfig(G, 6, 9), rope()
+    # Λ with every key global: all visible, d = i - j below W, min(i - j, C) above
+    capped = dense_lambda_attention(q, k, v, LminfConfig(n, 6, 9), rotary, 8**-0.5)
+    got = dense_topk_attention(q, k, v, cfg, rotary, 8**-0.5, topk=n, block_size=B, chunks=[20, 1, 19])
+    torch.testing.assert_close(got, capped, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("group_reduce", GROUP_REDUCE)
+def test_one_token_blocks_select_the_best_true_scores(group_reduce):
+    """B = 1, W = C: every middle token is seen at distance C and the bound is its exact score."""
+    n, H, Hkv, topk = 30, 4, 2, 3
+    q, k, _ = qkv(n, H, Hkv, seed=5)
+    cfg, rotary = LminfConfig(2, 6, 6), rope()
+    sel = topk_selections(q, k, cfg, rotary, topk, 1, 1, group_reduce, "last")
+    for s, e, per_head in sel:
+        cand = list(middle_blocks(e - 1, cfg, 1))
+        if not cand:
+            assert per_head == [[], []]
+            continue
+        for h in range(Hkv):
+            heads = range(h * H // Hkv, (h + 1) * H // Hkv)
+            true = torch.stack([torch.stack([score_at(q[e - 1, x], k[j, h], j, cfg.distance_cap, rotary) for x in heads])
+                                for j in cand])  # fmt: skip
+            true = true.amax(1) if group_reduce == "max" else true.sum(1)
+            best = sorted(cand[int(t)] for t in true.argsort(descending=True)[:topk])
+            assert per_head[h] == best, (s, h)
+
+
+def test_ties_go_to_the_lower_block():
+    cfg = LminfConfig(0, 4, 4)
+    bounds = torch.zeros(1, 2, 10)  # one row, 2 heads (one KV head), 10 blocks, all equal
+    bounds[0, :, 7] = 1.0
+    assert select_blocks(bounds, 40, cfg, 4, 3, 1) == [[0, 1, 7]]  # candidates: blocks 0 .. 8
+
+
+@settings(max_examples=40, deadline=None)
+@given(B=st.integers(1, 6), D=st.sampled_from([2, 4, 8]), start=st.integers(0, 5000), cap=st.integers(1, 5000),
+       neox=st.booleans(), seed=st.integers(0, 10**6))  # fmt: skip
+def test_the_bound_is_above_every_score_at_the_cap(B, D, start, cap, neox, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, 1, D, dtype=torch.float64, generator=g) * 3
+    k = torch.randn(start + B, 1, D, dtype=torch.float64, generator=g) * 3
+    rotary = rope(D, neox)
+    cfg = LminfConfig(0, 1, cap)
+    kmin, kmax = key_summaries(k, B, rotary)
+    blk = start // B  # a full block inside [0, start + B)
+    q_cap = query_at_cap(q, cfg, rotary)
+    bound = block_bounds(q_cap, kmin, kmax)[0, 0, blk]
+    torch.testing.assert_close(block_bounds_matmul(q_cap, kmin, kmax)[0, 0, blk], bound, atol=1e-9, rtol=0)
+    for j in range(blk * B, blk * B + B):
+        assert score_at(q[0, 0], k[j, 0], j, cap, rotary) <= bound + 1e-9
+
+
+@settings(max_examples=25, deadline=None)
+@given(G=st.integers(0, 12), W=st.integers(1, 20), B=st.integers(1, 8), topk=st.integers(0, 4),
+       chunk=st.integers(1, 30), seed=st.integers(0, 10**6))  # fmt: skip
+def test_what_a_chunk_reads_fits_the_device_bound(G, W, B, topk, chunk, seed):
+    n, n_kv = 60, 2
+    cfg = LminfConfig(G, W, W)
+    g = torch.Generator().manual_seed(seed)
+    sel = [(s, e, select_blocks(torch.randn(e - s, n_kv, n // B, generator=g), s, cfg, B, topk, n_kv))
+           for s, e in chunk_spans(n, chunk)]  # fmt: skip
+    visible, dist = topk_mask_and_distance(n, cfg, B, topk, sel, n_kv)
+    for s, e, per_head in sel:
+        T = e - s
+        bound = -(-G // B) + -(-(W - 1 + T) // B) + 1 + topk  # SPEC.md's blocks with T in flight, plus k
+        for h in range(n_kv):
+            assert len(per_head[h]) == min(topk, len(middle_blocks(e - 1, cfg, B)))
+            read = {j // B for j in visible[s:e, :, h].any(0).nonzero().flatten().tolist()}
+            assert len(read) <= bound
+            if T == 1:  # a decode step
+                assert len(read) <= -(-G // B) + -(-W // B) + 1 + topk
+    rel = torch.arange(n)[:, None] - torch.arange(n)[None, :]
+    far = visible.any(-1) & (rel >= W)
+    assert torch.equal(dist[far], rel[far].clamp(max=W))  # beyond the window: min(i - j, C)
+
+
+def test_dense_llama_takes_the_topk_attention(tiny_llama):
+    ref = DenseLlama(tiny_llama)
+    ids = torch.randint(1, 290, (80,), generator=torch.Generator().manual_seed(6)).tolist()
+    cfg = LminfConfig(4, 24, 32)
+    lam = ref.logits(ids, cfg)
+    k0 = functools.partial(dense_topk_attention, topk=0, block_size=8, chunks=[60, 20])
+    assert torch.equal(ref.logits(ids, cfg, attention=k0), lam)
+    k2 = functools.partial(dense_topk_attention, topk=2, block_size=8, chunks=[60, 20])
+    assert (ref.logits(ids, cfg, attention=k2) - lam).abs().max() > 1e-3
