@@ -1,7 +1,7 @@
 r"""Build the bundle that lets the H200 machine run this plugin inside vLLM 0.26.0.
 
 The GPU machine has no network and its own torch 2.11.0+cu130; vLLM 0.26.0 is the
-newest vLLM built for that torch (see ../shared/GPU.md). This script, run on a
+newest vLLM built for that torch (docs/gpu.md). This script, run on a
 machine that reaches PyPI:
 
 1. downloads the vLLM 0.26.0 wheel and the cp312 wheels of the dependencies that

@@ -341,6 +341,53 @@ def gen_throughput_smollm2(doc):
                                                            "Prefill and decode throughput, SmolLM2")
 
 
+def serve_speed_table(t: dict) -> str:
+    past = lambda r, key, fmt: fmt(r[key]) if key in r else "cannot run"  # noqa: E731  (stock stops at its table)
+    rows = [[r["backend"], num(r["prefill_inside_tok_s"]), past(r, "prefill_past_tok_s", num),
+             past(r, "prefill_past_x_inside", ratio), num(r["decode_inside_ms"], 2),
+             past(r, "decode_past_ms", lambda x: num(x, 2)), past(r, "decode_past_x_inside", ratio)]
+            for r in t["rows"]]  # fmt: skip
+    a = t["args"]
+    return table(["backend", f"prefill tok/s, {a['inside']}-token prompt", f"prefill tok/s, the {a['past']} tokens after it",
+                  "past / inside", f"decode ms/step at {a['decode_inside']}", f"decode ms/step at {a['decode_past']}",
+                  "past / inside"], rows)  # fmt: skip
+
+
+def gen_serve_speed(doc):
+    rel = f"{RESULTS}/serve-speed.json"
+    t = load(rel)
+    lm = next(r for r in t["rows"] if r["backend"] == "lminf")
+    cfg = lm["lminf"]
+    settings = (f"`make serve`'s engine: SmolLM2-135M-Instruct, {lm['dtype']}, blocks of {lm['block_size']}, "
+                f"{'torch.compile' if lm['compiled'] else 'enforce_eager'}, steps of {t['args']['step_tokens']} tokens, "
+                f"lminf G={cfg['global_tokens']}, W={cfg['local_tokens']}, C={cfg['distance_cap']}; "
+                f"best of {t['args']['repeats']} runs; {t['seconds']} s in all.")  # fmt: skip
+    return "\n\n".join([serve_speed_table(t), settings, doc.source(rel, command("benchmarks/serve_speed.py", t["args"], rel))])
+
+
+def gen_vllm_bench(doc):
+    rel = f"{RESULTS}/vllm-bench-throughput.json"
+    t = load(rel)
+    base_name = ast.literal_eval(t["args"]["backends"])[0]
+    base = {r["prompt_tokens"]: r for r in t["rows"] if r["backend"] == base_name}
+    def row(r):
+        b = base.get(r["prompt_tokens"], {})
+        if "skipped" in r:
+            return [r["prompt_tokens"], r["backend"], "cannot run: " + r["skipped"], "", ""]
+        vs = ratio(r["tokens_per_second"] / b["tokens_per_second"]) if "tokens_per_second" in b else ""
+        return [r["prompt_tokens"], r["backend"], num(r["requests_per_second"], 3), num(r["tokens_per_second"]), vs]
+
+    rows = [row(r) for r in t["rows"]]
+    a = t["args"]
+    example = re.sub(r"--output-json \S+", "--output-json FILE", t["rows"][-1]["command"])
+    settings = (f"SmolLM2-135M-Instruct; {a['num_prompts']} random prompts per length, {a['output_len']} tokens out "
+                f"each; lminf with `make serve`'s settings (G={a['global_tokens']}, W = C = 8,192); "
+                f"VLLM_CPU_KVCACHE_SPACE={a['kv_gib']}. Each row is one `vllm bench throughput` command "
+                f"(recorded in the JSON), e.g. `vllm {example}`.")  # fmt: skip
+    return "\n\n".join([table(["prompt", "backend", "requests/s", "tokens/s", f"tokens/s x {base_name}"], rows),
+                         settings, doc.source(rel, command("benchmarks/vllm_bench.py", t["args"], rel))])
+
+
 def gen_readme_speed(doc):
     parts = []
     for rel, what in ((f"{RESULTS}/throughput.json", "the random 2-layer benchmark Llama"),
@@ -717,6 +764,8 @@ GENERATORS = {
     "generation-smollm2": gen_generation_smollm2,
     "throughput-cpu": gen_throughput_cpu,
     "throughput-smollm2": gen_throughput_smollm2,
+    "serve-speed": gen_serve_speed,
+    "vllm-bench": gen_vllm_bench,
     "cpu-prefill": gen_cpu_prefill,
     "kv-memory": gen_kv_memory,
     "soak": gen_soak,

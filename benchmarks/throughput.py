@@ -41,6 +41,7 @@ def parse_args(argv=None):
     p.add_argument("--backends", nargs="+", default=["CPU_ATTN", "lminf"],
                    help="the first is the baseline of the ratios (on GPUs: FLASH_ATTN lminf)")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--compile", action="store_true", help="torch.compile as vLLM's default (else enforce_eager)")
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--executor", choices=["mp", "ray"], default=None, help="distributed_executor_backend")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per point; the fastest counts")
@@ -56,7 +57,7 @@ def measure(args, model, backend, n):
     dtype_bytes = 4 if args.dtype == "float32" else 2
     kv_bytes = kv_blocks * page_bytes(model, args.block_size, dtype_bytes) // args.tensor_parallel_size  # per worker
     llm = LLM(
-        model=str(model), dtype=args.dtype, enforce_eager=True, block_size=args.block_size, seed=0,
+        model=str(model), dtype=args.dtype, enforce_eager=not args.compile, block_size=args.block_size, seed=0,
         attention_backend=backend, max_model_len=n + args.gen, max_num_seqs=args.batch,
         enable_prefix_caching=False,  # each timed run computes its prompts in full
         disable_log_stats=False,  # per-request timestamps

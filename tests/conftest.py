@@ -1,7 +1,7 @@
 import os
 
 # In-process engines start in seconds; without thread binding they run at full
-# speed on a shared CI machine (see ../shared/VLLM-CPU.md).
+# speed on a shared CI machine.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

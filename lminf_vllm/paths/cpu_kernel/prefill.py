@@ -26,8 +26,8 @@ cache built per chunk removes both:
   weight m, over Z = Z_window + e^(scale λ_i). With r = e^(scale λ_i) / Z_global
   (1 up to λ's rounding to the cache dtype), the exact Λ output is
   (U / Z + (m / r) o_global) / (1 - m + m / r). One channel more makes the
-  head size the kernel's next one (64 -> 80: about 6% more time; doubling the
-  head for the second rotation, as this path did before, cost 1.9x).
+  head size the kernel's next one (64 -> 80), where doubling it for the
+  second rotation, as this path did before, doubled the kernel's work.
 
 By row kind (routing.py): TRUE_DISTANCE rows take the globals unrotated and
 the head size as it is; CAPPED rows the virtual key and one channel more;
