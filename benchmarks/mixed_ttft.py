@@ -42,6 +42,10 @@ from pathlib import Path
 
 import requests
 
+sys.path.insert(0, str(Path(__file__).parent))
+
+from soak import wait_ready  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = Path.home() / ".cache" / "lminf-vllm" / "SmolLM2-135M-Instruct"
 MAX_MODEL_LEN = 131072
@@ -104,17 +108,7 @@ class Server:
                                      start_new_session=True)  # fmt: skip
 
     def wait_ready(self, timeout: float = 600) -> None:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"vllm serve exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
-            try:
-                if requests.get(f"{self.url}/v1/models", timeout=2).ok:
-                    return
-            except requests.ConnectionError:
-                pass
-            time.sleep(1)
-        raise RuntimeError(f"vllm serve not ready after {timeout}s:\n{self.log()[-3000:]}")
+        wait_ready(self.proc, self.url, self.log_path, timeout)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
