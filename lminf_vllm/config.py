@@ -9,7 +9,7 @@ from typing import Any, Mapping
 
 CONFIG_KEY = "lminf"  # additional_config["lminf"]
 DEFAULT_GLOBAL_TOKENS = 10  # the paper's setting for generation
-KNOWN_KEYS = ("global_tokens", "local_tokens", "distance_cap")
+KNOWN_KEYS = ("global_tokens", "local_tokens", "distance_cap", "topk_blocks")
 
 
 class LminfConfigError(ValueError):
@@ -21,12 +21,16 @@ class LminfConfig:
     global_tokens: int  # G: the first G tokens stay visible to every query
     local_tokens: int  # W: each query sees the W most recent tokens, itself included
     distance_cap: int  # C: the largest relative distance the model is shown
+    # k: middle blocks each (sequence, layer, KV head) reads again per step, from
+    # the host store (docs/topk-contract.md); 0 is SPEC.md's Λ-mask, bit for bit.
+    topk_blocks: int = 0
 
     def describe(self) -> str:
-        return (
+        text = (
             f"global_tokens={self.global_tokens} local_tokens={self.local_tokens} "
             f"distance_cap={self.distance_cap}"
         )
+        return text + (f" topk_blocks={self.topk_blocks}" if self.topk_blocks else "")
 
 
 # The keys vLLM reads a model's length from, in its order; the smallest present
@@ -167,4 +171,9 @@ def parse_lminf_config(raw: Any, hf_config: Any) -> LminfConfig:
             f"additional_config.lminf.local_tokens = {local} is invalid: it must satisfy "
             f"1 <= local_tokens <= distance_cap (= {cap})"
         )
-    return LminfConfig(global_tokens=glob, local_tokens=local, distance_cap=cap)
+    topk = _int_field(raw, "topk_blocks", 0)
+    if topk < 0:
+        raise LminfConfigError(
+            f"additional_config.lminf.topk_blocks = {topk} is invalid: it must be >= 0 (0: off)"
+        )
+    return LminfConfig(global_tokens=glob, local_tokens=local, distance_cap=cap, topk_blocks=topk)

@@ -38,12 +38,32 @@ class StepBatch:
     slot_mapping: torch.Tensor  # [>= num_tokens] flat cache slot of each token (< 0: padding)
     max_query_len: int
     max_seq_len: int
+    request_ids: tuple[str, ...] | None = None  # vLLM's id of each request (None: not known, e.g. a dummy run)
+    finished: frozenset[str] = frozenset()  # requests that ended since the last step
 
     def requests(self) -> list[tuple[int, int, int, int]]:
         """(request, first token, query count, seq_len after the step) per request: host work."""
         starts = self.query_start_loc_cpu[: self.num_reqs + 1].tolist()
         lens = self.seq_lens[: self.num_reqs].cpu().tolist()
         return [(r, starts[r], starts[r + 1] - starts[r], lens[r]) for r in range(self.num_reqs)]
+
+
+# The model runner publishes which requests a step's batch holds (and which
+# ended) just before it builds the step's attention metadata
+# (runtime_patches/patch_worker_gpu_model_runner.py); the builder reads them.
+_published: dict = {"ids": None, "finished": frozenset()}
+
+
+def publish_requests(request_ids, finished) -> None:
+    _published["ids"] = tuple(request_ids)
+    _published["finished"] = _published["finished"] | frozenset(finished)
+
+
+def take_published_requests(num_reqs: int) -> dict:
+    """StepBatch's request_ids and finished for a batch of num_reqs requests (taken once)."""
+    ids, finished = _published["ids"], _published["finished"]
+    _published["ids"], _published["finished"] = None, frozenset()
+    return {"request_ids": ids if ids is not None and len(ids) == num_reqs else None, "finished": finished}
 
 
 @dataclass

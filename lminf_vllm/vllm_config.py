@@ -5,7 +5,7 @@ from typing import Any
 
 from lminf_vllm import vllm_compat
 from lminf_vllm.config import CONFIG_KEY, LminfConfig, LminfConfigError, parse_lminf_config
-from lminf_vllm.model_support import check_model_supported
+from lminf_vllm.model_support import check_model_supported, uses_alibi
 
 BACKEND_PATH = "lminf_vllm.backend.LminfAttentionBackend"
 ALIASES = ("lminf", "LMINF")
@@ -110,6 +110,11 @@ def lminf_config_from_vllm(vllm_config: Any) -> LminfConfig:
     check_model_supported(vllm_config.model_config.hf_config)
     check_engine_supported(vllm_config)
     cfg = parse_lminf_config(additional.get(CONFIG_KEY), vllm_config.model_config.hf_text_config)
+    if cfg.topk_blocks and uses_alibi(vllm_config.model_config.hf_config):
+        raise LminfConfigError(
+            f"additional_config.lminf.topk_blocks = {cfg.topk_blocks} is not supported for ALiBi models: "
+            "top-k middle blocks need a RoPE model (docs/topk-contract.md, ALiBi); use topk_blocks=0"
+        )
     if isinstance(vllm_config.additional_config, dict):  # a copy: the user's dict may serve other engines
         vllm_config.additional_config = {**additional, RESOLVED_KEY: dataclasses.asdict(cfg)}
     return cfg

@@ -21,9 +21,14 @@ from lminf_vllm.step import EngineShape
 
 
 def choose(shape: EngineShape) -> ModuleType:
-    """The path for an engine: Triton on CUDA (RoPE models), vLLM's CPU kernel
-    on CPU where it can read our layout, else PyTorch. Imports only what it
-    picks: the CPU paths never load triton."""
+    """The path for an engine: top-k engines (topk_blocks > 0) their own;
+    otherwise Triton on CUDA (RoPE models), vLLM's CPU kernel on CPU where it
+    can read our layout, else PyTorch. Imports only what it picks: the CPU
+    paths never load triton."""
+    if shape.cfg.topk_blocks:
+        from lminf_vllm.paths import topk
+
+        return topk
     if shape.device_type == "cuda":
         from lminf_vllm.paths import triton
 

@@ -12,7 +12,8 @@ How: after the original __post_init__, if lminf is the selected backend, parse
     a long prompt's prefill does not starve short requests (one log line says
     so and how to override it; vllm_config.default_long_prefill_token_threshold);
     and on CPU, if no KV size was given, reserve max_num_seqs x the per-sequence
-    bound where that is less than vLLM's default (vllm_config.default_kv_cache_bytes).
+    bound where that is less than vLLM's default (vllm_config.default_kv_cache_bytes);
+    and with topk_blocks > 0, turn prefix caching off (docs/topk-contract.md).
 Upstream: a validation hook for attention backends on the final VllmConfig
     (through which the backend would also set its scheduling default).
 Remove when: vLLM calls such a hook (e.g. `AttentionBackend.validate_config`).
@@ -126,6 +127,12 @@ def apply() -> bool:
                     logger.info("%s", _kv_bound_line(self, cfg, block_size, max_blocks_per_sequence))
                     _size_kv_cache(self, cfg, block_size, max_blocks_per_sequence)
                 _bound_long_prefills(self)
+                if cfg.topk_blocks and self.cache_config.enable_prefix_caching:
+                    self.cache_config.enable_prefix_caching = False
+                    logger.info(
+                        "lminf top-k: prefix caching is off (a block's keys depend on how the request that "
+                        "wrote it was chunked, and the host store only holds blocks this engine computed)"
+                    )
             elif CONFIG_KEY in (self.additional_config or {}):
                 logger.warning(
                     "additional_config.lminf is set but the attention backend is not lminf; "

@@ -18,6 +18,18 @@ How: before sampling, snapshot the state of the CPU generators of requests
 Upstream: rewind CPU generators by state in `_bookkeeping_sync` (or make the
     sampler not draw for discarded rows).
 Remove when: vLLM handles CPU generators there.
+
+Target 2: GPUModelRunner._update_states and ._build_attention_metadata
+Why: the top-k path (topk_blocks > 0) keeps each request's middle blocks in a
+    host store keyed by request id, and must forget a request when it ends;
+    CommonAttentionMetadata carries neither the ids nor the ended requests.
+How: in lminf engines, collect scheduler_output.finished_req_ids, and just
+    before the step's attention metadata is built publish the batch's request
+    ids (input_batch order, the block table's rows) and the ended ones
+    (step.publish_requests); the metadata builder takes them into StepBatch.
+Upstream: request ids on CommonAttentionMetadata (and an end-of-request hook
+    for attention backends).
+Remove when: vLLM passes them.
 """
 
 import os
@@ -31,6 +43,7 @@ TARGET = "vllm.v1.worker.gpu_model_runner.GPUModelRunner._sample"
 VLLM_VERSIONS = SUPPORTED_VLLM_SERIES
 _SNAPSHOTS = "_lminf_cpu_rng_snapshots"
 _ENABLED = "_lminf_seeded_sampling_fix"
+_FINISHED = "_lminf_finished_requests"  # ended since the last step's metadata (None: not an lminf engine)
 OPT_IN_ENV = "LMINF_SEEDED_SAMPLING_FIX"
 
 
@@ -43,6 +56,15 @@ def enabled(runner) -> bool:
         decided = os.environ.get(OPT_IN_ENV) == "1" or is_lminf_selected(runner.vllm_config)
         setattr(runner, _ENABLED, decided)
     return decided
+
+
+def is_lminf_engine(runner) -> bool:
+    """Whether this runner's engine selects lminf (decided once per runner)."""
+    if not hasattr(runner, _FINISHED):
+        from lminf_vllm.vllm_config import is_lminf_selected
+
+        setattr(runner, _FINISHED, set() if is_lminf_selected(runner.vllm_config) else None)
+    return getattr(runner, _FINISHED) is not None
 
 
 def _discarded_cpu_generators(runner) -> dict:
@@ -82,12 +104,34 @@ def apply() -> bool:
 
         return _bookkeeping_sync
 
+    def make_update_states(original):
+        def _update_states(self, scheduler_output):
+            if is_lminf_engine(self):
+                getattr(self, _FINISHED).update(scheduler_output.finished_req_ids)
+            return original(self, scheduler_output)
+
+        return _update_states
+
+    def make_build_attention_metadata(original):
+        def _build_attention_metadata(self, num_tokens, num_reqs, *args, **kwargs):
+            if is_lminf_engine(self):
+                from lminf_vllm.step import publish_requests
+
+                publish_requests(self.input_batch.req_ids[:num_reqs], getattr(self, _FINISHED))
+                getattr(self, _FINISHED).clear()
+            return original(self, num_tokens, num_reqs, *args, **kwargs)
+
+        return _build_attention_metadata
+
     applied = replace_attr(GPUModelRunner, "_sample", make_sample)
     replace_attr(GPUModelRunner, "_bookkeeping_sync", make_bookkeeping)
+    replace_attr(GPUModelRunner, "_update_states", make_update_states)
+    replace_attr(GPUModelRunner, "_build_attention_metadata", make_build_attention_metadata)
     return applied
 
 
 def is_applied() -> bool:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    return is_patched(GPUModelRunner, "_sample") and is_patched(GPUModelRunner, "_bookkeeping_sync")
+    names = ("_sample", "_bookkeeping_sync", "_update_states", "_build_attention_metadata")
+    return all(is_patched(GPUModelRunner, name) for name in names)

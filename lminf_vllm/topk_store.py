@@ -1,0 +1,108 @@
+"""The host store of top-k attention: every middle block's keys, values and summary.
+
+docs/topk-contract.md, "What the device pool and the host store hold". A block
+leaves the KV pool the moment it falls out of the window (kv_cache.py); with
+topk_blocks > 0 its keys and values are copied here first: in fact as soon as
+the block is complete, since that is the last moment the worker certainly
+still owns it (a freed block may be written by another sequence in the very
+step that frees it). Kept per (request, layer), indexed by block number.
+
+The summary of a block is Quest's: per KV head and channel, the minimum and
+maximum of its keys rotated back to position 0 (float32). The store lives in
+host memory; the interface (put, summaries, gather, drop) is what a disk or
+LMCache tier would implement. No vLLM import.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class _Entry:
+    keys: torch.Tensor  # [capacity, B, Hkv, D] in the cache dtype, rotated at their true positions
+    values: torch.Tensor  # [capacity, B, Hkv, Dv]
+    lo: torch.Tensor  # [capacity, Hkv, D] float32
+    hi: torch.Tensor
+    blocks: int = 0  # blocks [first put, blocks) are valid (global blocks are never stored: zeros)
+
+
+class HostStore:
+    """Middle blocks off the KV pool, per (request, layer); a layer is any int key (its cache's address)."""
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self._entries: dict[tuple[str, int], _Entry] = {}
+
+    def blocks(self, request: str, layer: int) -> int:
+        entry = self._entries.get((request, layer))
+        return 0 if entry is None else entry.blocks
+
+    def put(self, request: str, layer: int, first_block: int, keys, values, lo, hi) -> None:
+        """Blocks [first_block, first_block + n): keys/values [n, B, Hkv, D], lo/hi [n, Hkv, D].
+
+        Blocks complete in order, so a put follows the last one; one that starts
+        earlier (the request is computed again after preemption) overwrites and
+        forgets every block after it."""
+        n = keys.shape[0]
+        entry = self._entries.get((request, layer))
+        if entry is None or entry.keys.shape[0] < first_block + n:
+            entry = self._grow(entry, first_block + n, keys, values)
+            self._entries[(request, layer)] = entry
+        if entry.blocks and first_block > entry.blocks:  # (a request's first put starts at its first middle block)
+            raise RuntimeError(f"top-k host store: block {first_block} of {request} follows block {entry.blocks - 1}")
+        stop = first_block + n
+        entry.keys[first_block:stop] = keys.to(self.device)
+        entry.values[first_block:stop] = values.to(self.device)
+        entry.lo[first_block:stop] = lo.to(self.device)
+        entry.hi[first_block:stop] = hi.to(self.device)
+        entry.blocks = stop
+
+    def _grow(self, entry: _Entry | None, need: int, keys, values) -> _Entry:
+        cap = max(need, 2 * (0 if entry is None else entry.keys.shape[0]), 16)  # amortised doubling
+        _, B, Hkv, D = keys.shape
+        new = _Entry(
+            keys=torch.zeros(cap, B, Hkv, D, dtype=keys.dtype, device=self.device),
+            values=torch.zeros(cap, B, Hkv, values.shape[-1], dtype=values.dtype, device=self.device),
+            lo=torch.zeros(cap, Hkv, D, dtype=torch.float32, device=self.device),
+            hi=torch.zeros(cap, Hkv, D, dtype=torch.float32, device=self.device),
+        )
+        if entry is not None:
+            n = entry.blocks
+            new.keys[:n], new.values[:n], new.lo[:n], new.hi[:n] = entry.keys[:n], entry.values[:n], entry.lo[:n], entry.hi[:n]
+            new.blocks = n
+        return new
+
+    def summaries(self, request: str, layer: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """lo, hi [stop - start, Hkv, D] of blocks [start, stop) (all stored)."""
+        entry = self._entries[(request, layer)]
+        if stop > entry.blocks:
+            raise RuntimeError(f"top-k host store: block {stop - 1} of {request} was never stored")
+        return entry.lo[start:stop], entry.hi[start:stop]
+
+    def gather(self, request: str, layer: int, chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the chosen blocks [Hkv, k] (one list per KV head): [Hkv, k * B, D] each.
+        Head h reads only its own slice of each of its blocks."""
+        entry = self._entries[(request, layer)]
+        Hkv, k = chosen.shape
+        heads = torch.arange(Hkv, device=self.device)[:, None]
+        blocks = chosen.to(self.device)
+        # entry.keys[blocks] is [Hkv, k, B, Hkv', D]: keep head h's own slice (h' = h)
+        keys = entry.keys[blocks, :, heads]  # [Hkv, k, B, D]
+        values = entry.values[blocks, :, heads]
+        B = entry.keys.shape[1]
+        return keys.reshape(Hkv, k * B, -1), values.reshape(Hkv, k * B, -1)
+
+    def drop(self, requests) -> None:
+        """Forget finished requests."""
+        gone = set(requests)
+        if gone:
+            for key in [key for key in self._entries if key[0] in gone]:
+                del self._entries[key]
+
+    def requests(self) -> set[str]:
+        return {request for request, _ in self._entries}
+
+    def nbytes(self) -> int:
+        """Host memory held (capacity, not only the valid blocks)."""
+        return sum(t.nbytes for e in self._entries.values() for t in (e.keys, e.values, e.lo, e.hi))
