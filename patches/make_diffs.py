@@ -152,6 +152,71 @@ def register_backend_alias(alias: str, backend: AttentionBackendEnum) -> None:
             and gen.device.type == "cpu"
         }
 ''',
+    ), (
+        "v1/attention/backend.py",
+        '''    req_idx: np.ndarray | None = None
+    """(batch_size,) index of each row's request in the runner's request
+    table. Rows of one request are adjacent, so equal neighbours are PCP
+    chunks sharing one KV context."""
+''',
+        '''    req_idx: np.ndarray | None = None
+    """(batch_size,) index of each row's request in the runner's request
+    table. Rows of one request are adjacent, so equal neighbours are PCP
+    chunks sharing one KV context."""
+
+    req_ids: list[str] | None = None
+    """vLLM's request id of each real (unpadded) row, in the block table's
+    order, for backends that keep state per request across steps (see
+    AttentionMetadataBuilder.on_requests_finished). None where not known
+    (dummy runs, micro-batch slices)."""
+''',
+    ), (
+        "v1/attention/backend.py",
+        '''            req_idx=maybe_slice_reqs(self.req_idx),
+''',
+        '''            req_idx=maybe_slice_reqs(self.req_idx),
+            req_ids=maybe_slice_reqs(self.req_ids),
+''',
+    ), (
+        "v1/attention/backend.py",
+        '''    def update_block_table(
+''',
+        '''    def on_requests_finished(self, req_ids: set[str]) -> None:
+        """Requests that ended (finished or aborted) since the last step: drop
+        any state kept for them under CommonAttentionMetadata.req_ids. Called
+        by the model runner before the step's metadata is built."""
+        return None
+
+    def update_block_table(
+''',
+    ), (
+        "v1/worker/gpu_model_runner.py",
+        '''        self.late_interaction_runner.on_requests_finished(
+            scheduler_output.finished_req_ids
+        )
+''',
+        '''        self.late_interaction_runner.on_requests_finished(
+            scheduler_output.finished_req_ids
+        )
+        if scheduler_output.finished_req_ids:
+            for attn_group in self._attn_group_iterator():
+                for builder in attn_group.metadata_builders:
+                    builder.on_requests_finished(scheduler_output.finished_req_ids)
+''',
+    ), (
+        "v1/worker/gpu_model_runner.py",
+        '''            rswa_prefix_lens=rswa_prefix_lens,
+        )
+''',
+        '''            rswa_prefix_lens=rswa_prefix_lens,
+            # A scheduled step's requests; dummy runs have none.
+            req_ids=(
+                self.input_batch.req_ids[:num_reqs]
+                if num_scheduled_tokens is not None
+                else None
+            ),
+        )
+''',
     )],
     "patch_engine_arg_utils": [(
         "config/model.py",
@@ -167,12 +232,26 @@ def register_backend_alias(alias: str, backend: AttentionBackendEnum) -> None:
         '''    def __post_init__(self):
 ''',
         '''    def _validate_attention_backend(self) -> None:
-        """Let the selected backend refuse settings it cannot serve, at start-up."""
+        """Let the selected backend refuse settings it cannot serve, at start-up,
+        and turn prefix caching off where the backend cannot reuse cached blocks."""
         backend = self.attention_config.backend
         if backend is not None and backend.is_overridden():
             backend_cls = backend.get_class()
             if hasattr(backend_cls, "validate_vllm_config"):
                 backend_cls.validate_vllm_config(self)
+            if (
+                self.cache_config.enable_prefix_caching
+                and hasattr(backend_cls, "supports_prefix_caching")
+                and not backend_cls.supports_prefix_caching(self)
+            ):
+                # Before try_verify_and_update_config, as for the encoder-only
+                # instances below, so model config hooks see it disabled.
+                logger.info(
+                    "Disabling prefix caching: the %s attention backend cannot "
+                    "reuse cached blocks with this configuration.",
+                    backend_cls.get_name(),
+                )
+                self.cache_config.enable_prefix_caching = False
 
     def __post_init__(self):
 ''',
