@@ -13,33 +13,58 @@ Scores: a key at i - j <= C is read as stored, <q_i, k_j>; one further back is
 seen at distance C, <R(C - i) q_i, R(-j) k_j> (rotations compose), the same
 rewrite the global branch of SPEC.md uses. Only keys with j < i - C need it:
 the global blocks, the old edge of the first window block, the selected blocks.
+
+The index work of a chunk (which pool blocks, which slot each row sees, the
+rotation angles) is the same for every layer: `plan_chunk` does it once per
+step, `attend_chunk` runs per layer.
 """
+
+from dataclasses import dataclass
 
 import torch
 
+from lminf_vllm.block_policy import first_window_block, global_blocks
 from lminf_vllm.config import LminfConfig
-from lminf_vllm.kv_layout import read_rows
+from lminf_vllm.kv_layout import read_blocks
 from lminf_vllm.rope import RotarySpec, cos_sin, rotate
 
 # Rows of a prefill chunk attended at once: O(span x (G + W + span)) scores.
 QUERY_SPAN = 256
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+class _AngleTable:
+    """cos, sin of position * inv_freq for positions [0, n), formed in float64 as rope.cos_sin
+    does, kept across steps: every rotation here is a lookup (negative angles by symmetry)."""
+
+    def __init__(self) -> None:
+        self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._keys: dict[int, tuple] = {}  # id(inv_freq) -> (inv_freq, its values): layers share a table
+
+    def key(self, rotary: RotarySpec) -> tuple:
+        found = self._keys.get(id(rotary.inv_freq))
+        if found is None:
+            found = (rotary.inv_freq, (rotary.rotary_dim, tuple(rotary.inv_freq.tolist())))
+            self._keys[id(rotary.inv_freq)] = found  # (holding inv_freq keeps its id from being reused)
+        return found[1]
+
+    def __call__(self, positions: torch.Tensor, rotary: RotarySpec) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (self.key(rotary), positions.device.type)
+        cos, sin = self._tables.get(key, (None, None))
+        need = int(positions.abs().max()) + 1 if positions.numel() else 0
+        if cos is None or cos.shape[0] < need:
+            size = max(need, 2 * (0 if cos is None else cos.shape[0]), 4096)
+            cos, sin = cos_sin(torch.arange(size, device=positions.device), rotary.inv_freq, torch.float32)
+            self._tables[key] = (cos, sin)
+        c, s = cos[positions.abs()], sin[positions.abs()]
+        return c, torch.where((positions < 0)[..., None], -s, s)
 
 
-def global_blocks(cfg: LminfConfig, B: int) -> int:
-    return _cdiv(cfg.global_tokens, B)
-
-
-def first_window_block(i: int, cfg: LminfConfig, B: int) -> int:
-    return max(0, i - cfg.local_tokens + 1) // B
+angles = _AngleTable()
 
 
 def _moved(x: torch.Tensor, positions: torch.Tensor, rotary: RotarySpec) -> torch.Tensor:
     """x [N, ..., D] (float32) rotated by positions[N] (one angle per leading row)."""
-    cos, sin = cos_sin(positions, rotary.inv_freq, torch.float32)
+    cos, sin = angles(positions, rotary)
     shape = (positions.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[-1],)
     return rotate(x, cos.view(shape), sin.view(shape), rotary)
 
@@ -68,35 +93,53 @@ def select_blocks(q_last: torch.Tensor, position: int, lo: torch.Tensor, hi: tor
     return torch.sort(order, dim=-1).values + first
 
 
-def _scores(qf, q_cap, i, keys, pos, cap: int, rotary):
-    """[T, Hkv, g, L] scores of queries qf [T, Hkv, g, D] at rows i [T] against keys at positions pos.
+@dataclass
+class Span:
+    """Rows [a, b) of a chunk and what they read from the pool: the same for every layer."""
 
-    keys [L, Hkv, D] with pos [L] (shared by the heads), or [Hkv, L, D] with pos [Hkv, L] (per KV head)."""
-    per_head = pos.dim() == 2
-    plain = torch.einsum("tkgd,kld->tkgl" if per_head else "tkgd,lkd->tkgl", qf, keys)
-    far_pos = pos.amin() if pos.numel() else None
-    if far_pos is None or int(i[-1]) - int(far_pos) <= cap:
-        return plain
-    # only keys that some row sees past the cap need the second rotation
-    if per_head:
-        cos, sin = cos_sin(-pos, rotary.inv_freq, torch.float32)  # [Hkv, L, F]
-        at_zero = rotate(keys, cos, sin, rotary)
-        capped = torch.einsum("tkgd,kld->tkgl", q_cap, at_zero)
-        far = (i[:, None, None] - pos[None]) > cap  # [T, Hkv, L]
-        return torch.where(far[:, :, None, :], capped, plain)
-    n_far = int((pos < int(i[-1]) - cap).sum())  # pos ascending: a prefix
-    at_zero = _moved(keys[:n_far], -pos[:n_far], rotary)
-    capped = torch.einsum("tkgd,lkd->tkgl", q_cap, at_zero)
-    far = (i[:, None] - pos[None, :n_far]) > cap  # [T, n_far]
-    plain[..., :n_far] = torch.where(far[:, None, None, :], capped, plain[..., :n_far])
-    return plain
+    a: int
+    b: int
+    rows: torch.Tensor  # [T'] positions a .. b-1
+    blocks: torch.Tensor  # [nb] physical ids: the global blocks, then the window blocks from fa on
+    pos: torch.Tensor  # [L] positions of the slots read (L <= nb * B: the last block's unwritten tail is cut)
+    logical: torch.Tensor  # [L] their logical blocks
+    seen: torch.Tensor  # [T', L] whole global blocks and whole window blocks, causal
+    fa: int  # first window block of row a: selected blocks before it come from the store
+    n_far: int  # the first n_far slots are read past the cap by some row
+    q_cap: tuple  # cos, sin [T', F]: rows rotated to position C
+    k_zero: tuple  # cos, sin [n_far, F]: the far slots rotated back to position 0
+
+
+def plan_chunk(s: int, e: int, block_row: torch.Tensor, cfg: LminfConfig, B: int, rotary: RotarySpec) -> list[Span]:
+    """The spans of chunk rows [s, e) of one request with block table block_row."""
+    g, C = global_blocks(cfg.global_tokens, B), cfg.distance_cap
+    dev = block_row.device
+    spans = []
+    for a in range(s, e, QUERY_SPAN):
+        b = min(a + QUERY_SPAN, e)
+        fa = first_window_block(a, cfg.local_tokens, B)
+        logical_blocks = torch.cat((torch.arange(min(g, fa), device=dev), torch.arange(fa, (b - 1) // B + 1, device=dev)))
+        pos = (logical_blocks[:, None] * B + torch.arange(B, device=dev)).flatten()[: len(logical_blocks) * B - ((b - 1) // B * B + B - b)]
+        rows = torch.arange(a, b, device=dev)
+        logical = pos // B
+        fwb = (rows - cfg.local_tokens + 1).clamp(min=0) // B
+        seen = (pos[None] <= rows[:, None]) & ((logical[None] < g) | (logical[None] >= fwb[:, None]))
+        n_far = int((pos < b - 1 - C).sum())  # ascending: a prefix
+        spans.append(Span(a, b, rows, block_row[logical_blocks].long(), pos, logical, seen, fa, n_far,
+                          angles(C - rows, rotary), angles(-pos[:n_far], rotary)))  # fmt: skip
+    return spans
+
+
+def _rot(x, cos_sin_pair, rotary, heads_axes: int):
+    cos, sin = cos_sin_pair
+    shape = (cos.shape[0],) + (1,) * heads_axes + (cos.shape[-1],)
+    return rotate(x, cos.view(shape), sin.view(shape), rotary)
 
 
 def attend_chunk(
     q: torch.Tensor,  # [T, H, D] rows s .. s + T - 1, rotated at their positions
-    s: int,
+    spans: list[Span],
     kv_cache: torch.Tensor,
-    block_row: torch.Tensor,  # the request's block table
     layout: str,
     chosen: torch.Tensor,  # [Hkv, k] the chunk's selected blocks (k may be 0)
     store_kv: tuple[torch.Tensor, torch.Tensor] | None,  # their keys, values [Hkv, k * B, D] (None when k = 0)
@@ -106,38 +149,42 @@ def attend_chunk(
 ) -> torch.Tensor:
     """Top-k attention of one chunk. -> [T, H, Dv] float32."""
     T, H, D = q.shape
-    B = kv_cache.shape[2]
-    g, C = global_blocks(cfg, B), cfg.distance_cap
-    dev = q.device
-    Hkv = chosen.shape[0]
-    out = []
-    for a in range(s, s + T, QUERY_SPAN):
-        b = min(a + QUERY_SPAN, s + T)
-        i = torch.arange(a, b, device=dev)
-        fa = first_window_block(a, cfg, B)
-        # What the pool holds for these rows: the global blocks, then the window blocks from fa on.
-        glob_end = min(g * B, fa * B, b)
-        pos = torch.cat((torch.arange(0, glob_end, device=dev), torch.arange(fa * B, b, device=dev)))
-        k_pool, v_pool = read_rows(kv_cache, block_row[pos // B].long(), pos % B, D, layout)
-        qf = q[a - s : b - s].float().view(b - a, Hkv, H // Hkv, D)
-        q_cap = _moved(qf, C - i, rotary)
-        blk = pos // B
-        fwb = (i - cfg.local_tokens + 1).clamp(min=0) // B
-        seen = (pos[None] <= i[:, None]) & ((blk[None] < g) | (blk[None] >= fwb[:, None]))  # [T', L]
-        seen = seen[:, None, :].expand(-1, Hkv, -1)
-        if chosen.numel():  # selected blocks the pool still holds (a long chunk's own past): per head
-            picked = (blk[None, :, None] == chosen[:, None, :].to(dev)).any(-1)  # [Hkv, L]
-            seen = seen | (picked[None] & (pos[None, None, :] <= i[:, None, None]))
-        scores = [_scores(qf, q_cap, i, k_pool.float(), pos, C, rotary)]
-        masks, values = [seen], [v_pool.float().transpose(0, 1)]  # values per head: [Hkv, L, Dv]
-        if chosen.numel():  # the rest come from the store
-            k_st, v_st = store_kv
-            pos_st = (chosen.to(dev)[:, :, None] * B + torch.arange(B, device=dev)).flatten(1)  # [Hkv, k * B]
-            scores.append(_scores(qf, q_cap, i, k_st.float(), pos_st, C, rotary))
-            masks.append(((pos_st < fa * B)[None] & (pos_st[None] <= i[:, None, None])))
-            values.append(v_st.float())
-        s_all = torch.cat(scores, dim=-1) * scale
-        s_all = s_all.masked_fill(~torch.cat(masks, dim=-1)[:, :, None, :], float("-inf"))
-        probs = torch.softmax(s_all, dim=-1)
-        out.append(torch.einsum("tkgl,kld->tkgd", probs, torch.cat(values, dim=1)).reshape(b - a, H, -1))
-    return torch.cat(out, dim=0)
+    B, C = kv_cache.shape[2], cfg.distance_cap
+    Hkv = kv_cache.shape[1]
+    s = spans[0].a
+    if chosen.numel():
+        k_st, v_st = store_kv
+        pos_st = (chosen[:, :, None] * B + torch.arange(B, device=chosen.device)).flatten(1)  # [Hkv, k * B]
+        k_st, v_st = k_st.float(), v_st.float()
+        st_zero = rotate(k_st, *angles(-pos_st, rotary), rotary)  # [Hkv, kB, D] at position 0
+    out = torch.empty(T, H, kv_cache.shape[-1] // 2)
+    for sp in spans:
+        n = len(sp.pos)
+        kv = read_blocks(kv_cache, sp.blocks, layout).reshape(-1, Hkv, kv_cache.shape[-1])[:n].float()
+        k_pool, v_pool = kv[..., :D], kv[..., D:]
+        qf = q[sp.a - s : sp.b - s].float().view(sp.b - sp.a, Hkv, H // Hkv, D)
+        q_cap = _rot(qf, sp.q_cap, rotary, 2) if sp.n_far or chosen.numel() else None
+        scores = torch.einsum("tkgd,lkd->tkgl", qf, k_pool)
+        if sp.n_far:  # slots some row sees past the cap: <R(C - i) q_i, R(-j) k_j> there
+            far = (sp.rows[:, None] - sp.pos[None, : sp.n_far]) > C
+            capped = torch.einsum("tkgd,lkd->tkgl", q_cap, _rot(k_pool[: sp.n_far], sp.k_zero, rotary, 1))
+            scores[..., : sp.n_far] = torch.where(far[:, None, None, :], capped, scores[..., : sp.n_far])
+        seen = sp.seen[:, None, :]
+        values = v_pool.transpose(0, 1)  # [Hkv, L, Dv]
+        if chosen.numel():
+            # selected blocks the pool still holds (a long chunk's own past) are seen by every later row
+            picked = (sp.logical[None, :, None] == chosen[:, None, :]).any(-1)  # [Hkv, L]
+            seen = seen | (picked[None] & (sp.pos[None, None, :] <= sp.rows[:, None, None]))
+            # the others come from the store: all before the rows' windows, all at i - j >= W
+            s_st = torch.einsum("tkgd,kld->tkgl", q_cap, st_zero)
+            if sp.a - int(pos_st.max()) <= C:  # some pair within the cap (C > W): read as stored there
+                near = (sp.rows[:, None, None] - pos_st[None]) <= C  # [T', Hkv, kB]
+                s_st = torch.where(near[:, :, None, :], torch.einsum("tkgd,kld->tkgl", qf, k_st), s_st)
+            s_st = s_st.masked_fill(~(pos_st < sp.fa * B)[None, :, None, :], float("-inf"))
+            scores = torch.cat((scores, s_st), dim=-1)
+            seen = torch.cat((seen.expand(-1, Hkv, -1), torch.ones_like(pos_st, dtype=torch.bool)[None].expand(len(sp.rows), -1, -1)), dim=-1)
+            values = torch.cat((values, v_st), dim=1)
+        scores = (scores * scale).masked_fill(~seen[:, :, None, :], float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        out[sp.a - s : sp.b - s] = torch.einsum("tkgl,kld->tkgd", probs, values).reshape(sp.b - sp.a, H, -1)
+    return out

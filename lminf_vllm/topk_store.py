@@ -20,8 +20,8 @@ import torch
 
 @dataclass
 class _Entry:
-    keys: torch.Tensor  # [capacity, B, Hkv, D] in the cache dtype, rotated at their true positions
-    values: torch.Tensor  # [capacity, B, Hkv, Dv]
+    keys: torch.Tensor  # [capacity, Hkv, B, D] in the cache dtype, rotated at their true positions
+    values: torch.Tensor  # [capacity, Hkv, B, Dv]: head-major, so a head's slice of a block is contiguous
     lo: torch.Tensor  # [capacity, Hkv, D] float32
     hi: torch.Tensor
     blocks: int = 0  # blocks [first put, blocks) are valid (global blocks are never stored: zeros)
@@ -52,8 +52,8 @@ class HostStore:
         if entry.blocks and first_block > entry.blocks:  # (a request's first put starts at its first middle block)
             raise RuntimeError(f"top-k host store: block {first_block} of {request} follows block {entry.blocks - 1}")
         stop = first_block + n
-        entry.keys[first_block:stop] = keys.to(self.device)
-        entry.values[first_block:stop] = values.to(self.device)
+        entry.keys[first_block:stop] = keys.transpose(1, 2).to(self.device)
+        entry.values[first_block:stop] = values.transpose(1, 2).to(self.device)
         entry.lo[first_block:stop] = lo.to(self.device)
         entry.hi[first_block:stop] = hi.to(self.device)
         entry.blocks = stop
@@ -62,8 +62,8 @@ class HostStore:
         cap = max(need, 2 * (0 if entry is None else entry.keys.shape[0]), 16)  # amortised doubling
         _, B, Hkv, D = keys.shape
         new = _Entry(
-            keys=torch.zeros(cap, B, Hkv, D, dtype=keys.dtype, device=self.device),
-            values=torch.zeros(cap, B, Hkv, values.shape[-1], dtype=values.dtype, device=self.device),
+            keys=torch.zeros(cap, Hkv, B, D, dtype=keys.dtype, device=self.device),
+            values=torch.zeros(cap, Hkv, B, values.shape[-1], dtype=values.dtype, device=self.device),
             lo=torch.zeros(cap, Hkv, D, dtype=torch.float32, device=self.device),
             hi=torch.zeros(cap, Hkv, D, dtype=torch.float32, device=self.device),
         )
@@ -87,10 +87,9 @@ class HostStore:
         Hkv, k = chosen.shape
         heads = torch.arange(Hkv, device=self.device)[:, None]
         blocks = chosen.to(self.device)
-        # entry.keys[blocks] is [Hkv, k, B, Hkv', D]: keep head h's own slice (h' = h)
-        keys = entry.keys[blocks, :, heads]  # [Hkv, k, B, D]
-        values = entry.values[blocks, :, heads]
-        B = entry.keys.shape[1]
+        keys = entry.keys[blocks, heads]  # [Hkv, k, B, D]: head h's own slice of each of its blocks
+        values = entry.values[blocks, heads]
+        B = entry.keys.shape[2]
         return keys.reshape(Hkv, k * B, -1), values.reshape(Hkv, k * B, -1)
 
     def drop(self, requests) -> None:

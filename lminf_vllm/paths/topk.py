@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lminf_vllm.block_policy import first_window_block, global_blocks
 from lminf_vllm.kv_layout import OWN_LAYOUT, gather_kv, write_kv
 from lminf_vllm.step import EngineShape, LayerMath, StepBatch
-from lminf_vllm.topk_attention import attend_chunk, block_summaries, first_window_block, global_blocks, select_blocks
+from lminf_vllm.topk_attention import angles, attend_chunk, block_summaries, plan_chunk, select_blocks
 from lminf_vllm.topk_store import HostStore
 
 LAYOUT = OWN_LAYOUT
@@ -48,6 +49,7 @@ class Plan:
     shape: EngineShape
     store: HostStore
     chunks: list[tuple[int, int, int, int, str | None]]  # (request, first token, stop, seq_len, request id)
+    spans: dict = field(default_factory=dict)  # (request, rotary) -> topk_attention.plan_chunk's spans, made once
     # What the step chose, per (layer, request index): [Hkv, k] blocks (tests, metrics).
     chosen: dict = field(default_factory=dict)
 
@@ -66,28 +68,31 @@ def plan(batch: StepBatch, shape: EngineShape) -> Plan:
 
 def run(plan: Plan, layer: LayerMath, query, key, value, kv_cache, output: torch.Tensor) -> None:
     b, shape = plan.batch, plan.shape
-    layer_name = kv_cache.data_ptr()  # one cache tensor per layer, kept for the engine's life
     cfg, B, k = shape.cfg, shape.block_size, shape.cfg.topk_blocks
+    layer_key = kv_cache.data_ptr()  # one cache tensor per layer, kept for the engine's life
     write_kv(kv_cache, key[: b.num_tokens], value[: b.num_tokens], b.slot_mapping[: b.num_tokens])
-    g = global_blocks(cfg, B)
+    g = global_blocks(cfg.global_tokens, B)
     empty = torch.zeros(shape.num_kv_heads, 0, dtype=torch.long)
     for r, first, stop, seq_len, rid in plan.chunks:
         s, e = seq_len - (stop - first), seq_len
         row = b.block_table[r]
+        spans = plan.spans.get((r, angles.key(layer.rotary)))
+        if spans is None:
+            spans = plan.spans[(r, angles.key(layer.rotary))] = plan_chunk(s, e, row, cfg, B, layer.rotary)
         chosen, store_kv = empty, None
         if rid is not None:
-            _store_completed(plan.store, rid, layer_name, kv_cache, row, s, e, g, B, layer)
-            f = first_window_block(e - 1, cfg, B)
+            _store_completed(plan.store, rid, layer_key, kv_cache, row, s, e, g, B, layer)
+            f = first_window_block(e - 1, cfg.local_tokens, B)
             if f > g:  # the chunk has middle blocks: choose among them
-                lo, hi = plan.store.summaries(rid, layer_name, g, f)
+                lo, hi = plan.store.summaries(rid, layer_key, g, f)
                 chosen = select_blocks(query[stop - 1], e - 1, lo, hi, g, k, cfg, layer.rotary)
-                store_kv = plan.store.gather(rid, layer_name, chosen)
-                plan.chosen[(layer_name, r)] = chosen
-        out = attend_chunk(query[first:stop], s, kv_cache, row, LAYOUT, chosen, store_kv, cfg, layer.scale, layer.rotary)
+                store_kv = plan.store.gather(rid, layer_key, chosen)
+                plan.chosen[(layer_key, r)] = chosen
+        out = attend_chunk(query[first:stop], spans, kv_cache, LAYOUT, chosen, store_kv, cfg, layer.scale, layer.rotary)
         output[first:stop] = out.to(output.dtype)
 
 
-def _store_completed(store: HostStore, rid: str, layer_name: int, kv_cache, row, s: int, e: int, g: int, B: int,
+def _store_completed(store: HostStore, rid: str, layer_key: int, kv_cache, row, s: int, e: int, g: int, B: int,
                      layer: LayerMath) -> None:  # fmt: skip
     """Copy the blocks this chunk completed (past the global blocks) to the store, with their summaries."""
     b0, b1 = max(g, s // B), e // B
@@ -98,4 +103,4 @@ def _store_completed(store: HostStore, rid: str, layer_name: int, kv_cache, row,
     n = b1 - b0
     keys, values = keys.view(n, B, *keys.shape[1:]), values.view(n, B, *values.shape[1:])
     lo, hi = block_summaries(keys, b0, layer.rotary)
-    store.put(rid, layer_name, b0, keys, values, lo, hi)
+    store.put(rid, layer_key, b0, keys, values, lo, hi)

@@ -114,7 +114,8 @@ def apply() -> bool:
 
     def make_build_attention_metadata(original):
         def _build_attention_metadata(self, num_tokens, num_reqs, *args, **kwargs):
-            if is_lminf_engine(self):
+            # Only real steps pass num_scheduled_tokens: a dummy run's input_batch may still hold the last step's.
+            if is_lminf_engine(self) and kwargs.get("num_scheduled_tokens") is not None:
                 from lminf_vllm.step import publish_requests
 
                 publish_requests(self.input_batch.req_ids[:num_reqs], getattr(self, _FINISHED))
