@@ -1,0 +1,91 @@
+"""Top-k middle blocks through the real `vllm serve` over HTTP (docs/topk-contract.md).
+
+A server started as users start it, with topk_blocks in --additional-config:
+its prompt logprobs and greedy completions past the window and past the RoPE
+table equal the dense top-k reference with the chunks the server used (a lone
+request's prompt fits one step's budget, each decode step is a chunk of one
+row), its /metrics count the rows on the top-k path, and it logs that prefix
+caching is off.
+"""
+
+import functools
+
+import pytest
+import requests
+import torch
+
+from test_serve import serve  # first: it puts benchmarks/ (soak) on the path
+from engine import random_prompt  # noqa: I001
+from test_metrics import rows_by_path, scrape
+from conftest import TABLE
+from lminf_vllm.config import LminfConfig
+from lminf_vllm.testing.reference import DenseLlama
+from lminf_vllm.testing.topk_reference import dense_topk_attention
+from soak import free_port, wait_ready
+
+G, W, C, K, B = 4, 64, 64, 2, 32  # B: the block size test_serve.serve starts with
+CFG = LminfConfig(G, W, C)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama, tmp_path_factory):
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("topk-serve") / "serve.log"
+    lminf = {"global_tokens": G, "local_tokens": W, "distance_cap": C, "topk_blocks": K}
+    proc = serve(tiny_llama, port, lminf, log_path, "--max-model-len", "4096")
+    try:
+        wait_ready(proc, f"http://127.0.0.1:{port}", log_path)
+        yield f"http://127.0.0.1:{port}", log_path
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llama):
+    return DenseLlama(tiny_llama)
+
+
+def topk(chunks):
+    return functools.partial(dense_topk_attention, topk=K, block_size=B, chunks=chunks)
+
+
+def post(url, body) -> dict:
+    reply = requests.post(f"{url}/v1/completions", json=body, timeout=300)
+    assert reply.status_code == 200, reply.text
+    return reply.json()["choices"][0]
+
+
+def test_prompt_logprobs_equal_the_topk_reference(server, tiny_llama, reference):
+    url, log_path = server
+    prompt = random_prompt(8 * TABLE, seed=31)  # one chunk: within serve's 2,048-token step budget
+    entries = post(url, {"model": str(tiny_llama), "prompt": prompt, "max_tokens": 1, "temperature": 0.0,
+                         "prompt_logprobs": 0})["prompt_logprobs"]  # fmt: skip
+    got = torch.tensor([e[str(t)]["logprob"] for e, t in zip(entries[1:], prompt[1:])], dtype=torch.float64)
+    expected = reference.prompt_logprobs(prompt, CFG, attention=topk([len(prompt)]))
+    torch.testing.assert_close(got, expected, atol=1e-3, rtol=0)
+    # the check has teeth: Λ alone is far from what was served
+    assert (reference.prompt_logprobs(prompt, CFG) - got).abs().max() > 0.05
+    assert "prefix caching is off" in log_path.read_text()
+
+
+def test_greedy_completion_equals_the_topk_reference(server, tiny_llama, reference):
+    url, _ = server
+    prompt, gen = random_prompt(5 * TABLE, seed=32), 40
+    choice = post(url, {"model": str(tiny_llama), "prompt": prompt, "max_tokens": gen, "temperature": 0.0,
+                        "ignore_eos": True, "logprobs": 0, "return_tokens_as_token_ids": True})  # fmt: skip
+    tokens = [int(t.removeprefix("token_id:")) for t in choice["logprobs"]["tokens"]]
+    assert len(tokens) == gen
+    chunks = [len(prompt)] + [1] * (gen - 1)  # the prompt, then one row per decode step
+    logp = torch.log_softmax(reference.logits(prompt + tokens[:-1], CFG, attention=topk(chunks)), dim=-1)
+    logp = logp[len(prompt) - 1 :]
+    chosen = logp.gather(1, torch.tensor(tokens)[:, None])[:, 0]
+    assert (logp.max(dim=1).values - chosen).max() < 1e-3  # each token is the reference's argmax
+    served = torch.tensor(choice["logprobs"]["token_logprobs"], dtype=torch.float64)
+    torch.testing.assert_close(served, chosen, atol=1e-3, rtol=0)
+
+
+def test_metrics_count_the_topk_rows(server):
+    url, _ = server
+    rows = rows_by_path(scrape(url))
+    assert set(rows) == {"topk"} and rows["topk"] > 0, rows
