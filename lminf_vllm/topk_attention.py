@@ -69,22 +69,21 @@ def _moved(x: torch.Tensor, positions: torch.Tensor, rotary: RotarySpec) -> torc
     return rotate(x, cos.view(shape), sin.view(shape), rotary)
 
 
-def block_summaries(keys: torch.Tensor, first_block: int, rotary: RotarySpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """keys [n, B, Hkv, D] of blocks first_block.., rotated at their positions -> lo, hi [n, Hkv, D] float32."""
+def block_summaries(keys: torch.Tensor, first_block: int, rotary: RotarySpec):
+    """keys [n, B, Hkv, D] of blocks first_block.., rotated at their positions ->
+    lo, hi [n, Hkv, D] float32, and the keys rotated back to position 0 [n, B, Hkv, D] float32."""
     n, B, Hkv, D = keys.shape
     pos = torch.arange(first_block * B, (first_block + n) * B, device=keys.device)
     at_zero = _moved(keys.reshape(n * B, Hkv, D).float(), -pos, rotary).view(n, B, Hkv, D)
-    return at_zero.amin(dim=1), at_zero.amax(dim=1)
+    return at_zero.amin(dim=1), at_zero.amax(dim=1), at_zero
 
 
-def select_blocks(q_last: torch.Tensor, position: int, lo: torch.Tensor, hi: torch.Tensor, first: int, k: int,
-                  cfg: LminfConfig, rotary: RotarySpec) -> torch.Tensor:  # fmt: skip
-    """The chunk's selection: q_last [H, D] rotated at `position` (the chunk's last row);
+def select_blocks(q_cap: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, first: int, k: int) -> torch.Tensor:
+    """The chunk's selection: q_cap [H, D] float32, its last row's query rotated to position C;
     lo, hi [nc, Hkv, D] the summaries of its candidate blocks first .. first + nc - 1.
     -> [Hkv, min(k, nc)] block numbers, ascending per KV head."""
     nc, Hkv, D = lo.shape
-    H = q_last.shape[0]
-    q_cap = _moved(q_last.float()[None], torch.tensor([cfg.distance_cap - position]), rotary)[0]
+    H = q_cap.shape[0]
     q = q_cap.view(Hkv, H // Hkv, D)
     # Quest: sum_c max(q_c lo_c, q_c hi_c) = q+ . hi + q- . lo
     bound = torch.einsum("kgd,nkd->kgn", q.clamp(min=0), hi) + torch.einsum("kgd,nkd->kgn", q.clamp(max=0), lo)
@@ -106,11 +105,12 @@ class Span:
     seen: torch.Tensor  # [T', L] whole global blocks and whole window blocks, causal
     fa: int  # first window block of row a: selected blocks before it come from the store
     n_far: int  # the first n_far slots are read past the cap by some row
-    q_cap: tuple  # cos, sin [T', F]: rows rotated to position C
-    k_zero: tuple  # cos, sin [n_far, F]: the far slots rotated back to position 0
+    q_cap: torch.Tensor  # [T', D, D]: row t rotated to position C is q_t @ q_cap[t]
+    k_zero: torch.Tensor  # [n_far, D, D]: the far slots rotated back to position 0, likewise
 
 
-def plan_chunk(s: int, e: int, block_row: torch.Tensor, cfg: LminfConfig, B: int, rotary: RotarySpec) -> list[Span]:
+def plan_chunk(s: int, e: int, block_row: torch.Tensor, cfg: LminfConfig, B: int, rotary: RotarySpec,
+               head_size: int) -> list[Span]:  # fmt: skip
     """The spans of chunk rows [s, e) of one request with block table block_row."""
     g, C = global_blocks(cfg.global_tokens, B), cfg.distance_cap
     dev = block_row.device
@@ -126,14 +126,16 @@ def plan_chunk(s: int, e: int, block_row: torch.Tensor, cfg: LminfConfig, B: int
         seen = (pos[None] <= rows[:, None]) & ((logical[None] < g) | (logical[None] >= fwb[:, None]))
         n_far = int((pos < b - 1 - C).sum())  # ascending: a prefix
         spans.append(Span(a, b, rows, block_row[logical_blocks].long(), pos, logical, seen, fa, n_far,
-                          angles(C - rows, rotary), angles(-pos[:n_far], rotary)))  # fmt: skip
+                          rotations(C - rows, rotary, head_size), rotations(-pos[:n_far], rotary, head_size)))  # fmt: skip
     return spans
 
 
-def _rot(x, cos_sin_pair, rotary, heads_axes: int):
-    cos, sin = cos_sin_pair
-    shape = (cos.shape[0],) + (1,) * heads_axes + (cos.shape[-1],)
-    return rotate(x, cos.view(shape), sin.view(shape), rotary)
+def rotations(positions: torch.Tensor, rotary: RotarySpec, head_size: int) -> torch.Tensor:
+    """[N, D, D]: x rotated by positions[n] is x @ M[n] (rope.rotate is linear: row d of M is the
+    d-th unit vector rotated). One matmul per layer instead of rope.rotate's dozen small ops."""
+    cos, sin = angles(positions, rotary)
+    eye = torch.eye(head_size, device=positions.device).expand(len(positions), -1, -1)
+    return rotate(eye, cos[:, None], sin[:, None], rotary)
 
 
 def attend_chunk(
@@ -142,7 +144,7 @@ def attend_chunk(
     kv_cache: torch.Tensor,
     layout: str,
     chosen: torch.Tensor,  # [Hkv, k] the chunk's selected blocks (k may be 0)
-    store_kv: tuple[torch.Tensor, torch.Tensor] | None,  # their keys, values [Hkv, k * B, D] (None when k = 0)
+    store_kv: tuple | None,  # their keys, values and keys at position 0, [Hkv, k * B, D] each (None when k = 0)
     cfg: LminfConfig,
     scale: float,
     rotary: RotarySpec,
@@ -153,21 +155,19 @@ def attend_chunk(
     Hkv = kv_cache.shape[1]
     s = spans[0].a
     if chosen.numel():
-        k_st, v_st = store_kv
+        k_st, v_st, st_zero = (t.float() for t in store_kv)
         pos_st = (chosen[:, :, None] * B + torch.arange(B, device=chosen.device)).flatten(1)  # [Hkv, k * B]
-        k_st, v_st = k_st.float(), v_st.float()
-        st_zero = rotate(k_st, *angles(-pos_st, rotary), rotary)  # [Hkv, kB, D] at position 0
     out = torch.empty(T, H, kv_cache.shape[-1] // 2)
     for sp in spans:
         n = len(sp.pos)
         kv = read_blocks(kv_cache, sp.blocks, layout).reshape(-1, Hkv, kv_cache.shape[-1])[:n].float()
         k_pool, v_pool = kv[..., :D], kv[..., D:]
         qf = q[sp.a - s : sp.b - s].float().view(sp.b - sp.a, Hkv, H // Hkv, D)
-        q_cap = _rot(qf, sp.q_cap, rotary, 2) if sp.n_far or chosen.numel() else None
+        q_cap = torch.matmul(qf.view(sp.b - sp.a, H, D), sp.q_cap).view(qf.shape) if sp.n_far or chosen.numel() else None
         scores = torch.einsum("tkgd,lkd->tkgl", qf, k_pool)
         if sp.n_far:  # slots some row sees past the cap: <R(C - i) q_i, R(-j) k_j> there
             far = (sp.rows[:, None] - sp.pos[None, : sp.n_far]) > C
-            capped = torch.einsum("tkgd,lkd->tkgl", q_cap, _rot(k_pool[: sp.n_far], sp.k_zero, rotary, 1))
+            capped = torch.einsum("tkgd,lkd->tkgl", q_cap, torch.matmul(k_pool[: sp.n_far], sp.k_zero))
             scores[..., : sp.n_far] = torch.where(far[:, None, None, :], capped, scores[..., : sp.n_far])
         seen = sp.seen[:, None, :]
         values = v_pool.transpose(0, 1)  # [Hkv, L, Dv]

@@ -24,6 +24,7 @@ class _Entry:
     values: torch.Tensor  # [capacity, Hkv, B, Dv]: head-major, so a head's slice of a block is contiguous
     lo: torch.Tensor  # [capacity, Hkv, D] float32
     hi: torch.Tensor
+    at_zero: torch.Tensor  # [capacity, Hkv, B, D] the keys rotated back to position 0, in the cache dtype
     blocks: int = 0  # blocks [first put, blocks) are valid (global blocks are never stored: zeros)
 
 
@@ -38,8 +39,10 @@ class HostStore:
         entry = self._entries.get((request, layer))
         return 0 if entry is None else entry.blocks
 
-    def put(self, request: str, layer: int, first_block: int, keys, values, lo, hi) -> None:
-        """Blocks [first_block, first_block + n): keys/values [n, B, Hkv, D], lo/hi [n, Hkv, D].
+    def put(self, request: str, layer: int, first_block: int, keys, values, lo, hi, keys_at_zero=None) -> None:
+        """Blocks [first_block, first_block + n): keys/values [n, B, Hkv, D], lo/hi [n, Hkv, D];
+        keys_at_zero [n, B, Hkv, D] (the keys rotated back to position 0: scored at distance C
+        with no rotation per step; zeros when not given).
 
         Blocks complete in order, so a put follows the last one; one that starts
         earlier (the request is computed again after preemption) overwrites and
@@ -56,6 +59,8 @@ class HostStore:
         entry.values[first_block:stop] = values.transpose(1, 2).to(self.device)
         entry.lo[first_block:stop] = lo.to(self.device)
         entry.hi[first_block:stop] = hi.to(self.device)
+        if keys_at_zero is not None:
+            entry.at_zero[first_block:stop] = keys_at_zero.transpose(1, 2).to(self.device, entry.at_zero.dtype)
         entry.blocks = stop
 
     def _grow(self, entry: _Entry | None, need: int, keys, values) -> _Entry:
@@ -66,10 +71,12 @@ class HostStore:
             values=torch.zeros(cap, Hkv, B, values.shape[-1], dtype=values.dtype, device=self.device),
             lo=torch.zeros(cap, Hkv, D, dtype=torch.float32, device=self.device),
             hi=torch.zeros(cap, Hkv, D, dtype=torch.float32, device=self.device),
+            at_zero=torch.zeros(cap, Hkv, B, D, dtype=keys.dtype, device=self.device),
         )
         if entry is not None:
             n = entry.blocks
-            new.keys[:n], new.values[:n], new.lo[:n], new.hi[:n] = entry.keys[:n], entry.values[:n], entry.lo[:n], entry.hi[:n]
+            for name in ("keys", "values", "lo", "hi", "at_zero"):
+                getattr(new, name)[:n] = getattr(entry, name)[:n]
             new.blocks = n
         return new
 
@@ -92,6 +99,13 @@ class HostStore:
         B = entry.keys.shape[2]
         return keys.reshape(Hkv, k * B, -1), values.reshape(Hkv, k * B, -1)
 
+    def gather_at_zero(self, request: str, layer: int, chosen: torch.Tensor) -> torch.Tensor:
+        """The chosen blocks' keys rotated back to position 0, as `gather` lays them out: [Hkv, k * B, D]."""
+        entry = self._entries[(request, layer)]
+        Hkv, k = chosen.shape
+        heads = torch.arange(Hkv, device=self.device)[:, None]
+        return entry.at_zero[chosen.to(self.device), heads].reshape(Hkv, k * entry.keys.shape[2], -1)
+
     def drop(self, requests) -> None:
         """Forget finished requests."""
         gone = set(requests)
@@ -104,4 +118,4 @@ class HostStore:
 
     def nbytes(self) -> int:
         """Host memory held (capacity, not only the valid blocks)."""
-        return sum(t.nbytes for e in self._entries.values() for t in (e.keys, e.values, e.lo, e.hi))
+        return sum(t.nbytes for e in self._entries.values() for t in (e.keys, e.values, e.lo, e.hi, e.at_zero))

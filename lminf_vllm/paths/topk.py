@@ -78,15 +78,18 @@ def run(plan: Plan, layer: LayerMath, query, key, value, kv_cache, output: torch
         row = b.block_table[r]
         spans = plan.spans.get((r, angles.key(layer.rotary)))
         if spans is None:
-            spans = plan.spans[(r, angles.key(layer.rotary))] = plan_chunk(s, e, row, cfg, B, layer.rotary)
+            spans = plan.spans[(r, angles.key(layer.rotary))] = plan_chunk(
+                s, e, row, cfg, B, layer.rotary, kv_cache.shape[-1] // 2
+            )
         chosen, store_kv = empty, None
         if rid is not None:
             _store_completed(plan.store, rid, layer_key, kv_cache, row, s, e, g, B, layer)
             f = first_window_block(e - 1, cfg.local_tokens, B)
             if f > g:  # the chunk has middle blocks: choose among them
                 lo, hi = plan.store.summaries(rid, layer_key, g, f)
-                chosen = select_blocks(query[stop - 1], e - 1, lo, hi, g, k, cfg, layer.rotary)
-                store_kv = plan.store.gather(rid, layer_key, chosen)
+                q_last = query[stop - 1].float()  # rotated to C by the last span's last matrix
+                chosen = select_blocks(torch.matmul(q_last, spans[-1].q_cap[-1]), lo, hi, g, k)
+                store_kv = (*plan.store.gather(rid, layer_key, chosen), plan.store.gather_at_zero(rid, layer_key, chosen))
                 plan.chosen[(layer_key, r)] = chosen
         out = attend_chunk(query[first:stop], spans, kv_cache, LAYOUT, chosen, store_kv, cfg, layer.scale, layer.rotary)
         output[first:stop] = out.to(output.dtype)
@@ -102,5 +105,5 @@ def _store_completed(store: HostStore, rid: str, layer_key: int, kv_cache, row, 
     keys, values = gather_kv(kv_cache, row, b0 * B, b1 * B, D, LAYOUT)
     n = b1 - b0
     keys, values = keys.view(n, B, *keys.shape[1:]), values.view(n, B, *values.shape[1:])
-    lo, hi = block_summaries(keys, b0, layer.rotary)
-    store.put(rid, layer_key, b0, keys, values, lo, hi)
+    lo, hi, at_zero = block_summaries(keys, b0, layer.rotary)
+    store.put(rid, layer_key, b0, keys, values, lo, hi, at_zero)
