@@ -26,6 +26,7 @@ import torch
 from lminf_vllm.block_policy import first_window_block, global_blocks
 from lminf_vllm.config import LminfConfig
 from lminf_vllm.kv_layout import read_blocks
+from lminf_vllm.lambda_attention import _local_mask
 from lminf_vllm.rope import RotarySpec, cos_sin, rotate
 
 # Rows of a prefill chunk attended at once: O(span x (G + W + span)) scores.
@@ -94,17 +95,26 @@ def select_blocks(q_cap: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, first
 
 @dataclass
 class Span:
-    """Rows [a, b) of a chunk and what they read from the pool: the same for every layer."""
+    """Rows [a, b) of a chunk and what they read from the pool: the same for every layer.
+
+    The slots read are the global blocks before the window blocks, then the window blocks
+    from fa on, positions ascending. Two branches share one softmax (merged by their
+    log-sum-exps): the window branch, Λ's local keys (0 <= i - j < W) through PyTorch's
+    fused CPU attention, is the slots from `win` on; the far branch, every other visible key
+    (i - j >= W: whole global blocks, the old edge of the first window block, selected
+    blocks), is the slots before `far_end`, plus the selected blocks from the store."""
 
     a: int
     b: int
     rows: torch.Tensor  # [T'] positions a .. b-1
-    blocks: torch.Tensor  # [nb] physical ids: the global blocks, then the window blocks from fa on
-    pos: torch.Tensor  # [L] positions of the slots read (L <= nb * B: the last block's unwritten tail is cut)
+    blocks: torch.Tensor  # [nb] physical ids of the blocks read
+    pos: torch.Tensor  # [L] positions of the slots read (the last block's unwritten tail is cut)
     logical: torch.Tensor  # [L] their logical blocks
-    seen: torch.Tensor  # [T', L] whole global blocks and whole window blocks, causal
+    win: int  # window branch: slots [win, L), position a - W + 1 on
+    far_end: int  # far branch: slots [0, far_end), positions up to b - 1 - W
+    far_seen: torch.Tensor  # [T', far_end] whole global and window blocks at i - j >= W
     fa: int  # first window block of row a: selected blocks before it come from the store
-    n_far: int  # the first n_far slots are read past the cap by some row
+    n_far: int  # the first n_far slots are read past the cap (i - j > C) by some row
     q_cap: torch.Tensor  # [T', D, D]: row t rotated to position C is q_t @ q_cap[t]
     k_zero: torch.Tensor  # [n_far, D, D]: the far slots rotated back to position 0, likewise
 
@@ -112,21 +122,25 @@ class Span:
 def plan_chunk(s: int, e: int, block_row: torch.Tensor, cfg: LminfConfig, B: int, rotary: RotarySpec,
                head_size: int) -> list[Span]:  # fmt: skip
     """The spans of chunk rows [s, e) of one request with block table block_row."""
-    g, C = global_blocks(cfg.global_tokens, B), cfg.distance_cap
+    g, W, C = global_blocks(cfg.global_tokens, B), cfg.local_tokens, cfg.distance_cap
     dev = block_row.device
     spans = []
     for a in range(s, e, QUERY_SPAN):
         b = min(a + QUERY_SPAN, e)
-        fa = first_window_block(a, cfg.local_tokens, B)
-        logical_blocks = torch.cat((torch.arange(min(g, fa), device=dev), torch.arange(fa, (b - 1) // B + 1, device=dev)))
-        pos = (logical_blocks[:, None] * B + torch.arange(B, device=dev)).flatten()[: len(logical_blocks) * B - ((b - 1) // B * B + B - b)]
+        fa = first_window_block(a, W, B)
+        blocks = torch.cat((torch.arange(min(g, fa), device=dev), torch.arange(fa, (b - 1) // B + 1, device=dev)))
+        tail = (b - 1) // B * B + B - b  # unwritten slots of the last block
+        pos = (blocks[:, None] * B + torch.arange(B, device=dev)).flatten()[: len(blocks) * B - tail]
         rows = torch.arange(a, b, device=dev)
         logical = pos // B
-        fwb = (rows - cfg.local_tokens + 1).clamp(min=0) // B
-        seen = (pos[None] <= rows[:, None]) & ((logical[None] < g) | (logical[None] >= fwb[:, None]))
-        n_far = int((pos < b - 1 - C).sum())  # ascending: a prefix
-        spans.append(Span(a, b, rows, block_row[logical_blocks].long(), pos, logical, seen, fa, n_far,
-                          rotations(C - rows, rotary, head_size), rotations(-pos[:n_far], rotary, head_size)))  # fmt: skip
+        far_end = int((pos <= b - 1 - W).sum())  # ascending: prefixes and a suffix
+        fwb = (rows - W + 1).clamp(min=0) // B
+        p, lg = pos[None, :far_end], logical[None, :far_end]
+        far_seen = (p <= rows[:, None] - W) & ((lg < g) | (lg >= fwb[:, None]))
+        n_far = int((pos < b - 1 - C).sum())
+        spans.append(Span(a, b, rows, block_row[blocks].long(), pos, logical, int((pos < max(0, a - W + 1)).sum()),
+                          far_end, far_seen, fa, n_far, rotations(C - rows, rotary, head_size),
+                          rotations(-pos[:n_far], rotary, head_size)))  # fmt: skip
     return spans
 
 
@@ -151,40 +165,57 @@ def attend_chunk(
 ) -> torch.Tensor:
     """Top-k attention of one chunk. -> [T, H, Dv] float32."""
     T, H, D = q.shape
-    B, C = kv_cache.shape[2], cfg.distance_cap
-    Hkv = kv_cache.shape[1]
+    B, W, C = kv_cache.shape[2], cfg.local_tokens, cfg.distance_cap
+    Hkv, g = kv_cache.shape[1], H // kv_cache.shape[1]
     s = spans[0].a
     if chosen.numel():
         k_st, v_st, st_zero = (t.float() for t in store_kv)
         pos_st = (chosen[:, :, None] * B + torch.arange(B, device=chosen.device)).flatten(1)  # [Hkv, k * B]
     out = torch.empty(T, H, kv_cache.shape[-1] // 2)
     for sp in spans:
-        n = len(sp.pos)
-        kv = read_blocks(kv_cache, sp.blocks, layout).reshape(-1, Hkv, kv_cache.shape[-1])[:n].float()
-        k_pool, v_pool = kv[..., :D], kv[..., D:]
-        qf = q[sp.a - s : sp.b - s].float().view(sp.b - sp.a, Hkv, H // Hkv, D)
-        q_cap = torch.matmul(qf.view(sp.b - sp.a, H, D), sp.q_cap).view(qf.shape) if sp.n_far or chosen.numel() else None
-        scores = torch.einsum("tkgd,lkd->tkgl", qf, k_pool)
+        t = sp.b - sp.a
+        kv = read_blocks(kv_cache, sp.blocks, layout).reshape(-1, Hkv, kv_cache.shape[-1])[: len(sp.pos)]
+        q_span = q[sp.a - s : sp.b - s]
+        # Window branch: the query heads of a KV head become extra query rows (GQA without copying keys).
+        rows = q_span.view(t, Hkv, g, D).permute(1, 2, 0, 3).reshape(1, Hkv, g * t, D)
+        k_w, v_w = kv[sp.win :, :, :D].transpose(0, 1)[None], kv[sp.win :, :, D:].transpose(0, 1)[None]
+        mask = None if t == 1 else _local_mask(t, len(sp.pos) - sp.win, sp.a - int(sp.pos[sp.win]), W, g, q.device)
+        o_w, lse_w = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            rows, k_w.to(rows.dtype), v_w.to(rows.dtype), 0.0, False, attn_mask=mask, scale=scale
+        )[:2]
+        o_w = o_w.view(Hkv, g, t, -1).permute(2, 0, 1, 3).float()  # [t, Hkv, g, Dv]
+        lse_w = lse_w.view(Hkv, g, t).permute(2, 0, 1)[..., None]
+        # Far branch: every visible key at i - j >= W, at distance min(i - j, C).
+        qf = q_span.float().view(t, Hkv, g, D)
+        far = kv[: sp.far_end].float()
+        k_far, values = far[..., :D], far[..., D:].transpose(0, 1)  # values per head: [Hkv, Lf, Dv]
+        if not (sp.far_end or chosen.numel()):
+            out[sp.a - s : sp.b - s] = o_w.reshape(t, H, -1)
+            continue
+        q_cap = torch.matmul(qf.view(t, H, D), sp.q_cap).view(qf.shape)
+        scores = torch.einsum("tkgd,lkd->tkgl", qf, k_far)
         if sp.n_far:  # slots some row sees past the cap: <R(C - i) q_i, R(-j) k_j> there
-            far = (sp.rows[:, None] - sp.pos[None, : sp.n_far]) > C
-            capped = torch.einsum("tkgd,lkd->tkgl", q_cap, torch.matmul(k_pool[: sp.n_far], sp.k_zero))
-            scores[..., : sp.n_far] = torch.where(far[:, None, None, :], capped, scores[..., : sp.n_far])
-        seen = sp.seen[:, None, :]
-        values = v_pool.transpose(0, 1)  # [Hkv, L, Dv]
+            past = (sp.rows[:, None] - sp.pos[None, : sp.n_far]) > C
+            capped = torch.einsum("tkgd,lkd->tkgl", q_cap, torch.matmul(k_far[: sp.n_far], sp.k_zero))
+            scores[..., : sp.n_far] = torch.where(past[:, None, None, :], capped, scores[..., : sp.n_far])
+        seen = sp.far_seen[:, None, :]
         if chosen.numel():
-            # selected blocks the pool still holds (a long chunk's own past) are seen by every later row
-            picked = (sp.logical[None, :, None] == chosen[:, None, :]).any(-1)  # [Hkv, L]
-            seen = seen | (picked[None] & (sp.pos[None, None, :] <= sp.rows[:, None, None]))
+            # selected blocks the pool still holds (a long chunk's own past), beyond each row's window
+            picked = (sp.logical[None, : sp.far_end, None] == chosen[:, None, :]).any(-1)  # [Hkv, Lf]
+            seen = seen | (picked[None] & (sp.pos[None, None, : sp.far_end] <= sp.rows[:, None, None] - W))
             # the others come from the store: all before the rows' windows, all at i - j >= W
             s_st = torch.einsum("tkgd,kld->tkgl", q_cap, st_zero)
             if sp.a - int(pos_st.max()) <= C:  # some pair within the cap (C > W): read as stored there
                 near = (sp.rows[:, None, None] - pos_st[None]) <= C  # [T', Hkv, kB]
                 s_st = torch.where(near[:, :, None, :], torch.einsum("tkgd,kld->tkgl", qf, k_st), s_st)
-            s_st = s_st.masked_fill(~(pos_st < sp.fa * B)[None, :, None, :], float("-inf"))
+            from_store = (pos_st < sp.fa * B)[None].expand(t, -1, -1)  # [T', Hkv, kB]
             scores = torch.cat((scores, s_st), dim=-1)
-            seen = torch.cat((seen.expand(-1, Hkv, -1), torch.ones_like(pos_st, dtype=torch.bool)[None].expand(len(sp.rows), -1, -1)), dim=-1)
+            seen = torch.cat((seen.expand(-1, Hkv, -1), from_store), dim=-1)
             values = torch.cat((values, v_st), dim=1)
         scores = (scores * scale).masked_fill(~seen[:, :, None, :], float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        out[sp.a - s : sp.b - s] = torch.einsum("tkgl,kld->tkgd", probs, values).reshape(sp.b - sp.a, H, -1)
+        lse_f = torch.logsumexp(scores, dim=-1, keepdim=True)  # -inf where a row sees no far key
+        o_f = torch.einsum("tkgl,kld->tkgd", torch.exp(scores - lse_f.clamp(min=-1e30)), values)
+        top = torch.maximum(lse_w, lse_f)  # finite: every row sees its own key
+        w_w, w_f = torch.exp(lse_w - top), torch.exp(lse_f - top)
+        out[sp.a - s : sp.b - s] = ((o_w * w_w + o_f * w_f) / (w_w + w_f)).reshape(t, H, -1)
     return out

@@ -98,6 +98,26 @@ def _bound_long_prefills(config) -> None:
     )
 
 
+def _topk_defaults(config, cfg) -> None:
+    """Top-k engines: prefix caching off; say what the host store costs (docs/topk-contract.md)."""
+    if config.cache_config.enable_prefix_caching:
+        config.cache_config.enable_prefix_caching = False
+        logger.info(
+            "lminf top-k: prefix caching is off (a block's keys depend on how the request that "
+            "wrote it was chunked, and the host store only holds blocks this engine computed)"
+        )
+    model, parallel = config.model_config, config.parallel_config
+    itemsize = model.dtype.itemsize
+    per_token = model.get_num_layers(parallel) * model.get_num_kv_heads(parallel) * model.get_head_size() * 3 * itemsize
+    logger.info(
+        "lminf top-k: topk_blocks=%d middle blocks per (sequence, layer, KV head) are read back from a host store, "
+        "which keeps every block past the global ones in host memory: about %.0f MiB per 1,000 tokens of a "
+        "sequence per rank (keys, values, keys at position 0), freed when the request ends",
+        cfg.topk_blocks,
+        per_token * 1000 / 2**20,
+    )
+
+
 def apply() -> bool:
     from vllm.config.vllm import VllmConfig
 
@@ -127,12 +147,8 @@ def apply() -> bool:
                     logger.info("%s", _kv_bound_line(self, cfg, block_size, max_blocks_per_sequence))
                     _size_kv_cache(self, cfg, block_size, max_blocks_per_sequence)
                 _bound_long_prefills(self)
-                if cfg.topk_blocks and self.cache_config.enable_prefix_caching:
-                    self.cache_config.enable_prefix_caching = False
-                    logger.info(
-                        "lminf top-k: prefix caching is off (a block's keys depend on how the request that "
-                        "wrote it was chunked, and the host store only holds blocks this engine computed)"
-                    )
+                if cfg.topk_blocks:
+                    _topk_defaults(self, cfg)
             elif CONFIG_KEY in (self.additional_config or {}):
                 logger.warning(
                     "additional_config.lminf is set but the attention backend is not lminf; "
