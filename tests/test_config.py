@@ -102,6 +102,20 @@ def test_vllms_length_rule_details():
         vllm_default_max_model_len(SimpleNamespace(architectures=["BloomForCausalLM"]))
 
 
+def test_topk_blocks_defaults_to_off_and_takes_any_integer_from_zero():
+    """docs/topk-contract.md: k is an integer >= 0, 0 (the default) is SPEC.md's Λ-mask."""
+    assert parse_lminf_config(None, hf()).topk_blocks == 0
+    assert parse_lminf_config({"global_tokens": 4}, hf()).topk_blocks == 0
+    assert parse_lminf_config({"topk_blocks": 0}, hf()) == parse_lminf_config({}, hf())
+    for k in (1, 4, 10**6):
+        cfg = parse_lminf_config({"global_tokens": 4, "local_tokens": 64, "distance_cap": 96, "topk_blocks": k}, hf())
+        assert cfg == LminfConfig(4, 64, 96, k)
+    assert LminfConfig(4, 64, 96).topk_blocks == 0
+    # the start-up line names k only when it is on
+    assert "topk_blocks" not in LminfConfig(4, 64, 96).describe()
+    assert LminfConfig(4, 64, 96, 3).describe().endswith(" topk_blocks=3")
+
+
 def test_sliding_window_baseline_and_ablation_cap_are_allowed():
     assert parse_lminf_config({"global_tokens": 0}, hf()).global_tokens == 0
     assert parse_lminf_config({"distance_cap": 10**9, "local_tokens": 64}, hf()).distance_cap == 10**9
@@ -118,6 +132,12 @@ def test_sliding_window_baseline_and_ablation_cap_are_allowed():
         ({"global_tokens": "4"}, r"global_tokens = '4' is invalid: it must be an integer"),
         ({"global_tokens": True}, r"global_tokens = True is invalid"),
         ({"window": 4}, r"unknown key\(s\) 'window'"),
+        ({"topk_blocks": -1}, r"additional_config\.lminf\.topk_blocks = -1 is invalid: it must be >= 0"),
+        ({"topk_blocks": "2"}, r"additional_config\.lminf\.topk_blocks = '2' is invalid: it must be an integer"),
+        ({"topk_blocks": 2.0}, r"additional_config\.lminf\.topk_blocks = 2\.0 is invalid: it must be an integer"),
+        ({"topk_blocks": True}, r"additional_config\.lminf\.topk_blocks = True is invalid: it must be an integer"),
+        ({"topk_blocks": None}, r"additional_config\.lminf\.topk_blocks = None is invalid: it must be an integer"),
+        ({"topk": 2}, r"unknown key\(s\) 'topk': the known keys are .*, topk_blocks"),
         ([1, 2], r"additional_config.lminf = \[1, 2\] is invalid: it must be an object"),
     ],
 )

@@ -1,0 +1,238 @@
+"""The top-k engine path's parts below the engine: the host store (topk_store.HostStore), block
+summaries and the per-chunk selection (topk_attention), held to the dense reference of
+docs/topk-contract.md (testing/topk_reference.py). No engine, no vLLM."""
+
+import pytest
+import torch
+
+from lminf_vllm.config import LminfConfig
+from lminf_vllm.rope import RotarySpec, cos_sin, default_inv_freq, rotate
+from lminf_vllm.testing import topk_reference as ref
+from lminf_vllm.topk_attention import block_summaries, rotations, select_blocks
+from lminf_vllm.topk_store import HostStore
+
+B, HKV, D = 4, 2, 8
+
+
+def blocks(n, seed, dtype=torch.float32):
+    """n blocks of keys, values [n, B, Hkv, D] and summaries [n, Hkv, D], all distinct."""
+    g = torch.Generator().manual_seed(seed)
+    keys, values = (torch.randn(n, B, HKV, D, generator=g).to(dtype) for _ in range(2))
+    lo, hi = keys.float().amin(1), keys.float().amax(1)
+    return keys, values, lo, hi
+
+
+def rope(D=D, neox=True, rotary_dim=None, scaling=1.0):
+    rd = rotary_dim or D
+    return RotarySpec(default_inv_freq(100.0, rd), rd, neox, scaling)
+
+
+ROPES = [rope(), rope(neox=False, rotary_dim=6, scaling=1.3)]
+
+
+def stored_keys(k0, rotary, first=0):
+    """k0 [n, Hkv, D] as vLLM's cache holds them: rotated at their positions first.., with the
+    model's cos/sin (which carry attention_scaling)."""
+    pos = torch.arange(first, first + k0.shape[0])
+    cos, sin = (t * rotary.attention_scaling for t in cos_sin(pos, rotary.inv_freq, k0.dtype))
+    return rotate(k0, cos[:, None], sin[:, None], rotary)
+
+
+# ---------------------------------------------------------------- HostStore
+
+
+def test_put_then_append_keeps_blocks_in_order():
+    store = HostStore()
+    k, v, lo, hi = blocks(5, seed=0)
+    assert store.blocks("r", 1) == 0 and store.requests() == set()
+    z = -k  # stands for the keys rotated back to position 0
+    store.put("r", 1, 2, k[:2], v[:2], lo[:2], hi[:2], z[:2])  # a request's first put: its first middle block
+    assert store.blocks("r", 1) == 4
+    store.put("r", 1, 4, k[2:3], v[2:3], lo[2:3], hi[2:3], z[2:3])  # the next completed block
+    assert store.blocks("r", 1) == 5
+    s_lo, s_hi = store.summaries("r", 1, 2, 5)
+    assert torch.equal(s_lo, lo[:3]) and torch.equal(s_hi, hi[:3])
+    assert s_lo.dtype == torch.float32
+    chosen = torch.tensor([[2, 4], [3, 4]])
+    keys, values = store.gather("r", 1, chosen)
+    assert keys.shape == (HKV, 2 * B, D)
+    assert torch.equal(keys[0], torch.cat((k[0, :, 0], k[2, :, 0])))
+    assert torch.equal(values[1], torch.cat((v[1, :, 1], v[2, :, 1])))
+    at_zero = store.gather_at_zero("r", 1, chosen)  # laid out as gather's keys
+    assert torch.equal(at_zero[0], torch.cat((z[0, :, 0], z[2, :, 0])))
+    assert torch.equal(at_zero[1], torch.cat((z[1, :, 1], z[2, :, 1])))
+    assert store.requests() == {"r"} and store.blocks("r", 2) == 0  # layers are separate
+
+
+def test_growth_keeps_what_was_stored():
+    store = HostStore()
+    k, v, lo, hi = blocks(40, seed=1)
+    for b in range(40):  # past the initial capacity of 16 and its doubling
+        store.put("r", 0, 3 + b, k[b : b + 1], v[b : b + 1], lo[b : b + 1], hi[b : b + 1], 2 * k[b : b + 1])
+    assert store.blocks("r", 0) == 43
+    s_lo, s_hi = store.summaries("r", 0, 3, 43)
+    assert torch.equal(s_lo, lo) and torch.equal(s_hi, hi)
+    keys, values = store.gather("r", 0, torch.tensor([[3, 42], [20, 21]]))
+    assert torch.equal(keys[0, :B], k[0, :, 0]) and torch.equal(keys[0, B:], k[39, :, 0])
+    assert torch.equal(values[1, :B], v[17, :, 1]) and torch.equal(values[1, B:], v[18, :, 1])
+    assert torch.equal(store.gather_at_zero("r", 0, torch.tensor([[3], [42]]))[1], 2 * k[39, :, 1])
+
+
+def test_the_cache_dtype_is_kept():
+    store = HostStore()
+    k, v, lo, hi = blocks(2, seed=2, dtype=torch.bfloat16)
+    store.put("r", 0, 0, k, v, lo, hi, k.float() / 2)  # keys at position 0 come in float32
+    keys, values = store.gather("r", 0, torch.tensor([[1], [0]]))
+    assert keys.dtype == values.dtype == torch.bfloat16
+    assert torch.equal(keys[0], k[1, :, 0]) and torch.equal(keys[1], k[0, :, 1])
+    at_zero = store.gather_at_zero("r", 0, torch.tensor([[1], [0]]))
+    assert at_zero.dtype == torch.bfloat16 and torch.equal(at_zero[0], k[1, :, 0] / 2)
+    assert store.summaries("r", 0, 0, 2)[0].dtype == torch.float32
+
+
+def test_a_recomputed_request_overwrites_and_forgets_later_blocks():
+    store = HostStore()
+    k, v, lo, hi = blocks(4, seed=3)
+    k2, v2, lo2, hi2 = blocks(1, seed=4)
+    store.put("r", 0, 1, k, v, lo, hi, k)  # blocks 1 .. 4
+    store.put("r", 0, 2, k2, v2, lo2, hi2, k2)  # preempted and computed again up to block 2
+    assert store.blocks("r", 0) == 3
+    s_lo, s_hi = store.summaries("r", 0, 1, 3)
+    assert torch.equal(s_lo, torch.cat((lo[:1], lo2))) and torch.equal(s_hi, torch.cat((hi[:1], hi2)))
+    keys, _ = store.gather("r", 0, torch.tensor([[2], [1]]))
+    assert torch.equal(keys[0], k2[0, :, 0]) and torch.equal(keys[1], k[0, :, 1])
+    assert torch.equal(store.gather_at_zero("r", 0, torch.tensor([[2], [2]])), k2[0].transpose(0, 1))
+    with pytest.raises(RuntimeError, match=r"block 3 of r was never stored"):
+        store.summaries("r", 0, 1, 4)
+    store.put("r", 0, 3, k[2:], v[2:], lo[2:], hi[2:])  # and goes on from there
+    assert store.blocks("r", 0) == 5
+
+
+def test_a_gap_is_an_error():
+    store = HostStore()
+    k, v, lo, hi = blocks(3, seed=5)
+    store.put("r", 0, 2, k[:2], v[:2], lo[:2], hi[:2])  # blocks 2, 3
+    with pytest.raises(RuntimeError, match=r"top-k host store: block 5 of r follows block 3"):
+        store.put("r", 0, 5, k[2:], v[2:], lo[2:], hi[2:])
+    assert store.blocks("r", 0) == 4  # unchanged
+    with pytest.raises(RuntimeError, match=r"block 4 of r was never stored"):
+        store.summaries("r", 0, 2, 5)
+
+
+def test_drop_forgets_every_layer_of_finished_requests():
+    store = HostStore()
+    k, v, lo, hi = blocks(2, seed=6)
+    for request in ("a", "b"):
+        for layer in (10, 20):
+            store.put(request, layer, 1, k, v, lo, hi)
+    full = store.nbytes()
+    assert full > 0 and store.requests() == {"a", "b"}
+    store.drop([])
+    store.drop(frozenset({"never-seen"}))
+    assert store.requests() == {"a", "b"} and store.nbytes() == full
+    store.drop(frozenset({"a"}))
+    assert store.requests() == {"b"} and store.nbytes() == full // 2
+    assert store.blocks("a", 10) == 0 and store.blocks("b", 20) == 3
+    with pytest.raises(KeyError):
+        store.summaries("a", 10, 1, 2)
+    store.drop(["b"])
+    assert store.requests() == set() and store.nbytes() == 0
+
+
+# ---------------------------------------------------------------- block summaries
+
+
+@pytest.mark.parametrize("rotary", ROPES, ids=["neox", "gptj-partial-scaled"])
+@pytest.mark.parametrize("first", [0, 3, 250])
+def test_summaries_are_of_the_keys_rotated_back_to_position_zero(rotary, first):
+    n = 5
+    g = torch.Generator().manual_seed(first)
+    k0 = torch.randn(n * B, HKV, D, generator=g, dtype=torch.float64) * 2
+    keys = stored_keys(k0, rotary, first * B).float().view(n, B, HKV, D)
+    lo, hi, keys_at_zero = block_summaries(keys, first, rotary)
+    assert lo.shape == hi.shape == (n, HKV, D) and lo.dtype == torch.float32
+    assert keys_at_zero.shape == (n, B, HKV, D) and keys_at_zero.dtype == torch.float32
+    # keys at position 0: the un-rotated keys (their rotary channels times the table's scaling,
+    # as the reference has them)
+    at_zero = ref.keys_at_zero(k0, rotary).view(n, B, HKV, D)
+    if rotary.attention_scaling == 1.0:
+        assert torch.equal(at_zero, k0.view(n, B, HKV, D))
+    torch.testing.assert_close(keys_at_zero.double(), at_zero, atol=1e-5, rtol=1e-5)
+    assert torch.equal(lo, keys_at_zero.amin(1)) and torch.equal(hi, keys_at_zero.amax(1))
+    torch.testing.assert_close(lo.double(), at_zero.amin(1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(hi.double(), at_zero.amax(1), atol=1e-5, rtol=1e-5)
+    r_lo, r_hi = ref.key_summaries(torch.cat((torch.zeros(first * B, HKV, D, dtype=k0.dtype), k0)), B, rotary)
+    torch.testing.assert_close(lo.double(), r_lo[first:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(hi.double(), r_hi[first:], atol=1e-5, rtol=1e-5)
+    # every key of a block lies between its lo and hi, channel by channel
+    assert (lo[:, None] <= at_zero.float() + 1e-5).all() and (at_zero.float() <= hi[:, None] + 1e-5).all()
+    assert (lo <= hi).all()
+
+
+# ---------------------------------------------------------------- the selection
+
+
+def engine_selection(q0, k0, e, cfg, blk, k, rotary):
+    """topk_attention.select_blocks for the chunk ending at e, from what the engine holds: the
+    summaries of the stored (rotated) keys, and the last row's query as stored (rotated at e - 1)
+    moved to position C by the engine's own rotation matrix."""
+    g, f = ref.global_block_count(cfg, blk), ref.first_window_block(e - 1, cfg, blk)
+    keys = stored_keys(k0, rotary).float()[g * blk : f * blk].view(f - g, blk, *k0.shape[1:])
+    lo, hi, _ = block_summaries(keys, g, rotary)
+    q_last = stored_keys(q0[e - 1 : e], rotary, e - 1).float()[0]  # [H, D]
+    q_cap = q_last @ rotations(torch.tensor([cfg.distance_cap - (e - 1)]), rotary, q0.shape[-1])[0]
+    torch.testing.assert_close(q_cap.double(), ref.query_at_cap(q0[e - 1], cfg, rotary), atol=1e-4, rtol=1e-4)
+    return select_blocks(q_cap, lo, hi, g, k)
+
+
+@pytest.mark.parametrize("rotary", ROPES, ids=["neox", "gptj-partial-scaled"])
+@pytest.mark.parametrize("G, W, C, blk, k", [(3, 9, 12, 4, 2), (0, 8, 8, 4, 1), (8, 6, 30, 8, 4), (5, 16, 40, 2, 3)])
+def test_select_blocks_is_the_references_choice(rotary, G, W, C, blk, k):
+    """Random data, several chunk ends: the same blocks as the reference's select_blocks over
+    its block_bounds (float32 against float64: a pick may differ only on a near-tie)."""
+    n, H = 120, 4
+    g = torch.Generator().manual_seed(G * 100 + W)
+    q0, k0 = (torch.randn(n, h, D, generator=g, dtype=torch.float64) * 2 for h in (H, HKV))
+    cfg = LminfConfig(G, W, C)
+    kmin, kmax = ref.key_summaries(k0, blk, rotary)
+    exact = 0
+    for e in range(1, n + 1):
+        cand = ref.middle_blocks(e - 1, cfg, blk)
+        if not cand:
+            continue
+        got = engine_selection(q0, k0, e, cfg, blk, k, rotary)
+        bounds = ref.block_bounds(ref.query_at_cap(q0[e - 1 : e], cfg, rotary), kmin, kmax)
+        want = ref.select_blocks(bounds, e - 1, cfg, blk, k, HKV)
+        assert got.shape == (HKV, min(k, len(cand)))
+        if got.tolist() == want:
+            exact += 1
+            continue
+        score = bounds[0].view(HKV, H // HKV, -1).amax(1)  # the group's max
+        for h in range(HKV):
+            kth = score[h, cand.start : cand.stop].topk(got.shape[1]).values[-1]
+            assert (kth - score[h, got[h]]).max() < 1e-4 * (1 + kth.abs()), (e, h, got[h].tolist(), want[h])
+    assert exact >= 0.95 * sum(bool(ref.middle_blocks(e - 1, cfg, blk)) for e in range(1, n + 1))
+
+
+def test_ties_go_to_the_lower_block():
+    """Equal bounds: the lower block wins, as in the reference."""
+    cfg = LminfConfig(0, 4, 4)
+    q_cap = torch.randn(2, D, generator=torch.Generator().manual_seed(7))  # 2 heads, one KV head
+    lo = torch.zeros(9, 1, D)
+    hi = torch.zeros(9, 1, D)
+    lo[7, 0] = hi[7, 0] = q_cap[0]  # block 7 scores |q|^2 > 0, the other eight 0
+    got = select_blocks(q_cap, lo, hi, 0, 3)
+    assert got.tolist() == [[0, 1, 7]]
+    bounds = torch.zeros(1, 2, 10)
+    bounds[0, :, 7] = 1.0
+    assert ref.select_blocks(bounds, 40, cfg, 4, 3, 1) == got.tolist()
+    # with the first blocks offset (global blocks before them): numbers are absolute
+    assert select_blocks(q_cap, lo, hi, 5, 2).tolist() == [[5, 12]]
+    # k above the candidates: all of them, ascending
+    assert select_blocks(q_cap, lo[:3], hi[:3], 2, 10).tolist() == [[2, 3, 4]]
+    # per KV head: each its own choice, from its own group's max
+    q2 = torch.zeros(4, D)
+    q2[1, 0] = q2[2, 1] = 1.0  # KV head 0 is read by query heads 0, 1; KV head 1 by 2, 3
+    lo2 = torch.zeros(4, 2, D)
+    lo2[2, 0, 0] = lo2[1, 1, 1] = lo2[3, 1, 1] = 1.0
+    assert select_blocks(q2, lo2, lo2.clone(), 10, 1).tolist() == [[12], [11]]
