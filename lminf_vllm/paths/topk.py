@@ -16,6 +16,7 @@ blocks are the "+ k" of the contract's device bound. No CUDA graphs: host
 lists, a loop over requests.
 """
 
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -29,8 +30,10 @@ from lminf_vllm.topk_store import HostStore
 LAYOUT = OWN_LAYOUT
 CUDAGRAPH = "never"
 
-# One host store per engine (per metadata builder's shape object), kept across steps.
-_STORES: dict[int, tuple[EngineShape, HostStore]] = {}
+# One host store per engine (per metadata builder's shape object), kept across steps and
+# dropped with the builder. A request's blocks go when vLLM reports it finished, which
+# it does with the next step: the last requests an engine served stay until then.
+_STORES: dict[int, HostStore] = {}
 
 
 def available(shape: EngineShape) -> bool:
@@ -38,9 +41,11 @@ def available(shape: EngineShape) -> bool:
 
 
 def store_of(shape: EngineShape) -> HostStore:
-    if id(shape) not in _STORES:
-        _STORES[id(shape)] = (shape, HostStore())
-    return _STORES[id(shape)][1]
+    store = _STORES.get(id(shape))
+    if store is None:
+        store = _STORES[id(shape)] = HostStore()
+        weakref.finalize(shape, _STORES.pop, id(shape), None)  # (the id cannot be reused before that)
+    return store
 
 
 @dataclass
