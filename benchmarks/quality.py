@@ -10,6 +10,10 @@ p tokens before it, so one pass gives every shorter length too. Modes:
     window  sliding window only: lminf with G = 0
     lminf   LM-Infinite: G global tokens, window W, distance cap C
     nocap   LM-Infinite without the cap (C = 10^9)
+    topk    LM-Infinite (same G, W, C) plus the k best middle KV blocks per
+            (sequence, layer, KV head) from the host store
+            (docs/topk-contract.md): topk_blocks = --topk-blocks, KV block
+            size --topk-block-size (the other modes keep block size 32)
 
 The table reports perplexity per length n over the tokens at positions
 [previous n, n) (the first column: [1, n)), like the paper's Table 1; the
@@ -39,13 +43,14 @@ import corpus  # noqa: E402
 HERE = Path(__file__).resolve().parent
 TINY_MODEL = HERE / "models" / "tiny-rope-L256"
 NO_CAP = 10**9
-MODES = ("segments", "stock", "window", "lminf", "nocap")
+MODES = ("segments", "stock", "window", "lminf", "nocap", "topk")
 MODE_LABELS = {
     "segments": "1x: each training-length piece read alone",
     "stock": "stock attention",
     "window": "window only (G=0)",
     "lminf": "LM-Infinite",
     "nocap": "LM-Infinite, no distance cap",
+    "topk": "LM-Infinite + top-k middle blocks",
 }
 
 
@@ -64,10 +69,12 @@ def training_length(model: Path) -> int:
 
 
 def engine_options(model: Path, mode: str, max_model_len: int, *, global_tokens: int, local_tokens: int,
-                   distance_cap: int, kv_cache_bytes: int, step_tokens: int = 2048) -> dict:  # fmt: skip
-    """vllm.LLM(...) arguments for one mode."""
+                   distance_cap: int, kv_cache_bytes: int, step_tokens: int = 2048,
+                   topk_blocks: int = 4, topk_block_size: int = 64) -> dict:  # fmt: skip
+    """vllm.LLM(...) arguments for one mode (topk_blocks and topk_block_size: the topk mode only)."""
     options = dict(
-        model=str(model), dtype="float32", enforce_eager=True, block_size=32, seed=0,
+        model=str(model), dtype="float32", enforce_eager=True,
+        block_size=topk_block_size if mode == "topk" else 32, seed=0,
         max_model_len=max_model_len, kv_cache_memory_bytes=kv_cache_bytes,
         enable_prefix_caching=False, max_num_batched_tokens=step_tokens,
     )  # fmt: skip
@@ -82,6 +89,8 @@ def engine_options(model: Path, mode: str, max_model_len: int, *, global_tokens:
         "window": dict(global_tokens=0, local_tokens=local_tokens, distance_cap=distance_cap),
         "lminf": dict(global_tokens=global_tokens, local_tokens=local_tokens, distance_cap=distance_cap),
         "nocap": dict(global_tokens=global_tokens, local_tokens=local_tokens, distance_cap=NO_CAP),
+        "topk": dict(global_tokens=global_tokens, local_tokens=local_tokens, distance_cap=distance_cap,
+                     topk_blocks=topk_blocks),
     }[mode]
     options.update(attention_backend="lminf", additional_config={"lminf": cfg})
     return options
@@ -203,9 +212,11 @@ def parse_args(argv=None):
     p.add_argument("--lengths", type=int, nargs="+", help="sequence lengths in tokens (default: 1x..32x the training length)")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--docs", type=int, default=4, help="pinned held-out documents averaged per length (4 at most)")
-    p.add_argument("--global-tokens", type=int, default=10, help="G for lminf and nocap")
+    p.add_argument("--global-tokens", type=int, default=10, help="G for lminf, nocap and topk")
     p.add_argument("--local-tokens", type=int, help="W (default: the training length)")
     p.add_argument("--distance-cap", type=int, help="C (default: the training length)")
+    p.add_argument("--topk-blocks", type=int, default=4, help="k for the topk mode: middle blocks read again")
+    p.add_argument("--topk-block-size", type=int, default=64, help="KV block size B of the topk mode")
     p.add_argument("--kv-cache-gib", type=float, default=2.0)
     p.add_argument("--out", type=Path, help="JSON path (default: out/quality-<model>.json; the PNG beside it)")
     return p.parse_args(argv)
@@ -219,13 +230,16 @@ def main(argv=None):
     model = resolve_model(args.model)
     L = training_length(model)
     lengths = args.lengths or [L * k for k in (1, 2, 4, 8, 16, 32)]
+    topk_kw = {"topk_blocks": args.topk_blocks, "topk_block_size": args.topk_block_size} if "topk" in args.modes else {}
     result = run(
         model, lengths, args.modes, args.docs, global_tokens=args.global_tokens,
         local_tokens=args.local_tokens or L, distance_cap=args.distance_cap or L,
-        kv_cache_bytes=int(args.kv_cache_gib * (1 << 30)),
+        kv_cache_bytes=int(args.kv_cache_gib * (1 << 30)), **topk_kw,
     )  # fmt: skip
     result["lminf"] = {"global_tokens": args.global_tokens, "local_tokens": args.local_tokens or L,
                        "distance_cap": args.distance_cap or L}  # fmt: skip
+    if topk_kw:
+        result["topk"] = {"topk_blocks": args.topk_blocks, "block_size": args.topk_block_size}
     result["command"] = "python benchmarks/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
     result["machine"] = f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}"
     out = args.out or Path("out") / f"quality-{model.name}.json"
@@ -233,6 +247,8 @@ def main(argv=None):
     out.write_text(json.dumps(result, indent=2) + "\n")
     cfg = result["lminf"]
     title = f"{model.name}: G={cfg['global_tokens']} W={cfg['local_tokens']} C={cfg['distance_cap']}"
+    if "topk" in result:
+        title += f" (top-k: k={result['topk']['topk_blocks']} B={result['topk']['block_size']})"
     plotted = plot(result, out.with_suffix(".png"), title)
     print(f"\n{model.name}, perplexity of the tokens at positions [previous length, length); {title}")
     print(table(result))

@@ -162,10 +162,12 @@ MODE_NAMES = {
     "window": "window only (G=0)",
     "lminf": "LM-Infinite",
     "nocap": "LM-Infinite, no distance cap",
+    "topk": "LM-Infinite + top-k middle blocks",
 }
 
 
-SHORT_NAMES = {"segments": "1x", "stock": "stock", "window": "window only", "lminf": "LM-Infinite", "nocap": "no cap"}
+SHORT_NAMES = {"segments": "1x", "stock": "stock", "window": "window only", "lminf": "LM-Infinite", "nocap": "no cap",
+               "topk": "top-k"}
 
 
 def quality_table(q: dict) -> str:
@@ -191,19 +193,26 @@ def quality_block(doc: Doc, rel: str, image_alt: str | None, ratios: list | None
     if ratios:
         parts.append(quality_ratios(q, ratios))
     s = q["lminf"]
+    topk = q.get("topk")
+    topk_note = (f"; top-k: the same G, W, C plus topk_blocks k={topk['topk_blocks']} with KV block size "
+                 f"B={topk['block_size']} (the other modes: B=32)") if topk else ""
     parts.append(f"Perplexity of the tokens in [previous length, length) of {len(q['documents'])} held-out "
                  f"documents ({', '.join(q['documents'])}); {q['model']}, trained to {q['training_length']} "
-                 f"tokens; lminf G={s['global_tokens']}, W={s['local_tokens']}, C={s['distance_cap']}; "
+                 f"tokens; lminf G={s['global_tokens']}, W={s['local_tokens']}, C={s['distance_cap']}{topk_note}; "
                  f"{q['machine'].split(', Linux')[0]}.")
     if image_alt:
         parts.append(doc.image(rel.replace(".json", ".png"), image_alt))
-    parts.append(doc.source(rel, q["command"]))
+    source = doc.source(rel, q["command"])
+    if topk and topk.get("command"):  # the top-k row run on its own and merged into the file
+        source = source[:-1] + f"; its top-k row by `{topk['command']}`."
+    parts.append(source)
     return "\n\n".join(parts)
 
 
 def gen_quality_tiny(doc):
     return quality_block(doc, f"{RESULTS}/quality-tiny-rope-L256.json", "NLL against position, tiny-rope-L256",
-                         [("stock", "segments"), ("lminf", "segments"), ("nocap", "segments"), ("nocap", "lminf")])
+                         [("stock", "segments"), ("lminf", "segments"), ("nocap", "segments"), ("nocap", "lminf"),
+                          ("topk", "lminf")])
 
 
 def gen_quality_smollm2_globals(doc):
@@ -213,7 +222,7 @@ def gen_quality_smollm2_globals(doc):
 
 def gen_quality_smollm2_16k(doc):
     return quality_block(doc, f"{RESULTS}/quality-smollm2-16k.json", "NLL against position, SmolLM2 to 16k",
-                         [("stock", "segments"), ("lminf", "segments")])
+                         [("stock", "segments"), ("lminf", "segments"), ("topk", "lminf")])
 
 
 def gen_readme_quality(doc):
