@@ -1,4 +1,4 @@
-"""Passkey retrieval (the paper's Table 2 task) through the real engine, stock vs lminf.
+"""Passkey retrieval (the paper's Table 2 task) through the real engine, stock vs lminf (vs top-k).
 
 A 5-digit key is hidden at a random depth of repetitive filler text, and the
 prompt ends by asking for it; greedy generation must repeat the key. With
@@ -7,8 +7,19 @@ the first G): past that, the Λ-mask has dropped it by design, so accuracy at
 length n is roughly the share of depths within W of the end. Stock attention
 sees everything but fails once n passes the training length.
 
+Mode "topk" is lminf plus the k best middle blocks per (sequence, layer, KV
+head) read back from the host store (--topk-blocks k; docs/topk-contract.md).
+For every mode the JSON records the device KV blocks per sequence, measured
+from the engine: the most non-null blocks one request held in the KV pool
+after a scheduler step (decode steps and prefill chunks apart), plus the
+widest top-k selection the engine gathered for it, against the contract's
+bound ceil(G/B) + ceil(W/B) + 1 + k (decode; a prefill chunk of T tokens
+adds ceil((W - 1 + T)/B) - ceil(W/B)).
+
     python benchmarks/passkey.py --help
     python benchmarks/passkey.py --lengths 2048 4096 8192 16384 --trials 4
+    python benchmarks/passkey.py --lengths 16384 32768 --trials 3 --modes lminf topk \\
+        --local-tokens 2048 --distance-cap 2048 --block-size 64 --topk-blocks 4
 """
 
 import argparse
@@ -17,6 +28,7 @@ import os
 import platform
 import random
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -53,21 +65,148 @@ def trials(tok, n_tokens: int, count: int, seed: int) -> list[dict]:
     return out
 
 
-def run_mode(model: Path, mode: str, cases: list[dict], **engine_kw) -> list[str]:
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def mode_options(model: Path, mode: str, max_model_len: int, *, block_size: int, topk_blocks: int, **engine_kw) -> dict:
+    """vllm.LLM(...) arguments: quality.engine_options, with our block size; "topk" is
+    lminf with topk_blocks added to its additional_config."""
+    options = engine_options(model, "lminf" if mode == "topk" else mode, max_model_len, **engine_kw)
+    options["block_size"] = block_size
+    if mode == "topk":
+        cfg = dict(options["additional_config"]["lminf"], topk_blocks=topk_blocks)
+        options["additional_config"] = {**options["additional_config"], "lminf": cfg}
+    return options
+
+
+class KvProbe:
+    """Device KV blocks per sequence, measured from an in-process engine.
+
+    Pool: after every scheduler step (allocation for the step done, the Λ
+    policy's frees applied), the non-null blocks each scheduled request holds
+    in the KV pool's managers (one per KV cache group), kept as the maximum per
+    request and phase (prefill chunk / decode step), with the largest chunk.
+    Top-k buffer: the widest selection (`Plan.chosen`, [Hkv, k'] per layer and
+    request) the top-k path gathered for the request, read from the plans of
+    lminf_vllm.paths.topk, which `install` wraps.
+    """
+
+    _plans: list = []  # the last top-k Plan made, read at the next one (its layers have run by then)
+    current = None  # the probe the wrapped plan() reports to
+
+    def __init__(self, llm):
+        core = llm.llm_engine.engine_core
+        if not hasattr(core, "engine_core"):
+            raise SystemExit("passkey.py measures KV blocks in-process: run with VLLM_ENABLE_V1_MULTIPROCESSING=0")
+        self.scheduler = core.engine_core.scheduler
+        self.managers = list(self.scheduler.kv_cache_manager.coordinator.single_type_managers)
+        self.pool: dict[str, dict[str, int]] = {}  # request id -> phase -> most blocks held
+        self.chunk: dict[str, int] = {}  # request id -> largest prefill chunk scheduled
+        self.buffer: dict[str, int] = {}  # request id -> widest top-k selection gathered
+        schedule = self.scheduler.schedule
+
+        def probed(*args, **kwargs):
+            out = schedule(*args, **kwargs)
+            self.sample(out)
+            return out
+
+        self.scheduler.schedule = probed
+        KvProbe.current = self
+
+    def sample(self, out) -> None:
+        for rid, t in out.num_scheduled_tokens.items():
+            req = self.scheduler.requests[rid]
+            start = req.num_computed_tokens - t  # schedule() has advanced it past this step's tokens
+            phase = "decode" if start >= req.num_prompt_tokens else "prefill"
+            held = sum(not b.is_null for m in self.managers for b in m.req_to_blocks.get(rid, ()))
+            most = self.pool.setdefault(rid, {})
+            most[phase] = max(most.get(phase, 0), held)
+            if phase == "prefill":
+                self.chunk[rid] = max(self.chunk.get(rid, 0), t)
+                print(f"    prefill chunk to {req.num_computed_tokens}/{req.num_prompt_tokens} scheduled at "
+                      f"{time.strftime('%H:%M:%S')}, {held} pool blocks", file=sys.stderr, flush=True)  # fmt: skip
+
+    @classmethod
+    def install(cls) -> None:
+        import lminf_vllm.paths.topk as topk_path
+
+        if getattr(topk_path.plan, "probed", False):
+            return
+        plan = topk_path.plan
+
+        def probed(batch, shape):
+            cls.flush()
+            p = plan(batch, shape)
+            cls._plans.append(p)
+            return p
+
+        probed.probed = True
+        topk_path.plan = probed  # the metadata builder looks it up on the module at every step
+
+    @classmethod
+    def flush(cls) -> None:
+        while cls._plans:
+            p = cls._plans.pop()
+            if cls.current is None:
+                continue
+            for (_, r), chosen in p.chosen.items():
+                rid = p.chunks[r][4]
+                cls.current.buffer[rid] = max(cls.current.buffer.get(rid, 0), int(chosen.shape[1]))
+
+    def reset(self) -> None:
+        KvProbe.flush()
+        self.pool.clear(), self.chunk.clear(), self.buffer.clear()
+
+    def most(self) -> dict:
+        """Over the requests since reset() (one generate() call of one prompt: the engine
+        core's request ids are not the ones generate() returns)."""
+        KvProbe.flush()
+        pools = list(self.pool.values())
+        return {"pool_prefill": max((x.get("prefill", 0) for x in pools), default=0),
+                "pool_decode": max((x.get("decode", 0) for x in pools), default=0),
+                "largest_chunk": max(self.chunk.values(), default=0),
+                "topk_buffer": max(self.buffer.values(), default=0)}  # fmt: skip
+
+
+def run_mode(model: Path, mode: str, cases: list[dict], **engine_kw) -> list[dict]:
+    """One engine; the cases one at a time (each prefills alone, in chunks of the
+    step budget): per case its answer, wall time and device KV blocks."""
     from vllm import LLM, SamplingParams
 
     longest = max(len(c["prompt"]) for c in cases)
-    llm = LLM(**engine_options(model, mode, longest + 16, **engine_kw))
+    llm = LLM(**mode_options(model, mode, longest + 16, **engine_kw))
+    probe = KvProbe(llm)
+    out = []
     try:
-        outs = llm.generate(
-            [{"prompt_token_ids": c["prompt"]} for c in cases],
-            SamplingParams(max_tokens=8, temperature=0.0),
-            use_tqdm=False,
-        )
+        for c in cases:
+            probe.reset()
+            t0 = time.perf_counter()
+            (o,) = llm.generate([{"prompt_token_ids": c["prompt"]}], SamplingParams(max_tokens=8, temperature=0.0),
+                                use_tqdm=False)  # fmt: skip
+            wall = time.perf_counter() - t0
+            out.append({"answer": o.outputs[0].text, "wall_s": round(wall, 1), "kv": probe.most()})
+            print(f"  {mode} {len(c['prompt'])} tokens, depth {c['depth']}: {o.outputs[0].text!r} in {wall:.0f} s, "
+                  f"{out[-1]['kv']}", file=sys.stderr, flush=True)  # fmt: skip
     finally:
+        KvProbe.current = None
         llm.llm_engine.engine_core.shutdown()
         del llm
-    return [o.outputs[0].text for o in outs]
+    return out
+
+
+def device_blocks(trials: list[dict], *, global_tokens: int, local_tokens: int, block_size: int, k: int) -> dict:
+    """The most device KV blocks one sequence held (pool + top-k buffer), against the contract's bound."""
+    G, W, B = global_tokens, local_tokens, block_size
+    kv = [t["kv"] for t in trials]
+    pool_decode, pool_prefill = max(x["pool_decode"] for x in kv), max(x["pool_prefill"] for x in kv)
+    buffer, chunk = max(x["topk_buffer"] for x in kv), max(x["largest_chunk"] for x in kv)
+    return {
+        "pool_decode": pool_decode, "pool_prefill": pool_prefill, "topk_buffer": buffer, "largest_chunk": chunk,
+        "device_decode": pool_decode + buffer, "device_prefill": pool_prefill + buffer,
+        "bound_decode": cdiv(G, B) + cdiv(W, B) + 1 + k,
+        "bound_prefill": cdiv(G, B) + cdiv(W - 1 + chunk, B) + 1 + k,
+    }  # fmt: skip
 
 
 def main(argv=None):
@@ -78,14 +217,19 @@ def main(argv=None):
     p.add_argument("--model", default="smollm2", help="'smollm2' (SmolLM2-135M-Instruct) or an HF directory")
     p.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
     p.add_argument("--trials", type=int, default=4, help="needle depths per length, spread evenly")
-    p.add_argument("--modes", nargs="+", choices=("stock", "lminf"), default=["stock", "lminf"])
+    p.add_argument("--modes", nargs="+", choices=("stock", "lminf", "topk"), default=["stock", "lminf"],
+                   help="topk: lminf with --topk-blocks selected middle blocks")
     p.add_argument("--global-tokens", type=int, default=10)
     p.add_argument("--local-tokens", type=int, help="W (default: the training length)")
     p.add_argument("--distance-cap", type=int, help="C (default: the training length)")
+    p.add_argument("--block-size", type=int, default=32, help="KV block size B (every mode)")
+    p.add_argument("--topk-blocks", type=int, default=0, help="k, middle blocks read again in mode topk")
     p.add_argument("--kv-cache-gib", type=float, default=4.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("out/passkey.json"))
     args = p.parse_args(argv)
+    if "topk" in args.modes and args.topk_blocks < 1:
+        p.error("mode topk needs --topk-blocks >= 1")
 
     from tqdm import tqdm
     from transformers import AutoTokenizer
@@ -96,27 +240,41 @@ def main(argv=None):
     engine_kw = dict(global_tokens=args.global_tokens, local_tokens=args.local_tokens or L,
                      distance_cap=args.distance_cap or L, kv_cache_bytes=int(args.kv_cache_gib * (1 << 30)))  # fmt: skip
     cases = {n: trials(tok, n, args.trials, args.seed) for n in args.lengths}
+    KvProbe.install()
     results = {}
-    jobs = [(mode, n) for mode in args.modes for n in args.lengths]
-    for mode, n in tqdm(jobs, desc="passkey", file=sys.stderr):
-        answers = run_mode(model, mode, cases[n], **engine_kw)
-        hits = [str(c["key"]) in a for c, a in zip(cases[n], answers)]
-        results.setdefault(mode, {})[n] = {
-            "accuracy": sum(hits) / len(hits),
-            "trials": [{"depth": c["depth"], "key": c["key"], "answer": a, "hit": h}
-                       for c, a, h in zip(cases[n], answers, hits)],  # fmt: skip
-        }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"model": model.name, "training_length": L, "lminf": {k: v for k, v in engine_kw.items() if k != "kv_cache_bytes"},
+    settings = {k: v for k, v in engine_kw.items() if k != "kv_cache_bytes"}
+    settings.update(block_size=args.block_size, topk_blocks=args.topk_blocks)
+    doc = {"model": model.name, "training_length": L, "lminf": settings,
            "corpus": CORPUS,
            "command": "python benchmarks/passkey.py " + " ".join(sys.argv[1:] if argv is None else argv),
            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "results": results}  # fmt: skip
-    args.out.write_text(json.dumps(doc, indent=2) + "\n")
+    jobs = [(mode, n) for mode in args.modes for n in args.lengths]
+    for mode, n in tqdm(jobs, desc="passkey", file=sys.stderr):
+        k = args.topk_blocks if mode == "topk" else 0
+        runs = run_mode(model, mode, cases[n], block_size=args.block_size, topk_blocks=k, **engine_kw)
+        hits = [str(c["key"]) in r["answer"] for c, r in zip(cases[n], runs)]
+        rows = [{"depth": c["depth"], "key": c["key"], "prompt_tokens": len(c["prompt"]), "answer": r["answer"],
+                 "hit": h, "wall_s": r["wall_s"], "kv": r["kv"]}
+                for c, r, h in zip(cases[n], runs, hits)]  # fmt: skip
+        results.setdefault(mode, {})[n] = {
+            "accuracy": sum(hits) / len(hits),
+            "device_kv_blocks": device_blocks(rows, global_tokens=args.global_tokens, local_tokens=engine_kw["local_tokens"],
+                                              block_size=args.block_size, k=k),  # fmt: skip
+            "trials": rows,
+        }
+        args.out.write_text(json.dumps(doc, indent=2) + "\n")  # after every (mode, length): a long run keeps what it did
     print(f"\n{model.name} (training length {L}), passkey accuracy over {args.trials} depths; lminf {doc['lminf']}")
     print("| mode | " + " | ".join(str(n) for n in args.lengths) + " |")
     print("|---" * (len(args.lengths) + 1) + "|")
     for mode, by_n in results.items():
         print(f"| {mode} | " + " | ".join(f"{by_n[n]['accuracy']:.0%}" for n in args.lengths) + " |")
+    print("\ndevice KV blocks per sequence (decode: pool + top-k buffer / bound; prefill likewise)")
+    for mode, by_n in results.items():
+        for n in args.lengths:
+            d = by_n[n]["device_kv_blocks"]
+            print(f"  {mode} {n}: decode {d['pool_decode']} + {d['topk_buffer']} = {d['device_decode']} / "
+                  f"{d['bound_decode']}; prefill {d['device_prefill']} / {d['bound_prefill']}")
     print(f"\nwrote {args.out}")
 
 

@@ -251,6 +251,65 @@ def gen_passkey(doc):
         doc.source(rel, p["command"])])
 
 
+def depth_name(depth: float) -> str:
+    from fractions import Fraction
+
+    return str(Fraction(depth).limit_denominator(12))
+
+
+def gen_passkey_topk(doc):
+    rel = f"{RESULTS}/passkey-topk.json"
+    p = load(rel)
+    res, s = p["results"], p["lminf"]
+    k = s["topk_blocks"]
+    names = {"stock": "stock", "lminf": "Λ alone (k = 0)", "topk": f"Λ + top-k (k = {k})"}
+    lengths = sorted({int(n) for m in res.values() for n in m})
+    depths = sorted({t["depth"] for m in res.values() for r in m.values() for t in r["trials"]})
+    rows = []
+    for n in lengths:
+        for m in res:
+            if str(n) not in res[m]:
+                continue
+            r = res[m][str(n)]
+            by_depth = {t["depth"]: t for t in r["trials"]}
+
+            def cell(d):
+                t = by_depth.get(d)
+                if t is None:
+                    return ""
+                answer = t["answer"].replace("\n", " ").replace("|", "\\|").strip()
+                return "hit" if t["hit"] else f"miss (`{answer}`)"
+
+            kv = r["device_kv_blocks"]
+            tokens_ = max(t["prompt_tokens"] for t in r["trials"])
+            if m == "stock":
+                decode, prefill = f"{kv['pool_decode']} (no bound)", f"{kv['pool_prefill']} (no bound)"
+            else:
+                decode = f"{kv['pool_decode']} + {kv['topk_buffer']} = {kv['device_decode']} / {kv['bound_decode']}"
+                prefill = f"{kv['device_prefill']} / {kv['bound_prefill']}"
+            rows.append([f"{tokens(n)} ({tokens_:,})", names.get(m, m), *[cell(d) for d in depths],
+                         pct(r["accuracy"]), decode, prefill])
+    header = ["prompt (tokens)", "mode", *[f"depth {depth_name(d)}" for d in depths], "accuracy",
+              "device KV blocks per sequence, decode: pool + top-k buffer = device / bound",
+              "prefill chunk: device / bound"]
+    stock_rel = f"{RESULTS}/passkey-smollm2.json"
+    stock = load(stock_rel)["results"].get("stock", {})
+    keys = lambda r: [(t["depth"], t["key"]) for t in r["trials"]]  # noqa: E731
+    shared = [n for n in lengths if "stock" not in res and str(n) in stock
+              and any(keys(stock[str(n)]) == keys(m[str(n)]) for m in res.values() if str(n) in m)]  # fmt: skip
+    stock_note = ""
+    if shared:
+        stock_note = (" Stock attention on the same prompts (same lengths, depths and keys), from "
+                      f"[`{stock_rel}`]({doc.link(stock_rel)}): "
+                      + ", ".join(f"{pct(stock[str(n)]['accuracy'])} at {tokens(n)}" for n in shared) + ".")
+    return "\n\n".join([
+        table(header, rows),
+        f"{p['model']} (trained to {p['training_length']} tokens), greedy, 8 answer tokens, float32; "
+        f"G={s['global_tokens']}, W={s['local_tokens']}, C={s['distance_cap']}, blocks of B={s['block_size']}; "
+        f"one request at a time, prefill in chunks of 2,048 tokens; {p['machine']}.{stock_note}",
+        doc.source(rel, p["command"])])
+
+
 # --- generation quality (BLEU / ROUGE-L) --------------------------------------
 
 GEN_MODE_NAMES = {"1x": "1x: stock on the last L-T tokens only", **{k: v for k, v in MODE_NAMES.items() if k != "segments"}}
@@ -769,6 +828,7 @@ GENERATORS = {
     "quality-smollm2-globals": gen_quality_smollm2_globals,
     "quality-smollm2-16k": gen_quality_smollm2_16k,
     "passkey": gen_passkey,
+    "passkey-topk": gen_passkey_topk,
     "generation-tiny": gen_generation_tiny,
     "generation-smollm2": gen_generation_smollm2,
     "throughput-cpu": gen_throughput_cpu,
