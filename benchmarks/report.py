@@ -311,7 +311,7 @@ def gen_passkey_topk(doc):
         f"{p['model']} (trained to {p['training_length']} tokens), greedy, 8 answer tokens, float32; "
         f"G={s['global_tokens']}, W={s['local_tokens']}, C={s['distance_cap']}, blocks of B={s['block_size']}; "
         f"one request at a time, prefill in chunks of 2,048 tokens; {p['machine']}.{stock_note}",
-        doc.source(rel, p["command"])])
+        doc.source(rel, "` and `".join(p.get("commands", [p["command"]])), f" ({p['note']})" if "note" in p else "")])
 
 
 # --- generation quality (BLEU / ROUGE-L) --------------------------------------
