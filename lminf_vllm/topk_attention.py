@@ -7,7 +7,8 @@ testing/topk_reference.py. Three jobs, no vLLM import:
     summaries of its middle blocks (Quest's bound, max over the GQA group, the
     k best, lower block first on ties);
   * the chunk's attention: one softmax over what the pool still holds (whole
-    global blocks, whole window blocks) and the selected blocks from the store.
+    global blocks, whole window blocks) and the selected blocks from the store,
+    in two branches merged by their log-sum-exps (Span says which).
 
 Scores: a key at i - j <= C is read as stored, <q_i, k_j>; one further back is
 seen at distance C, <R(C - i) q_i, R(-j) k_j> (rotations compose), the same
