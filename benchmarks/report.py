@@ -314,6 +314,23 @@ def gen_passkey_topk(doc):
         doc.source(rel, "` and `".join(p.get("commands", [p["command"]])), f" ({p['note']})" if "note" in p else "")])
 
 
+def gen_topk_speed(doc):
+    rel = f"{RESULTS}/topk-speed.json"
+    t = load(rel)
+    a, rows = t["args"], t["rows"]
+    names = {"lambda": "Λ alone (k = 0)", "topk": f"Λ + top-k (k = {a['topk_blocks']})"}
+    body = [[names[r["mode"]], f"{r['prompt_tokens']:,}", num(r["prefill_tok_s"]), num(r["decode_ms"], 2)] for r in rows]
+    ratios = "; ".join(f"at {int(n):,} tokens top-k's decode step takes {ratio(x['decode_topk_x_lambda'])} Λ's and its "
+                       f"prefill runs at {ratio(x['prefill_topk_x_lambda'])} Λ's rate" for n, x in t["ratios"].items())  # fmt: skip
+    r0 = rows[0]
+    settings = (f"SmolLM2-135M-Instruct, {r0['dtype']}, blocks of {r0['block_size']}, "
+                f"{'torch.compile' if r0['compiled'] else 'enforce_eager'}, steps of {a['step_tokens']} tokens, "
+                f"G={a['global_tokens']}, W={a['local_tokens']}, C={a['distance_cap']}; decode over {a['gen']} steps; "
+                f"one request; {t['seconds']} s in all. {ratios[0].upper() + ratios[1:]}.")  # fmt: skip
+    return "\n\n".join([table(["mode", "prompt tokens", "prefill tok/s", "decode ms/step"], body), settings,
+                         doc.source(rel, command("benchmarks/topk_speed.py", t["args"], rel))])
+
+
 # --- generation quality (BLEU / ROUGE-L) --------------------------------------
 
 GEN_MODE_NAMES = {"1x": "1x: stock on the last L-T tokens only", **{k: v for k, v in MODE_NAMES.items() if k != "segments"}}
@@ -833,6 +850,7 @@ GENERATORS = {
     "quality-smollm2-16k": gen_quality_smollm2_16k,
     "passkey": gen_passkey,
     "passkey-topk": gen_passkey_topk,
+    "topk-speed": gen_topk_speed,
     "generation-tiny": gen_generation_tiny,
     "generation-smollm2": gen_generation_smollm2,
     "throughput-cpu": gen_throughput_cpu,
