@@ -111,17 +111,22 @@ def run_backend(args, model, backend, tokens):
     return row
 
 
-def main(argv=None):
-    in_process_engine_env()
-    args = parse_args(argv)
+def model_and_tokens(name: str):
+    """The model directory and the pinned held-out corpus as one token list, tokenized by the model."""
     import lminf_vllm
 
     lminf_vllm.register()
-    model = resolve_model(args.model)
+    model = resolve_model(name)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model)
-    tokens = [t for _, ids in held_out_documents(0, lambda s: tok.encode(s, add_special_tokens=False)) for t in ids]
+    return model, [t for _, ids in held_out_documents(0, lambda s: tok.encode(s, add_special_tokens=False)) for t in ids]
+
+
+def main(argv=None):
+    in_process_engine_env()
+    args = parse_args(argv)
+    model, tokens = model_and_tokens(args.model)
     started = time.time()
     rows = [run_backend(args, model, b, tokens) for b in args.backends]
     doc = {"args": {k: str(v) for k, v in vars(args).items()}, "corpus": corpus_info(),

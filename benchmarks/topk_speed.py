@@ -26,9 +26,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from corpus import corpus_info, held_out_documents  # noqa: E402
+from corpus import corpus_info  # noqa: E402
 from kv_memory import in_process_engine_env  # noqa: E402
-from quality import resolve_model  # noqa: E402
+from serve_speed import model_and_tokens, prompt  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -47,10 +47,6 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/topk-speed.json"))
     return p.parse_args(argv)
-
-
-def prompt(tokens: list[int], n: int) -> dict:
-    return {"prompt_token_ids": (tokens * (n // len(tokens) + 1))[:n]}
 
 
 def run_mode(args, model, mode, tokens) -> dict:
@@ -88,14 +84,7 @@ def run_mode(args, model, mode, tokens) -> dict:
 def main(argv=None):
     in_process_engine_env()
     args = parse_args(argv)
-    import lminf_vllm
-
-    lminf_vllm.register()
-    model = resolve_model(args.model)
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model)
-    tokens = [t for _, ids in held_out_documents(0, lambda s: tok.encode(s, add_special_tokens=False)) for t in ids]
+    model, tokens = model_and_tokens(args.model)
     started = time.time()
     rows = [r for mode in args.modes for r in run_mode(args, model, mode, tokens)]
     ratios = {}

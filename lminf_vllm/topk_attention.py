@@ -116,7 +116,7 @@ class Span:
     far_seen: torch.Tensor  # [T', far_end] whole global and window blocks at i - j >= W
     fa: int  # first window block of row a: selected blocks before it come from the store
     n_far: int  # the first n_far slots are read past the cap (i - j > C) by some row
-    q_cap: torch.Tensor  # [T', D, D]: row t rotated to position C is q_t @ q_cap[t]
+    q_cap: torch.Tensor | None  # [T', D, D]: row t rotated to position C is q_t @ q_cap[t] (None: no row needs it)
     k_zero: torch.Tensor  # [n_far, D, D]: the far slots rotated back to position 0, likewise
 
 
@@ -125,6 +125,7 @@ def plan_chunk(s: int, e: int, block_row: torch.Tensor, cfg: LminfConfig, B: int
     """The spans of chunk rows [s, e) of one request with block table block_row."""
     g, W, C = global_blocks(cfg.global_tokens, B), cfg.local_tokens, cfg.distance_cap
     dev = block_row.device
+    selects = first_window_block(e - 1, W, B) > g  # the chunk has middle blocks: its store keys are seen at C
     spans = []
     for a in range(s, e, QUERY_SPAN):
         b = min(a + QUERY_SPAN, e)
@@ -140,7 +141,8 @@ def plan_chunk(s: int, e: int, block_row: torch.Tensor, cfg: LminfConfig, B: int
         far_seen = (p <= rows[:, None] - W) & ((lg < g) | (lg >= fwb[:, None]))
         n_far = int((pos < b - 1 - C).sum())
         spans.append(Span(a, b, rows, block_row[blocks].long(), pos, logical, int((pos < max(0, a - W + 1)).sum()),
-                          far_end, far_seen, fa, n_far, rotations(C - rows, rotary, head_size),
+                          far_end, far_seen, fa, n_far,
+                          rotations(C - rows, rotary, head_size) if n_far or selects else None,
                           rotations(-pos[:n_far], rotary, head_size)))  # fmt: skip
     return spans
 
@@ -193,7 +195,7 @@ def attend_chunk(
         if not (sp.far_end or chosen.numel()):
             out[sp.a - s : sp.b - s] = o_w.reshape(t, H, -1)
             continue
-        q_cap = torch.matmul(qf.view(t, H, D), sp.q_cap).view(qf.shape)
+        q_cap = None if sp.q_cap is None else torch.matmul(qf.view(t, H, D), sp.q_cap).view(qf.shape)
         scores = torch.einsum("tkgd,lkd->tkgl", qf, k_far)
         if sp.n_far:  # slots some row sees past the cap: <R(C - i) q_i, R(-j) k_j> there
             past = (sp.rows[:, None] - sp.pos[None, : sp.n_far]) > C

@@ -9,10 +9,9 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from test_serve import serve  # first: it puts benchmarks/ (soak) on the path
+from test_serve import running  # first: it puts benchmarks/ (soak) on the path
 from engine import random_prompt  # noqa: I001
 from lminf_vllm.block_policy import freeable_blocks, max_blocks_per_sequence
-from soak import free_port, wait_ready
 
 G, W, B = 4, 64, 32  # B: the block size test_serve.serve starts with
 PROMPT, GEN = 384, 30  # far past G + W; the window crosses no block boundary while decoding
@@ -36,15 +35,8 @@ def rows_by_path(samples) -> dict[str, float]:
 
 @pytest.fixture(scope="module")
 def server(tiny_llama, tmp_path_factory):
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("metrics") / "serve.log"
-    proc = serve(tiny_llama, port, {"global_tokens": G, "local_tokens": W}, log_path, "--max-model-len", "4096")
-    try:
-        wait_ready(proc, f"http://127.0.0.1:{port}", log_path)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+    with running(tiny_llama, {"global_tokens": G, "local_tokens": W}, tmp_path_factory.mktemp("metrics")) as (url, _):
+        yield url
 
 
 def test_one_request_past_the_window_is_counted_on_metrics(server, tiny_llama):

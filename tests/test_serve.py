@@ -5,6 +5,7 @@ vLLM's stock CPU backend while n <= W, the dense float64 reference of SPEC.md
 past the window and past the RoPE table.
 """
 
+import contextlib
 import json
 import os
 import subprocess
@@ -40,17 +41,24 @@ def serve(model, port, lminf, log_path, *extra):
     return subprocess.Popen(cmd, env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
 
 
-@pytest.fixture(scope="module")
-def server(tiny_llama, tmp_path_factory):
+@contextlib.contextmanager
+def running(model, lminf, log_dir):
+    """A served model, ready on 127.0.0.1: (url, log path); stopped on exit."""
     port = free_port()
-    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
-    proc = serve(tiny_llama, port, {"global_tokens": G, "local_tokens": W}, log_path, "--max-model-len", "4096")
+    log_path = log_dir / "serve.log"
+    proc = serve(model, port, lminf, log_path, "--max-model-len", "4096")
     try:
         wait_ready(proc, f"http://127.0.0.1:{port}", log_path)
         yield f"http://127.0.0.1:{port}", log_path
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama, tmp_path_factory):
+    with running(tiny_llama, {"global_tokens": G, "local_tokens": W}, tmp_path_factory.mktemp("serve")) as s:
+        yield s
 
 
 @pytest.fixture(scope="module")

@@ -11,17 +11,14 @@ caching is off.
 import functools
 
 import pytest
-import requests
 import torch
 
-from test_serve import serve  # first: it puts benchmarks/ (soak) on the path
+from test_serve import post, reference, running  # noqa: F401 (reference is a fixture); first: it puts benchmarks/ on the path
 from engine import random_prompt  # noqa: I001
 from test_metrics import rows_by_path, scrape
 from conftest import TABLE
 from lminf_vllm.config import LminfConfig
-from lminf_vllm.testing.reference import DenseLlama
 from lminf_vllm.testing.topk_reference import dense_topk_attention
-from soak import free_port, wait_ready
 
 G, W, C, K, B = 4, 64, 64, 2, 32  # B: the block size test_serve.serve starts with
 CFG = LminfConfig(G, W, C)
@@ -29,37 +26,23 @@ CFG = LminfConfig(G, W, C)
 
 @pytest.fixture(scope="module")
 def server(tiny_llama, tmp_path_factory):
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("topk-serve") / "serve.log"
     lminf = {"global_tokens": G, "local_tokens": W, "distance_cap": C, "topk_blocks": K}
-    proc = serve(tiny_llama, port, lminf, log_path, "--max-model-len", "4096")
-    try:
-        wait_ready(proc, f"http://127.0.0.1:{port}", log_path)
-        yield f"http://127.0.0.1:{port}", log_path
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_llama):
-    return DenseLlama(tiny_llama)
+    with running(tiny_llama, lminf, tmp_path_factory.mktemp("topk-serve")) as s:
+        yield s
 
 
 def topk(chunks):
     return functools.partial(dense_topk_attention, topk=K, block_size=B, chunks=chunks)
 
 
-def post(url, body) -> dict:
-    reply = requests.post(f"{url}/v1/completions", json=body, timeout=300)
-    assert reply.status_code == 200, reply.text
-    return reply.json()["choices"][0]
+def complete(url, body) -> dict:
+    return post(url, "/v1/completions", body)["choices"][0]
 
 
 def test_prompt_logprobs_equal_the_topk_reference(server, tiny_llama, reference):
     url, log_path = server
     prompt = random_prompt(8 * TABLE, seed=31)  # one chunk: within serve's 2,048-token step budget
-    entries = post(url, {"model": str(tiny_llama), "prompt": prompt, "max_tokens": 1, "temperature": 0.0,
+    entries = complete(url, {"model": str(tiny_llama), "prompt": prompt, "max_tokens": 1, "temperature": 0.0,
                          "prompt_logprobs": 0})["prompt_logprobs"]  # fmt: skip
     got = torch.tensor([e[str(t)]["logprob"] for e, t in zip(entries[1:], prompt[1:])], dtype=torch.float64)
     expected = reference.prompt_logprobs(prompt, CFG, attention=topk([len(prompt)]))
@@ -72,7 +55,7 @@ def test_prompt_logprobs_equal_the_topk_reference(server, tiny_llama, reference)
 def test_greedy_completion_equals_the_topk_reference(server, tiny_llama, reference):
     url, _ = server
     prompt, gen = random_prompt(5 * TABLE, seed=32), 40
-    choice = post(url, {"model": str(tiny_llama), "prompt": prompt, "max_tokens": gen, "temperature": 0.0,
+    choice = complete(url, {"model": str(tiny_llama), "prompt": prompt, "max_tokens": gen, "temperature": 0.0,
                         "ignore_eos": True, "logprobs": 0, "return_tokens_as_token_ids": True})  # fmt: skip
     tokens = [int(t.removeprefix("token_id:")) for t in choice["logprobs"]["tokens"]]
     assert len(tokens) == gen
