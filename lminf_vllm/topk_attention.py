@@ -84,11 +84,16 @@ def select_blocks(q_cap: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, first
     """The chunk's selection: q_cap [H, D] float32, its last row's query rotated to position C;
     lo, hi [nc, Hkv, D] the summaries of its candidate blocks first .. first + nc - 1.
     -> [Hkv, min(k, nc)] block numbers, ascending per KV head."""
-    nc, Hkv, D = lo.shape
-    H = q_cap.shape[0]
-    q = q_cap.view(Hkv, H // Hkv, D)
-    # Quest: sum_c max(q_c lo_c, q_c hi_c) = q+ . hi + q- . lo
-    bound = torch.einsum("kgd,nkd->kgn", q.clamp(min=0), hi) + torch.einsum("kgd,nkd->kgn", q.clamp(max=0), lo)
+    return select_from_bounds(q_cap, torch.cat((hi, lo), dim=-1).permute(1, 2, 0), first, k)
+
+
+def select_from_bounds(q_cap: torch.Tensor, bounds: torch.Tensor, first: int, k: int) -> torch.Tensor:
+    """select_blocks with the summaries as HostStore.bounds keeps them: [Hkv, 2 D, nc], hi's
+    channels then lo's, so that Quest's bound sum_c max(q_c lo_c, q_c hi_c) = q+ . hi + q- . lo
+    is one matmul of [q+, q-] per KV head."""
+    Hkv, D = bounds.shape[0], q_cap.shape[-1]
+    q = q_cap.view(Hkv, -1, D)
+    bound = torch.bmm(torch.cat((q.clamp(min=0), q.clamp(max=0)), dim=-1), bounds)  # [Hkv, g, nc]
     score = bound.amax(dim=1)  # [Hkv, nc]: a block matters if it matters to any head of the group
     order = torch.sort(score, dim=-1, descending=True, stable=True).indices[:, :k]  # stable: lower block on ties
     return torch.sort(order, dim=-1).values + first
@@ -222,3 +227,76 @@ def attend_chunk(
         w_w, w_f = torch.exp(lse_w - top), torch.exp(lse_f - top)
         out[sp.a - s : sp.b - s] = ((o_w * w_w + o_f * w_f) / (w_w + w_f)).reshape(t, H, -1)
     return out
+
+
+@dataclass
+class DecodeRow:
+    """A decode row at position i whose step selects (the first window block fa is past the
+    global blocks), read the fast way by `attend_decode`: the window is exactly the W pool
+    slots i - W + 1 .. i, read as stored; every other key it sees (whole global blocks, the
+    rows of block fa before the window, the selected blocks) comes from the host store, which
+    holds them rotated back to position 0, so one matmul with the query rotated to C scores
+    them. The same for every layer: made once per step."""
+
+    i: int
+    window_blocks: torch.Tensor  # [nw] physical ids of logical blocks fa .. i // B
+    start: int  # the window's first slot in them: (i - W + 1) - fa * B, also block fa's rows before it
+    far_blocks: torch.Tensor  # [g + 1] logical blocks read from the store before the selected ones: 0 .. g - 1, fa
+    q_cap: torch.Tensor  # [D, D]: the row's query rotated to position C is q @ q_cap
+
+
+def decodes_fast(i: int, cfg: LminfConfig, B: int) -> bool:
+    """Does a decode row at i take attend_decode? Where its first window block fa is past the
+    global blocks (the step selects) and complete (so in the store: not so only when W < B)."""
+    fa = first_window_block(i, cfg.local_tokens, B)
+    return fa > global_blocks(cfg.global_tokens, B) and (fa + 1) * B <= i + 1
+
+
+def plan_decode(i: int, block_row: torch.Tensor, cfg: LminfConfig, B: int, rotary: RotarySpec,
+                head_size: int) -> DecodeRow | None:  # fmt: skip
+    """The fast way for a decode row at i, or None where it does not apply (decodes_fast)."""
+    if not decodes_fast(i, cfg, B):
+        return None
+    g, W = global_blocks(cfg.global_tokens, B), cfg.local_tokens
+    fa = first_window_block(i, W, B)
+    dev = block_row.device
+    far = torch.cat((torch.arange(g, device=dev), torch.tensor([fa], device=dev)))
+    q_cap = rotations(torch.tensor([cfg.distance_cap - i], device=dev), rotary, head_size)[0]
+    return DecodeRow(i, block_row[fa : i // B + 1].long(), i - W + 1 - fa * B, far, q_cap)
+
+
+def _float(x: torch.Tensor) -> torch.Tensor:
+    """x in float32 and contiguous, in one copy (`to` returns x itself when the dtype is already float32)."""
+    return x.contiguous() if x.dtype == torch.float32 else x.to(torch.float32, memory_format=torch.contiguous_format)
+
+
+def attend_decode(
+    q: torch.Tensor,  # [H, D] float32, rotated at position row.i
+    q_cap: torch.Tensor,  # [H, D] the same query rotated to position C
+    row: DecodeRow,
+    kv_cache: torch.Tensor,  # OWN_LAYOUT [num_blocks, Hkv, B, 2 D]
+    far: tuple,  # from the store for blocks far_blocks [Hkv, n] (row.far_blocks, then the selected):
+    # keys at position 0, values, keys as stored (None unless C > W), each [Hkv, n * B, D]
+    far_blocks: torch.Tensor,
+    cfg: LminfConfig,
+    scale: float,
+) -> torch.Tensor:
+    """Top-k attention of one decode row, the contract's (attend_chunk's) in one softmax:
+    window keys at their distance, every other key at min(i - j, C). -> [H, Dv] float32"""
+    H, D = q.shape
+    Hkv, B = kv_cache.shape[1], kv_cache.shape[2]
+    W, C = cfg.local_tokens, cfg.distance_cap
+    blocks = kv_cache.index_select(0, row.window_blocks).transpose(0, 1)  # [Hkv, nw, B, 2D]
+    n = blocks.shape[1] * B
+    k_w = _float(blocks[..., :D]).view(Hkv, n, D)[:, row.start : row.start + W]
+    v_w = _float(blocks[..., D:]).view(Hkv, n, -1)[:, row.start : row.start + W]
+    qv, qc = q.view(Hkv, -1, D), q_cap.view(Hkv, -1, D)
+    at_zero, values, keys = far
+    s_far = torch.bmm(qc, _float(at_zero).transpose(1, 2))  # [Hkv, g, n_far]
+    if keys is not None:  # C > W: keys within the cap are read as stored
+        pos = (far_blocks[..., None] * B + torch.arange(B, device=q.device)).flatten(1)
+        s_far = torch.where((row.i - pos <= C)[:, None], torch.bmm(qv, _float(keys).transpose(1, 2)), s_far)
+    g = len(row.far_blocks) - 1
+    s_far[..., g * B + row.start : (g + 1) * B] = float("-inf")  # block fa's rows in the window
+    p = torch.softmax(torch.cat((torch.bmm(qv, k_w.transpose(1, 2)), s_far), dim=-1) * scale, dim=-1)
+    return (torch.bmm(p[..., :W], v_w) + torch.bmm(p[..., W:], _float(values))).view(H, -1)

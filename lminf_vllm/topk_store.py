@@ -8,8 +8,11 @@ still owns it (a freed block may be written by another sequence in the very
 step that frees it). Kept per (request, layer), indexed by block number.
 
 The summary of a block is Quest's: per KV head and channel, the minimum and
-maximum of its keys rotated back to position 0 (float32). The store lives in
-host memory; the interface (put, summaries, gather, drop) is what a disk or
+maximum of its keys rotated back to position 0 (float32), also kept as one
+matrix per KV head (`bounds`) so that scoring every block is one matmul. The
+global blocks are stored too (a few blocks, never selected): decode reads all
+its keys past the window from here, rotated back to position 0, and needs no
+rotation per step (topk_attention.attend_decode). The store lives in host memory; the interface (put, summaries, gather, drop) is what a disk or
 LMCache tier would implement. No vLLM import.
 """
 
@@ -22,10 +25,9 @@ import torch
 class _Entry:
     keys: torch.Tensor  # [capacity, Hkv, B, D] in the cache dtype, rotated at their true positions
     values: torch.Tensor  # [capacity, Hkv, B, Dv]: head-major, so a head's slice of a block is contiguous
-    lo: torch.Tensor  # [capacity, Hkv, D] float32
-    hi: torch.Tensor
     at_zero: torch.Tensor  # [capacity, Hkv, B, D] the keys rotated back to position 0, in the cache dtype
-    blocks: int = 0  # blocks [first put, blocks) are valid (global blocks are never stored: zeros)
+    bounds: torch.Tensor  # [Hkv, 2 D, capacity] float32: hi then lo, a column per block
+    blocks: int = 0  # blocks [first put, blocks) are valid (zeros before the first put)
 
 
 class HostStore:
@@ -47,18 +49,18 @@ class HostStore:
         Blocks complete in order, so a put follows the last one; one that starts
         earlier (the request is computed again after preemption) overwrites and
         forgets every block after it."""
-        n = keys.shape[0]
+        n, D = keys.shape[0], lo.shape[-1]
         entry = self._entries.get((request, layer))
         if entry is None or entry.keys.shape[0] < first_block + n:
             entry = self._grow(entry, first_block + n, keys, values)
             self._entries[(request, layer)] = entry
-        if entry.blocks and first_block > entry.blocks:  # (a request's first put starts at its first middle block)
+        if entry.blocks and first_block > entry.blocks:  # (a request's first put may start past block 0)
             raise RuntimeError(f"top-k host store: block {first_block} of {request} follows block {entry.blocks - 1}")
         stop = first_block + n
         entry.keys[first_block:stop] = keys.transpose(1, 2).to(self.device)
         entry.values[first_block:stop] = values.transpose(1, 2).to(self.device)
-        entry.lo[first_block:stop] = lo.to(self.device)
-        entry.hi[first_block:stop] = hi.to(self.device)
+        entry.bounds[:, :D, first_block:stop] = hi.permute(1, 2, 0).to(self.device)
+        entry.bounds[:, D:, first_block:stop] = lo.permute(1, 2, 0).to(self.device)
         if keys_at_zero is not None:
             entry.at_zero[first_block:stop] = keys_at_zero.transpose(1, 2).to(self.device, entry.at_zero.dtype)
         entry.blocks = stop
@@ -69,23 +71,43 @@ class HostStore:
         new = _Entry(
             keys=torch.zeros(cap, Hkv, B, D, dtype=keys.dtype, device=self.device),
             values=torch.zeros(cap, Hkv, B, values.shape[-1], dtype=values.dtype, device=self.device),
-            lo=torch.zeros(cap, Hkv, D, dtype=torch.float32, device=self.device),
-            hi=torch.zeros(cap, Hkv, D, dtype=torch.float32, device=self.device),
             at_zero=torch.zeros(cap, Hkv, B, D, dtype=keys.dtype, device=self.device),
+            bounds=torch.zeros(Hkv, 2 * D, cap, dtype=torch.float32, device=self.device),
         )
         if entry is not None:
             n = entry.blocks
-            for name in ("keys", "values", "lo", "hi", "at_zero"):
+            for name in ("keys", "values", "at_zero"):
                 getattr(new, name)[:n] = getattr(entry, name)[:n]
+            new.bounds[..., :n] = entry.bounds[..., :n]
             new.blocks = n
         return new
 
     def summaries(self, request: str, layer: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """lo, hi [stop - start, Hkv, D] of blocks [start, stop) (all stored)."""
+        """lo, hi [stop - start, Hkv, D] of blocks [start, stop) (all stored; views of `bounds`)."""
+        per_block = self.bounds(request, layer, start, stop).permute(2, 0, 1)
+        D = per_block.shape[-1] // 2
+        return per_block[..., D:], per_block[..., :D]
+
+    def bounds(self, request: str, layer: int, start: int, stop: int) -> torch.Tensor:
+        """The summaries of blocks [start, stop) (all stored) as one matrix per KV head,
+        [Hkv, 2 D, stop - start]: hi's channels, then lo's (topk_attention.select_from_bounds)."""
         entry = self._entries[(request, layer)]
         if stop > entry.blocks:
             raise RuntimeError(f"top-k host store: block {stop - 1} of {request} was never stored")
-        return entry.lo[start:stop], entry.hi[start:stop]
+        return entry.bounds[..., start:stop]
+
+    def gather_far(self, request: str, layer: int, blocks: torch.Tensor, with_keys: bool):
+        """Keys at position 0, values and (with_keys) keys as stored of blocks [Hkv, n], one list
+        per KV head, each [Hkv, n * B, D] in the cache dtype (keys: None without with_keys)."""
+        entry = self._entries[(request, layer)]
+        Hkv, n = blocks.shape
+        heads = torch.arange(Hkv, device=self.device)[:, None]
+        blocks = blocks.to(self.device)
+
+        def take(t: torch.Tensor) -> torch.Tensor:
+            return t[blocks, heads].view(Hkv, n * t.shape[2], t.shape[3])
+
+        return take(entry.at_zero), take(entry.values), take(entry.keys) if with_keys else None
 
     def gather(self, request: str, layer: int, chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the chosen blocks [Hkv, k] (one list per KV head): [Hkv, k * B, D] each.
@@ -118,4 +140,4 @@ class HostStore:
 
     def nbytes(self) -> int:
         """Host memory held (capacity, not only the valid blocks)."""
-        return sum(t.nbytes for e in self._entries.values() for t in (e.keys, e.values, e.lo, e.hi, e.at_zero))
+        return sum(t.nbytes for e in self._entries.values() for t in (e.keys, e.values, e.at_zero, e.bounds))

@@ -274,6 +274,9 @@ def test_greedy_decode_past_the_table_matches_the_topk_oracle(tiny_llama, refere
         chosen = logp.gather(1, torch.tensor(generated)[:, None])[:, 0]
         assert (logp.max(dim=1).values - chosen).max() < ATOL  # every greedy pick is the oracle's best
     assert any(s >= 200 and e > 2 * TABLE for s, e in recorder.spans(outs[0].request_id))
+    # the decode steps past the first middle block took attend_decode, the others attend_chunk
+    served = [p.rows_served for p in recorder.plans]
+    assert sum(r.get("topk decode", 0) for r in served) > 100 and sum(r.get("topk", 0) for r in served) > 200
 
 
 # ---------------------------------------------------------------- preemption

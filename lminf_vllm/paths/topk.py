@@ -11,6 +11,8 @@ and step:
      picks the k blocks with the highest bound among the chunk's middle blocks;
   4. one softmax over the pool's global and window blocks and the k picked
      blocks, gathered from the store into a per-sequence buffer of k blocks.
+A decode row past the first middle block takes a shorter way (attend_decode):
+the pool gives only its window, the store everything else, at position 0.
 The KV pool and its per-sequence bound are SPEC.md's, unchanged; the picked
 blocks are the "+ k" of the contract's device bound. No CUDA graphs: host
 lists, a loop over requests.
@@ -24,7 +26,16 @@ import torch
 from lminf_vllm.block_policy import first_window_block, global_blocks
 from lminf_vllm.kv_layout import OWN_LAYOUT, gather_kv, write_kv
 from lminf_vllm.step import EngineShape, LayerMath, StepBatch
-from lminf_vllm.topk_attention import angles, attend_chunk, block_summaries, plan_chunk, select_blocks
+from lminf_vllm.topk_attention import (
+    angles,
+    attend_chunk,
+    attend_decode,
+    block_summaries,
+    decodes_fast,
+    plan_chunk,
+    plan_decode,
+    select_from_bounds,
+)
 from lminf_vllm.topk_store import HostStore
 
 LAYOUT = OWN_LAYOUT
@@ -55,12 +66,16 @@ class Plan:
     store: HostStore
     chunks: list[tuple[int, int, int, int, str | None]]  # (request, first token, stop, seq_len, request id)
     spans: dict = field(default_factory=dict)  # (request, rotary) -> topk_attention.plan_chunk's spans, made once
+    decodes: dict = field(default_factory=dict)  # (request, rotary) -> plan_decode's row (or None), made once
     # What the step chose, per (layer, request index): [Hkv, k] blocks (tests, metrics).
     chosen: dict = field(default_factory=dict)
 
     @property
     def rows_served(self) -> dict[str, int]:
-        return {"topk": sum(b - a for _, a, b, _, _ in self.chunks)}
+        cfg, B = self.shape.cfg, self.shape.block_size
+        fast = sum(1 for _, a, b, n, rid in self.chunks if b - a == 1 and rid is not None and decodes_fast(n - 1, cfg, B))
+        rows = {"topk": sum(b - a for _, a, b, _, _ in self.chunks) - fast, "topk decode": fast}
+        return {way: n for way, n in rows.items() if n}
 
 
 def plan(batch: StepBatch, shape: EngineShape) -> Plan:
@@ -81,29 +96,53 @@ def run(plan: Plan, layer: LayerMath, query, key, value, kv_cache, output: torch
     for r, first, stop, seq_len, rid in plan.chunks:
         s, e = seq_len - (stop - first), seq_len
         row = b.block_table[r]
+        if rid is not None:
+            _store_completed(plan.store, rid, layer_key, kv_cache, row, s, e, B, layer)
+            if stop - first == 1 and _decode(plan, layer, r, rid, e - 1, row, query, kv_cache, output, first):
+                continue
         spans = plan.spans.get((r, angles.key(layer.rotary)))
         if spans is None:
             spans = plan.spans[(r, angles.key(layer.rotary))] = plan_chunk(
                 s, e, row, cfg, B, layer.rotary, kv_cache.shape[-1] // 2
             )
         chosen, store_kv = empty, None
-        if rid is not None:
-            _store_completed(plan.store, rid, layer_key, kv_cache, row, s, e, g, B, layer)
-            f = first_window_block(e - 1, cfg.local_tokens, B)
-            if f > g:  # the chunk has middle blocks: choose among them
-                lo, hi = plan.store.summaries(rid, layer_key, g, f)
-                q_last = query[stop - 1].float()  # rotated to C by the last span's last matrix
-                chosen = select_blocks(torch.matmul(q_last, spans[-1].q_cap[-1]), lo, hi, g, k)
-                store_kv = (*plan.store.gather(rid, layer_key, chosen), plan.store.gather_at_zero(rid, layer_key, chosen))
-                plan.chosen[(layer_key, r)] = chosen
+        f = first_window_block(e - 1, cfg.local_tokens, B)
+        if rid is not None and f > g:  # the chunk has middle blocks: choose among them
+            q_last = query[stop - 1].float()  # rotated to C by the last span's last matrix
+            bounds = plan.store.bounds(rid, layer_key, g, f)
+            chosen = select_from_bounds(torch.matmul(q_last, spans[-1].q_cap[-1]), bounds, g, k)
+            store_kv = (*plan.store.gather(rid, layer_key, chosen), plan.store.gather_at_zero(rid, layer_key, chosen))
+            plan.chosen[(layer_key, r)] = chosen
         out = attend_chunk(query[first:stop], spans, kv_cache, LAYOUT, chosen, store_kv, cfg, layer.scale, layer.rotary)
         output[first:stop] = out.to(output.dtype)
 
 
-def _store_completed(store: HostStore, rid: str, layer_key: int, kv_cache, row, s: int, e: int, g: int, B: int,
+def _decode(plan: Plan, layer: LayerMath, r: int, rid: str, i: int, row, query, kv_cache, output, t: int) -> bool:
+    """A decode row the fast way (topk_attention.attend_decode); False where it does not apply."""
+    cfg, B, D = plan.shape.cfg, plan.shape.block_size, kv_cache.shape[-1] // 2
+    key = (r, angles.key(layer.rotary))
+    if key not in plan.decodes:
+        plan.decodes[key] = plan_decode(i, row, cfg, B, layer.rotary, D)
+    dec = plan.decodes[key]
+    if dec is None:
+        return False
+    layer_key, g = kv_cache.data_ptr(), len(dec.far_blocks) - 1
+    q = query[t].float()
+    q_cap = torch.matmul(q, dec.q_cap)
+    fa = int(dec.far_blocks[-1])
+    chosen = select_from_bounds(q_cap, plan.store.bounds(rid, layer_key, g, fa), g, cfg.topk_blocks)
+    plan.chosen[(layer_key, r)] = chosen
+    blocks = torch.cat((dec.far_blocks.expand(chosen.shape[0], -1), chosen), dim=1)
+    far = plan.store.gather_far(rid, layer_key, blocks, with_keys=cfg.distance_cap > cfg.local_tokens)
+    output[t] = attend_decode(q, q_cap, dec, kv_cache, far, blocks, cfg, layer.scale).to(output.dtype)
+    return True
+
+
+def _store_completed(store: HostStore, rid: str, layer_key: int, kv_cache, row, s: int, e: int, B: int,
                      layer: LayerMath) -> None:  # fmt: skip
-    """Copy the blocks this chunk completed (past the global blocks) to the store, with their summaries."""
-    b0, b1 = max(g, s // B), e // B
+    """Copy the blocks this chunk completed to the store, with their summaries (the global
+    blocks too: decode reads them from there, rotated back to position 0)."""
+    b0, b1 = s // B, e // B
     if b1 <= b0:
         return
     D = kv_cache.shape[-1] // 2
