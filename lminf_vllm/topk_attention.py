@@ -95,7 +95,13 @@ def select_from_bounds(q_cap: torch.Tensor, bounds: torch.Tensor, first: int, k:
     q = q_cap.view(Hkv, -1, D)
     bound = torch.bmm(torch.cat((q.clamp(min=0), q.clamp(max=0)), dim=-1), bounds)  # [Hkv, g, nc]
     score = bound.amax(dim=1)  # [Hkv, nc]: a block matters if it matters to any head of the group
-    order = torch.sort(score, dim=-1, descending=True, stable=True).indices[:, :k]  # stable: lower block on ties
+    if score.shape[-1] <= k:  # every candidate
+        return torch.arange(first, first + score.shape[-1], device=score.device).expand(Hkv, -1)
+    best, order = torch.topk(score, k + 1, dim=-1)
+    if bool((best[:, k - 1] == best[:, k]).any()):
+        # a tie at the k-th place: topk may take either block, the contract the lower one
+        order = torch.sort(score, dim=-1, descending=True, stable=True).indices
+    order = order[:, :k]
     return torch.sort(order, dim=-1).values + first
 
 
@@ -239,7 +245,8 @@ class DecodeRow:
     them. The same for every layer: made once per step."""
 
     i: int
-    window_blocks: torch.Tensor  # [nw] physical ids of logical blocks fa .. i // B
+    window_rows: torch.Tensor  # [Hkv * nw] rows (block * Hkv + head) of the cache viewed [blocks * Hkv, B, 2D]:
+    # per KV head, its slices of logical blocks fa .. i // B
     start: int  # the window's first slot in them: (i - W + 1) - fa * B, also block fa's rows before it
     far_blocks: torch.Tensor  # [g + 1] logical blocks read from the store before the selected ones: 0 .. g - 1, fa
     q_cap: torch.Tensor  # [D, D]: the row's query rotated to position C is q @ q_cap
@@ -252,7 +259,7 @@ def decodes_fast(i: int, cfg: LminfConfig, B: int) -> bool:
     return fa > global_blocks(cfg.global_tokens, B) and (fa + 1) * B <= i + 1
 
 
-def plan_decode(i: int, block_row: torch.Tensor, cfg: LminfConfig, B: int, rotary: RotarySpec,
+def plan_decode(i: int, block_row: torch.Tensor, cfg: LminfConfig, B: int, num_kv_heads: int, rotary: RotarySpec,
                 head_size: int) -> DecodeRow | None:  # fmt: skip
     """The fast way for a decode row at i, or None where it does not apply (decodes_fast)."""
     if not decodes_fast(i, cfg, B):
@@ -260,14 +267,11 @@ def plan_decode(i: int, block_row: torch.Tensor, cfg: LminfConfig, B: int, rotar
     g, W = global_blocks(cfg.global_tokens, B), cfg.local_tokens
     fa = first_window_block(i, W, B)
     dev = block_row.device
+    heads = torch.arange(num_kv_heads, device=dev)[:, None]
+    rows = (block_row[fa : i // B + 1].long()[None] * num_kv_heads + heads).flatten()
     far = torch.cat((torch.arange(g, device=dev), torch.tensor([fa], device=dev)))
     q_cap = rotations(torch.tensor([cfg.distance_cap - i], device=dev), rotary, head_size)[0]
-    return DecodeRow(i, block_row[fa : i // B + 1].long(), i - W + 1 - fa * B, far, q_cap)
-
-
-def _float(x: torch.Tensor) -> torch.Tensor:
-    """x in float32 and contiguous, in one copy (`to` returns x itself when the dtype is already float32)."""
-    return x.contiguous() if x.dtype == torch.float32 else x.to(torch.float32, memory_format=torch.contiguous_format)
+    return DecodeRow(i, rows, i - W + 1 - fa * B, far, q_cap)
 
 
 def attend_decode(
@@ -282,21 +286,27 @@ def attend_decode(
     scale: float,
 ) -> torch.Tensor:
     """Top-k attention of one decode row, the contract's (attend_chunk's) in one softmax:
-    window keys at their distance, every other key at min(i - j, C). -> [H, Dv] float32"""
+    window keys at their distance, every other key at min(i - j, C). -> [H, Dv] float32
+
+    Scores are float32. The weights meet the values in the cache dtype, as FlashAttention
+    does (P is rounded to it before the P V product): with a bfloat16 cache that spares
+    converting every value, and float32 caches are float32 throughout."""
     H, D = q.shape
     Hkv, B = kv_cache.shape[1], kv_cache.shape[2]
     W, C = cfg.local_tokens, cfg.distance_cap
-    blocks = kv_cache.index_select(0, row.window_blocks).transpose(0, 1)  # [Hkv, nw, B, 2D]
-    n = blocks.shape[1] * B
-    k_w = _float(blocks[..., :D]).view(Hkv, n, D)[:, row.start : row.start + W]
-    v_w = _float(blocks[..., D:]).view(Hkv, n, -1)[:, row.start : row.start + W]
+    pool = kv_cache.view(-1, B, kv_cache.shape[-1]).index_select(0, row.window_rows)  # [Hkv * nw, B, 2D]
+    window = pool.view(Hkv, -1, pool.shape[-1])[:, row.start : row.start + W]
+    k_w, v_w = window[..., :D], window[..., D:]
+    if k_w.dtype != torch.float32:
+        k_w = k_w.float()
     qv, qc = q.view(Hkv, -1, D), q_cap.view(Hkv, -1, D)
     at_zero, values, keys = far
-    s_far = torch.bmm(qc, _float(at_zero).transpose(1, 2))  # [Hkv, g, n_far]
+    s_far = torch.bmm(qc, at_zero.float().transpose(1, 2))  # [Hkv, g, n_far]
     if keys is not None:  # C > W: keys within the cap are read as stored
         pos = (far_blocks[..., None] * B + torch.arange(B, device=q.device)).flatten(1)
-        s_far = torch.where((row.i - pos <= C)[:, None], torch.bmm(qv, _float(keys).transpose(1, 2)), s_far)
+        s_far = torch.where((row.i - pos <= C)[:, None], torch.bmm(qv, keys.float().transpose(1, 2)), s_far)
     g = len(row.far_blocks) - 1
     s_far[..., g * B + row.start : (g + 1) * B] = float("-inf")  # block fa's rows in the window
     p = torch.softmax(torch.cat((torch.bmm(qv, k_w.transpose(1, 2)), s_far), dim=-1) * scale, dim=-1)
-    return (torch.bmm(p[..., :W], v_w) + torch.bmm(p[..., W:], _float(values))).view(H, -1)
+    p = p.to(v_w.dtype)
+    return (torch.bmm(p[..., :W], v_w).float() + torch.bmm(p[..., W:], values).float()).view(H, -1)

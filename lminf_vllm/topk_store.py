@@ -101,11 +101,10 @@ class HostStore:
         per KV head, each [Hkv, n * B, D] in the cache dtype (keys: None without with_keys)."""
         entry = self._entries[(request, layer)]
         Hkv, n = blocks.shape
-        heads = torch.arange(Hkv, device=self.device)[:, None]
-        blocks = blocks.to(self.device)
+        rows = (blocks.to(self.device) * Hkv + torch.arange(Hkv, device=self.device)[:, None]).flatten()
 
-        def take(t: torch.Tensor) -> torch.Tensor:
-            return t[blocks, heads].view(Hkv, n * t.shape[2], t.shape[3])
+        def take(t: torch.Tensor) -> torch.Tensor:  # (index_select on (block, head) rows: several times faster)
+            return t.view(-1, *t.shape[2:]).index_select(0, rows).view(Hkv, n * t.shape[2], t.shape[3])
 
         return take(entry.at_zero), take(entry.values), take(entry.keys) if with_keys else None
 

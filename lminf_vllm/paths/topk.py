@@ -122,7 +122,7 @@ def _decode(plan: Plan, layer: LayerMath, r: int, rid: str, i: int, row, query, 
     cfg, B, D = plan.shape.cfg, plan.shape.block_size, kv_cache.shape[-1] // 2
     key = (r, angles.key(layer.rotary))
     if key not in plan.decodes:
-        plan.decodes[key] = plan_decode(i, row, cfg, B, layer.rotary, D)
+        plan.decodes[key] = plan_decode(i, row, cfg, B, kv_cache.shape[1], layer.rotary, D)
     dec = plan.decodes[key]
     if dec is None:
         return False
