@@ -217,6 +217,26 @@ def gen_quality_tiny(doc):
                           ("topk", "lminf")])
 
 
+def gen_quality_tiny_topk_small(doc):
+    """The tiny model's top-k row again with the smallest selection (one block of 16), beside Λ."""
+    rel, base_rel = f"{RESULTS}/quality-tiny-rope-L256-topk-small.json", f"{RESULTS}/quality-tiny-rope-L256.json"
+    small, base = load(rel), load(base_rel)
+    assert small["lminf"] == base["lminf"] and small["documents"] == base["documents"], "not the same settings"
+    L, t = small["training_length"], small["topk"]
+    past = [n for n in small["lengths"] if n > L]
+    lam, top = base["modes"]["lminf"]["ppl"], small["modes"]["topk"]["ppl"]
+    name = f"top-k (k = {t['topk_blocks']}, B = {t['block_size']})"
+    rows = [["LM-Infinite"] + [num(lam[str(n)], 3) for n in past],
+            [name] + [num(top[str(n)], 3) for n in past],
+            [f"{name} / LM-Infinite"] + [f"{top[str(n)] / lam[str(n)]:.4f}" for n in past]]
+    s = small["lminf"]
+    return "\n\n".join([
+        table(["perplexity"] + [f"{n} ({n / L:g}x)" for n in past], rows),
+        f"{small['model']}, the same {len(small['documents'])} documents and G={s['global_tokens']}, "
+        f"W={s['local_tokens']}, C={s['distance_cap']} as the table above; the LM-Infinite row is that table's.",
+        doc.source(rel, small["command"])])
+
+
 def gen_quality_smollm2_globals(doc):
     return quality_block(doc, f"{RESULTS}/quality-smollm2-globals.json", "NLL against position, SmolLM2, W=256",
                          [("window", "lminf"), ("lminf", "stock")])
@@ -850,6 +870,7 @@ GENERATORS = {
     "quality-smollm2-16k": gen_quality_smollm2_16k,
     "passkey": gen_passkey,
     "passkey-topk": gen_passkey_topk,
+    "quality-tiny-topk-small": gen_quality_tiny_topk_small,
     "topk-speed": gen_topk_speed,
     "generation-tiny": gen_generation_tiny,
     "generation-smollm2": gen_generation_smollm2,

@@ -248,7 +248,8 @@ class DecodeRow:
     window_rows: torch.Tensor  # [Hkv * nw] rows (block * Hkv + head) of the cache viewed [blocks * Hkv, B, 2D]:
     # per KV head, its slices of logical blocks fa .. i // B
     start: int  # the window's first slot in them: (i - W + 1) - fa * B, also block fa's rows before it
-    far_blocks: torch.Tensor  # [g + 1] logical blocks read from the store before the selected ones: 0 .. g - 1, fa
+    fa: int
+    far_blocks: torch.Tensor  # [Hkv, g + 1] logical blocks read from the store before the selected ones: 0 .. g - 1, fa
     q_cap: torch.Tensor  # [D, D]: the row's query rotated to position C is q @ q_cap
 
 
@@ -269,9 +270,9 @@ def plan_decode(i: int, block_row: torch.Tensor, cfg: LminfConfig, B: int, num_k
     dev = block_row.device
     heads = torch.arange(num_kv_heads, device=dev)[:, None]
     rows = (block_row[fa : i // B + 1].long()[None] * num_kv_heads + heads).flatten()
-    far = torch.cat((torch.arange(g, device=dev), torch.tensor([fa], device=dev)))
+    far = torch.cat((torch.arange(g, device=dev), torch.tensor([fa], device=dev))).expand(num_kv_heads, -1)
     q_cap = rotations(torch.tensor([cfg.distance_cap - i], device=dev), rotary, head_size)[0]
-    return DecodeRow(i, rows, i - W + 1 - fa * B, far, q_cap)
+    return DecodeRow(i, rows, i - W + 1 - fa * B, fa, far, q_cap)
 
 
 def attend_decode(
@@ -305,7 +306,7 @@ def attend_decode(
     if keys is not None:  # C > W: keys within the cap are read as stored
         pos = (far_blocks[..., None] * B + torch.arange(B, device=q.device)).flatten(1)
         s_far = torch.where((row.i - pos <= C)[:, None], torch.bmm(qv, keys.float().transpose(1, 2)), s_far)
-    g = len(row.far_blocks) - 1
+    g = row.far_blocks.shape[1] - 1
     s_far[..., g * B + row.start : (g + 1) * B] = float("-inf")  # block fa's rows in the window
     p = torch.softmax(torch.cat((torch.bmm(qv, k_w.transpose(1, 2)), s_far), dim=-1) * scale, dim=-1)
     p = p.to(v_w.dtype)

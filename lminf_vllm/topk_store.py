@@ -36,6 +36,7 @@ class HostStore:
     def __init__(self, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
         self._entries: dict[tuple[str, int], _Entry] = {}
+        self._head_column = torch.zeros(0, 1, dtype=torch.long)
 
     def blocks(self, request: str, layer: int) -> int:
         entry = self._entries.get((request, layer))
@@ -101,12 +102,18 @@ class HostStore:
         per KV head, each [Hkv, n * B, D] in the cache dtype (keys: None without with_keys)."""
         entry = self._entries[(request, layer)]
         Hkv, n = blocks.shape
-        rows = (blocks.to(self.device) * Hkv + torch.arange(Hkv, device=self.device)[:, None]).flatten()
+        rows = torch.add(self._heads(Hkv), blocks.to(self.device), alpha=Hkv).flatten()  # block * Hkv + head
 
         def take(t: torch.Tensor) -> torch.Tensor:  # (index_select on (block, head) rows: several times faster)
             return t.view(-1, *t.shape[2:]).index_select(0, rows).view(Hkv, n * t.shape[2], t.shape[3])
 
         return take(entry.at_zero), take(entry.values), take(entry.keys) if with_keys else None
+
+    def _heads(self, Hkv: int) -> torch.Tensor:
+        """[Hkv, 1]: 0 .. Hkv - 1, made once."""
+        if len(self._head_column) != Hkv:
+            self._head_column = torch.arange(Hkv, device=self.device)[:, None]
+        return self._head_column
 
     def gather(self, request: str, layer: int, chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the chosen blocks [Hkv, k] (one list per KV head): [Hkv, k * B, D] each.

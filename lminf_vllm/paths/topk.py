@@ -4,7 +4,7 @@ Engines with topk_blocks > 0 take it on any device (docs/topk-contract.md; the
 math is topk_attention.py, its oracle testing/topk_reference.py). Per layer
 and step:
   1. the step's keys and values go into the paged cache (our own layout);
-  2. every block a chunk completes past the global blocks is copied to the
+  2. every block a chunk completes (the global blocks too) is copied to the
      host store with its summary, before the KV manager can free it and give
      it to another sequence;
   3. per chunk (a decode step is a chunk of one row): its last row's query
@@ -92,7 +92,6 @@ def run(plan: Plan, layer: LayerMath, query, key, value, kv_cache, output: torch
     layer_key = kv_cache.data_ptr()  # one cache tensor per layer, kept for the engine's life
     write_kv(kv_cache, key[: b.num_tokens], value[: b.num_tokens], b.slot_mapping[: b.num_tokens])
     g = global_blocks(cfg.global_tokens, B)
-    empty = torch.zeros(shape.num_kv_heads, 0, dtype=torch.long)
     for r, first, stop, seq_len, rid in plan.chunks:
         s, e = seq_len - (stop - first), seq_len
         row = b.block_table[r]
@@ -105,7 +104,7 @@ def run(plan: Plan, layer: LayerMath, query, key, value, kv_cache, output: torch
             spans = plan.spans[(r, angles.key(layer.rotary))] = plan_chunk(
                 s, e, row, cfg, B, layer.rotary, kv_cache.shape[-1] // 2
             )
-        chosen, store_kv = empty, None
+        chosen, store_kv = torch.zeros(shape.num_kv_heads, 0, dtype=torch.long), None
         f = first_window_block(e - 1, cfg.local_tokens, B)
         if rid is not None and f > g:  # the chunk has middle blocks: choose among them
             q_last = query[stop - 1].float()  # rotated to C by the last span's last matrix
@@ -126,13 +125,12 @@ def _decode(plan: Plan, layer: LayerMath, r: int, rid: str, i: int, row, query, 
     dec = plan.decodes[key]
     if dec is None:
         return False
-    layer_key, g = kv_cache.data_ptr(), len(dec.far_blocks) - 1
+    layer_key, g = kv_cache.data_ptr(), dec.far_blocks.shape[1] - 1
     q = query[t].float()
     q_cap = torch.matmul(q, dec.q_cap)
-    fa = int(dec.far_blocks[-1])
-    chosen = select_from_bounds(q_cap, plan.store.bounds(rid, layer_key, g, fa), g, cfg.topk_blocks)
+    chosen = select_from_bounds(q_cap, plan.store.bounds(rid, layer_key, g, dec.fa), g, cfg.topk_blocks)
     plan.chosen[(layer_key, r)] = chosen
-    blocks = torch.cat((dec.far_blocks.expand(chosen.shape[0], -1), chosen), dim=1)
+    blocks = torch.cat((dec.far_blocks, chosen), dim=1)
     far = plan.store.gather_far(rid, layer_key, blocks, with_keys=cfg.distance_cap > cfg.local_tokens)
     output[t] = attend_decode(q, q_cap, dec, kv_cache, far, blocks, cfg, layer.scale).to(output.dtype)
     return True

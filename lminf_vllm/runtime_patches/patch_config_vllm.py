@@ -111,7 +111,7 @@ def _topk_defaults(config, cfg) -> None:
     per_token = model.get_num_layers(parallel) * model.get_num_kv_heads(parallel) * model.get_head_size() * 3 * itemsize
     logger.info(
         "lminf top-k: topk_blocks=%d middle blocks per (sequence, layer, KV head) are read back from a host store, "
-        "which keeps every block past the global ones in host memory: about %.0f MiB per 1,000 tokens of a "
+        "which keeps every complete block in host memory: about %.0f MiB per 1,000 tokens of a "
         "sequence per rank (keys, values, keys at position 0), freed when the request ends",
         cfg.topk_blocks,
         per_token * 1000 / 2**20,
