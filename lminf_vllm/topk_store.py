@@ -8,12 +8,13 @@ still owns it (a freed block may be written by another sequence in the very
 step that frees it). Kept per (request, layer), indexed by block number.
 
 The summary of a block is Quest's: per KV head and channel, the minimum and
-maximum of its keys rotated back to position 0 (float32), also kept as one
-matrix per KV head (`bounds`) so that scoring every block is one matmul. The
-global blocks are stored too (a few blocks, never selected): decode reads all
-its keys past the window from here, rotated back to position 0, and needs no
-rotation per step (topk_attention.attend_decode). The store lives in host memory; the interface (put, summaries, gather, drop) is what a disk or
-LMCache tier would implement. No vLLM import.
+maximum of its keys rotated back to position 0 (float32), kept as one matrix
+per KV head (`bounds`) so that scoring every block is one matmul. The global
+blocks are stored too (a few blocks, never selected): decode reads every key
+past its window from here, rotated back to position 0, and rotates no key per
+step (topk_attention.attend_decode). The store lives in host memory; the
+interface (put, summaries, bounds, gather, drop) is what a disk or LMCache
+tier would implement. No vLLM import.
 """
 
 from dataclasses import dataclass

@@ -236,3 +236,64 @@ def test_ties_go_to_the_lower_block():
     lo2 = torch.zeros(4, 2, D)
     lo2[2, 0, 0] = lo2[1, 1, 1] = lo2[3, 1, 1] = 1.0
     assert select_blocks(q2, lo2, lo2.clone(), 10, 1).tolist() == [[12], [11]]
+
+
+def test_bounds_and_gather_far_lay_out_what_was_stored():
+    """bounds: hi's channels then lo's, a column per block; gather_far: at_zero, values and keys of
+    any blocks per KV head, as gather and gather_at_zero lay them out."""
+    store = HostStore()
+    k, v, lo, hi = blocks(6, seed=3)
+    store.put("r", 0, 0, k, v, lo, hi, -k)
+    m = store.bounds("r", 0, 1, 5)
+    assert m.shape == (HKV, 2 * D, 4)
+    assert torch.equal(m[:, :D].permute(2, 0, 1), hi[1:5]) and torch.equal(m[:, D:].permute(2, 0, 1), lo[1:5])
+    chosen = torch.tensor([[0, 5, 2], [4, 4, 1]])
+    at_zero, values, keys = store.gather_far("r", 0, chosen, with_keys=True)
+    want_keys, want_values = store.gather("r", 0, chosen)
+    assert torch.equal(keys, want_keys) and torch.equal(values, want_values)
+    assert torch.equal(at_zero, store.gather_at_zero("r", 0, chosen))
+    assert store.gather_far("r", 0, chosen, with_keys=False)[2] is None
+
+
+# ---------------------------------------------------------------- the decode way
+
+
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), (torch.bfloat16, 8e-3)])  # bf16: one ulp at 1
+@pytest.mark.parametrize("G, W, C, blk, k, i", [(3, 16, 16, 4, 2, 57), (5, 12, 20, 4, 3, 70), (0, 8, 8, 8, 1, 41),
+                                                (10, 16, 40, 4, 2, 66)])  # fmt: skip
+def test_attend_decode_equals_attend_chunk(dtype, atol, G, W, C, blk, k, i):
+    """A decode row the short way (window from the pool, everything else from the store at position 0,
+    one softmax) against the chunk way (two branches merged), on the same pool, store and selection,
+    physical blocks shuffled. bfloat16: P meets V in bfloat16 in the short way only."""
+    from lminf_vllm.kv_layout import OWN_LAYOUT
+    from lminf_vllm.topk_attention import attend_chunk, attend_decode, decodes_fast, plan_chunk, plan_decode
+
+    rotary, H, n = ROPES[1], 4, i + 1
+    cfg = LminfConfig(G, W, C, k)
+    assert decodes_fast(i, cfg, blk)
+    gen = torch.Generator().manual_seed(i)
+    k0, v0 = (torch.randn(n, HKV, D, generator=gen) for _ in range(2))
+    nb = n // blk + 1
+    table = torch.randperm(nb + 3, generator=gen)[:nb] + 1  # physical ids; 0 stays the null block
+    cache = torch.zeros(nb + 4, HKV, blk, 2 * D, dtype=dtype)
+    keys = stored_keys(k0.double(), rotary).to(dtype)
+    for p in range(n):
+        cache[table[p // blk], :, p % blk] = torch.cat((keys[p], v0[p].to(dtype)), dim=-1)
+    done = n // blk  # complete blocks, all in the store (the global ones too)
+    store = HostStore()
+    kb = keys[: done * blk].view(done, blk, HKV, D)
+    lo, hi, at_zero = block_summaries(kb, 0, rotary)
+    store.put("r", 0, 0, kb, v0[: done * blk].to(dtype).view(done, blk, HKV, D), lo, hi, at_zero)
+    q = stored_keys(torch.randn(1, H, D, generator=gen, dtype=torch.float64), rotary, i).to(dtype)
+    g = -(-G // blk)
+    dec = plan_decode(i, table, cfg, blk, HKV, rotary, D)
+    chosen = torch.stack([torch.randperm(dec.fa - g, generator=gen)[:k].sort().values + g for _ in range(HKV)])
+    spans = plan_chunk(i, n, table, cfg, blk, rotary, D)
+    store_kv = (*store.gather("r", 0, chosen), store.gather_at_zero("r", 0, chosen))
+    want = attend_chunk(q, spans, cache, OWN_LAYOUT, chosen, store_kv, cfg, D**-0.5, rotary)[0]
+    q_f = q[0].float()
+    q_cap = q_f @ dec.q_cap
+    far_blocks = torch.cat((dec.far_blocks, chosen), dim=1)
+    far = store.gather_far("r", 0, far_blocks, with_keys=C > W)
+    got = attend_decode(q_f, q_cap, dec, cache, far, far_blocks, cfg, D**-0.5)
+    torch.testing.assert_close(got, want, atol=atol, rtol=0)
