@@ -3,7 +3,8 @@
 Where the numbers arise and how they reach the front-end's registry:
 
   worker         the metadata builder adds each step's `Plan.rows_served`
-                 (query rows per way) to this process's tally (`counted`);
+                 (query rows per way) to this process's tally (`counted`),
+                 and a top-k plan's `host_store_bytes` replaces the last;
                  the worker sends the tally with the step's ModelRunnerOutput
                  (patch_worker_gpu_worker)
   engine core    the scheduler keeps the latest tally it received, and its
@@ -33,8 +34,10 @@ FREED = "kv_blocks_freed"
 HELD = "kv_blocks_held"
 ROWS = "rows:"  # ROWS + way, e.g. "rows:cpu_kernel plain"
 ROWS_ATTR = "lminf_rows"  # on a worker's ModelRunnerOutput (patch_worker_gpu_worker)
+HOST_STORE = "topk_host_store_bytes"  # in the worker's tally and the snapshot: a level, not a count
 
 _rows: Counter = Counter()
+_levels: dict[str, int] = {}
 _lock = threading.Lock()
 _paused = False
 
@@ -44,6 +47,8 @@ def counted(plan):
     if not _paused:
         with _lock:
             _rows.update(plan.rows_served)
+            if (held := getattr(plan, "host_store_bytes", None)) is not None:
+                _levels[HOST_STORE] = held
     return plan
 
 
@@ -58,8 +63,9 @@ def uncounted(build, *args):
 
 
 def rows_tally() -> dict[str, int]:
+    """Rows per way so far, and the latest levels (HOST_STORE)."""
     with _lock:
-        return dict(_rows)
+        return {**_rows, **_levels}
 
 
 def held_blocks(blocks: list, first_gap_block: int) -> int:
@@ -84,14 +90,14 @@ def engine_snapshot(managers: Iterable[Any], rows: dict[str, int]) -> dict[str, 
         for request_id, blocks in m.req_to_blocks.items():
             per_request[request_id] += held_blocks(blocks, first_gap)
     snapshot = {FREED: freed, HELD: max(per_request.values(), default=0)}
-    snapshot.update({ROWS + way: n for way, n in rows.items()})
+    snapshot.update({(way if way == HOST_STORE else ROWS + way): n for way, n in rows.items()})
     return snapshot
 
 
 class LminfSeries:
     """The series in the front-end's prometheus_client registry, moved by engine-core snapshots."""
 
-    def __init__(self, model_name: str, engine_indexes: list[int]) -> None:
+    def __init__(self, model_name: str, engine_indexes: list[int], topk: bool = False) -> None:
         from prometheus_client import Counter as PromCounter
         from prometheus_client import Gauge
 
@@ -115,9 +121,18 @@ class LminfSeries:
             documentation="Query rows lminf attention served, by the way that served them.",
             labelnames=[*labels, "path"],
         )
+        self.host_store = Gauge(
+            name="vllm:lminf_topk_host_store_bytes",
+            documentation="Host memory the top-k store holds (every stored block's keys, values, keys at "
+            "position 0 and summaries), as the last step left it: a request's blocks go the step after it ends.",
+            multiprocess_mode="mostrecent",
+            labelnames=labels,
+        ) if topk else None  # fmt: skip
         for engine in engine_indexes:  # the block series show from start-up
             self.freed.labels(model_name, str(engine))
             self.held.labels(model_name, str(engine)).set(0)
+            if self.host_store is not None:
+                self.host_store.labels(model_name, str(engine)).set(0)
         self.last: dict[int, dict[str, int]] = {}
 
     def record(self, snapshot: dict[str, int], engine_idx: int = 0) -> None:
@@ -126,6 +141,10 @@ class LminfSeries:
         for key, total in snapshot.items():
             if key == HELD:
                 self.held.labels(*values).set(total)
+                continue
+            if key == HOST_STORE:
+                if self.host_store is not None:
+                    self.host_store.labels(*values).set(total)
                 continue
             before = last.get(key, 0)
             step = total - before if total >= before else total  # an engine core that restarted counts from 0

@@ -95,5 +95,8 @@ def test_only_lminf_engines_get_the_series(tiny_llama):
     assert series() == set() and lminf_loggers(stock) == 0
     lminf = StatLoggerManager(config(attention_backend="lminf", additional_config={"lminf": {}}))
     assert "vllm:lminf_kv_blocks_freed_total" in series() and lminf_loggers(lminf) == 1
+    assert "vllm:lminf_topk_host_store_bytes" not in series()  # only top-k engines have a host store
+    StatLoggerManager(config(attention_backend="lminf", additional_config={"lminf": {"topk_blocks": 2}}))
+    assert "vllm:lminf_topk_host_store_bytes" in series()
     StatLoggerManager(config())  # a stock engine built after it drops them, as vLLM drops its own
     assert series() == set()

@@ -70,6 +70,13 @@ def test_greedy_completion_equals_the_topk_reference(server, tiny_llama, referen
 
 def test_metrics_count_the_topk_rows(server):
     url, _ = server
-    rows = rows_by_path(scrape(url))
+    samples = scrape(url)
+    rows = rows_by_path(samples)
     # prompts take the chunk way, the greedy completion's decode steps (past the window) the decode way
     assert set(rows) == {"topk", "topk decode"} and min(rows.values()) > 0, rows
+    # the host store's size: what the last step left (the finished requests go with the next step)
+    held = samples["vllm:lminf_topk_host_store_bytes"][(("engine", "0"),)]
+    # at most the two longest requests above (<= 1,100 tokens: a capacity of <= 64 blocks each), tiny model:
+    # 2 layers, 2 KV heads of 32, float32; per block keys, values and keys at 0, and 2 D summaries
+    per_block = 2 * (3 * 2 * B * 32 * 4 + 2 * 2 * 32 * 4)
+    assert 0 < held <= 2 * 64 * per_block, held

@@ -71,6 +71,11 @@ class Plan:
     chosen: dict = field(default_factory=dict)
 
     @property
+    def host_store_bytes(self) -> int:
+        """The engine's host store after this step's drops (metrics.py's gauge)."""
+        return self.store.nbytes()
+
+    @property
     def rows_served(self) -> dict[str, int]:
         cfg, B = self.shape.cfg, self.shape.block_size
         fast = sum(1 for _, a, b, n, rid in self.chunks if b - a == 1 and rid is not None and decodes_fast(n - 1, cfg, B))

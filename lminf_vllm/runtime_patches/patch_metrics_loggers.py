@@ -10,7 +10,7 @@ Why: the front-end's stat loggers get every step's SchedulerStats, and vLLM's
 How: after vLLM's __init__ (its PrometheusStatLogger already built), an engine
     that selects lminf and logs stats gets one more logger, whose
     `lminf_vllm.metrics.LminfSeries` turns each step's `lminf_stats`
-    (patch_metrics_stats) into `vllm:lminf_*` counters and a gauge, labelled
+    (patch_metrics_stats) into `vllm:lminf_*` counters and gauges, labelled
     like vLLM's own (model_name, engine). Other engines: vLLM's loggers only.
 Upstream: a stat-logger plugin may decline an engine (`serves(vllm_config)`
     False) without turning stats on, and vLLM's PrometheusStatLogger is built
@@ -33,7 +33,10 @@ def stat_logger(vllm_config, engine_indexes: list[int]):
 
     class LminfStatLogger(AggregateStatLoggerBase):
         def __init__(self, vllm_config, engine_indexes: list[int]) -> None:
-            self.series = LminfSeries(vllm_config.model_config.served_model_name, engine_indexes)
+            from lminf_vllm.vllm_config import lminf_config_from_vllm
+
+            topk = lminf_config_from_vllm(vllm_config).topk_blocks > 0  # (the host store's gauge)
+            self.series = LminfSeries(vllm_config.model_config.served_model_name, engine_indexes, topk)
 
         def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0) -> None:
             snapshot = getattr(scheduler_stats, SNAPSHOT_FIELD, None)
