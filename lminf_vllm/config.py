@@ -177,3 +177,14 @@ def parse_lminf_config(raw: Any, hf_config: Any) -> LminfConfig:
             f"additional_config.lminf.topk_blocks = {topk} is invalid: it must be >= 0 (0: off)"
         )
     return LminfConfig(global_tokens=glob, local_tokens=local, distance_cap=cap, topk_blocks=topk)
+
+
+def check_topk_device(topk_blocks: int, device_type: str) -> None:
+    """Top-k middle blocks run on CPU only: the path keeps its host store and summaries in host
+    memory and has never run on a GPU, where its tensors would meet on two devices mid-request.
+    Refused at start-up instead."""
+    if topk_blocks and device_type != "cpu":
+        raise LminfConfigError(
+            f"additional_config.lminf.topk_blocks = {topk_blocks} is not supported on device {device_type!r} yet: "
+            "top-k middle blocks run on CPU only (docs/topk-contract.md); use topk_blocks=0"
+        )

@@ -4,7 +4,7 @@ import dataclasses
 from typing import Any
 
 from lminf_vllm import vllm_compat
-from lminf_vllm.config import CONFIG_KEY, LminfConfig, LminfConfigError, parse_lminf_config
+from lminf_vllm.config import CONFIG_KEY, LminfConfig, LminfConfigError, check_topk_device, parse_lminf_config
 from lminf_vllm.model_support import check_model_supported, uses_alibi
 
 BACKEND_PATH = "lminf_vllm.backend.LminfAttentionBackend"
@@ -115,6 +115,7 @@ def lminf_config_from_vllm(vllm_config: Any) -> LminfConfig:
             f"additional_config.lminf.topk_blocks = {cfg.topk_blocks} is not supported for ALiBi models: "
             "top-k middle blocks need a RoPE model (docs/topk-contract.md, ALiBi); use topk_blocks=0"
         )
+    check_topk_device(cfg.topk_blocks, str(getattr(getattr(vllm_config, "device_config", None), "device_type", "cpu")))
     if isinstance(vllm_config.additional_config, dict):  # a copy: the user's dict may serve other engines
         vllm_config.additional_config = {**additional, RESOLVED_KEY: dataclasses.asdict(cfg)}
     return cfg

@@ -7,6 +7,7 @@ import pytest
 from lminf_vllm.config import (
     LminfConfig,
     LminfConfigError,
+    check_topk_device,
     distance_cap_source,
     parse_lminf_config,
     vllm_default_max_model_len,
@@ -183,3 +184,11 @@ def test_the_engine_parses_its_settings_once_and_hands_them_down(tiny_llama, mon
     expected = LminfConfig(4, 128, 128)
     assert vc.lminf_config_from_vllm(config) == expected
     assert vc.lminf_config_from_vllm(pickle.loads(pickle.dumps(config))) == expected
+
+
+def test_topk_blocks_is_refused_off_cpu():
+    """The top-k path has only run on CPU: other devices are refused at start-up, by name."""
+    check_topk_device(4, "cpu")
+    check_topk_device(0, "cuda")  # Λ alone runs anywhere
+    with pytest.raises(LminfConfigError, match=r"topk_blocks = 4 is not supported on device 'cuda' yet: .*CPU only"):
+        check_topk_device(4, "cuda")

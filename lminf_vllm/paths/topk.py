@@ -1,6 +1,6 @@
 """The top-k path: Λ plus the k best middle blocks per (sequence, layer, KV head), from a host store.
 
-Engines with topk_blocks > 0 take it on any device (docs/topk-contract.md; the
+Engines with topk_blocks > 0 take it, on CPU only (docs/topk-contract.md; the
 math is topk_attention.py, its oracle testing/topk_reference.py). Per layer
 and step:
   1. the step's keys and values go into the paged cache (our own layout);
