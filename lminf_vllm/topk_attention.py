@@ -297,9 +297,7 @@ def attend_decode(
     W, C = cfg.local_tokens, cfg.distance_cap
     pool = kv_cache.view(-1, B, kv_cache.shape[-1]).index_select(0, row.window_rows)  # [Hkv * nw, B, 2D]
     window = pool.view(Hkv, -1, pool.shape[-1])[:, row.start : row.start + W]
-    k_w, v_w = window[..., :D], window[..., D:]
-    if k_w.dtype != torch.float32:
-        k_w = k_w.float()
+    k_w, v_w = window[..., :D].float(), window[..., D:]
     qv, qc = q.view(Hkv, -1, D), q_cap.view(Hkv, -1, D)
     at_zero, values, keys = far
     s_far = torch.bmm(qc, at_zero.float().transpose(1, 2))  # [Hkv, g, n_far]

@@ -37,7 +37,7 @@ class HostStore:
     def __init__(self, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
         self._entries: dict[tuple[str, int], _Entry] = {}
-        self._head_column = torch.zeros(0, 1, dtype=torch.long)
+        self._nbytes = 0  # capacity held, kept as entries grow and go (read every step for /metrics)
 
     def blocks(self, request: str, layer: int) -> int:
         entry = self._entries.get((request, layer))
@@ -54,7 +54,8 @@ class HostStore:
         n, D = keys.shape[0], lo.shape[-1]
         entry = self._entries.get((request, layer))
         if entry is None or entry.keys.shape[0] < first_block + n:
-            entry = self._grow(entry, first_block + n, keys, values)
+            old, entry = entry, self._grow(entry, first_block + n, keys, values)
+            self._nbytes += _size(entry) - (0 if old is None else _size(old))
             self._entries[(request, layer)] = entry
         if entry.blocks and first_block > entry.blocks:  # (a request's first put may start past block 0)
             raise RuntimeError(f"top-k host store: block {first_block} of {request} follows block {entry.blocks - 1}")
@@ -100,51 +101,40 @@ class HostStore:
 
     def gather_far(self, request: str, layer: int, blocks: torch.Tensor, with_keys: bool):
         """Keys at position 0, values and (with_keys) keys as stored of blocks [Hkv, n], one list
-        per KV head, each [Hkv, n * B, D] in the cache dtype (keys: None without with_keys)."""
+        per KV head, each [Hkv, n * B, D] in the cache dtype (keys: None without with_keys).
+        Head h reads only its own slice of each of its blocks."""
         entry = self._entries[(request, layer)]
         Hkv, n = blocks.shape
-        rows = torch.add(self._heads(Hkv), blocks.to(self.device), alpha=Hkv).flatten()  # block * Hkv + head
+        rows = torch.add(torch.arange(Hkv, device=self.device)[:, None], blocks.to(self.device), alpha=Hkv).flatten()
 
-        def take(t: torch.Tensor) -> torch.Tensor:  # (index_select on (block, head) rows: several times faster)
+        def take(t: torch.Tensor) -> torch.Tensor:  # (block, head) rows: index_select, several times faster
             return t.view(-1, *t.shape[2:]).index_select(0, rows).view(Hkv, n * t.shape[2], t.shape[3])
 
         return take(entry.at_zero), take(entry.values), take(entry.keys) if with_keys else None
 
-    def _heads(self, Hkv: int) -> torch.Tensor:
-        """[Hkv, 1]: 0 .. Hkv - 1, made once."""
-        if len(self._head_column) != Hkv:
-            self._head_column = torch.arange(Hkv, device=self.device)[:, None]
-        return self._head_column
-
     def gather(self, request: str, layer: int, chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of the chosen blocks [Hkv, k] (one list per KV head): [Hkv, k * B, D] each.
-        Head h reads only its own slice of each of its blocks."""
-        entry = self._entries[(request, layer)]
-        Hkv, k = chosen.shape
-        heads = torch.arange(Hkv, device=self.device)[:, None]
-        blocks = chosen.to(self.device)
-        keys = entry.keys[blocks, heads]  # [Hkv, k, B, D]: head h's own slice of each of its blocks
-        values = entry.values[blocks, heads]
-        B = entry.keys.shape[2]
-        return keys.reshape(Hkv, k * B, -1), values.reshape(Hkv, k * B, -1)
+        """Keys and values of the chosen blocks [Hkv, k] (one list per KV head): [Hkv, k * B, D] each."""
+        _, values, keys = self.gather_far(request, layer, chosen, with_keys=True)
+        return keys, values
 
     def gather_at_zero(self, request: str, layer: int, chosen: torch.Tensor) -> torch.Tensor:
         """The chosen blocks' keys rotated back to position 0, as `gather` lays them out: [Hkv, k * B, D]."""
-        entry = self._entries[(request, layer)]
-        Hkv, k = chosen.shape
-        heads = torch.arange(Hkv, device=self.device)[:, None]
-        return entry.at_zero[chosen.to(self.device), heads].reshape(Hkv, k * entry.keys.shape[2], -1)
+        return self.gather_far(request, layer, chosen, with_keys=False)[0]
 
     def drop(self, requests) -> None:
         """Forget finished requests."""
         gone = set(requests)
         if gone:
             for key in [key for key in self._entries if key[0] in gone]:
-                del self._entries[key]
+                self._nbytes -= _size(self._entries.pop(key))
 
     def requests(self) -> set[str]:
         return {request for request, _ in self._entries}
 
     def nbytes(self) -> int:
         """Host memory held (capacity, not only the valid blocks)."""
-        return sum(t.nbytes for e in self._entries.values() for t in (e.keys, e.values, e.at_zero, e.bounds))
+        return self._nbytes
+
+
+def _size(entry: _Entry) -> int:
+    return sum(t.nbytes for t in (entry.keys, entry.values, entry.at_zero, entry.bounds))

@@ -78,7 +78,8 @@ class Plan:
     @property
     def rows_served(self) -> dict[str, int]:
         cfg, B = self.shape.cfg, self.shape.block_size
-        fast = sum(1 for _, a, b, n, rid in self.chunks if b - a == 1 and rid is not None and decodes_fast(n - 1, cfg, B))
+        fast = sum(1 for _, a, b, n, rid in self.chunks
+                   if b - a == 1 and rid is not None and decodes_fast(n - 1, cfg, B))  # fmt: skip
         rows = {"topk": sum(b - a for _, a, b, _, _ in self.chunks) - fast, "topk decode": fast}
         return {way: n for way, n in rows.items() if n}
 
@@ -115,7 +116,8 @@ def run(plan: Plan, layer: LayerMath, query, key, value, kv_cache, output: torch
             q_last = query[stop - 1].float()  # rotated to C by the last span's last matrix
             bounds = plan.store.bounds(rid, layer_key, g, f)
             chosen = select_from_bounds(torch.matmul(q_last, spans[-1].q_cap[-1]), bounds, g, k)
-            store_kv = (*plan.store.gather(rid, layer_key, chosen), plan.store.gather_at_zero(rid, layer_key, chosen))
+            at_zero, values, keys = plan.store.gather_far(rid, layer_key, chosen, with_keys=True)
+            store_kv = (keys, values, at_zero)
             plan.chosen[(layer_key, r)] = chosen
         out = attend_chunk(query[first:stop], spans, kv_cache, LAYOUT, chosen, store_kv, cfg, layer.scale, layer.rotary)
         output[first:stop] = out.to(output.dtype)
