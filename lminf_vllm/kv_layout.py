@@ -49,6 +49,25 @@ def write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slo
     write_kv_no_sync(kv_cache, key, value, slots)
 
 
+def write_index(slots: torch.Tensor, block_size: int):
+    """Where write_kv puts a step's tokens (OWN_LAYOUT), worked out once for all layers:
+    (the kept tokens, None when all are; their blocks; their rows). One host sync."""
+    keep = slots >= 0
+    kept = None if bool(keep.all()) else keep.nonzero()[:, 0]
+    slots = (slots if kept is None else slots[kept]).long()
+    return kept, slots // block_size, slots % block_size
+
+
+def write_kv_at(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, index) -> None:
+    """write_kv with write_index's answer for these tokens."""
+    kept, blocks, rows = index
+    if kept is not None:
+        key, value = key[kept], value[kept]
+    head_size = key.shape[-1]
+    kv_cache[blocks, :, rows, :head_size] = key.to(kv_cache.dtype)
+    kv_cache[blocks, :, rows, head_size:] = value.to(kv_cache.dtype)
+
+
 def gather_kv(kv_cache, block_row, start: int, stop: int, head_size: int, layout: str = OWN_LAYOUT):
     """Keys and values of positions [start, stop) of one request: ([L, Hkv, D], [L, Hkv, Dv])."""
     block_size = kv_cache.shape[2]

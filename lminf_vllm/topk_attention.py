@@ -1,6 +1,6 @@
 """Top-k attention of docs/topk-contract.md over a paged cache and the host store, in PyTorch.
 
-The engine's math for topk_blocks > 0 (paths/topk.py drives it); the oracle is
+The engine's math for topk_blocks > 0 (paths/topk/ drives it); the oracle is
 testing/topk_reference.py. Three jobs, no vLLM import:
   * summaries of complete blocks (keys rotated back to position 0, min and max);
   * a chunk's selection: its last row's query rotated to position C against the
@@ -22,6 +22,7 @@ step, `attend_chunk` runs per layer.
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from lminf_vllm.block_policy import first_window_block, global_blocks
@@ -98,11 +99,11 @@ def select_from_bounds(q_cap: torch.Tensor, bounds: torch.Tensor, first: int, k:
     if score.shape[-1] <= k:  # every candidate
         return torch.arange(first, first + score.shape[-1], device=score.device).expand(Hkv, -1)
     best, order = torch.topk(score, k + 1, dim=-1)
-    if bool((best[:, k - 1] == best[:, k]).any()):
+    b = best.cpu().numpy()  # (a few small host ops: numpy's are cheaper than torch's here)
+    if (b[:, k - 1] == b[:, k]).any():
         # a tie at the k-th place: topk may take either block, the contract the lower one
         order = torch.sort(score, dim=-1, descending=True, stable=True).indices
-    order = order[:, :k]
-    return torch.sort(order, dim=-1).values + first
+    return torch.from_numpy(np.sort(order.cpu().numpy()[:, :k], axis=-1) + first).to(score.device)
 
 
 @dataclass
@@ -251,6 +252,11 @@ class DecodeRow:
     fa: int
     far_blocks: torch.Tensor  # [Hkv, g + 1] logical blocks read from the store before the selected ones: 0 .. g - 1, fa
     q_cap: torch.Tensor  # [D, D]: the row's query rotated to position C is q @ q_cap
+    window_tokens: torch.Tensor  # [W] its window slots as rows `block * Hkv * B + slot` (the cache viewed per
+    # token, paths/topk/ops.py: vLLM's decode op reads the window in place through them)
+    far_rows: torch.Tensor  # [Hkv, g * B + start]: per KV head, the store's rows (HostStore.head_rows) of the
+    # global blocks and of block fa before the window; far_tokens adds the selected blocks'
+    head_rows: torch.Tensor  # [Hkv, 1, B]: h * B + slot, the rows of block 0 (block c's: + c * Hkv * B)
 
 
 def decodes_fast(i: int, cfg: LminfConfig, B: int) -> bool:
@@ -272,7 +278,20 @@ def plan_decode(i: int, block_row: torch.Tensor, cfg: LminfConfig, B: int, num_k
     rows = (block_row[fa : i // B + 1].long()[None] * num_kv_heads + heads).flatten()
     far = torch.cat((torch.arange(g, device=dev), torch.tensor([fa], device=dev))).expand(num_kv_heads, -1)
     q_cap = rotations(torch.tensor([cfg.distance_cap - i], device=dev), rotary, head_size)[0]
-    return DecodeRow(i, rows, i - W + 1 - fa * B, fa, far, q_cap)
+    pos = torch.arange(i - W + 1, i + 1, device=dev)
+    tokens = block_row[pos // B].long() * (num_kv_heads * B) + pos % B
+    start = i - W + 1 - fa * B
+    seen = torch.cat((torch.arange(g * B, device=dev), fa * B + torch.arange(start, device=dev)))  # positions
+    far_rows = (((seen // B)[None] * num_kv_heads + heads) * B + seen % B).to(torch.int32)
+    head_rows = (heads * B + torch.arange(B, device=dev))[:, None].to(torch.int32)
+    return DecodeRow(i, rows, start, fa, far, q_cap, tokens, far_rows, head_rows)
+
+
+def far_tokens(row: DecodeRow, chosen: torch.Tensor, B: int) -> torch.Tensor:
+    """[Hkv, g * B + start + k * B] int32: per KV head, the store rows (HostStore.head_rows) a
+    decode row reads past its window: row.far_rows, then its selected blocks chosen [Hkv, k]."""
+    picked = torch.add(row.head_rows, chosen.to(torch.int32)[..., None], alpha=chosen.shape[0] * B)  # [Hkv, k, B]
+    return torch.cat((row.far_rows, picked.flatten(1)), dim=1)
 
 
 def attend_decode(
@@ -293,19 +312,50 @@ def attend_decode(
     does (P is rounded to it before the P V product): with a bfloat16 cache that spares
     converting every value, and float32 caches are float32 throughout."""
     H, D = q.shape
-    Hkv, B = kv_cache.shape[1], kv_cache.shape[2]
-    W, C = cfg.local_tokens, cfg.distance_cap
+    Hkv, B, W = kv_cache.shape[1], kv_cache.shape[2], cfg.local_tokens
     pool = kv_cache.view(-1, B, kv_cache.shape[-1]).index_select(0, row.window_rows)  # [Hkv * nw, B, 2D]
     window = pool.view(Hkv, -1, pool.shape[-1])[:, row.start : row.start + W]
     k_w, v_w = window[..., :D].float(), window[..., D:]
-    qv, qc = q.view(Hkv, -1, D), q_cap.view(Hkv, -1, D)
-    at_zero, values, keys = far
-    s_far = torch.bmm(qc, at_zero.float().transpose(1, 2))  # [Hkv, g, n_far]
-    if keys is not None:  # C > W: keys within the cap are read as stored
-        pos = (far_blocks[..., None] * B + torch.arange(B, device=q.device)).flatten(1)
-        s_far = torch.where((row.i - pos <= C)[:, None], torch.bmm(qv, keys.float().transpose(1, 2)), s_far)
-    g = row.far_blocks.shape[1] - 1
-    s_far[..., g * B + row.start : (g + 1) * B] = float("-inf")  # block fa's rows in the window
+    qv = q.view(Hkv, -1, D)
+    s_far = far_scores(q, q_cap, row, far, far_blocks, cfg, B)
     p = torch.softmax(torch.cat((torch.bmm(qv, k_w.transpose(1, 2)), s_far), dim=-1) * scale, dim=-1)
     p = p.to(v_w.dtype)
-    return (torch.bmm(p[..., :W], v_w).float() + torch.bmm(p[..., W:], values).float()).view(H, -1)
+    return (torch.bmm(p[..., :W], v_w).float() + torch.bmm(p[..., W:], far[1]).float()).view(H, -1)
+
+
+def far_scores(q, q_cap, row: DecodeRow, far: tuple, far_blocks: torch.Tensor, cfg: LminfConfig, B: int):
+    """A decode row's scores (unscaled, float32) of the keys it reads from the store, attend_decode's
+    `far`: [Hkv, g, n * B], -inf on the rows of block fa inside its window."""
+    Hkv, D = far[0].shape[0], q.shape[-1]
+    at_zero, _, keys = far
+    s_far = torch.bmm(q_cap.view(Hkv, -1, D), at_zero.float().transpose(1, 2))  # [Hkv, g, n_far]
+    if keys is not None:  # C > W: keys within the cap are read as stored
+        pos = (far_blocks[..., None] * B + torch.arange(B, device=q.device)).flatten(1)
+        near = (row.i - pos <= cfg.distance_cap)[:, None]
+        s_far = torch.where(near, torch.bmm(q.view(Hkv, -1, D), keys.float().transpose(1, 2)), s_far)
+    g = row.far_blocks.shape[1] - 1
+    s_far[..., g * B + row.start : (g + 1) * B] = float("-inf")  # block fa's rows in the window
+    return s_far
+
+
+def far_part(scores: torch.Tensor, values: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode rows' attention over their store keys alone: far_scores [R, Hkv, g, n] and the
+    values [R, Hkv, n, Dv] -> outputs [R, H, Dv] float32 and log-sum-exps [R, H]."""
+    R, Hkv, g, _ = scores.shape
+    s = scores * scale
+    lse = torch.logsumexp(s, dim=-1, keepdim=True)  # finite: such a row always has selected blocks
+    out = torch.matmul(torch.exp(s - lse), values.float())
+    return out.view(R, Hkv * g, -1), lse.view(R, Hkv * g)
+
+
+def merge_two(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor) -> torch.Tensor:
+    """merge_parts of two parts, [..., Dv] and [...] each, in three operations: a's weight in the
+    joint softmax is sigmoid(lse_a - lse_b)."""
+    return torch.lerp(out_b, out_a, torch.sigmoid(lse_a - lse_b)[..., None])
+
+
+def merge_parts(outs: torch.Tensor, lses: torch.Tensor) -> torch.Tensor:
+    """One softmax from parts that were normalised apart: outs [..., P, Dv], lses [..., P]
+    (-inf: an empty part) -> [..., Dv]."""
+    weights = torch.softmax(lses, dim=-1)
+    return (outs * weights[..., None]).sum(dim=-2)

@@ -258,15 +258,15 @@ def test_bounds_and_gather_far_lay_out_what_was_stored():
 # ---------------------------------------------------------------- the decode way
 
 
-@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), (torch.bfloat16, 8e-3)])  # bf16: one ulp at 1
-@pytest.mark.parametrize("G, W, C, blk, k, i", [(3, 16, 16, 4, 2, 57), (5, 12, 20, 4, 3, 70), (0, 8, 8, 8, 1, 41),
-                                                (10, 16, 40, 4, 2, 66)])  # fmt: skip
-def test_attend_decode_equals_attend_chunk(dtype, atol, G, W, C, blk, k, i):
-    """A decode row the short way (window from the pool, everything else from the store at position 0,
-    one softmax) against the chunk way (two branches merged), on the same pool, store and selection,
-    physical blocks shuffled. bfloat16: P meets V in bfloat16 in the short way only."""
+DECODE_CASES = [(3, 16, 16, 4, 2, 57), (5, 12, 20, 4, 3, 70), (0, 8, 8, 8, 1, 41), (10, 16, 40, 4, 2, 66)]
+
+
+def decode_case(dtype, G, W, C, blk, k, i):
+    """A decode row at i past the first middle block: a pool of shuffled physical blocks, the
+    store of its complete blocks, a random selection. -> (the chunk way's output [H, Dv], the
+    arguments of the decode way: q, q_cap, DecodeRow, cache, far, far_blocks, cfg; the store)."""
     from lminf_vllm.kv_layout import OWN_LAYOUT
-    from lminf_vllm.topk_attention import attend_chunk, attend_decode, decodes_fast, plan_chunk, plan_decode
+    from lminf_vllm.topk_attention import attend_chunk, decodes_fast, plan_chunk, plan_decode
 
     rotary, H, n = ROPES[1], 4, i + 1
     cfg = LminfConfig(G, W, C, k)
@@ -292,8 +292,39 @@ def test_attend_decode_equals_attend_chunk(dtype, atol, G, W, C, blk, k, i):
     store_kv = (*store.gather("r", 0, chosen), store.gather_at_zero("r", 0, chosen))
     want = attend_chunk(q, spans, cache, OWN_LAYOUT, chosen, store_kv, cfg, D**-0.5, rotary)[0]
     q_f = q[0].float()
-    q_cap = q_f @ dec.q_cap
     far_blocks = torch.cat((dec.far_blocks, chosen), dim=1)
     far = store.gather_far("r", 0, far_blocks, with_keys=C > W)
-    got = attend_decode(q_f, q_cap, dec, cache, far, far_blocks, cfg, D**-0.5)
+    return want, (q_f, q_f @ dec.q_cap, dec, cache, far, far_blocks, cfg), store
+
+
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), (torch.bfloat16, 8e-3)])  # bf16: one ulp at 1
+@pytest.mark.parametrize("G, W, C, blk, k, i", DECODE_CASES)
+def test_attend_decode_equals_attend_chunk(dtype, atol, G, W, C, blk, k, i):
+    """A decode row the short way (window from the pool, everything else from the store at position 0,
+    one softmax) against the chunk way (two branches merged), on the same pool, store and selection,
+    physical blocks shuffled. bfloat16: P meets V in bfloat16 in the short way only."""
+    from lminf_vllm.topk_attention import attend_decode
+
+    want, args, _ = decode_case(dtype, G, W, C, blk, k, i)
+    got = attend_decode(*args, D**-0.5)
     torch.testing.assert_close(got, want, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("G, W, C, blk, k, i", DECODE_CASES)
+def test_far_part_and_merge_equal_attend_chunk(G, W, C, blk, k, i):
+    """The decode way in two parts, as the engine runs it with vLLM's op for the window: the window
+    (here in float64) and the store's keys normalised apart, joined by their log-sum-exps."""
+    from lminf_vllm.topk_attention import far_part, far_scores, merge_parts, merge_two
+
+    want, (q, q_cap, dec, cache, far, far_blocks, cfg), _ = decode_case(torch.float32, G, W, C, blk, k, i)
+    window = cache.view(-1, blk, 2 * D)[dec.window_rows].view(HKV, -1, 2 * D)[:, dec.start : dec.start + W]
+    s = torch.einsum("kgd,knd->kgn", q.double().view(HKV, -1, D), window[..., :D].double()) * D**-0.5
+    o_w = torch.einsum("kgn,knd->kgd", torch.softmax(s, -1), window[..., D:].double()).reshape(1, -1, 1, D)
+    lse_w = torch.logsumexp(s, -1).reshape(1, -1, 1)
+    o_f, lse_f = far_part(far_scores(q, q_cap, dec, far, far_blocks, cfg, blk)[None], far[1][None], D**-0.5)
+    got = merge_parts(torch.cat((o_w.float(), o_f[:, :, None]), 2), torch.cat((lse_w.float(), lse_f[..., None]), 2))
+    torch.testing.assert_close(got[0], want, atol=1e-5, rtol=0)
+    two = merge_two(o_w[:, :, 0].float(), lse_w[..., 0].float(), o_f, lse_f)  # the engine's form of two parts
+    torch.testing.assert_close(two, got, atol=1e-6, rtol=0)
+    # the window part is a part: dropping it changes the answer
+    assert (o_f[0] - want).abs().max() > 1e-2

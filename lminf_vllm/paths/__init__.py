@@ -12,7 +12,7 @@ Every path module has:
 The metadata builder picks the path once per engine (the cache layout follows
 from it) and plans once per step; the backend's forward only calls `run`.
 The paths see no vLLM type (`backend.py` turns vLLM's into step.py's); the
-CPU-kernel path calls vLLM's C++ ops, through paths/cpu_kernel/ops.py only.
+CPU-kernel and top-k paths call vLLM's C++ ops, each through its ops.py only.
 """
 
 from types import ModuleType

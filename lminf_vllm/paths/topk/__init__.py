@@ -11,8 +11,11 @@ and step:
      picks the k blocks with the highest bound among the chunk's middle blocks;
   4. one softmax over the pool's global and window blocks and the k picked
      blocks, gathered from the store into a per-sequence buffer of k blocks.
-A decode row past the first middle block takes a shorter way (attend_decode):
-the pool gives only its window, the store everything else, at position 0.
+A decode row past the first middle block takes a shorter way: the pool gives
+only its window, the store everything else, at position 0. In bfloat16 and
+float16 engines the step's windows are one call of vLLM's decode op (ops.py),
+read in place, joined to the store's part by log-sum-exps; otherwise the
+PyTorch math (attend_decode), row by row.
 The KV pool and its per-sequence bound are SPEC.md's, unchanged; the picked
 blocks are the "+ k" of the contract's device bound. No CUDA graphs: host
 lists, a loop over requests.
@@ -24,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lminf_vllm.block_policy import first_window_block, global_blocks
-from lminf_vllm.kv_layout import OWN_LAYOUT, gather_kv, write_kv
+from lminf_vllm.kv_layout import OWN_LAYOUT, gather_kv, write_index, write_kv_at
 from lminf_vllm.step import EngineShape, LayerMath, StepBatch
 from lminf_vllm.topk_attention import (
     angles,
@@ -32,10 +35,15 @@ from lminf_vllm.topk_attention import (
     attend_decode,
     block_summaries,
     decodes_fast,
+    far_part,
+    far_scores,
+    far_tokens,
+    merge_two,
     plan_chunk,
     plan_decode,
     select_from_bounds,
 )
+from lminf_vllm.paths.topk import ops
 from lminf_vllm.topk_store import HostStore
 
 LAYOUT = OWN_LAYOUT
@@ -69,6 +77,9 @@ class Plan:
     decodes: dict = field(default_factory=dict)  # (request, rotary) -> plan_decode's row (or None), made once
     # What the step chose, per (layer, request index): [Hkv, k] blocks (tests, metrics).
     chosen: dict = field(default_factory=dict)
+    window_op: bool = False  # decode rows' windows through vLLM's decode op (ops.py)
+    steps: dict = field(default_factory=dict)  # rotary -> the step's DecodeStep, made once
+    write_at: tuple | None = None  # kv_layout.write_index of the step's tokens, made once
 
     @property
     def host_store_bytes(self) -> int:
@@ -80,7 +91,8 @@ class Plan:
         cfg, B = self.shape.cfg, self.shape.block_size
         fast = sum(1 for _, a, b, n, rid in self.chunks
                    if b - a == 1 and rid is not None and decodes_fast(n - 1, cfg, B))  # fmt: skip
-        rows = {"topk": sum(b - a for _, a, b, _, _ in self.chunks) - fast, "topk decode": fast}
+        decode = "topk decode op" if self.window_op else "topk decode"
+        rows = {"topk": sum(b - a for _, a, b, _, _ in self.chunks) - fast, decode: fast}
         return {way: n for way, n in rows.items() if n}
 
 
@@ -89,21 +101,27 @@ def plan(batch: StepBatch, shape: EngineShape) -> Plan:
     store.drop(batch.finished)
     ids = batch.request_ids
     chunks = [(r, a, a + t, n, None if ids is None else ids[r]) for r, a, t, n in batch.requests()]
-    return Plan(batch, shape, store, chunks)
+    window_op = ops.usable(shape.dtype, shape.num_heads, shape.num_kv_heads, shape.head_size, shape.block_size)
+    return Plan(batch, shape, store, chunks, window_op=window_op)
 
 
 def run(plan: Plan, layer: LayerMath, query, key, value, kv_cache, output: torch.Tensor) -> None:
     b, shape = plan.batch, plan.shape
     cfg, B, k = shape.cfg, shape.block_size, shape.cfg.topk_blocks
     layer_key = kv_cache.data_ptr()  # one cache tensor per layer, kept for the engine's life
-    write_kv(kv_cache, key[: b.num_tokens], value[: b.num_tokens], b.slot_mapping[: b.num_tokens])
+    if plan.write_at is None:
+        plan.write_at = write_index(b.slot_mapping[: b.num_tokens], B)
+    write_kv_at(kv_cache, key[: b.num_tokens], value[: b.num_tokens], plan.write_at)
     g = global_blocks(cfg.global_tokens, B)
+    decodes = []  # (request index, request id, token, DecodeRow): the decode way, after the loop
     for r, first, stop, seq_len, rid in plan.chunks:
         s, e = seq_len - (stop - first), seq_len
         row = b.block_table[r]
         if rid is not None:
             _store_completed(plan.store, rid, layer_key, kv_cache, row, s, e, B, layer)
-            if stop - first == 1 and _decode(plan, layer, r, rid, e - 1, row, query, kv_cache, output, first):
+            dec = _decode_row(plan, layer, r, e - 1, row, kv_cache) if stop - first == 1 else None
+            if dec is not None:
+                decodes.append((r, rid, first, dec))
                 continue
         spans = plan.spans.get((r, angles.key(layer.rotary)))
         if spans is None:
@@ -121,26 +139,83 @@ def run(plan: Plan, layer: LayerMath, query, key, value, kv_cache, output: torch
             plan.chosen[(layer_key, r)] = chosen
         out = attend_chunk(query[first:stop], spans, kv_cache, LAYOUT, chosen, store_kv, cfg, layer.scale, layer.rotary)
         output[first:stop] = out.to(output.dtype)
+    if decodes:
+        _decode(plan, layer, decodes, query, kv_cache, output)
 
 
-def _decode(plan: Plan, layer: LayerMath, r: int, rid: str, i: int, row, query, kv_cache, output, t: int) -> bool:
-    """A decode row the fast way (topk_attention.attend_decode); False where it does not apply."""
-    cfg, B, D = plan.shape.cfg, plan.shape.block_size, kv_cache.shape[-1] // 2
+def _decode_row(plan: Plan, layer: LayerMath, r: int, i: int, row, kv_cache):
+    """The decode way's plan for a row at i (made once per step), None where it does not apply."""
     key = (r, angles.key(layer.rotary))
     if key not in plan.decodes:
+        cfg, B, D = plan.shape.cfg, plan.shape.block_size, kv_cache.shape[-1] // 2
         plan.decodes[key] = plan_decode(i, row, cfg, B, kv_cache.shape[1], layer.rotary, D)
-    dec = plan.decodes[key]
-    if dec is None:
-        return False
-    layer_key, g = kv_cache.data_ptr(), dec.far_blocks.shape[1] - 1
-    q = query[t].float()
-    q_cap = torch.matmul(q, dec.q_cap)
-    chosen = select_from_bounds(q_cap, plan.store.bounds(rid, layer_key, g, dec.fa), g, cfg.topk_blocks)
-    plan.chosen[(layer_key, r)] = chosen
-    blocks = torch.cat((dec.far_blocks, chosen), dim=1)
-    far = plan.store.gather_far(rid, layer_key, blocks, with_keys=cfg.distance_cap > cfg.local_tokens)
-    output[t] = attend_decode(q, q_cap, dec, kv_cache, far, blocks, cfg, layer.scale).to(output.dtype)
-    return True
+    return plan.decodes[key]
+
+
+@dataclass
+class DecodeStep:
+    """The step's decode rows that take the short way, stacked once and shared by the layers
+    (of one rotary): what does not change between layers is not redone per layer."""
+
+    rows: list  # (request index, request id, token, DecodeRow)
+    tokens: torch.Tensor  # [R] the rows' tokens in the batch
+    q_cap: torch.Tensor  # [R, D, D]: row r's query rotated to C is q @ q_cap[r]
+    windows: torch.Tensor | None = None  # [R, W] int32 window_tokens (with the op)
+    window_call: ops.ListedCall | None = None  # the op over every row's window
+    far_calls: list = field(default_factory=list)  # per row: the op over its store keys, one KV head per row
+
+    @classmethod
+    def make(cls, plan: Plan, rows: list, query: torch.Tensor, kv_cache: torch.Tensor) -> "DecodeStep":
+        step = cls(rows, torch.tensor([t for _, _, t, _ in rows]), torch.stack([d.q_cap for *_, d in rows]))
+        if plan.window_op:
+            shape, k = plan.shape, plan.shape.cfg.topk_blocks
+            H, Hkv, D = query.shape[1], kv_cache.shape[1], kv_cache.shape[-1] // 2
+            step.windows = torch.stack([d.window_tokens for *_, d in rows]).to(torch.int32)
+            step.window_call = ops.ListedCall(len(rows), step.windows.shape[1], H, Hkv, D, query.dtype)
+            step.far_calls = [ops.ListedCall(Hkv, d.far_rows.shape[1] + k * shape.block_size, H // Hkv, 1, D,
+                                             query.dtype) for *_, d in rows]  # fmt: skip
+        return step
+
+
+def _decode(plan: Plan, layer: LayerMath, rows: list, query, kv_cache, output) -> None:
+    """Decode rows the short way. Each selects and reads its store keys (row by row: each has its
+    own store entry); with vLLM's op (ops.py), one call per row for those (C <= W: all seen at
+    distance C) and one for every row's window, joined by log-sum-exps; else the PyTorch math."""
+    cfg, B, Hkv = plan.shape.cfg, plan.shape.block_size, kv_cache.shape[1]
+    layer_key, with_keys = kv_cache.data_ptr(), cfg.distance_cap > cfg.local_tokens
+    rot = angles.key(layer.rotary)
+    step = plan.steps.get(rot)
+    if step is None:
+        step = plan.steps[rot] = DecodeStep.make(plan, rows, query, kv_cache)
+    qs = query[step.tokens]
+    qf = qs.float()
+    q_caps = torch.matmul(qf, step.q_cap)  # [R, H, D]: each query rotated to C
+    by_op = plan.window_op and not with_keys  # every store key at distance C: the op, q rotated to C
+    if by_op:
+        q_caps_low = q_caps.to(query.dtype).view(len(rows), Hkv, -1, q_caps.shape[-1])
+    far_outs, far_lses = [], []
+    for j, ((r, rid, t, dec), q, q_cap) in enumerate(zip(rows, qf, q_caps)):
+        g = dec.far_blocks.shape[1] - 1
+        chosen = select_from_bounds(q_cap, plan.store.bounds(rid, layer_key, g, dec.fa), g, cfg.topk_blocks)
+        plan.chosen[(layer_key, r)] = chosen
+        if by_op:
+            tokens = far_tokens(dec, chosen, B)
+            o_f, lse_f = step.far_calls[j](q_caps_low[j], *plan.store.head_rows(rid, layer_key), tokens, layer.scale)
+            far_outs.append(o_f.reshape(-1, o_f.shape[-1]))
+            far_lses.append(lse_f.reshape(-1))
+            continue
+        blocks = torch.cat((dec.far_blocks, chosen), dim=1)
+        far = plan.store.gather_far(rid, layer_key, blocks, with_keys=with_keys)
+        if plan.window_op:
+            o_f, lse_f = far_part(far_scores(q, q_cap, dec, far, blocks, cfg, B)[None], far[1][None], layer.scale)
+            far_outs.append(o_f[0])
+            far_lses.append(lse_f[0])
+        else:
+            output[t] = attend_decode(q, q_cap, dec, kv_cache, far, blocks, cfg, layer.scale).to(output.dtype)
+    if plan.window_op:
+        o_w, lse_w = step.window_call(qs, *ops.token_views(kv_cache), step.windows, layer.scale)  # [R, H, Dv], [R, H]
+        out = merge_two(o_w, lse_w, torch.stack(far_outs), torch.stack(far_lses))
+        output[step.tokens] = out.to(output.dtype)
 
 
 def _store_completed(store: HostStore, rid: str, layer_key: int, kv_cache, row, s: int, e: int, B: int,

