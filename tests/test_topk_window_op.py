@@ -1,7 +1,8 @@
 """vLLM's CPU decode op as the top-k path calls it (paths/topk/ops.py): the windows of decode rows,
-read in place from the paged cache through a token table, each row's float32 output and
-log-sum-exp left for the merge with the store's keys. Held to float64 attention and to the
-chunk way (topk_attention.attend_chunk), on awkward sizes."""
+read in place from the paged cache through a table of rows, and their store keys, read in place
+from the host store; each part's float32 output and log-sum-exp left for the merge. Held to
+float64 attention, to the PyTorch parts and to the chunk way (topk_attention.attend_chunk), on
+awkward sizes."""
 
 import pytest
 import torch
