@@ -43,15 +43,13 @@ def read_blocks(kv_cache: torch.Tensor, blocks: torch.Tensor, layout: str) -> to
 
 def write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
     """Store key/value [T, Hkv, D] at flat slots [T] (slot = block * B + row; < 0 = padding)."""
-    keep = slots >= 0
-    if not bool(keep.all()):  # drop padding (a host sync: fine off CUDA graphs)
-        key, value, slots = key[keep], value[keep], slots[keep]
-    write_kv_no_sync(kv_cache, key, value, slots)
+    write_kv_at(kv_cache, key, value, write_index(slots, kv_cache.shape[2]))
 
 
 def write_index(slots: torch.Tensor, block_size: int):
-    """Where write_kv puts a step's tokens (OWN_LAYOUT), worked out once for all layers:
-    (the kept tokens, None when all are; their blocks; their rows). One host sync."""
+    """Where write_kv puts tokens at flat slots (OWN_LAYOUT; < 0 = padding, dropped), worked out
+    once for all layers of a step: (the kept tokens, None when all are; their blocks; their
+    rows). One host sync."""
     keep = slots >= 0
     kept = None if bool(keep.all()) else keep.nonzero()[:, 0]
     slots = (slots if kept is None else slots[kept]).long()

@@ -349,13 +349,6 @@ def far_part(scores: torch.Tensor, values: torch.Tensor, scale: float) -> tuple[
 
 
 def merge_two(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor) -> torch.Tensor:
-    """merge_parts of two parts, [..., Dv] and [...] each, in three operations: a's weight in the
-    joint softmax is sigmoid(lse_a - lse_b)."""
+    """One softmax from two parts that were normalised apart, outputs [..., Dv] and log-sum-exps
+    [...] each: a's weight in the joint softmax is sigmoid(lse_a - lse_b)."""
     return torch.lerp(out_b, out_a, torch.sigmoid(lse_a - lse_b)[..., None])
-
-
-def merge_parts(outs: torch.Tensor, lses: torch.Tensor) -> torch.Tensor:
-    """One softmax from parts that were normalised apart: outs [..., P, Dv], lses [..., P]
-    (-inf: an empty part) -> [..., Dv]."""
-    weights = torch.softmax(lses, dim=-1)
-    return (outs * weights[..., None]).sum(dim=-2)

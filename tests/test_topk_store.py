@@ -310,11 +310,16 @@ def test_attend_decode_equals_attend_chunk(dtype, atol, G, W, C, blk, k, i):
     torch.testing.assert_close(got, want, atol=atol, rtol=0)
 
 
+def merge_parts(outs: torch.Tensor, lses: torch.Tensor) -> torch.Tensor:
+    """One softmax from any number of parts normalised apart: outs [..., P, Dv], lses [..., P]."""
+    return (outs * torch.softmax(lses, dim=-1)[..., None]).sum(dim=-2)
+
+
 @pytest.mark.parametrize("G, W, C, blk, k, i", DECODE_CASES)
 def test_far_part_and_merge_equal_attend_chunk(G, W, C, blk, k, i):
     """The decode way in two parts, as the engine runs it with vLLM's op for the window: the window
     (here in float64) and the store's keys normalised apart, joined by their log-sum-exps."""
-    from lminf_vllm.topk_attention import far_part, far_scores, merge_parts, merge_two
+    from lminf_vllm.topk_attention import far_part, far_scores, merge_two
 
     want, (q, q_cap, dec, cache, far, far_blocks, cfg), _ = decode_case(torch.float32, G, W, C, blk, k, i)
     window = cache.view(-1, blk, 2 * D)[dec.window_rows].view(HKV, -1, 2 * D)[:, dec.start : dec.start + W]

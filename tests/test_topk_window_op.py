@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lminf_vllm.paths.topk import ops
-from lminf_vllm.topk_attention import far_part, far_scores, far_tokens, merge_parts
+from lminf_vllm.topk_attention import far_part, far_scores, far_tokens, merge_two
 from test_topk_store import DECODE_CASES, D, HKV, decode_case
 
 
@@ -63,11 +63,11 @@ def test_the_decode_way_with_the_op_equals_attend_chunk(G, W, C, blk, k, i):
     want, (q, q_cap, dec, cache, far, far_blocks, cfg), _ = decode_case(torch.bfloat16, G, W, C, blk, k, i)
     o_w, lse_w = ops.window(q.to(torch.bfloat16)[None], cache, dec.window_tokens[None], D**-0.5)
     o_f, lse_f = far_part(far_scores(q, q_cap, dec, far, far_blocks, cfg, blk)[None], far[1][None], D**-0.5)
-    got = merge_parts(torch.stack((o_w, o_f), 2), torch.stack((lse_w, lse_f), 2))[0]
+    got = merge_two(o_w, lse_w, o_f, lse_f)[0]
     window = cache.view(-1, blk, 2 * D)[dec.window_rows].view(HKV, -1, 2 * D)[:, dec.start : dec.start + W].double()
     s = torch.einsum("kgd,knd->kgn", q.double().view(HKV, -1, D), window[..., :D]) * D**-0.5
     o64 = torch.einsum("kgn,knd->kgd", torch.softmax(s, -1), window[..., D:]).reshape(1, -1, D)
-    exact = merge_parts(torch.stack((o64.float(), o_f), 2), torch.stack((torch.logsumexp(s, -1).view(1, -1).float(), lse_f), 2))
+    exact = merge_two(o64.float(), torch.logsumexp(s, -1).view(1, -1).float(), o_f, lse_f)
     torch.testing.assert_close(got, exact[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(got, want, atol=8e-3, rtol=0)
 
