@@ -237,6 +237,33 @@ def gen_quality_tiny_topk_small(doc):
         doc.source(rel, small["command"])])
 
 
+def topk_against_lambda(doc: Doc, rel: str) -> str:
+    """A file with the lminf and topk modes only: both rows and their ratio at every length."""
+    from lminf_vllm.block_policy import topk_attended_tokens
+
+    q = load(rel)
+    L, s, t = q["training_length"], q["lminf"], q["topk"]
+    lam, top = q["modes"]["lminf"]["ppl"], q["modes"]["topk"]["ppl"]
+    name = f"top-k (k = {t['topk_blocks']}, B = {t['block_size']})"
+    rows = [["LM-Infinite"] + [num(lam[str(n)], 3) for n in q["lengths"]],
+            [name] + [num(top[str(n)], 3) for n in q["lengths"]],
+            [f"{name} / LM-Infinite"] + [f"{top[str(n)] / lam[str(n)]:.4f}" for n in q["lengths"]]]
+    attended = topk_attended_tokens(s["global_tokens"], s["local_tokens"], t["block_size"], t["topk_blocks"])
+    return "\n\n".join([
+        table(["perplexity"] + [f"{n} ({n / L:g}x)" for n in q["lengths"]], rows),
+        f"{q['model']}, trained to {L} tokens; {len(q['documents'])} held-out documents "
+        f"({', '.join(q['documents'])}); G={s['global_tokens']}, W={s['local_tokens']}, C={s['distance_cap']} for "
+        f"both rows (LM-Infinite with KV blocks of 32); with top-k a query attends at most {attended:,} keys "
+        f"(`block_policy.topk_attended_tokens`), {'within' if attended <= L else 'more than'} the training length.",
+        doc.source(rel, q["command"])])
+
+
+def gen_quality_topk_within_training(doc):
+    """Top-k against Λ in settings where a query attends no more keys than the model was trained with."""
+    return "\n\n".join(topk_against_lambda(doc, f"{RESULTS}/{name}.json")
+                       for name in ("quality-smollm2-topk-w2048", "quality-tiny-rope-L256-topk-w128"))
+
+
 def gen_quality_smollm2_globals(doc):
     return quality_block(doc, f"{RESULTS}/quality-smollm2-globals.json", "NLL against position, SmolLM2, W=256",
                          [("window", "lminf"), ("lminf", "stock")])
@@ -874,6 +901,7 @@ GENERATORS = {
     "passkey": gen_passkey,
     "passkey-topk": gen_passkey_topk,
     "quality-tiny-topk-small": gen_quality_tiny_topk_small,
+    "quality-topk-within-training": gen_quality_topk_within_training,
     "topk-speed": gen_topk_speed,
     "generation-tiny": gen_generation_tiny,
     "generation-smollm2": gen_generation_smollm2,

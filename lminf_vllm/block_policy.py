@@ -38,6 +38,13 @@ def max_blocks_per_sequence(G: int, W: int, B: int, in_flight_tokens: int = 1) -
     return global_blocks(G, B) + cdiv(W - 1 + in_flight_tokens, B) + 1
 
 
+def topk_attended_tokens(G: int, W: int, B: int, k: int) -> int:
+    """The most keys one query attends with topk_blocks = k > 0 (docs/topk-contract.md): the
+    whole global blocks, the window with up to B - 1 older positions of its first block, and
+    k selected blocks of B."""
+    return global_blocks(G, B) * B + W + B - 1 + k * B
+
+
 def blocks_needed_for_hit(num_blocks: int, G: int, W: int, B: int) -> list[int]:
     """Cached blocks a prefix of num_blocks full blocks needs to be reused as computed:
     the global ones and the window of the first token after it."""

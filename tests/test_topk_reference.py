@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lminf_vllm.block_policy import topk_attended_tokens
 from lminf_vllm.config import LminfConfig
 from lminf_vllm.rope import RotarySpec, cos_sin, default_inv_freq, rotate
 from lminf_vllm.testing.reference import DenseLlama, dense_lambda_attention
@@ -187,6 +188,20 @@ def test_what_a_chunk_reads_fits_the_device_bound(G, W, B, topk, chunk, seed):
     rel = torch.arange(n)[:, None] - torch.arange(n)[None, :]
     far = visible.any(-1) & (rel >= W)
     assert torch.equal(dist[far], rel[far].clamp(max=W))  # beyond the window: min(i - j, C)
+
+
+@settings(max_examples=25, deadline=None)
+@given(G=st.integers(0, 12), W=st.integers(1, 20), B=st.integers(1, 8), topk=st.integers(1, 4),
+       seed=st.integers(0, 10**6))  # fmt: skip
+def test_attended_tokens_per_query_peak_at_the_start_up_figure(G, W, B, topk, seed):
+    # the figure the start-up warning compares with the training length (block_policy.topk_attended_tokens)
+    n, n_kv = (-(-G // B) + topk + 4) * B + W, 2
+    cfg = LminfConfig(G, W, W)
+    g = torch.Generator().manual_seed(seed)
+    sel = [(i, i + 1, select_blocks(torch.randn(1, n_kv, n // B + 1, generator=g), i, cfg, B, topk, n_kv))
+           for i in range(n)]  # fmt: skip
+    visible, _ = topk_mask_and_distance(n, cfg, B, topk, sel, n_kv)
+    assert int(visible.sum(1).max()) == topk_attended_tokens(G, W, B, topk)
 
 
 def test_dense_llama_takes_the_topk_attention(tiny_llama):

@@ -5,7 +5,7 @@ its prompt logprobs and greedy completions past the window and past the RoPE
 table equal the dense top-k reference with the chunks the server used (a lone
 request's prompt fits one step's budget, each decode step is a chunk of one
 row), its /metrics count the rows on the top-k path, and it logs that prefix
-caching is off.
+caching is off and that a query attends more keys than the model was trained with.
 """
 
 import functools
@@ -49,7 +49,11 @@ def test_prompt_logprobs_equal_the_topk_reference(server, tiny_llama, reference)
     torch.testing.assert_close(got, expected, atol=1e-3, rtol=0)
     # the check has teeth: Λ alone is far from what was served
     assert (reference.prompt_logprobs(prompt, CFG) - got).abs().max() > 0.05
-    assert "prefix caching is off" in log_path.read_text()
+    log = log_path.read_text()
+    assert "prefix caching is off" in log
+    # G=4 W=64 k=2 B=32 attend up to 32 + 64 + 31 + 64 keys, past the tiny model's TABLE = 128
+    assert "a query attends up to 191 keys (global blocks, local_tokens=64" in log
+    assert f"more than the {TABLE} this model was trained with" in log
 
 
 def test_greedy_completion_equals_the_topk_reference(server, tiny_llama, reference):

@@ -116,6 +116,28 @@ def _topk_defaults(config, cfg) -> None:
         cfg.topk_blocks,
         per_token * 1000 / 2**20,
     )
+    _warn_past_training_length(config, cfg)
+
+
+def _warn_past_training_length(config, cfg) -> None:
+    """More keys per query than the model was trained on costs perplexity (docs/quality.md)."""
+    from lminf_vllm.block_policy import topk_attended_tokens
+    from lminf_vllm.config import LminfConfigError, vllm_default_max_model_len
+
+    B = config.cache_config.block_size
+    try:
+        trained = vllm_default_max_model_len(config.model_config.hf_text_config)
+    except LminfConfigError:  # the model names no length (distance_cap was given): nothing to compare with
+        return
+    attended = topk_attended_tokens(cfg.global_tokens, cfg.local_tokens, B, cfg.topk_blocks) if B else 0
+    if attended > trained.value:
+        logger.warning(
+            "lminf top-k: a query attends up to %d keys (global blocks, local_tokens=%d with the rest of its first "
+            "block, topk_blocks=%d blocks of %d), more than the %d this model was trained with (%s): perplexity "
+            "can be worse than with topk_blocks=0; a smaller local_tokens or topk_blocks keeps within it "
+            "(docs/quality.md)",
+            attended, cfg.local_tokens, cfg.topk_blocks, B, trained.value, trained.source,
+        )  # fmt: skip
 
 
 def apply() -> bool:
