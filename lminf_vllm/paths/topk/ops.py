@@ -94,8 +94,9 @@ class ListedCall:
 
     def __init__(self, rows: int, n: int, num_heads: int, num_kv_heads: int, head_size: int, dtype: torch.dtype,
                  splits: int = 0):  # fmt: skip
-        if not splits:  # enough splits of the n rows for the threads (a lone row's few KV heads leave some idle)
-            splits = max(1, min(4, -(-2 * torch.get_num_threads() // (rows * num_kv_heads))))
+        if not splits:  # enough splits of the n rows for the threads (a lone row's few KV heads leave some idle);
+            # a short list (a row's store keys: some hundreds) is not split: joining splits costs more than it saves
+            splits = 1 if n < 1024 else max(1, min(4, -(-2 * torch.get_num_threads() // (rows * num_kv_heads))))
         _loaded()
         self.splits, self.head_size, self.n = splits, head_size, n
         self.starts, self.lengths = torch.arange(rows), torch.full((rows,), n)
