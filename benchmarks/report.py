@@ -217,21 +217,25 @@ def gen_quality_tiny(doc):
                           ("topk", "lminf")])
 
 
+def topk_ratio_table(lam: dict, top: dict, topk: dict, lengths: list[int], L: int) -> str:
+    """Λ's and top-k's perplexity per length and their ratio (ppl dicts keyed by str(length))."""
+    name = f"top-k (k = {topk['topk_blocks']}, B = {topk['block_size']})"
+    rows = [["LM-Infinite"] + [num(lam[str(n)], 3) for n in lengths],
+            [name] + [num(top[str(n)], 3) for n in lengths],
+            [f"{name} / LM-Infinite"] + [f"{top[str(n)] / lam[str(n)]:.4f}" for n in lengths]]
+    return table(["perplexity"] + [f"{n} ({n / L:g}x)" for n in lengths], rows)
+
+
 def gen_quality_tiny_topk_small(doc):
     """The tiny model's top-k row again with the smallest selection (one block of 16), beside Λ."""
     rel, base_rel = f"{RESULTS}/quality-tiny-rope-L256-topk-small.json", f"{RESULTS}/quality-tiny-rope-L256.json"
     small, base = load(rel), load(base_rel)
     assert small["lminf"] == base["lminf"] and small["documents"] == base["documents"], "not the same settings"
-    L, t = small["training_length"], small["topk"]
+    L = small["training_length"]
     past = [n for n in small["lengths"] if n > L]
-    lam, top = base["modes"]["lminf"]["ppl"], small["modes"]["topk"]["ppl"]
-    name = f"top-k (k = {t['topk_blocks']}, B = {t['block_size']})"
-    rows = [["LM-Infinite"] + [num(lam[str(n)], 3) for n in past],
-            [name] + [num(top[str(n)], 3) for n in past],
-            [f"{name} / LM-Infinite"] + [f"{top[str(n)] / lam[str(n)]:.4f}" for n in past]]
     s = small["lminf"]
     return "\n\n".join([
-        table(["perplexity"] + [f"{n} ({n / L:g}x)" for n in past], rows),
+        topk_ratio_table(base["modes"]["lminf"]["ppl"], small["modes"]["topk"]["ppl"], small["topk"], past, L),
         f"{small['model']}, the same {len(small['documents'])} documents and G={s['global_tokens']}, "
         f"W={s['local_tokens']}, C={s['distance_cap']} as the table above; the LM-Infinite row is that table's.",
         doc.source(rel, small["command"])])
@@ -243,14 +247,9 @@ def topk_against_lambda(doc: Doc, rel: str) -> str:
 
     q = load(rel)
     L, s, t = q["training_length"], q["lminf"], q["topk"]
-    lam, top = q["modes"]["lminf"]["ppl"], q["modes"]["topk"]["ppl"]
-    name = f"top-k (k = {t['topk_blocks']}, B = {t['block_size']})"
-    rows = [["LM-Infinite"] + [num(lam[str(n)], 3) for n in q["lengths"]],
-            [name] + [num(top[str(n)], 3) for n in q["lengths"]],
-            [f"{name} / LM-Infinite"] + [f"{top[str(n)] / lam[str(n)]:.4f}" for n in q["lengths"]]]
     attended = topk_attended_tokens(s["global_tokens"], s["local_tokens"], t["block_size"], t["topk_blocks"])
     return "\n\n".join([
-        table(["perplexity"] + [f"{n} ({n / L:g}x)" for n in q["lengths"]], rows),
+        topk_ratio_table(q["modes"]["lminf"]["ppl"], q["modes"]["topk"]["ppl"], t, q["lengths"], L),
         f"{q['model']}, trained to {L} tokens; {len(q['documents'])} held-out documents "
         f"({', '.join(q['documents'])}); G={s['global_tokens']}, W={s['local_tokens']}, C={s['distance_cap']} for "
         f"both rows (LM-Infinite with KV blocks of 32); with top-k a query attends at most {attended:,} keys "

@@ -41,6 +41,22 @@ def read_blocks(kv_cache: torch.Tensor, blocks: torch.Tensor, layout: str) -> to
     return kv_cache[blocks].transpose(-2, -3)
 
 
+def token_views(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of a contiguous OWN_LAYOUT cache [nb, Hkv, B, 2D] as [N, Hkv, D] views
+    whose row `block * Hkv * B + slot` is that slot (`token_numbers`); N keeps them inside it."""
+    if not kv_cache.is_contiguous():
+        raise ValueError("the KV cache must be contiguous to be viewed per token")
+    nb, Hkv, B, two_d = kv_cache.shape
+    n, off = (nb - 1) * Hkv * B + B, kv_cache.storage_offset()
+    shape, strides = (n, Hkv, two_d // 2), (two_d, B * two_d, 1)
+    return kv_cache.as_strided(shape, strides, off), kv_cache.as_strided(shape, strides, off + two_d // 2)
+
+
+def token_numbers(blocks: torch.Tensor, slots: torch.Tensor, num_kv_heads: int, block_size: int) -> torch.Tensor:
+    """token_views' rows of (physical block, slot) pairs."""
+    return blocks.long() * (num_kv_heads * block_size) + slots
+
+
 def write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
     """Store key/value [T, Hkv, D] at flat slots [T] (slot = block * B + row; < 0 = padding)."""
     write_kv_at(kv_cache, key, value, write_index(slots, kv_cache.shape[2]))

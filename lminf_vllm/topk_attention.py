@@ -27,7 +27,7 @@ import torch
 
 from lminf_vllm.block_policy import first_window_block, global_blocks
 from lminf_vllm.config import LminfConfig
-from lminf_vllm.kv_layout import read_blocks
+from lminf_vllm.kv_layout import read_blocks, token_numbers
 from lminf_vllm.lambda_attention import _local_mask
 from lminf_vllm.rope import RotarySpec, cos_sin, rotate
 
@@ -253,7 +253,7 @@ class DecodeRow:
     far_blocks: torch.Tensor  # [Hkv, g + 1] logical blocks read from the store before the selected ones: 0 .. g - 1, fa
     q_cap: torch.Tensor  # [D, D]: the row's query rotated to position C is q @ q_cap
     window_tokens: torch.Tensor  # [W] its window slots as rows `block * Hkv * B + slot` (the cache viewed per
-    # token, paths/topk/ops.py: vLLM's decode op reads the window in place through them)
+    # token, kv_layout.token_views: vLLM's decode op reads the window in place through them)
     far_rows: torch.Tensor  # [Hkv, g * B + start]: per KV head, the store's rows (HostStore.head_rows) of the
     # global blocks and of block fa before the window; far_tokens adds the selected blocks'
     head_rows: torch.Tensor  # [Hkv, 1, B]: h * B + slot, the rows of block 0 (block c's: + c * Hkv * B)
@@ -279,7 +279,7 @@ def plan_decode(i: int, block_row: torch.Tensor, cfg: LminfConfig, B: int, num_k
     far = torch.cat((torch.arange(g, device=dev), torch.tensor([fa], device=dev))).expand(num_kv_heads, -1)
     q_cap = rotations(torch.tensor([cfg.distance_cap - i], device=dev), rotary, head_size)[0]
     pos = torch.arange(i - W + 1, i + 1, device=dev)
-    tokens = block_row[pos // B].long() * (num_kv_heads * B) + pos % B
+    tokens = token_numbers(block_row[pos // B], pos % B, num_kv_heads, B)
     start = i - W + 1 - fa * B
     seen = torch.cat((torch.arange(g * B, device=dev), fa * B + torch.arange(start, device=dev)))  # positions
     far_rows = (((seen // B)[None] * num_kv_heads + heads) * B + seen % B).to(torch.int32)

@@ -7,6 +7,7 @@ awkward sizes."""
 import pytest
 import torch
 
+from lminf_vllm.kv_layout import token_numbers, token_views
 from lminf_vllm.paths.topk import ops
 from lminf_vllm.topk_attention import far_part, far_scores, far_tokens, merge_two
 from test_topk_store import DECODE_CASES, D, HKV, decode_case
@@ -24,13 +25,13 @@ def test_token_views_read_the_slots_they_name():
     nb, Hkv, B, Dh = 5, 3, 16, 8
     whole = torch.randn(nb + 1, Hkv, B, 2 * Dh)
     cache = whole[1:]  # a view that does not start its storage
-    k, v = ops.token_views(cache)
+    k, v = token_views(cache)
     blocks, slots = torch.tensor([0, 4, 2, 4]), torch.tensor([0, 15, 7, 0])
-    rows = ops.token_numbers(blocks, slots, Hkv, B)
+    rows = token_numbers(blocks, slots, Hkv, B)
     torch.testing.assert_close(k[rows], cache[blocks, :, slots, :Dh], rtol=0, atol=0)
     torch.testing.assert_close(v[rows], cache[blocks, :, slots, Dh:], rtol=0, atol=0)
     with pytest.raises(ValueError, match="contiguous"):
-        ops.token_views(whole.transpose(1, 2))
+        token_views(whole.transpose(1, 2))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -43,11 +44,11 @@ def test_window_is_the_attention_of_the_listed_slots(dtype, H, Hkv, Dh, B, n, R,
     nb = 9
     cache = torch.randn(nb, Hkv, B, 2 * Dh, generator=g).to(dtype)
     q = torch.randn(R, H, Dh, generator=g).to(dtype)
-    tokens = ops.token_numbers(torch.randint(0, nb, (R, n), generator=g), torch.randint(0, B, (R, n), generator=g),
+    tokens = token_numbers(torch.randint(0, nb, (R, n), generator=g), torch.randint(0, B, (R, n), generator=g),
                                Hkv, B)  # fmt: skip
     got, lse = ops.window(q, cache, tokens, 0.2, splits)
     assert got.dtype == lse.dtype == torch.float32 and got.shape == (R, H, Dh) and lse.shape == (R, H)
-    k, v = ops.token_views(cache)
+    k, v = token_views(cache)
     s = torch.einsum("rkgd,rnkd->rkgn", q.double().view(R, Hkv, -1, Dh), k[tokens].double()) * 0.2
     want = torch.einsum("rkgn,rnkd->rkgd", torch.softmax(s, -1), v[tokens].double()).reshape(R, H, Dh)
     torch.testing.assert_close(got.double(), want, atol=2e-6, rtol=0)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lminf_vllm.block_policy import first_window_block, global_blocks
-from lminf_vllm.kv_layout import OWN_LAYOUT, gather_kv, write_index, write_kv_at
+from lminf_vllm.kv_layout import OWN_LAYOUT, gather_kv, token_views, write_index, write_kv_at
 from lminf_vllm.step import EngineShape, LayerMath, StepBatch
 from lminf_vllm.topk_attention import (
     angles,
@@ -213,7 +213,7 @@ def _decode(plan: Plan, layer: LayerMath, rows: list, query, kv_cache, output) -
         else:
             output[t] = attend_decode(q, q_cap, dec, kv_cache, far, blocks, cfg, layer.scale).to(output.dtype)
     if plan.window_op:
-        o_w, lse_w = step.window_call(qs, *ops.token_views(kv_cache), step.windows, layer.scale)  # [R, H, Dv], [R, H]
+        o_w, lse_w = step.window_call(qs, *token_views(kv_cache), step.windows, layer.scale)  # [R, H, Dv], [R, H]
         out = merge_two(o_w, lse_w, torch.stack(far_outs), torch.stack(far_lses))
         output[step.tokens] = out.to(output.dtype)
 

