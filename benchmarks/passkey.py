@@ -11,10 +11,10 @@ Mode "topk" is lminf plus the k best middle blocks per (sequence, layer, KV
 head) read back from the host store (--topk-blocks k; docs/topk-contract.md).
 For every mode the JSON records the device KV blocks per sequence, measured
 from the engine: the most non-null blocks one request held in the KV pool
-after a scheduler step (decode steps and prefill chunks apart), plus the
-widest top-k selection the engine gathered for it, against the contract's
-bound ceil(G/B) + ceil(W/B) + 1 + k (decode; a prefill chunk of T tokens
-adds ceil((W - 1 + T)/B) - ceil(W/B)).
+after a scheduler step (decode steps and prefill chunks apart), the top-k
+selection buffer included (the k middle blocks the KV manager keeps behind the
+window), against the contract's bound ceil(G/B) + ceil(W/B) + 1 + k (decode; a
+prefill chunk of T tokens adds ceil((W - 1 + T)/B) - ceil(W/B)).
 
     python benchmarks/passkey.py --help
     python benchmarks/passkey.py --lengths 2048 4096 8192 16384 --trials 4
@@ -87,13 +87,9 @@ class KvProbe:
     policy's frees applied), the non-null blocks each scheduled request holds
     in the KV pool's managers (one per KV cache group), kept as the maximum per
     request and phase (prefill chunk / decode step), with the largest chunk.
-    Top-k buffer: the widest selection (`Plan.chosen`, [Hkv, k'] per layer and
-    request) the top-k path gathered for the request, read from the plans of
-    lminf_vllm.paths.topk, which `install` wraps.
+    Top-k's selection buffer is k of those pool blocks (topk_buffer stays 0;
+    results from before it moved into the pool counted it apart).
     """
-
-    _plans: list = []  # the last top-k Plan made, read at the next one (its layers have run by then)
-    current = None  # the probe the wrapped plan() reports to
 
     def __init__(self, llm):
         core = llm.llm_engine.engine_core
@@ -103,7 +99,6 @@ class KvProbe:
         self.managers = list(self.scheduler.kv_cache_manager.coordinator.single_type_managers)
         self.pool: dict[str, dict[str, int]] = {}  # request id -> phase -> most blocks held
         self.chunk: dict[str, int] = {}  # request id -> largest prefill chunk scheduled
-        self.buffer: dict[str, int] = {}  # request id -> widest top-k selection gathered
         schedule = self.scheduler.schedule
 
         def probed(*args, **kwargs):
@@ -112,7 +107,6 @@ class KvProbe:
             return out
 
         self.scheduler.schedule = probed
-        KvProbe.current = self
 
     def sample(self, out) -> None:
         for rid, t in out.num_scheduled_tokens.items():
@@ -127,46 +121,17 @@ class KvProbe:
                 print(f"    prefill chunk to {req.num_computed_tokens}/{req.num_prompt_tokens} scheduled at "
                       f"{time.strftime('%H:%M:%S')}, {held} pool blocks", file=sys.stderr, flush=True)  # fmt: skip
 
-    @classmethod
-    def install(cls) -> None:
-        import lminf_vllm.paths.topk as topk_path
-
-        if getattr(topk_path.plan, "probed", False):
-            return
-        plan = topk_path.plan
-
-        def probed(batch, shape):
-            cls.flush()
-            p = plan(batch, shape)
-            cls._plans.append(p)
-            return p
-
-        probed.probed = True
-        topk_path.plan = probed  # the metadata builder looks it up on the module at every step
-
-    @classmethod
-    def flush(cls) -> None:
-        while cls._plans:
-            p = cls._plans.pop()
-            if cls.current is None:
-                continue
-            for (_, r), chosen in p.chosen.items():
-                rid = p.chunks[r][4]
-                cls.current.buffer[rid] = max(cls.current.buffer.get(rid, 0), int(chosen.shape[1]))
-
     def reset(self) -> None:
-        KvProbe.flush()
-        self.pool.clear(), self.chunk.clear(), self.buffer.clear()
+        self.pool.clear(), self.chunk.clear()
 
     def most(self) -> dict:
         """Over the requests since reset() (one generate() call of one prompt: the engine
         core's request ids are not the ones generate() returns)."""
-        KvProbe.flush()
         pools = list(self.pool.values())
         return {"pool_prefill": max((x.get("prefill", 0) for x in pools), default=0),
                 "pool_decode": max((x.get("decode", 0) for x in pools), default=0),
                 "largest_chunk": max(self.chunk.values(), default=0),
-                "topk_buffer": max(self.buffer.values(), default=0)}  # fmt: skip
+                "topk_buffer": 0}  # fmt: skip
 
 
 def run_mode(model: Path, mode: str, cases: list[dict], **engine_kw) -> list[dict]:
@@ -189,7 +154,6 @@ def run_mode(model: Path, mode: str, cases: list[dict], **engine_kw) -> list[dic
             print(f"  {mode} {len(c['prompt'])} tokens, depth {c['depth']}: {o.outputs[0].text!r} in {wall:.0f} s, "
                   f"{out[-1]['kv']}", file=sys.stderr, flush=True)  # fmt: skip
     finally:
-        KvProbe.current = None
         llm.llm_engine.engine_core.shutdown()
         del llm
     return out
@@ -240,7 +204,6 @@ def main(argv=None):
     engine_kw = dict(global_tokens=args.global_tokens, local_tokens=args.local_tokens or L,
                      distance_cap=args.distance_cap or L, kv_cache_bytes=int(args.kv_cache_gib * (1 << 30)))  # fmt: skip
     cases = {n: trials(tok, n, args.trials, args.seed) for n in args.lengths}
-    KvProbe.install()
     results = {}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in engine_kw.items() if k != "kv_cache_bytes"}

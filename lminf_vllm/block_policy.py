@@ -21,21 +21,24 @@ def first_window_block(n: int, W: int, B: int) -> int:
     return max(0, n - W + 1) // B
 
 
-def freeable_blocks(n: int, G: int, W: int, B: int) -> range:
-    """Logical blocks no query at position >= n will read: wholly between global and window."""
-    return range(global_blocks(G, B), max(global_blocks(G, B), first_window_block(n, W, B)))
+def freeable_blocks(n: int, G: int, W: int, B: int, kept_behind: int = 0) -> range:
+    """Logical blocks no query at position >= n will read: wholly between global and window,
+    but for the last kept_behind of them (top-k's selection buffer: topk_blocks)."""
+    g = global_blocks(G, B)
+    return range(g, max(g, first_window_block(n, W, B) - kept_behind))
 
 
-def kept_blocks(n: int, G: int, W: int, B: int, upto: int) -> list[int]:
+def kept_blocks(n: int, G: int, W: int, B: int, upto: int, kept_behind: int = 0) -> list[int]:
     """Logical blocks kept among [0, upto) once n tokens are computed."""
-    gone = freeable_blocks(n, G, W, B)
+    gone = freeable_blocks(n, G, W, B, kept_behind)
     return [b for b in range(upto) if b not in gone]
 
 
-def max_blocks_per_sequence(G: int, W: int, B: int, in_flight_tokens: int = 1) -> int:
+def max_blocks_per_sequence(G: int, W: int, B: int, in_flight_tokens: int = 1, kept_behind: int = 0) -> int:
     """SPEC.md's bound: ceil(G/B) + ceil(W/B) + 1 while decoding one token a step;
-    a prefill chunk of T tokens in flight adds its own blocks (in_flight_tokens = T)."""
-    return global_blocks(G, B) + cdiv(W - 1 + in_flight_tokens, B) + 1
+    a prefill chunk of T tokens in flight adds its own blocks (in_flight_tokens = T);
+    top-k's selection buffer adds its k blocks (kept_behind = k: docs/topk-contract.md)."""
+    return global_blocks(G, B) + cdiv(W - 1 + in_flight_tokens, B) + 1 + kept_behind
 
 
 def topk_attended_tokens(G: int, W: int, B: int, k: int) -> int:

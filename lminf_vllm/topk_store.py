@@ -112,11 +112,13 @@ class HostStore:
 
         return take(entry.at_zero), take(entry.values), take(entry.keys) if with_keys else None
 
-    def head_rows(self, request: str, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The keys at position 0 and the values, in place, as rows [N, 1, D] of one KV head each:
-        row (block * Hkv + head) * B + slot (any head's list of rows in one table)."""
+    def head_rows(self, request: str, layer: int, as_stored: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys at position 0 (as_stored: rotated at their true positions) and the values, in
+        place, as rows [N, 1, D] of one KV head each: row (block * Hkv + head) * B + slot (any
+        head's list of rows in one table)."""
         entry = self._entries[(request, layer)]
-        return entry.at_zero.view(-1, 1, entry.at_zero.shape[-1]), entry.values.view(-1, 1, entry.values.shape[-1])
+        keys = entry.keys if as_stored else entry.at_zero
+        return keys.view(-1, 1, keys.shape[-1]), entry.values.view(-1, 1, entry.values.shape[-1])
 
     def gather(self, request: str, layer: int, chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the chosen blocks [Hkv, k] (one list per KV head): [Hkv, k * B, D] each."""

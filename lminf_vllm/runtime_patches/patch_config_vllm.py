@@ -33,8 +33,10 @@ def _sequence_bytes(config, cfg, block_size: int, max_blocks_per_sequence) -> tu
     """(blocks while decoding, blocks with a prefill chunk in flight, bytes of the latter) per sequence and rank."""
     model, parallel = config.model_config, config.parallel_config
     chunk = config.scheduler_config.max_num_batched_tokens
-    decoding = max_blocks_per_sequence(cfg.global_tokens, cfg.local_tokens, block_size)
-    prefilling = max_blocks_per_sequence(cfg.global_tokens, cfg.local_tokens, block_size, in_flight_tokens=chunk)
+    k = cfg.topk_blocks  # top-k's selection buffer
+    decoding = max_blocks_per_sequence(cfg.global_tokens, cfg.local_tokens, block_size, kept_behind=k)
+    prefilling = max_blocks_per_sequence(cfg.global_tokens, cfg.local_tokens, block_size, in_flight_tokens=chunk,
+                                         kept_behind=k)  # fmt: skip
     itemsize = model.dtype.itemsize if config.cache_config.cache_dtype == "auto" else 1
     block_bytes = (model.get_num_layers(parallel) * model.get_num_kv_heads(parallel) * 2 * model.get_head_size()
                    * block_size * itemsize)  # fmt: skip
@@ -47,7 +49,7 @@ def _kv_bound_line(config, cfg, block_size: int, max_blocks_per_sequence) -> str
     chunk = config.scheduler_config.max_num_batched_tokens
     return (
         f"lminf KV bound: a sequence of any length holds at most {decoding} blocks while decoding "
-        f"(ceil(G/B) + ceil(W/B) + 1) and {prefilling} with a {chunk}-token prefill chunk in flight, "
+        f"(ceil(G/B) + ceil(W/B) + 1{' + k' if cfg.topk_blocks else ''}) and {prefilling} with a {chunk}-token prefill chunk in flight, "
         f"{seq_bytes / 2**20:.0f} MiB per rank; vLLM's 'Maximum concurrency' line counts requests "
         f"at that bound. Size the cache as sequences x that (kv_cache_memory_bytes, or VLLM_CPU_KVCACHE_SPACE "
         f"in GiB on CPU)"

@@ -10,15 +10,17 @@ and step:
   3. per chunk (a decode step is a chunk of one row): its last row's query
      picks the k blocks with the highest bound among the chunk's middle blocks;
   4. one softmax over the pool's global and window blocks and the k picked
-     blocks, gathered from the store into a per-sequence buffer of k blocks.
-A decode row past the first middle block takes a shorter way: the pool gives
-only its window, the store everything else, at position 0. In bfloat16 and
-float16 engines both are read in place by vLLM's decode op (ops.py): one call
-for every row's window, one per row for its store keys, joined by their
-log-sum-exps; otherwise the PyTorch math (attend_decode), row by row.
-The KV pool and its per-sequence bound are SPEC.md's, unchanged; the picked
-blocks are the "+ k" of the contract's device bound. No CUDA graphs: host
-lists, a loop over requests.
+     blocks, gathered from the store (a per-layer workspace).
+A decode row past the first middle block takes a shorter way: its window as
+stored, every other key it sees from the store's copies at position 0. In
+bfloat16 and float16 engines vLLM's decode op (ops.py) reads it: where C = W,
+those keys go into the pool rotated to i - C (the global blocks in place, the
+picks into the k blocks the KV manager keeps behind the window: topk_in_pool.py)
+and one call per layer reads every decode row; where C > W, one call for every
+row's window, joined by log-sum-exps with the store keys in PyTorch. Otherwise
+the PyTorch math (attend_decode), row by row. The pool's per-sequence bound is
+the contract's, ceil(G/B) + ceil(W/B) + 1 + k. No CUDA graphs: host lists, a
+loop over requests.
 """
 
 import weakref
@@ -44,6 +46,7 @@ from lminf_vllm.topk_attention import (
     select_from_bounds,
 )
 from lminf_vllm.paths.topk import ops
+from lminf_vllm.topk_in_pool import copy_far_keys, plan_pool_row, restore_keys, turned_positions
 from lminf_vllm.topk_store import HostStore
 
 LAYOUT = OWN_LAYOUT
@@ -53,6 +56,9 @@ CUDAGRAPH = "never"
 # dropped with the builder. A request's blocks go when vLLM reports it finished, which
 # it does with the next step: the last requests an engine served stay until then.
 _STORES: dict[int, HostStore] = {}
+# Per engine likewise: request id -> the positions whose pool keys its last one-call decode left
+# rotated (topk_in_pool), put back before a chunk of it reads them as stored.
+_TURNED: dict[int, dict[str, torch.Tensor]] = {}
 
 
 def available(shape: EngineShape) -> bool:
@@ -63,8 +69,13 @@ def store_of(shape: EngineShape) -> HostStore:
     store = _STORES.get(id(shape))
     if store is None:
         store = _STORES[id(shape)] = HostStore()
-        weakref.finalize(shape, _STORES.pop, id(shape), None)  # (the id cannot be reused before that)
+        _TURNED[id(shape)] = {}
+        weakref.finalize(shape, _forget, id(shape))  # (the id cannot be reused before that)
     return store
+
+
+def _forget(key: int) -> None:
+    _STORES.pop(key, None), _TURNED.pop(key, None)
 
 
 @dataclass
@@ -80,6 +91,8 @@ class Plan:
     window_op: bool = False  # decode rows' windows through vLLM's decode op (ops.py)
     steps: dict = field(default_factory=dict)  # rotary -> the step's DecodeStep, made once
     write_at: tuple | None = None  # kv_layout.write_index of the step's tokens, made once
+    turned: dict = field(default_factory=dict)  # the engine's _TURNED entry
+    restore: list = field(default_factory=list)  # (request index, request id, positions): keys to put back
 
     @property
     def host_store_bytes(self) -> int:
@@ -99,10 +112,19 @@ class Plan:
 def plan(batch: StepBatch, shape: EngineShape) -> Plan:
     store = store_of(shape)
     store.drop(batch.finished)
+    turned = _TURNED[id(shape)]
+    for rid in batch.finished:
+        turned.pop(rid, None)
     ids = batch.request_ids
     chunks = [(r, a, a + t, n, None if ids is None else ids[r]) for r, a, t, n in batch.requests()]
     window_op = ops.usable(shape.dtype, shape.num_heads, shape.num_kv_heads, shape.head_size, shape.block_size)
-    return Plan(batch, shape, store, chunks, window_op=window_op)
+    p = Plan(batch, shape, store, chunks, window_op=window_op, turned=turned)
+    for r, a, b, n, rid in chunks:  # rows that would read turned keys as stored: put them back first
+        if rid in turned and (b - a == n or not (b - a == 1 and decodes_fast(n - 1, shape.cfg, shape.block_size))):
+            positions = turned.pop(rid)
+            if b - a < n:  # (a chunk from position 0, after preemption, has nothing to put back)
+                p.restore.append((r, rid, positions))
+    return p
 
 
 def run(plan: Plan, layer: LayerMath, query, key, value, kv_cache, output: torch.Tensor) -> None:
@@ -112,6 +134,9 @@ def run(plan: Plan, layer: LayerMath, query, key, value, kv_cache, output: torch
     if plan.write_at is None:
         plan.write_at = write_index(b.slot_mapping[: b.num_tokens], B)
     write_kv_at(kv_cache, key[: b.num_tokens], value[: b.num_tokens], plan.write_at)
+    for r, rid, positions in plan.restore:
+        restore_keys(kv_cache, b.block_table[r], positions, plan.store.head_rows(rid, layer_key, True)[0],
+                     shape.num_kv_heads)  # fmt: skip
     g = global_blocks(cfg.global_tokens, B)
     decodes = []  # (request index, request id, token, DecodeRow): the decode way, after the loop
     for r, first, stop, seq_len, rid in plan.chunks:
@@ -160,50 +185,61 @@ class DecodeStep:
     rows: list  # (request index, request id, token, DecodeRow)
     tokens: torch.Tensor  # [R] the rows' tokens in the batch
     q_cap: torch.Tensor  # [R, D, D]: row r's query rotated to C is q @ q_cap[r]
+    lead: bool = False  # the rows are the batch's first R tokens, in order (vLLM puts decodes first)
     windows: torch.Tensor | None = None  # [R, W] int32 window_tokens (with the op)
     window_call: ops.ListedCall | None = None  # the op over every row's window
-    far_calls: list = field(default_factory=list)  # per row: the op over its store keys, one KV head per row
+    pool: list | None = None  # per row: topk_in_pool.PoolRow, where every row reads all in one call
+    pool_tokens: torch.Tensor | None = None  # [R, n] int32: their PoolRow.tokens, padded
+    pool_call: ops.ListedCall | None = None  # the op over them
 
     @classmethod
-    def make(cls, plan: Plan, rows: list, query: torch.Tensor, kv_cache: torch.Tensor) -> "DecodeStep":
-        step = cls(rows, torch.tensor([t for _, _, t, _ in rows]), torch.stack([d.q_cap for *_, d in rows]))
+    def make(cls, plan: Plan, rows: list, query: torch.Tensor, kv_cache: torch.Tensor,
+             rotary) -> "DecodeStep":  # fmt: skip
+        tokens = torch.tensor([t for _, _, t, _ in rows])
+        step = cls(rows, tokens, torch.stack([d.q_cap for *_, d in rows]), torch.equal(tokens, torch.arange(len(rows))))
         if plan.window_op:
-            shape, k = plan.shape, plan.shape.cfg.topk_blocks
+            shape = plan.shape
             H, Hkv, D = query.shape[1], kv_cache.shape[1], kv_cache.shape[-1] // 2
+            at = lambda pos: angles(pos, rotary)  # noqa: E731
+            pool = [plan_pool_row(d, plan.batch.block_table[r], shape.cfg, shape.block_size, Hkv, at)
+                    for r, _, _, d in rows]  # fmt: skip
+            if all(p is not None for p in pool):  # one call per layer reads all: the window and the far keys
+                for p in pool:
+                    p.turn = p.turn.to(query.dtype)  # (vLLM's rotary op takes its angles in the keys' dtype)
+                lengths = torch.tensor([len(p.tokens) for p in pool])
+                step.pool, step.pool_tokens = pool, torch.nn.utils.rnn.pad_sequence([p.tokens for p in pool], True)
+                step.pool_call = ops.ListedCall(len(rows), int(lengths.max()), H, Hkv, D, query.dtype,
+                                                lengths=lengths)  # fmt: skip
+                for _, rid, _, d in rows:  # what a chunk of these requests would have to put back
+                    plan.turned[rid] = turned_positions(d.i, shape.cfg, shape.block_size, d.fa, d.start)
+                return step
             step.windows = torch.stack([d.window_tokens for *_, d in rows]).to(torch.int32)
             step.window_call = ops.ListedCall(len(rows), step.windows.shape[1], H, Hkv, D, query.dtype)
-            step.far_calls = [ops.ListedCall(Hkv, d.far_rows.shape[1] + k * shape.block_size, H // Hkv, 1, D,
-                                             query.dtype) for *_, d in rows]  # fmt: skip
         return step
 
 
 def _decode(plan: Plan, layer: LayerMath, rows: list, query, kv_cache, output) -> None:
-    """Decode rows the short way. Each selects and reads its store keys (row by row: each has its
-    own store entry); with vLLM's op (ops.py), one call per row for those (C <= W: all seen at
-    distance C) and one for every row's window, joined by log-sum-exps; else the PyTorch math."""
-    cfg, B, Hkv = plan.shape.cfg, plan.shape.block_size, kv_cache.shape[1]
+    """Decode rows the short way. Each selects (row by row: each has its own store entry). With
+    vLLM's op (ops.py): where every key past the window is seen at distance C, one call over the
+    pool (_decode_in_pool); else one call for every row's window, joined by log-sum-exps with
+    the store keys in PyTorch. Without the op, the PyTorch math."""
+    cfg, B = plan.shape.cfg, plan.shape.block_size
     layer_key, with_keys = kv_cache.data_ptr(), cfg.distance_cap > cfg.local_tokens
     rot = angles.key(layer.rotary)
     step = plan.steps.get(rot)
     if step is None:
-        step = plan.steps[rot] = DecodeStep.make(plan, rows, query, kv_cache)
-    qs = query[step.tokens]
+        step = plan.steps[rot] = DecodeStep.make(plan, rows, query, kv_cache, layer.rotary)
+    qs = query[: len(rows)] if step.lead else query[step.tokens]
     qf = qs.float()
     q_caps = torch.matmul(qf, step.q_cap)  # [R, H, D]: each query rotated to C
-    by_op = plan.window_op and not with_keys  # every store key at distance C: the op, q rotated to C
-    if by_op:
-        q_caps_low = q_caps.to(query.dtype).view(len(rows), Hkv, -1, q_caps.shape[-1])
+    if step.pool is not None:
+        _decode_in_pool(plan, step, layer, rows, qs, q_caps, kv_cache, output)
+        return
     far_outs, far_lses = [], []
-    for j, ((r, rid, t, dec), q, q_cap) in enumerate(zip(rows, qf, q_caps)):
+    for (r, rid, t, dec), q, q_cap in zip(rows, qf, q_caps):
         g = dec.far_blocks.shape[1] - 1
         chosen = select_from_bounds(q_cap, plan.store.bounds(rid, layer_key, g, dec.fa), g, cfg.topk_blocks)
         plan.chosen[(layer_key, r)] = chosen
-        if by_op:
-            tokens = far_tokens(dec, chosen, B)
-            o_f, lse_f = step.far_calls[j](q_caps_low[j], *plan.store.head_rows(rid, layer_key), tokens, layer.scale)
-            far_outs.append(o_f.reshape(-1, o_f.shape[-1]))
-            far_lses.append(lse_f.reshape(-1))
-            continue
         blocks = torch.cat((dec.far_blocks, chosen), dim=1)
         far = plan.store.gather_far(rid, layer_key, blocks, with_keys=with_keys)
         if plan.window_op:
@@ -216,6 +252,25 @@ def _decode(plan: Plan, layer: LayerMath, rows: list, query, kv_cache, output) -
         o_w, lse_w = step.window_call(qs, *token_views(kv_cache), step.windows, layer.scale)  # [R, H, Dv], [R, H]
         out = merge_two(o_w, lse_w, torch.stack(far_outs), torch.stack(far_lses))
         output[step.tokens] = out.to(output.dtype)
+
+
+def _decode_in_pool(plan: Plan, step: DecodeStep, layer: LayerMath, rows: list, qs, q_caps, kv_cache, output) -> None:
+    """Decode rows whose keys past the window all sit at distance C (topk_in_pool): each selects,
+    its picks and the rest of its far keys go into the pool rotated to i - C, and one call of
+    vLLM's op reads every row's keys with its query as it is."""
+    cfg, B, layer_key = plan.shape.cfg, plan.shape.block_size, kv_cache.data_ptr()
+    g, k = global_blocks(cfg.global_tokens, B), cfg.topk_blocks
+    neox = layer.rotary.is_neox_style
+    turn = lambda keys, row: ops.rotate_rows(keys, row.turn, neox)  # noqa: E731
+    for (r, rid, _, dec), q_cap, prow in zip(rows, q_caps, step.pool):
+        chosen = select_from_bounds(q_cap, plan.store.bounds(rid, layer_key, g, dec.fa), g, k)
+        plan.chosen[(layer_key, r)] = chosen
+        copy_far_keys(kv_cache, prow, far_tokens(dec, chosen, B), *plan.store.head_rows(rid, layer_key), turn)
+    if step.lead and output.dtype == qs.dtype and output[: len(rows)].is_contiguous():  # the op writes in place
+        step.pool_call.output(qs, *token_views(kv_cache), step.pool_tokens, layer.scale, output[: len(rows)])
+        return
+    out = step.pool_call.output(qs, *token_views(kv_cache), step.pool_tokens, layer.scale)
+    output[step.tokens] = out.to(output.dtype)
 
 
 def _store_completed(store: HostStore, rid: str, layer_key: int, kv_cache, row, s: int, e: int, B: int,
