@@ -11,8 +11,9 @@ The summary of a block is Quest's: per KV head and channel, the minimum and
 maximum of its keys rotated back to position 0 (float32), kept as one matrix
 per KV head (`bounds`) so that scoring every block is one matmul. The global
 blocks are stored too (a few blocks, never selected): decode reads every key
-past its window from here, rotated back to position 0, and rotates no key per
-step (topk_attention.attend_decode). The store lives in host memory; the
+past its window from here, rotated back to position 0, so one rotation per row
+and step serves them all (of the query: topk_attention.attend_decode; or of
+those keys to i - C: topk_in_pool). The store lives in host memory; the
 interface (put, summaries, bounds, gather, drop) is what a disk or LMCache
 tier would implement. No vLLM import.
 """
