@@ -115,7 +115,8 @@ def test_one_call_over_the_pool_equals_attend_chunk(G, W, C, blk, k, i):
     src = far_tokens(dec, chosen, blk)
     by_op = cache.clone()
     low = dataclasses.replace(row, turn=row.turn.to(torch.bfloat16))
-    copy_far_keys(by_op, low, src, *store.head_rows("r", 0), lambda k, r: ops.rotate_rows(k, r.turn, rotary.is_neox_style))
+    by_vllm = lambda k, r: ops.rotate_rows(k, r.turn, rotary.is_neox_style)  # noqa: E731
+    copy_far_keys(by_op, low, src, *store.head_rows("r", 0), by_vllm)
     copy_far_keys(cache, row, src, *store.head_rows("r", 0), lambda k, r: rotate_rows(k, r, rotary))
     # vLLM's rotary op (the engine's) turns the keys as rope.rotate does, to bfloat16 rounding
     torch.testing.assert_close(by_op.float(), cache.float(), atol=0.05, rtol=0.02)

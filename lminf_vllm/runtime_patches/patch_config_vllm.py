@@ -49,7 +49,8 @@ def _kv_bound_line(config, cfg, block_size: int, max_blocks_per_sequence) -> str
     chunk = config.scheduler_config.max_num_batched_tokens
     return (
         f"lminf KV bound: a sequence of any length holds at most {decoding} blocks while decoding "
-        f"(ceil(G/B) + ceil(W/B) + 1{' + k' if cfg.topk_blocks else ''}) and {prefilling} with a {chunk}-token prefill chunk in flight, "
+        f"(ceil(G/B) + ceil(W/B) + 1{' + k' if cfg.topk_blocks else ''}) "
+        f"and {prefilling} with a {chunk}-token prefill chunk in flight, "
         f"{seq_bytes / 2**20:.0f} MiB per rank; vLLM's 'Maximum concurrency' line counts requests "
         f"at that bound. Size the cache as sequences x that (kv_cache_memory_bytes, or VLLM_CPU_KVCACHE_SPACE "
         f"in GiB on CPU)"
