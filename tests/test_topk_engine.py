@@ -335,7 +335,7 @@ def test_bfloat16_one_row_chunks_mid_prompt_then_longer_ones_read_the_keys_as_st
     """A step budget of 4 tokens, four requests (lminf's scheduling default prefills one row a
     step while others wait): the long prompt is computed one row a step, and past its first middle
     block such a row takes the one-call way (topk_in_pool), which leaves the global keys rotated in
-    the pool. Once a short request ends, the long prompt's chunks grow to two rows, which read those
+    the pool. Once the short requests end, the long prompt's chunks grow past one row and read those
     keys as stored: they are put back first. Every request has a fixed length (ignore_eos), so the
     engine with the PyTorch decode way (which turns nothing) schedules the same chunks (the
     selection is per chunk), and its prompt logprobs agree to bfloat16 noise: with the keys not
