@@ -57,6 +57,13 @@ def token_numbers(blocks: torch.Tensor, slots: torch.Tensor, num_kv_heads: int, 
     return blocks.long() * (num_kv_heads * block_size) + slots
 
 
+def head_row_numbers(blocks: torch.Tensor, slots: torch.Tensor, num_kv_heads: int, block_size: int) -> torch.Tensor:
+    """[Hkv, N]: each KV head's row, (block * Hkv + head) * B + slot, of (block, slot) pairs [N] in a
+    tensor laid out [blocks, Hkv, B, ...] viewed as rows (an OWN_LAYOUT cache, the host store)."""
+    heads = torch.arange(num_kv_heads, device=blocks.device)[:, None] * block_size
+    return token_numbers(blocks, slots, num_kv_heads, block_size)[None] + heads
+
+
 def write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
     """Store key/value [T, Hkv, D] at flat slots [T] (slot = block * B + row; < 0 = padding)."""
     write_kv_at(kv_cache, key, value, write_index(slots, kv_cache.shape[2]))

@@ -27,7 +27,7 @@ import torch
 
 from lminf_vllm.block_policy import first_window_block, global_blocks
 from lminf_vllm.config import LminfConfig
-from lminf_vllm.kv_layout import read_blocks, token_numbers
+from lminf_vllm.kv_layout import head_row_numbers, read_blocks, token_numbers
 from lminf_vllm.lambda_attention import _local_mask
 from lminf_vllm.rope import RotarySpec, cos_sin, rotate
 
@@ -282,7 +282,7 @@ def plan_decode(i: int, block_row: torch.Tensor, cfg: LminfConfig, B: int, num_k
     tokens = token_numbers(block_row[pos // B], pos % B, num_kv_heads, B)
     start = i - W + 1 - fa * B
     seen = torch.cat((torch.arange(g * B, device=dev), fa * B + torch.arange(start, device=dev)))  # positions
-    far_rows = (((seen // B)[None] * num_kv_heads + heads) * B + seen % B).to(torch.int32)
+    far_rows = head_row_numbers(seen // B, seen % B, num_kv_heads, B).to(torch.int32)
     head_rows = (heads * B + torch.arange(B, device=dev))[:, None].to(torch.int32)
     return DecodeRow(i, rows, start, fa, far, q_cap, tokens, far_rows, head_rows)
 

@@ -24,7 +24,7 @@ import torch
 
 from lminf_vllm.block_policy import global_blocks
 from lminf_vllm.config import LminfConfig
-from lminf_vllm.kv_layout import NULL_BLOCK, token_numbers
+from lminf_vllm.kv_layout import NULL_BLOCK, head_row_numbers, token_numbers
 from lminf_vllm.rope import rotate
 
 
@@ -54,12 +54,10 @@ def plan_pool_row(dec, block_row: torch.Tensor, cfg: LminfConfig, B: int, num_kv
     if bool((buffer == NULL_BLOCK).any()):  # (vLLM's null block is never written; the KV manager keeps the
         return None  # buffer, block_policy.freeable_blocks' kept_behind, tests/test_bounded_memory.py holds it)
     dev = block_row.device
-    heads = torch.arange(num_kv_heads, device=dev)[:, None]
-    # the far keys' own rows: global blocks, then block fa before the window
-    seen = torch.cat((torch.arange(g * B, device=dev), fa * B + torch.arange(dec.start, device=dev)))
-    own = (block_row[seen // B].long()[None] * num_kv_heads + heads) * B + seen % B  # [Hkv, g B + start]
+    seen = turned_positions(i, cfg, B, fa, dec.start).to(dev)  # the far keys' own rows, turned in place
+    own = head_row_numbers(block_row[seen // B], seen % B, num_kv_heads, B)  # [Hkv, g B + start]
     slots = torch.arange(B, device=dev)
-    buf = ((buffer[:, None] * num_kv_heads + heads[:, :, None]) * B + slots).flatten(1)  # [Hkv, k B]
+    buf = head_row_numbers(buffer.repeat_interleave(B), slots.repeat(k), num_kv_heads, B)  # [Hkv, k B]
     pos = torch.cat((torch.arange(g * B, device=dev), torch.arange(fa * B, i + 1, device=dev)))
     tokens = torch.cat((token_numbers(block_row[pos[: g * B] // B], pos[: g * B] % B, num_kv_heads, B),
                         token_numbers(buffer[:, None], slots, num_kv_heads, B).flatten(),
@@ -100,8 +98,7 @@ def restore_keys(kv_cache: torch.Tensor, block_row: torch.Tensor, positions: tor
     """Put the keys as stored (HostStore.head_rows(..., as_stored=True)) back at positions of a
     request whose decode turned them (a chunk of it reads them as stored)."""
     B, D = kv_cache.shape[2], stored_rows.shape[-1]
-    heads = torch.arange(num_kv_heads)[:, None]
-    logical = ((positions // B)[None] * num_kv_heads + heads) * B + positions % B
-    physical = ((block_row[positions // B].long()[None] * num_kv_heads + heads) * B + positions % B)
+    logical = head_row_numbers(positions // B, positions % B, num_kv_heads, B)
+    physical = head_row_numbers(block_row[positions // B], positions % B, num_kv_heads, B)
     flat = kv_cache.view(-1, kv_cache.shape[-1])
     flat[:, :D].index_copy_(0, physical.flatten(), stored_rows.view(-1, D).index_select(0, logical.flatten()))
