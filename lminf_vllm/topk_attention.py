@@ -27,7 +27,7 @@ import torch
 
 from lminf_vllm.block_policy import first_window_block, global_blocks
 from lminf_vllm.config import LminfConfig
-from lminf_vllm.kv_layout import head_row_numbers, read_blocks, token_numbers
+from lminf_vllm.kv_layout import read_blocks, token_numbers
 from lminf_vllm.lambda_attention import _local_mask
 from lminf_vllm.rope import RotarySpec, cos_sin, rotate
 
@@ -254,9 +254,6 @@ class DecodeRow:
     q_cap: torch.Tensor  # [D, D]: the row's query rotated to position C is q @ q_cap
     window_tokens: torch.Tensor  # [W] its window slots as rows `block * Hkv * B + slot` (the cache viewed per
     # token, kv_layout.token_views: vLLM's decode op reads the window in place through them)
-    far_rows: torch.Tensor  # [Hkv, g * B + start]: per KV head, the store's rows (HostStore.head_rows) of the
-    # global blocks and of block fa before the window; far_tokens adds the selected blocks'
-    head_rows: torch.Tensor  # [Hkv, 1, B]: h * B + slot, the rows of block 0 (block c's: + c * Hkv * B)
 
 
 def decodes_fast(i: int, cfg: LminfConfig, B: int) -> bool:
@@ -280,18 +277,7 @@ def plan_decode(i: int, block_row: torch.Tensor, cfg: LminfConfig, B: int, num_k
     q_cap = rotations(torch.tensor([cfg.distance_cap - i], device=dev), rotary, head_size)[0]
     pos = torch.arange(i - W + 1, i + 1, device=dev)
     tokens = token_numbers(block_row[pos // B], pos % B, num_kv_heads, B)
-    start = i - W + 1 - fa * B
-    seen = torch.cat((torch.arange(g * B, device=dev), fa * B + torch.arange(start, device=dev)))  # positions
-    far_rows = head_row_numbers(seen // B, seen % B, num_kv_heads, B).to(torch.int32)
-    head_rows = (heads * B + torch.arange(B, device=dev))[:, None].to(torch.int32)
-    return DecodeRow(i, rows, start, fa, far, q_cap, tokens, far_rows, head_rows)
-
-
-def far_tokens(row: DecodeRow, chosen: torch.Tensor, B: int) -> torch.Tensor:
-    """[Hkv, g * B + start + k * B] int32: per KV head, the store rows (HostStore.head_rows) a
-    decode row reads past its window: row.far_rows, then its selected blocks chosen [Hkv, k]."""
-    picked = torch.add(row.head_rows, chosen.to(torch.int32)[..., None], alpha=chosen.shape[0] * B)  # [Hkv, k, B]
-    return torch.cat((row.far_rows, picked.flatten(1)), dim=1)
+    return DecodeRow(i, rows, i - W + 1 - fa * B, fa, far, q_cap, tokens)
 
 
 def attend_decode(

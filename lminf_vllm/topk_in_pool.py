@@ -7,15 +7,16 @@ scores it as the contract does. So those keys are copied into the pool, rotated
 so, and one call reads them with the window, the query as it is:
 
   * the global blocks' and block fa's own rows: in place. A decode step reads
-    them from nowhere else (the chunk way would: `Turned` puts them back);
+    them from nowhere else (a later chunk would: restore_keys puts them back);
   * the selected blocks: into the k middle blocks just behind the window, which
     a top-k sequence keeps as its selection buffer (block_policy.freeable_blocks,
     kept_behind = k); their own keys and values are in the host store.
 
 The keys come from the store's copies at position 0 (one rotation per row and
-step); the values as stored. Rows are numbered per KV head as HostStore.head_rows
-numbers its own: (block * Hkv + head) * B + slot, in a cache viewed [rows, 2 D].
-No vLLM import; paths/topk runs it with vLLM's decode op.
+step), the values as stored, in whole pieces of one block and KV head (the
+store keeps them as the pool does: HostStore.block_heads, block * Hkv + head),
+so that a row's copy is one gather, one rotation and one scatter. No vLLM
+import; paths/topk runs it with vLLM's decode op and rotary op.
 """
 
 from dataclasses import dataclass
@@ -32,11 +33,13 @@ from lminf_vllm.rope import rotate
 class PoolRow:
     """The step's plan for one decode row (the same for every layer)."""
 
-    i: int
     tokens: torch.Tensor  # [n] kv_layout.token_views rows the call reads: global blocks, buffer, block fa .. row i
-    dst: torch.Tensor  # [Hkv, F] long: where the keys past the window go, in far_tokens' order (global
-    # blocks and block fa's rows before the window, then the k' selected blocks, per KV head)
-    own: int  # the first `own` of them are the pool's own rows (their values are there already)
+    src: torch.Tensor  # [(e + g) Hkv] long: the store's block-heads (HostStore.block_heads) turned in place:
+    # block fa's (e = 1 where the window starts inside it, else 0), then the global blocks'
+    dst: torch.Tensor  # [(g + k) Hkv] long: the pool's block-heads (block * Hkv + head) that the global
+    # blocks, then per KV head its k picks (the buffer), are copied to
+    edge: int  # block fa's rows before the window (turned in place: only those, the rest is window)
+    edge_block: int  # its pool block
     turn: torch.Tensor  # [rotary_dim]: cos then sin of (i - C) * inv_freq, which rotate a key at 0 to i - C
 
 
@@ -54,36 +57,41 @@ def plan_pool_row(dec, block_row: torch.Tensor, cfg: LminfConfig, B: int, num_kv
     if bool((buffer == NULL_BLOCK).any()):  # (vLLM's null block is never written; the KV manager keeps the
         return None  # buffer, block_policy.freeable_blocks' kept_behind, tests/test_bounded_memory.py holds it)
     dev = block_row.device
-    seen = turned_positions(i, cfg, B, fa, dec.start).to(dev)  # the far keys' own rows, turned in place
-    own = head_row_numbers(block_row[seen // B], seen % B, num_kv_heads, B)  # [Hkv, g B + start]
+    heads = torch.arange(num_kv_heads, device=dev)
+    edge = [fa] if dec.start else []
+    src = (torch.tensor(edge + list(range(g)), dtype=torch.long, device=dev)[:, None] * num_kv_heads + heads).flatten()
+    dst = torch.cat(((block_row[:g].long()[:, None] * num_kv_heads + heads).flatten(),
+                     (buffer[None] * num_kv_heads + heads[:, None]).flatten()))  # fmt: skip
     slots = torch.arange(B, device=dev)
-    buf = head_row_numbers(buffer.repeat_interleave(B), slots.repeat(k), num_kv_heads, B)  # [Hkv, k B]
     pos = torch.cat((torch.arange(g * B, device=dev), torch.arange(fa * B, i + 1, device=dev)))
     tokens = torch.cat((token_numbers(block_row[pos[: g * B] // B], pos[: g * B] % B, num_kv_heads, B),
                         token_numbers(buffer[:, None], slots, num_kv_heads, B).flatten(),
                         token_numbers(block_row[pos[g * B :] // B], pos[g * B :] % B, num_kv_heads, B)))  # fmt: skip
     cos, sin = angles(torch.tensor([i - C], device=dev))
-    return PoolRow(i, tokens.to(torch.int32), torch.cat((own, buf), dim=1), own.shape[1], torch.cat((cos, sin), -1)[0])
+    return PoolRow(tokens.to(torch.int32), src, dst, dec.start, int(block_row[fa]), torch.cat((cos, sin), -1)[0])
 
 
-def copy_far_keys(kv_cache: torch.Tensor, row: PoolRow, src: torch.Tensor, at_zero_rows: torch.Tensor,
-                  value_rows: torch.Tensor, turn) -> None:  # fmt: skip
-    """Write a row's keys past its window into the pool (PoolRow.dst), rotated to i - C, and the
-    selected blocks' values: src [Hkv, F] the store's rows of them (topk_attention.far_tokens),
-    at_zero_rows and value_rows the store's rows (HostStore.head_rows); turn(keys [N, D], row)
-    -> the keys rotated by row.turn, in the cache dtype (rotate_rows, or vLLM's rotary op)."""
-    D = at_zero_rows.shape[-1]
-    keys = turn(at_zero_rows.view(-1, D).index_select(0, src.flatten()), row)
-    flat = kv_cache.view(-1, kv_cache.shape[-1])
-    flat[:, :D].index_copy_(0, row.dst.flatten(), keys)
-    picked = src[:, row.own :].flatten()
-    flat[:, D:].index_copy_(0, row.dst[:, row.own :].flatten(), value_rows.view(-1, D).index_select(0, picked))
+def copy_far_blocks(kv_cache: torch.Tensor, row: PoolRow, chosen: torch.Tensor, block_heads: torch.Tensor,
+                    turn) -> None:  # fmt: skip
+    """Write a row's keys past its window into the pool, rotated to i - C, in whole blocks: the
+    global blocks' and the picks' (chosen [Hkv, k], with their values) to PoolRow.dst, block fa's
+    rows before the window in place. block_heads: the store's (HostStore.block_heads);
+    turn(keys [N, D], row) rotates the keys (a strided view) by row.turn in place, in the cache
+    dtype (vLLM's rotary op, or rotate_rows)."""
+    Hkv, D = kv_cache.shape[1], kv_cache.shape[-1] // 2
+    picked = torch.add(torch.arange(Hkv)[:, None], chosen, alpha=Hkv).flatten()  # per KV head, its picks
+    blocks = block_heads.index_select(0, torch.cat((row.src, picked)))  # [(e + g + k) Hkv, B, 2 D]
+    turn(blocks.view(-1, blocks.shape[-1])[:, :D], row)
+    e = Hkv if row.edge else 0
+    kv_cache.view(-1, *blocks.shape[1:]).index_copy_(0, row.dst, blocks[e:])
+    if e:
+        kv_cache[row.edge_block, :, : row.edge, :D] = blocks[:e, : row.edge, :D]
 
 
-def rotate_rows(keys: torch.Tensor, row: PoolRow, rotary) -> torch.Tensor:
-    """copy_far_keys' turn in PyTorch: keys [N, D] rotated by row.turn (rope.rotate, float32)."""
+def rotate_rows(keys: torch.Tensor, row: PoolRow, rotary) -> None:
+    """copy_far_blocks' turn in PyTorch: keys [N, D] rotated in place by row.turn (rope.rotate, float32)."""
     cos, sin = row.turn.float().chunk(2)
-    return rotate(keys.float(), cos, sin, rotary).to(keys.dtype)
+    keys.copy_(rotate(keys.float(), cos, sin, rotary))
 
 
 def turned_positions(i: int, cfg: LminfConfig, B: int, fa: int, start: int) -> torch.Tensor:

@@ -26,10 +26,19 @@ import torch
 @dataclass
 class _Entry:
     keys: torch.Tensor  # [capacity, Hkv, B, D] in the cache dtype, rotated at their true positions
-    values: torch.Tensor  # [capacity, Hkv, B, Dv]: head-major, so a head's slice of a block is contiguous
-    at_zero: torch.Tensor  # [capacity, Hkv, B, D] the keys rotated back to position 0, in the cache dtype
+    # [capacity, Hkv, B, D + Dv] in the cache dtype: per row, the key rotated back to position 0, then
+    # the value. Head-major, so a head's slice of a block is one contiguous piece, as in the pool
+    pairs: torch.Tensor
     bounds: torch.Tensor  # [Hkv, 2 D, capacity] float32: hi then lo, a column per block
     blocks: int = 0  # blocks [first put, blocks) are valid (zeros before the first put)
+
+    @property
+    def at_zero(self) -> torch.Tensor:  # [capacity, Hkv, B, D]
+        return self.pairs[..., : self.keys.shape[-1]]
+
+    @property
+    def values(self) -> torch.Tensor:  # [capacity, Hkv, B, Dv]
+        return self.pairs[..., self.keys.shape[-1] :]
 
 
 class HostStore:
@@ -74,13 +83,12 @@ class HostStore:
         _, B, Hkv, D = keys.shape
         new = _Entry(
             keys=torch.zeros(cap, Hkv, B, D, dtype=keys.dtype, device=self.device),
-            values=torch.zeros(cap, Hkv, B, values.shape[-1], dtype=values.dtype, device=self.device),
-            at_zero=torch.zeros(cap, Hkv, B, D, dtype=keys.dtype, device=self.device),
+            pairs=torch.zeros(cap, Hkv, B, D + values.shape[-1], dtype=keys.dtype, device=self.device),
             bounds=torch.zeros(Hkv, 2 * D, cap, dtype=torch.float32, device=self.device),
         )
         if entry is not None:
             n = entry.blocks
-            for name in ("keys", "values", "at_zero"):
+            for name in ("keys", "pairs"):
                 getattr(new, name)[:n] = getattr(entry, name)[:n]
             new.bounds[..., :n] = entry.bounds[..., :n]
             new.blocks = n
@@ -121,6 +129,13 @@ class HostStore:
         keys = entry.keys if as_stored else entry.at_zero
         return keys.view(-1, 1, keys.shape[-1]), entry.values.view(-1, 1, entry.values.shape[-1])
 
+    def block_heads(self, request: str, layer: int) -> torch.Tensor:
+        """The keys at position 0 and the values, in place, one (block, KV head) per row
+        [capacity * Hkv, B, D + Dv]: row block * Hkv + head, as the pool's block-heads
+        (topk_in_pool copies whole ones)."""
+        pairs = self._entries[(request, layer)].pairs
+        return pairs.view(-1, *pairs.shape[2:])
+
     def gather(self, request: str, layer: int, chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the chosen blocks [Hkv, k] (one list per KV head): [Hkv, k * B, D] each."""
         _, values, keys = self.gather_far(request, layer, chosen, with_keys=True)
@@ -146,4 +161,4 @@ class HostStore:
 
 
 def _size(entry: _Entry) -> int:
-    return sum(t.nbytes for t in (entry.keys, entry.values, entry.at_zero, entry.bounds))
+    return sum(t.nbytes for t in (entry.keys, entry.pairs, entry.bounds))

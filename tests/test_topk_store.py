@@ -240,7 +240,8 @@ def test_ties_go_to_the_lower_block():
 
 def test_bounds_and_gather_far_lay_out_what_was_stored():
     """bounds: hi's channels then lo's, a column per block; gather_far: at_zero, values and keys of
-    any blocks per KV head, as gather and gather_at_zero lay them out."""
+    any blocks per KV head, as gather and gather_at_zero lay them out; block_heads: both, per
+    block and KV head."""
     store = HostStore()
     k, v, lo, hi = blocks(6, seed=3)
     store.put("r", 0, 0, k, v, lo, hi, -k)
@@ -253,6 +254,8 @@ def test_bounds_and_gather_far_lay_out_what_was_stored():
     assert torch.equal(keys, want_keys) and torch.equal(values, want_values)
     assert torch.equal(at_zero, store.gather_at_zero("r", 0, chosen))
     assert store.gather_far("r", 0, chosen, with_keys=False)[2] is None
+    pieces = store.block_heads("r", 0)  # a (block, KV head) per row: the keys at 0, then the values
+    assert torch.equal(pieces[4 * HKV + 1], torch.cat((-k[4, :, 1], v[4, :, 1]), dim=-1))
 
 
 # ---------------------------------------------------------------- the decode way

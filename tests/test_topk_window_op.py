@@ -11,7 +11,7 @@ import torch
 
 from lminf_vllm.kv_layout import token_numbers, token_views
 from lminf_vllm.paths.topk import ops
-from lminf_vllm.topk_attention import far_part, far_scores, far_tokens, merge_two
+from lminf_vllm.topk_attention import far_part, far_scores, merge_two
 from test_topk_store import DECODE_CASES, D, HKV, decode_case
 
 
@@ -77,20 +77,6 @@ def test_the_decode_way_with_the_op_equals_attend_chunk(G, W, C, blk, k, i):
     torch.testing.assert_close(got, want, atol=8e-3, rtol=0)
 
 
-@pytest.mark.parametrize("G, W, C, blk, k, i", [c for c in DECODE_CASES if c[2] <= c[1]])
-def test_the_store_keys_through_the_op_equal_the_pytorch_part(G, W, C, blk, k, i):
-    """Where C <= W every store key a decode row reads is seen at distance C: the engine hands them
-    to the op in place (HostStore.head_rows, one KV head per row of the call, far_tokens) with the
-    query rotated to C in bfloat16. Equal to the float32 part with that query, to float32 rounding."""
-    _, (q, q_cap, dec, cache, far, far_blocks, cfg), store = decode_case(torch.bfloat16, G, W, C, blk, k, i)
-    chosen = far_blocks[:, dec.far_blocks.shape[1] :]
-    q_cap = q_cap.to(torch.bfloat16)
-    o, lse = ops.attend_listed(q_cap.view(HKV, -1, D), *store.head_rows("r", 0), far_tokens(dec, chosen, blk), D**-0.5)
-    o_f, lse_f = far_part(far_scores(q, q_cap.float(), dec, far, far_blocks, cfg, blk)[None], far[1][None], D**-0.5)
-    torch.testing.assert_close(o.reshape(-1, D), o_f[0], atol=1e-5, rtol=0)
-    torch.testing.assert_close(lse.reshape(-1), lse_f[0], atol=1e-5, rtol=0)
-
-
 POOL_CASES = [c for c in DECODE_CASES if c[2] <= c[1]] + [(5, 12, 12, 4, 3, 70), (2, 10, 10, 4, 2, 61)]
 
 
@@ -102,7 +88,7 @@ def test_one_call_over_the_pool_equals_attend_chunk(G, W, C, blk, k, i):
     op reads them with the window, the query as it is. Equal to the chunk way on the same pool,
     store and selection, to bfloat16 rounding (the op's output and the turned keys are bfloat16).
     Putting the keys back restores every pool row but the buffer's."""
-    from lminf_vllm.topk_in_pool import copy_far_keys, plan_pool_row, restore_keys, rotate_rows, turned_positions
+    from lminf_vllm.topk_in_pool import copy_far_blocks, plan_pool_row, restore_keys, rotate_rows, turned_positions
     from lminf_vllm.topk_attention import angles
     from test_topk_store import ROPES
 
@@ -112,12 +98,11 @@ def test_one_call_over_the_pool_equals_attend_chunk(G, W, C, blk, k, i):
     rotary = ROPES[1]
     row = plan_pool_row(dec, table, cfg, blk, HKV, lambda p: angles(p, rotary))
     before = cache.clone()
-    src = far_tokens(dec, chosen, blk)
     by_op = cache.clone()
     low = dataclasses.replace(row, turn=row.turn.to(torch.bfloat16))
     by_vllm = lambda k, r: ops.rotate_rows(k, r.turn, rotary.is_neox_style)  # noqa: E731
-    copy_far_keys(by_op, low, src, *store.head_rows("r", 0), by_vllm)
-    copy_far_keys(cache, row, src, *store.head_rows("r", 0), lambda k, r: rotate_rows(k, r, rotary))
+    copy_far_blocks(by_op, low, chosen, store.block_heads("r", 0), by_vllm)
+    copy_far_blocks(cache, row, chosen, store.block_heads("r", 0), lambda k, r: rotate_rows(k, r, rotary))
     # vLLM's rotary op (the engine's) turns the keys as rope.rotate does, to bfloat16 rounding
     torch.testing.assert_close(by_op.float(), cache.float(), atol=0.05, rtol=0.02)
     for pool in (cache, by_op):

@@ -39,14 +39,13 @@ from lminf_vllm.topk_attention import (
     decodes_fast,
     far_part,
     far_scores,
-    far_tokens,
     merge_two,
     plan_chunk,
     plan_decode,
     select_from_bounds,
 )
 from lminf_vllm.paths.topk import ops
-from lminf_vllm.topk_in_pool import copy_far_keys, plan_pool_row, restore_keys, turned_positions
+from lminf_vllm.topk_in_pool import copy_far_blocks, plan_pool_row, restore_keys, turned_positions
 from lminf_vllm.topk_store import HostStore
 
 LAYOUT = OWN_LAYOUT
@@ -265,7 +264,7 @@ def _decode_in_pool(plan: Plan, step: DecodeStep, layer: LayerMath, rows: list, 
     for (r, rid, _, dec), q_cap, prow in zip(rows, q_caps, step.pool):
         chosen = select_from_bounds(q_cap, plan.store.bounds(rid, layer_key, g, dec.fa), g, k)
         plan.chosen[(layer_key, r)] = chosen
-        copy_far_keys(kv_cache, prow, far_tokens(dec, chosen, B), *plan.store.head_rows(rid, layer_key), turn)
+        copy_far_blocks(kv_cache, prow, chosen, plan.store.block_heads(rid, layer_key), turn)
     if step.lead and output.dtype == qs.dtype and output[: len(rows)].is_contiguous():  # the op writes in place
         step.pool_call.output(qs, *token_views(kv_cache), step.pool_tokens, layer.scale, output[: len(rows)])
         return

@@ -43,8 +43,9 @@ _ZEROS = torch.zeros(4096, dtype=torch.long)  # positions for rotate_rows: every
 
 
 def rotate_rows(keys: torch.Tensor, turn: torch.Tensor, is_neox_style: bool) -> torch.Tensor:
-    """keys [N, D] (contiguous, the cache dtype) rotated in place by one angle set, turn
-    [rotary_dim] (cos then sin, the keys' dtype), with vLLM's rotary op (the model's own)."""
+    """keys [N, D] (rows may be strided, the last dim contiguous; the cache dtype) rotated in
+    place by one angle set, turn [rotary_dim] (cos then sin, the keys' dtype), with vLLM's rotary
+    op (the model's own)."""
     global _ZEROS
     if keys.shape[0] > _ZEROS.shape[0]:
         _ZEROS = torch.zeros(2 * keys.shape[0], dtype=torch.long)
@@ -55,7 +56,7 @@ def rotate_rows(keys: torch.Tensor, turn: torch.Tensor, is_neox_style: bool) -> 
 @functools.lru_cache(maxsize=None)
 def rotary_op_ok(dtype: torch.dtype, head_size: int) -> bool:
     """Does vLLM's rotary op rotate rows as rope.rotate does (both styles, a partial rotary dim),
-    to the cache dtype's rounding?"""
+    to the cache dtype's rounding, strided rows in place (the keys of a pool's rows) too?"""
     from lminf_vllm.rope import RotarySpec, rotate
 
     try:
@@ -66,10 +67,12 @@ def rotary_op_ok(dtype: torch.dtype, head_size: int) -> bool:
             spec = RotarySpec(torch.rand(dim // 2, generator=g, dtype=torch.float64), dim, neox)
             angle = 1234.0 * spec.inv_freq
             cos, sin = torch.cos(angle).float(), torch.sin(angle).float()
-            keys = torch.randn(7, head_size, generator=g).to(dtype)
-            want = rotate(keys.float(), cos, sin, spec)
-            got = rotate_rows(keys.clone(), torch.cat((cos, sin)).to(dtype), neox).float()
-            if not torch.allclose(got, want, atol=0.05, rtol=0.02):
+            rows = torch.randn(7, 2 * head_size, generator=g).to(dtype)  # a key, then a value, per row
+            want = rotate(rows[:, :head_size].float(), cos, sin, spec)
+            got = rows.clone()
+            rotate_rows(got[:, :head_size], torch.cat((cos, sin)).to(dtype), neox)
+            if not (torch.allclose(got[:, :head_size].float(), want, atol=0.05, rtol=0.02)
+                    and torch.equal(got[:, head_size:], rows[:, head_size:])):  # fmt: skip
                 return False
         return True
     except Exception:  # no op, another signature: the PyTorch way
