@@ -1,8 +1,8 @@
-"""vLLM's CPU decode op as the top-k path calls it (paths/topk/ops.py): the windows of decode rows,
-read in place from the paged cache through a table of rows, and their store keys, read in place
-from the host store; each part's float32 output and log-sum-exp left for the merge. Held to
-float64 attention, to the PyTorch parts and to the chunk way (topk_attention.attend_chunk), on
-awkward sizes."""
+"""vLLM's CPU decode op as the top-k path calls it (paths/topk/ops.py): where C > W, the windows of
+decode rows, read in place from the paged cache through a table of rows, each part's float32 output
+and log-sum-exp left for the merge; where C = W, one call over the pool after each row's keys past
+its window are copied in (topk_in_pool.py). Held to float64 attention, to the PyTorch parts and to
+the chunk way (topk_attention.attend_chunk), on awkward sizes."""
 
 import dataclasses
 
