@@ -1,4 +1,5 @@
-# lminf-vllm: the two commands a user needs are `make serve` and `make test`.
+# lminf-vllm: the two commands a user needs are `make serve` and `make test`
+# (`make test-all` adds the second tier of minute-long system tests).
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -14,10 +15,13 @@ KV_CACHE_GIB  ?= 4
 LMINF_CONFIG  ?= {"lminf": {"global_tokens": 10}}
 SERVE_ARGS    ?=
 PYTEST_ARGS   ?=
+# Two pytest-xdist workers, one test file each at a time (a file's module fixtures,
+# such as a served model, start once); tests/conftest.py splits the cores between them.
+XDIST         ?= -n 2 --dist loadfile
 
 STAMP := $(VENV)/.lminf-setup
 
-.PHONY: setup serve test model clean-venv
+.PHONY: setup serve test test-slow test-all model clean-venv
 
 setup: $(STAMP) model
 
@@ -47,8 +51,16 @@ serve: setup
 		--served-model-name $(MODEL_NAME) --attention-backend lminf --additional-config '$(LMINF_CONFIG)' \
 		--max-model-len $(MAX_MODEL_LEN) --host $(HOST) --port $(PORT) $(SERVE_ARGS)
 
+# The first tier: every behaviour, about 6 minutes of tests on 2 cores.
 test: setup
-	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests -m "not slow" $(XDIST) $(PYTEST_ARGS)
+
+# The second tier alone (tests marked slow: Ray, TP=2, soak, the README example, the GPU
+# script's dry run), one at a time: each starts multi-process engines of its own.
+test-slow: setup
+	$(BIN)/python -m pytest tests -m slow $(PYTEST_ARGS)
+
+test-all: test test-slow
 
 clean-venv:
 	rm -rf $(VENV)

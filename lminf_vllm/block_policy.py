@@ -28,12 +28,6 @@ def freeable_blocks(n: int, G: int, W: int, B: int, kept_behind: int = 0) -> ran
     return range(g, max(g, first_window_block(n, W, B) - kept_behind))
 
 
-def kept_blocks(n: int, G: int, W: int, B: int, upto: int, kept_behind: int = 0) -> list[int]:
-    """Logical blocks kept among [0, upto) once n tokens are computed."""
-    gone = freeable_blocks(n, G, W, B, kept_behind)
-    return [b for b in range(upto) if b not in gone]
-
-
 def max_blocks_per_sequence(G: int, W: int, B: int, in_flight_tokens: int = 1, kept_behind: int = 0) -> int:
     """SPEC.md's bound: ceil(G/B) + ceil(W/B) + 1 while decoding one token a step;
     a prefill chunk of T tokens in flight adds its own blocks (in_flight_tokens = T);

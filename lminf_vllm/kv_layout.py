@@ -57,11 +57,17 @@ def token_numbers(blocks: torch.Tensor, slots: torch.Tensor, num_kv_heads: int, 
     return blocks.long() * (num_kv_heads * block_size) + slots
 
 
+def block_head_numbers(blocks: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """[Hkv, n]: row h holds head h's rows, block * Hkv + h, of blocks [n] (every head's) or [Hkv, n]
+    (row h: head h's own) in a tensor laid out [blocks, Hkv, B, ...] viewed as [blocks * Hkv, B, ...]
+    (an OWN_LAYOUT cache, HostStore.block_heads): one block of one KV head per row."""
+    return torch.add(torch.arange(num_kv_heads, device=blocks.device)[:, None], blocks.long(), alpha=num_kv_heads)
+
+
 def head_row_numbers(blocks: torch.Tensor, slots: torch.Tensor, num_kv_heads: int, block_size: int) -> torch.Tensor:
     """[Hkv, N]: each KV head's row, (block * Hkv + head) * B + slot, of (block, slot) pairs [N] in a
     tensor laid out [blocks, Hkv, B, ...] viewed as rows (an OWN_LAYOUT cache, the host store)."""
-    heads = torch.arange(num_kv_heads, device=blocks.device)[:, None] * block_size
-    return token_numbers(blocks, slots, num_kv_heads, block_size)[None] + heads
+    return block_head_numbers(blocks, num_kv_heads) * block_size + slots
 
 
 def write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:

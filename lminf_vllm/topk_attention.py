@@ -27,7 +27,7 @@ import torch
 
 from lminf_vllm.block_policy import first_window_block, global_blocks
 from lminf_vllm.config import LminfConfig
-from lminf_vllm.kv_layout import read_blocks, token_numbers
+from lminf_vllm.kv_layout import block_head_numbers, read_blocks, token_numbers
 from lminf_vllm.lambda_attention import _local_mask
 from lminf_vllm.rope import RotarySpec, cos_sin, rotate
 
@@ -81,17 +81,12 @@ def block_summaries(keys: torch.Tensor, first_block: int, rotary: RotarySpec):
     return at_zero.amin(dim=1), at_zero.amax(dim=1), at_zero
 
 
-def select_blocks(q_cap: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, first: int, k: int) -> torch.Tensor:
-    """The chunk's selection: q_cap [H, D] float32, its last row's query rotated to position C;
-    lo, hi [nc, Hkv, D] the summaries of its candidate blocks first .. first + nc - 1.
-    -> [Hkv, min(k, nc)] block numbers, ascending per KV head."""
-    return select_from_bounds(q_cap, torch.cat((hi, lo), dim=-1).permute(1, 2, 0), first, k)
-
-
 def select_from_bounds(q_cap: torch.Tensor, bounds: torch.Tensor, first: int, k: int) -> torch.Tensor:
-    """select_blocks with the summaries as HostStore.bounds keeps them: [Hkv, 2 D, nc], hi's
-    channels then lo's, so that Quest's bound sum_c max(q_c lo_c, q_c hi_c) = q+ . hi + q- . lo
-    is one matmul of [q+, q-] per KV head."""
+    """The chunk's selection: q_cap [H, D] float32, its last row's query rotated to position C;
+    bounds the summaries of its candidate blocks first .. first + nc - 1 as HostStore.bounds
+    keeps them, [Hkv, 2 D, nc]: hi's channels then lo's, so that Quest's bound
+    sum_c max(q_c lo_c, q_c hi_c) = q+ . hi + q- . lo is one matmul of [q+, q-] per KV head.
+    -> [Hkv, min(k, nc)] block numbers, ascending per KV head."""
     Hkv, D = bounds.shape[0], q_cap.shape[-1]
     q = q_cap.view(Hkv, -1, D)
     bound = torch.bmm(torch.cat((q.clamp(min=0), q.clamp(max=0)), dim=-1), bounds)  # [Hkv, g, nc]
@@ -271,8 +266,7 @@ def plan_decode(i: int, block_row: torch.Tensor, cfg: LminfConfig, B: int, num_k
     g, W = global_blocks(cfg.global_tokens, B), cfg.local_tokens
     fa = first_window_block(i, W, B)
     dev = block_row.device
-    heads = torch.arange(num_kv_heads, device=dev)[:, None]
-    rows = (block_row[fa : i // B + 1].long()[None] * num_kv_heads + heads).flatten()
+    rows = block_head_numbers(block_row[fa : i // B + 1], num_kv_heads).flatten()
     far = torch.cat((torch.arange(g, device=dev), torch.tensor([fa], device=dev))).expand(num_kv_heads, -1)
     q_cap = rotations(torch.tensor([cfg.distance_cap - i], device=dev), rotary, head_size)[0]
     pos = torch.arange(i - W + 1, i + 1, device=dev)

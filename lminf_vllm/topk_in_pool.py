@@ -25,8 +25,7 @@ import torch
 
 from lminf_vllm.block_policy import global_blocks
 from lminf_vllm.config import LminfConfig
-from lminf_vllm.kv_layout import NULL_BLOCK, head_row_numbers, token_numbers
-from lminf_vllm.rope import rotate
+from lminf_vllm.kv_layout import NULL_BLOCK, block_head_numbers, head_row_numbers, token_numbers
 
 
 @dataclass
@@ -57,11 +56,11 @@ def plan_pool_row(dec, block_row: torch.Tensor, cfg: LminfConfig, B: int, num_kv
     if bool((buffer == NULL_BLOCK).any()):  # (vLLM's null block is never written; the KV manager keeps the
         return None  # buffer, block_policy.freeable_blocks' kept_behind, tests/test_bounded_memory.py holds it)
     dev = block_row.device
-    heads = torch.arange(num_kv_heads, device=dev)
     edge = [fa] if dec.start else []
-    src = (torch.tensor(edge + list(range(g)), dtype=torch.long, device=dev)[:, None] * num_kv_heads + heads).flatten()
-    dst = torch.cat(((block_row[:g].long()[:, None] * num_kv_heads + heads).flatten(),
-                     (buffer[None] * num_kv_heads + heads[:, None]).flatten()))  # fmt: skip
+    # a block's Hkv rows together (.T: block fa's first), but the buffer's per KV head (its k picks)
+    src = block_head_numbers(torch.tensor(edge + list(range(g)), device=dev), num_kv_heads).T.flatten()
+    dst = torch.cat((block_head_numbers(block_row[:g], num_kv_heads).T.flatten(),
+                     block_head_numbers(buffer, num_kv_heads).flatten()))  # fmt: skip
     slots = torch.arange(B, device=dev)
     pos = torch.cat((torch.arange(g * B, device=dev), torch.arange(fa * B, i + 1, device=dev)))
     tokens = torch.cat((token_numbers(block_row[pos[: g * B] // B], pos[: g * B] % B, num_kv_heads, B),
@@ -77,21 +76,15 @@ def copy_far_blocks(kv_cache: torch.Tensor, row: PoolRow, chosen: torch.Tensor, 
     global blocks' and the picks' (chosen [Hkv, k], with their values) to PoolRow.dst, block fa's
     rows before the window in place. block_heads: the store's (HostStore.block_heads);
     turn(keys [N, D], row) rotates the keys (a strided view) by row.turn in place, in the cache
-    dtype (vLLM's rotary op, or rotate_rows)."""
+    dtype (vLLM's rotary op: paths/topk/ops.rotate_rows)."""
     Hkv, D = kv_cache.shape[1], kv_cache.shape[-1] // 2
-    picked = torch.add(torch.arange(Hkv)[:, None], chosen, alpha=Hkv).flatten()  # per KV head, its picks
+    picked = block_head_numbers(chosen, Hkv).flatten()  # per KV head, its picks
     blocks = block_heads.index_select(0, torch.cat((row.src, picked)))  # [(e + g + k) Hkv, B, 2 D]
     turn(blocks.view(-1, blocks.shape[-1])[:, :D], row)
     e = Hkv if row.edge else 0
     kv_cache.view(-1, *blocks.shape[1:]).index_copy_(0, row.dst, blocks[e:])
     if e:
         kv_cache[row.edge_block, :, : row.edge, :D] = blocks[:e, : row.edge, :D]
-
-
-def rotate_rows(keys: torch.Tensor, row: PoolRow, rotary) -> None:
-    """copy_far_blocks' turn in PyTorch: keys [N, D] rotated in place by row.turn (rope.rotate, float32)."""
-    cos, sin = row.turn.float().chunk(2)
-    keys.copy_(rotate(keys.float(), cos, sin, rotary))
 
 
 def turned_positions(i: int, cfg: LminfConfig, B: int, fa: int, start: int) -> torch.Tensor:

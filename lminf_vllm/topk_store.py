@@ -14,13 +14,15 @@ blocks are stored too (a few blocks, never selected): decode reads every key
 past its window from here, rotated back to position 0, so one rotation per row
 and step serves them all (of the query: topk_attention.attend_decode; or of
 those keys to i - C: topk_in_pool). The store lives in host memory; the
-interface (put, summaries, bounds, gather, drop) is what a disk or LMCache
-tier would implement. No vLLM import.
+interface (put, bounds, gather_far, head_rows, block_heads, drop) is what a
+disk or LMCache tier would implement. No vLLM import.
 """
 
 from dataclasses import dataclass
 
 import torch
+
+from lminf_vllm.kv_layout import block_head_numbers
 
 
 @dataclass
@@ -48,10 +50,6 @@ class HostStore:
         self.device = torch.device(device)
         self._entries: dict[tuple[str, int], _Entry] = {}
         self._nbytes = 0  # capacity held, kept as entries grow and go (read every step for /metrics)
-
-    def blocks(self, request: str, layer: int) -> int:
-        entry = self._entries.get((request, layer))
-        return 0 if entry is None else entry.blocks
 
     def put(self, request: str, layer: int, first_block: int, keys, values, lo, hi, keys_at_zero=None) -> None:
         """Blocks [first_block, first_block + n): keys/values [n, B, Hkv, D], lo/hi [n, Hkv, D];
@@ -94,12 +92,6 @@ class HostStore:
             new.blocks = n
         return new
 
-    def summaries(self, request: str, layer: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """lo, hi [stop - start, Hkv, D] of blocks [start, stop) (all stored; views of `bounds`)."""
-        per_block = self.bounds(request, layer, start, stop).permute(2, 0, 1)
-        D = per_block.shape[-1] // 2
-        return per_block[..., D:], per_block[..., :D]
-
     def bounds(self, request: str, layer: int, start: int, stop: int) -> torch.Tensor:
         """The summaries of blocks [start, stop) (all stored) as one matrix per KV head,
         [Hkv, 2 D, stop - start]: hi's channels, then lo's (topk_attention.select_from_bounds)."""
@@ -114,7 +106,7 @@ class HostStore:
         Head h reads only its own slice of each of its blocks."""
         entry = self._entries[(request, layer)]
         Hkv, n = blocks.shape
-        rows = torch.add(torch.arange(Hkv, device=self.device)[:, None], blocks.to(self.device), alpha=Hkv).flatten()
+        rows = block_head_numbers(blocks.to(self.device), Hkv).flatten()
 
         def take(t: torch.Tensor) -> torch.Tensor:  # (block, head) rows: index_select, several times faster
             return t.view(-1, *t.shape[2:]).index_select(0, rows).view(Hkv, n * t.shape[2], t.shape[3])
@@ -135,15 +127,6 @@ class HostStore:
         (topk_in_pool copies whole ones)."""
         pairs = self._entries[(request, layer)].pairs
         return pairs.view(-1, *pairs.shape[2:])
-
-    def gather(self, request: str, layer: int, chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of the chosen blocks [Hkv, k] (one list per KV head): [Hkv, k * B, D] each."""
-        _, values, keys = self.gather_far(request, layer, chosen, with_keys=True)
-        return keys, values
-
-    def gather_at_zero(self, request: str, layer: int, chosen: torch.Tensor) -> torch.Tensor:
-        """The chosen blocks' keys rotated back to position 0, as `gather` lays them out: [Hkv, k * B, D]."""
-        return self.gather_far(request, layer, chosen, with_keys=False)[0]
 
     def drop(self, requests) -> None:
         """Forget finished requests."""

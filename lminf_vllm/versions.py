@@ -58,10 +58,3 @@ def unsupported_message(version: str) -> str:
         f"the installed vLLM is {version}. Install a supported vLLM or a "
         f"lminf-vllm release made for {version}."
     )
-
-
-def check_vllm_version() -> str:
-    version = installed_vllm_version()
-    if not is_supported(version):
-        raise UnsupportedVllmVersion(unsupported_message(version))
-    return version

@@ -226,6 +226,25 @@ def register_backend_alias(alias: str, backend: AttentionBackendEnum) -> None:
                 pass  # the attention backend caps distances: nothing runs off the table
             elif envs.VLLM_ALLOW_LONG_MAX_MODEL_LEN:
 ''',
+    ), (
+        "config/model.py",
+        '''                and torch_dtype in (torch.float16, torch.float32)
+            ):
+                torch_dtype = torch.bfloat16
+''',
+        '''                and torch_dtype in (torch.float16, torch.float32)
+            ):
+                torch_dtype = torch.bfloat16
+            if (
+                current_platform.is_cpu()
+                and current_platform.get_cpu_architecture() == CpuArchEnum.X86
+                and torch_dtype == torch.bfloat16
+                and not torch.cpu._is_avx512_bf16_supported()
+                and not torch.cpu._is_amx_tile_supported()
+            ):
+                # No bfloat16 instructions: every bfloat16 matmul would be emulated.
+                torch_dtype = torch.float32
+''',
     )],
     "patch_config_vllm": [(
         "config/vllm.py",

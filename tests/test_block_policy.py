@@ -3,13 +3,13 @@
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from helpers import kept_blocks
 from lminf_vllm.block_policy import (
     blocks_needed_for_hit,
     cdiv,
     first_window_block,
     freeable_blocks,
     global_blocks,
-    kept_blocks,
     max_blocks_per_sequence,
 )
 

@@ -11,6 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # second tier (`make test-all`): the GPU script's CPU dry run: about 50 s
+
 REPO = Path(__file__).resolve().parent.parent
 TOLERANCE = 1e-3
 ROW_KEYS = {"backend", "prompt_tokens", "batch", "prefill_tok_s", "decode_tok_s", "kv_blocks_per_seq"}

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from helpers import check_vllm_version, original_of
 from lminf_vllm import runtime_patches
-from lminf_vllm.versions import SUPPORTED_VLLM_SERIES, UnsupportedVllmVersion, check_vllm_version, is_supported
+from lminf_vllm.versions import SUPPORTED_VLLM_SERIES, UnsupportedVllmVersion, is_supported
 
 ROOT = Path(__file__).resolve().parents[1]
 PATCH_DIR = ROOT / "lminf_vllm" / "runtime_patches"
@@ -101,8 +102,6 @@ def test_patch_is_applied_by_the_plugin_and_idempotent(name):
 def test_originals_are_kept():
     from vllm.platforms.cpu import CpuPlatform
 
-    from lminf_vllm.runtime_patches._util import original_of
-
     runtime_patches.apply_all()
     original = original_of(CpuPlatform, "get_attn_backend_cls")
     assert original.__module__ == "vllm.platforms.cpu"
@@ -124,7 +123,7 @@ def test_version_guard_message(monkeypatch):
 
     monkeypatch.setattr(versions, "installed_vllm_version", lambda: "0.29.0")
     with pytest.raises(UnsupportedVllmVersion, match=r"supports vLLM 0.26.x, 0.32.x, 0.33.x; the installed vLLM is 0.29.0"):
-        versions.check_vllm_version()
+        check_vllm_version()
 
 
 def test_vllm_command_starts_on_the_cpu_install():

@@ -28,6 +28,8 @@ from lminf_vllm.block_policy import max_blocks_per_sequence  # noqa: E402
 from lminf_vllm.testing.workers import report  # noqa: E402
 from soak import free_port, wait_ready  # noqa: E402
 
+pytestmark = pytest.mark.slow  # second tier (`make test-all`): Ray on two nodes and TP=2 under Ray: about 170 s
+
 ray = pytest.importorskip("ray")
 
 G, W, C, B = 4, 64, 96, 32  # small, as in test_tensor_parallel.py

@@ -6,6 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # second tier (`make test-all`): SmolLM2 compiled with vLLM's defaults in a fresh process: about 115 s
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -3,11 +3,15 @@
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import soak  # noqa: E402
 
 from conftest import TABLE  # noqa: E402
+
+pytestmark = pytest.mark.slow  # second tier (`make test-all`): a served engine streamed through hang-ups: about 40 s
 
 
 def test_streams_past_the_context_with_hang_ups_and_flat_memory(tiny_llama, tmp_path):

@@ -5,11 +5,11 @@ docs/topk-contract.md (testing/topk_reference.py). No engine, no vLLM."""
 import pytest
 import torch
 
+from helpers import HostStore, select_blocks
 from lminf_vllm.config import LminfConfig
 from lminf_vllm.rope import RotarySpec, cos_sin, default_inv_freq, rotate
 from lminf_vllm.testing import topk_reference as ref
-from lminf_vllm.topk_attention import block_summaries, rotations, select_blocks
-from lminf_vllm.topk_store import HostStore
+from lminf_vllm.topk_attention import block_summaries, rotations
 
 B, HKV, D = 4, 2, 8
 
@@ -173,7 +173,7 @@ def test_summaries_are_of_the_keys_rotated_back_to_position_zero(rotary, first):
 
 
 def engine_selection(q0, k0, e, cfg, blk, k, rotary):
-    """topk_attention.select_blocks for the chunk ending at e, from what the engine holds: the
+    """helpers.select_blocks for the chunk ending at e, from what the engine holds: the
     summaries of the stored (rotated) keys, and the last row's query as stored (rotated at e - 1)
     moved to position C by the engine's own rotation matrix."""
     g, f = ref.global_block_count(cfg, blk), ref.first_window_block(e - 1, cfg, blk)

@@ -9,6 +9,7 @@ import dataclasses
 import pytest
 import torch
 
+import helpers
 from lminf_vllm.kv_layout import token_numbers, token_views
 from lminf_vllm.paths.topk import ops
 from lminf_vllm.topk_attention import far_part, far_scores, merge_two
@@ -50,7 +51,7 @@ def test_window_is_the_attention_of_the_listed_slots(dtype, H, Hkv, Dh, B, n, R,
     q = torch.randn(R, H, Dh, generator=g).to(dtype)
     tokens = token_numbers(torch.randint(0, nb, (R, n), generator=g), torch.randint(0, B, (R, n), generator=g),
                                Hkv, B)  # fmt: skip
-    got, lse = ops.window(q, cache, tokens, 0.2, splits)
+    got, lse = helpers.window(q, cache, tokens, 0.2, splits)
     assert got.dtype == lse.dtype == torch.float32 and got.shape == (R, H, Dh) and lse.shape == (R, H)
     k, v = token_views(cache)
     s = torch.einsum("rkgd,rnkd->rkgn", q.double().view(R, Hkv, -1, Dh), k[tokens].double()) * 0.2
@@ -66,7 +67,7 @@ def test_the_decode_way_with_the_op_equals_attend_chunk(G, W, C, blk, k, i):
     window in float64 (to float32 rounding), and the chunk way on the same pool, store and
     selection (to a bfloat16 ulp at 1: the chunk way's window branch rounds to bfloat16)."""
     want, (q, q_cap, dec, cache, far, far_blocks, cfg), _ = decode_case(torch.bfloat16, G, W, C, blk, k, i)
-    o_w, lse_w = ops.window(q.to(torch.bfloat16)[None], cache, dec.window_tokens[None], D**-0.5)
+    o_w, lse_w = helpers.window(q.to(torch.bfloat16)[None], cache, dec.window_tokens[None], D**-0.5)
     o_f, lse_f = far_part(far_scores(q, q_cap, dec, far, far_blocks, cfg, blk)[None], far[1][None], D**-0.5)
     got = merge_two(o_w, lse_w, o_f, lse_f)[0]
     window = cache.view(-1, blk, 2 * D)[dec.window_rows].view(HKV, -1, 2 * D)[:, dec.start : dec.start + W].double()
@@ -88,7 +89,8 @@ def test_one_call_over_the_pool_equals_attend_chunk(G, W, C, blk, k, i):
     op reads them with the window, the query as it is. Equal to the chunk way on the same pool,
     store and selection, to bfloat16 rounding (the op's output and the turned keys are bfloat16).
     Putting the keys back restores every pool row but the buffer's."""
-    from lminf_vllm.topk_in_pool import copy_far_blocks, plan_pool_row, restore_keys, rotate_rows, turned_positions
+    from helpers import rotate_rows
+    from lminf_vllm.topk_in_pool import copy_far_blocks, plan_pool_row, restore_keys, turned_positions
     from lminf_vllm.topk_attention import angles
     from test_topk_store import ROPES
 

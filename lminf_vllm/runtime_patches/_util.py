@@ -16,11 +16,6 @@ def replace_attr(owner: Any, name: str, make_new: Callable[[Any], Any]) -> bool:
     return True
 
 
-def original_of(owner: Any, name: str) -> Any:
-    current = _lookup(owner, name)
-    return getattr(_unwrap(current), _MARK, current)
-
-
 def is_patched(owner: Any, name: str) -> bool:
     return getattr(_unwrap(_lookup(owner, name)), _MARK, None) is not None
 

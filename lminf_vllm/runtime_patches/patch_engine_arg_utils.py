@@ -1,4 +1,5 @@
-"""Accept max_model_len past max_position_embeddings when lminf is selected.
+"""Accept max_model_len past max_position_embeddings when lminf is selected,
+and on CPU resolve `dtype="auto"` to what the CPU computes natively.
 
 Target: vllm.engine.arg_utils.EngineArgs.create_model_config
 Why: vLLM refuses `max_model_len > max_position_embeddings` unless the user
@@ -13,9 +14,17 @@ How: when the engine args select lminf, build the model config while
     nan", which lminf's capped distances and exact table make untrue: that
     one warning is held back during the call and one lminf line says why the
     length is fine. The stock backend keeps vLLM's check unchanged.
+    Second, on CPU with dtype "auto": vLLM's CPU platform lists bfloat16 first on
+    every x86 CPU, so auto gives bfloat16 even where the ISA has no bfloat16
+    instructions and every matmul is emulated (3.8x slower than float32 on an
+    AVX2 EPYC). There an lminf engine builds its config with float32 instead
+    (lminf_vllm/cpu_isa.py decides), and one line says what was chosen, why and
+    how to override; an explicit --dtype is kept, stock engines are untouched.
 Upstream: a backend capability ("supports positions past the model's table")
     consulted by `_get_and_verify_max_len`.
-Remove when: vLLM asks the attention backend before refusing long lengths.
+    For the dtype: CpuPlatform.supported_dtypes ordered by the CPU's ISA.
+Remove when: vLLM asks the attention backend before refusing long lengths,
+    and its CPU platform prefers float32 on CPUs without bfloat16 instructions.
 """
 
 import logging
@@ -65,6 +74,30 @@ def _past_the_table(model_config) -> bool:
         return False
 
 
+def _native_dtype_on_cpu(args, create, config):
+    """The model config again with float32 where "auto" gave an emulated bfloat16 (see the docstring)."""
+    from vllm.platforms import current_platform
+
+    from lminf_vllm.cpu_isa import auto_dtype
+
+    if not current_platform.is_cpu() or str(args.dtype).lower() != "auto":
+        return config
+    chosen, why = auto_dtype(config.dtype)
+    log = logging.getLogger("vllm.lminf")
+    if chosen is None or chosen == config.dtype:
+        log.info("lminf: dtype auto -> %s: %s (--dtype float32 or bfloat16 to choose)",
+                 str(config.dtype).removeprefix("torch."), why)  # fmt: skip
+        return config
+    args.dtype = str(chosen).removeprefix("torch.")
+    try:
+        config = create(args)
+    finally:
+        args.dtype = "auto"  # the user's arguments read as they were given
+    log.info("lminf: dtype auto -> %s: %s (--dtype bfloat16 to choose it anyway)",
+             str(config.dtype).removeprefix("torch."), why)  # fmt: skip
+    return config
+
+
 def apply() -> bool:
     from vllm.config import model as model_config_module
     from vllm.engine.arg_utils import EngineArgs
@@ -77,7 +110,7 @@ def apply() -> bool:
             model_config_module.envs = _AllowLongMaxModelLen(envs)
             model_config_module.logger.addFilter(quiet)
             try:
-                config = original(self)
+                config = _native_dtype_on_cpu(self, original, original(self))
             finally:
                 model_config_module.envs = envs
                 model_config_module.logger.removeFilter(quiet)

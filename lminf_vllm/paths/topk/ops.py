@@ -159,17 +159,3 @@ class ListedCall:
         top = lse.amax(dim=-1, keepdim=True)
         total = torch.exp(lse - top).sum(dim=-1, keepdim=True)
         return logits[:, :, 0, :D] / total, (top + torch.log(total))[..., 0]
-
-
-def attend_listed(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, tokens: torch.Tensor, scale: float,
-                  splits: int = 0):  # fmt: skip
-    """One ListedCall: q [R, H, D] over the rows tokens [R, n] of keys and values [N, Hkv, D]
-    -> outputs [R, H, Dv] float32 and log-sum-exps [R, H]."""
-    call = ListedCall(*tokens.shape, q.shape[1], keys.shape[1], q.shape[2], q.dtype, splits)
-    return call(q, keys, values, tokens.to(torch.int32).contiguous(), scale)
-
-
-def window(q: torch.Tensor, kv_cache: torch.Tensor, tokens: torch.Tensor, scale: float, splits: int = 0):
-    """Decode rows q [R, H, D] over their window slots tokens [R, W] (token_numbers) of an
-    OWN_LAYOUT cache, read in place: attend_listed."""
-    return attend_listed(q, *token_views(kv_cache), tokens, scale, splits)

@@ -1,0 +1,94 @@
+"""Helpers only tests call, kept out of lminf_vllm/ (whose runtime modules hold what the engine uses).
+
+Each is written with the runtime's own parts, as it was in the module its section names."""
+
+import torch
+
+from lminf_vllm import topk_store, versions
+from lminf_vllm.block_policy import freeable_blocks
+from lminf_vllm.kv_layout import token_views
+from lminf_vllm.paths.topk.ops import ListedCall
+from lminf_vllm.rope import rotate
+from lminf_vllm.runtime_patches._util import _MARK, _lookup, _unwrap
+from lminf_vllm.topk_attention import select_from_bounds
+from lminf_vllm.topk_in_pool import PoolRow
+
+
+# ---------------------------------------------------------------- block_policy
+
+
+def kept_blocks(n: int, G: int, W: int, B: int, upto: int, kept_behind: int = 0) -> list[int]:
+    """Logical blocks kept among [0, upto) once n tokens are computed."""
+    gone = freeable_blocks(n, G, W, B, kept_behind)
+    return [b for b in range(upto) if b not in gone]
+
+
+# ---------------------------------------------------------------- versions, runtime_patches
+
+
+def check_vllm_version() -> str:
+    """The installed vLLM's version, else UnsupportedVllmVersion with the message register() gives."""
+    version = versions.installed_vllm_version()
+    if not versions.is_supported(version):
+        raise versions.UnsupportedVllmVersion(versions.unsupported_message(version))
+    return version
+
+
+def original_of(owner, name: str):
+    """What a runtime patch replaced at owner.name (replace_attr keeps it on the new one)."""
+    current = _lookup(owner, name)
+    return getattr(_unwrap(current), _MARK, current)
+
+
+# ---------------------------------------------------------------- top-k
+
+
+class HostStore(topk_store.HostStore):
+    """The engine's host store with the reads only tests make."""
+
+    def blocks(self, request: str, layer: int) -> int:
+        entry = self._entries.get((request, layer))
+        return 0 if entry is None else entry.blocks
+
+    def summaries(self, request: str, layer: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """lo, hi [stop - start, Hkv, D] of blocks [start, stop) (all stored; views of `bounds`)."""
+        per_block = self.bounds(request, layer, start, stop).permute(2, 0, 1)
+        D = per_block.shape[-1] // 2
+        return per_block[..., D:], per_block[..., :D]
+
+    def gather(self, request: str, layer: int, chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the chosen blocks [Hkv, k] (one list per KV head): [Hkv, k * B, D] each."""
+        _, values, keys = self.gather_far(request, layer, chosen, with_keys=True)
+        return keys, values
+
+    def gather_at_zero(self, request: str, layer: int, chosen: torch.Tensor) -> torch.Tensor:
+        """The chosen blocks' keys rotated back to position 0, as `gather` lays them out: [Hkv, k * B, D]."""
+        return self.gather_far(request, layer, chosen, with_keys=False)[0]
+
+
+def select_blocks(q_cap: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, first: int, k: int) -> torch.Tensor:
+    """topk_attention.select_from_bounds with the summaries apart: q_cap [H, D] float32, the last
+    row's query rotated to position C; lo, hi [nc, Hkv, D] the summaries of the candidate blocks
+    first .. first + nc - 1. -> [Hkv, min(k, nc)] block numbers, ascending per KV head."""
+    return select_from_bounds(q_cap, torch.cat((hi, lo), dim=-1).permute(1, 2, 0), first, k)
+
+
+def attend_listed(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, tokens: torch.Tensor, scale: float,
+                  splits: int = 0):  # fmt: skip
+    """One paths/topk/ops.ListedCall: q [R, H, D] over the rows tokens [R, n] of keys and values
+    [N, Hkv, D] -> outputs [R, H, Dv] float32 and log-sum-exps [R, H]."""
+    call = ListedCall(*tokens.shape, q.shape[1], keys.shape[1], q.shape[2], q.dtype, splits)
+    return call(q, keys, values, tokens.to(torch.int32).contiguous(), scale)
+
+
+def window(q: torch.Tensor, kv_cache: torch.Tensor, tokens: torch.Tensor, scale: float, splits: int = 0):
+    """Decode rows q [R, H, D] over their window slots tokens [R, W] (kv_layout.token_numbers) of
+    an OWN_LAYOUT cache, read in place: attend_listed."""
+    return attend_listed(q, *token_views(kv_cache), tokens, scale, splits)
+
+
+def rotate_rows(keys: torch.Tensor, row: PoolRow, rotary) -> None:
+    """topk_in_pool.copy_far_blocks' turn in PyTorch: keys [N, D] rotated in place by row.turn
+    (rope.rotate, float32); the engine's is vLLM's rotary op (paths/topk/ops.rotate_rows)."""
+    cos, sin = row.turn.float().chunk(2)
+    keys.copy_(rotate(keys.float(), cos, sin, rotary))
