@@ -9,6 +9,11 @@ counts. `auto` is what the user gets by default; the JSON records what it resolv
 to and the CPU (lminf_vllm/cpu_isa.describe).
 
     python benchmarks/cpu_dtype.py --out benchmarks/results/cpu-dtype.json
+    # An AVX2-only CPU, approximately, on an AVX-512 one: torch and oneDNN capped to AVX2
+    # (vLLM's own CPU attention kernels keep the instructions they were loaded for).
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/cpu_dtype.py \
+        --configs auto:128:compile float32:128:compile bfloat16:128:compile \
+        --out benchmarks/results/cpu-dtype-avx2-capped.json
 """
 
 import argparse
@@ -90,7 +95,9 @@ def main(argv=None):
     summary = {"auto_resolved_to": next((r["resolved_dtype"] for r in rows if r["dtype"] == "auto"), None),
                "auto_over_best_of_float32_bfloat16": round(by_dtype["auto"] / best, 3) if "auto" in by_dtype and best
                else None}  # fmt: skip
-    result = {"command": "python benchmarks/cpu_dtype.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    caps = "".join(f"{k}={v} " for k, v in describe().get("isa_capped_by", {}).items())  # a stand-in for another CPU
+    command = caps + "python benchmarks/cpu_dtype.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    result = {"command": command,
               "cpu": describe(), "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows, **summary}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -31,6 +31,7 @@ from lminf_vllm.paths.cpu_kernel.ops import attend, kernel_cache_views, kernel_m
 from lminf_vllm.paths.cpu_kernel.prefill import prefill_attention  # noqa: E402
 from lminf_vllm.rope import RotarySpec, default_inv_freq  # noqa: E402
 from shape_args import add_head_args, add_lminf_args  # noqa: E402
+from lminf_vllm.cpu_isa import describe  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -99,7 +100,8 @@ def main(argv=None):
         print(f"| {n} | {row['torch_us_per_query']:.2f} | {row['kernel_us_per_query']:.2f} | {stock} "
               f"| {t_torch / t_kernel:.2f} | {vs_stock} | {row['max_diff_kernel_vs_torch']:.1e} |")  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1))
+    recorded = {"cpu": describe(), "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}
+    args.out.write_text(json.dumps(recorded, indent=1))
     print(f"wrote {args.out}")
 
 

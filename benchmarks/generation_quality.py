@@ -37,6 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import corpus  # noqa: E402
 from quality import engine_options, load_documents, resolve_model, training_length  # noqa: E402
+from lminf_vllm.cpu_isa import describe  # noqa: E402
 
 MODES = ("1x", "stock", "window", "lminf", "nocap")
 MODE_LABELS = {
@@ -288,7 +289,7 @@ def main(argv=None):
     result["machine"] = f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}"
     out = args.out or Path("out") / f"generation-{model.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out.write_text(json.dumps({**result, "cpu": describe()}, indent=2) + "\n")
     cfg = result["lminf"]
     title = f"{model.name}: G={cfg['global_tokens']} W={cfg['local_tokens']} C={cfg['distance_cap']}"
     plotted = plot(result, out.with_suffix(".png"), title)

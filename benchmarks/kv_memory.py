@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from shape_args import add_lminf_args
+from lminf_vllm.cpu_isa import describe
 
 
 def in_process_engine_env() -> None:
@@ -126,7 +127,7 @@ def main(argv=None):
         row = {"prompt_tokens": n, "backend": backend, **run_one(args, model, backend, n)}
         results["rows"].append(row)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
+    args.out.write_text(json.dumps({**results, "cpu": describe()}, indent=2))
     print_table(results["rows"], args)
     print(f"\nwrote {args.out}")
     plot(results["rows"], args, args.out.with_suffix(".png"))

@@ -45,6 +45,7 @@ import requests
 sys.path.insert(0, str(Path(__file__).parent))
 
 from soak import wait_ready  # noqa: E402
+from lminf_vllm.cpu_isa import describe  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = Path.home() / ".cache" / "lminf-vllm" / "SmolLM2-135M-Instruct"
@@ -273,7 +274,7 @@ def main(argv=None) -> int:
     }
     out = ROOT / args.out if not Path(args.out).is_absolute() else Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
+    out.write_text(json.dumps({**report, "cpu": describe()}, indent=1) + "\n")
     print_table(runs)
     print(f"\nwrote {out}")
     return 0

@@ -33,6 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import engine_options, resolve_model, training_length  # noqa: E402
+from lminf_vllm.cpu_isa import describe  # noqa: E402
 
 INTRO = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -226,7 +227,8 @@ def main(argv=None):
                                               block_size=args.block_size, k=k),  # fmt: skip
             "trials": rows,
         }
-        args.out.write_text(json.dumps(doc, indent=2) + "\n")  # after every (mode, length): a long run keeps what it did
+        # After every (mode, length): a long run keeps what it did.
+        args.out.write_text(json.dumps({**doc, "cpu": describe()}, indent=2) + "\n")
     print(f"\n{model.name} (training length {L}), passkey accuracy over {args.trials} depths; lminf {doc['lminf']}")
     print("| mode | " + " | ".join(str(n) for n in args.lengths) + " |")
     print("|---" * (len(args.lengths) + 1) + "|")

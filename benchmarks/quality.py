@@ -39,6 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import corpus  # noqa: E402
+from lminf_vllm.cpu_isa import describe  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 TINY_MODEL = HERE / "models" / "tiny-rope-L256"
@@ -244,7 +245,7 @@ def main(argv=None):
     result["machine"] = f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}"
     out = args.out or Path("out") / f"quality-{model.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out.write_text(json.dumps({**result, "cpu": describe()}, indent=2) + "\n")
     cfg = result["lminf"]
     title = f"{model.name}: G={cfg['global_tokens']} W={cfg['local_tokens']} C={cfg['distance_cap']}"
     if "topk" in result:

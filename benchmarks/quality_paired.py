@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 import quality  # noqa: E402
+from lminf_vllm.cpu_isa import describe  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -87,7 +88,7 @@ def main(argv=None):
         "command": "python benchmarks/quality_paired.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    args.out.write_text(json.dumps({**result, "cpu": describe()}, indent=2) + "\n")
     for d in result["documents"]:
         print(f"{d['name']:16s} Λ {d['ppl_lminf']:.4f}  top-k {d['ppl_topk']:.4f}  ratio {d['ratio']:.4f}")
     print(f"all: ratio {result['ratio']:.4f}, 95% interval {result['ratio_interval_95']}\nwrote {args.out}")

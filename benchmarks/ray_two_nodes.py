@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from lminf_vllm.cpu_isa import describe
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = Path(sys.executable).with_name("ray")
@@ -194,7 +195,7 @@ def main() -> int:
         "versions": {"vllm": vllm.__version__, "ray": ray_module.__version__},
         "command": "python benchmarks/ray_two_nodes.py",
     }
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    Path(args.out).write_text(json.dumps({**result, "cpu": describe()}, indent=1) + "\n")
     print("wrote", args.out)
     return 0 if equal and spread else 1
 

@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from corpus import corpus_info, held_out_documents  # noqa: E402
 from kv_memory import in_process_engine_env  # noqa: E402
 from quality import resolve_model  # noqa: E402
+from lminf_vllm.cpu_isa import describe  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -133,7 +134,7 @@ def main(argv=None):
            "command": "python benchmarks/serve_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "seconds": round(time.time() - started), "rows": rows}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(doc, indent=2) + "\n")
+    args.out.write_text(json.dumps({**doc, "cpu": describe()}, indent=2) + "\n")
     print(f"\nprefill: {args.inside} tokens inside the window, then {args.past} past it; decode: {args.gen} steps "
           f"at {args.decode_inside} and {args.decode_past} tokens")  # fmt: skip
     print("| backend | prefill inside tok/s | prefill past tok/s | past / inside | decode inside ms | "

@@ -32,6 +32,7 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).parent))
 from kv_memory import page_bytes  # noqa: E402
+from lminf_vllm.cpu_isa import describe  # noqa: E402
 
 CHAT = "chat"
 COMPLETION = "completion"
@@ -226,7 +227,7 @@ def run(args) -> dict:
     report["total_requests"] = sum(r["requests"] for r in report["rounds"])
     report["total_tokens"] = sum(r["tokens"] for r in report["rounds"])
     report["total_seconds"] = round(sum(r["seconds"] for r in report["rounds"]), 1)
-    args.out.write_text(json.dumps(report, indent=2))
+    args.out.write_text(json.dumps({**report, "cpu": describe()}, indent=2))
     return report
 
 

@@ -28,6 +28,7 @@ from kv_memory import default_model, in_process_engine_env, page_bytes  # noqa: 
 from shape_args import add_lminf_args  # noqa: E402
 
 from lminf_vllm.block_policy import max_blocks_per_sequence  # noqa: E402
+from lminf_vllm.cpu_isa import describe  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -109,7 +110,8 @@ def main(argv=None):
     for n, backend in tqdm([(n, b) for n in args.lengths for b in args.backends], desc="throughput", file=sys.stderr):
         rows.append({"prompt_tokens": n, "backend": backend, **measure(args, model, backend, n)})
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2))
+    recorded = {"cpu": describe(), "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}
+    args.out.write_text(json.dumps(recorded, indent=2))
     print(
         f"\nbatch {args.batch}, {args.gen} tokens generated per sequence; lminf G={args.global_tokens} "
         f"W={args.local_tokens} C={args.distance_cap}; block {args.block_size}; chunks of {args.step_tokens}"

@@ -32,6 +32,7 @@ from passkey import CORPUS, NEEDLE, trials  # noqa: E402
 from lminf_vllm.config import LminfConfig  # noqa: E402
 from lminf_vllm.testing.reference import DenseLlama  # noqa: E402
 from lminf_vllm.testing.topk_reference import blockwise_topk_attention, chunk_spans  # noqa: E402
+from lminf_vllm.cpu_isa import describe  # noqa: E402
 
 RULES = ("max/last", "sum/last", "max/max", "sum/max")  # group reduce / chunk rule
 
@@ -113,7 +114,7 @@ def main(argv=None):
     doc["runs"] = [r for r in doc["runs"] if r["setting"] != setting or r["command"] != command]
     doc["runs"].append({"setting": setting, "command": command, "results": results})
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(doc, indent=2) + "\n")
+    args.out.write_text(json.dumps({**doc, "cpu": describe()}, indent=2) + "\n")
     depths = [c["depth"] for c in cases]
     print(f"\n{model_dir.name}, ~{args.length} tokens, {setting}")
     print("| mode | accuracy | " + " | ".join(f"depth {d}" for d in depths) + " |")

@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from corpus import corpus_info  # noqa: E402
 from kv_memory import in_process_engine_env  # noqa: E402
 from serve_speed import model_and_tokens, prompt  # noqa: E402
+from lminf_vllm.cpu_isa import describe  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -111,7 +112,7 @@ def main(argv=None):
            "command": "python benchmarks/topk_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "seconds": round(time.time() - started), "rows": rows, "ratios": ratios}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(doc, indent=2) + "\n")
+    args.out.write_text(json.dumps({**doc, "cpu": describe()}, indent=2) + "\n")
     print("| mode | prompt tokens | prefill tok/s | decode ms/step |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['mode']} | {r['prompt_tokens']} | {r['prefill_tok_s']} | {r['decode_ms']} |")

@@ -22,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 from quality import resolve_model  # noqa: E402
+from lminf_vllm.cpu_isa import describe  # noqa: E402
 
 VLLM = Path(sys.executable).with_name("vllm")
 
@@ -71,7 +72,8 @@ def main(argv=None):
     model = resolve_model(args.model)
     rows = [run(args, model, b, n) for n in args.lengths for b in args.backends]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2) + "\n")
+    recorded = {"cpu": describe(), "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}
+    args.out.write_text(json.dumps(recorded, indent=2) + "\n")
     base = {r["prompt_tokens"]: r for r in rows if r["backend"] == args.backends[0]}
     print(f"\nvllm bench throughput: {args.num_prompts} prompts, {args.output_len} tokens out each")
     print(f"| prompt | backend | requests/s | tokens/s | x {args.backends[0]} |")

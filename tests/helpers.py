@@ -2,6 +2,9 @@
 
 Each is written with the runtime's own parts, as it was in the module its section names."""
 
+import contextlib
+import logging
+
 import torch
 
 from lminf_vllm import topk_store, versions
@@ -92,3 +95,21 @@ def rotate_rows(keys: torch.Tensor, row: PoolRow, rotary) -> None:
     (rope.rotate, float32); the engine's is vLLM's rotary op (paths/topk/ops.rotate_rows)."""
     cos, sin = row.turn.float().chunk(2)
     keys.copy_(rotate(keys.float(), cos, sin, rotary))
+
+
+@contextlib.contextmanager
+def logged(name: str = "vllm.lminf"):
+    """The messages a logger writes meanwhile, at INFO and up, whatever vLLM's logging config does
+    with propagation (caplog sees only what reaches the root logger)."""
+    lines: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: lines.append(record.getMessage())
+    log = logging.getLogger(name)
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(min(level or logging.INFO, logging.INFO))
+    try:
+        yield lines
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)

@@ -1,8 +1,9 @@
 """The engine `make serve` starts, defaults included, against stock vLLM and the dense reference.
 
 `make serve` passes only the backend, `{"lminf": {"global_tokens": 10}}` and a
-long max_model_len; everything else is vLLM's default: bfloat16 (dtype auto on
-CPU), vLLM's default block size, torch.compile and chunked prefill on. Here the
+long max_model_len; everything else is vLLM's default: dtype auto (bfloat16 on a CPU
+with bfloat16 instructions, float32 without: lminf_vllm/cpu_isa.py), vLLM's default
+block size, torch.compile and chunked prefill on. Here the
 same options on the tiny test model (a table of 128 positions, so W = C = 128):
 inside the window the result must equal the stock backend's; past it the
 float64 dense reference within bfloat16's precision, and clearly closer to it
@@ -16,6 +17,7 @@ from vllm import SamplingParams
 from conftest import TABLE
 from engine import engine, prompt_logprobs, random_prompt
 from lminf_vllm.config import LminfConfig
+from lminf_vllm.cpu_isa import native_bfloat16
 from lminf_vllm.testing.reference import DenseLlama
 
 SERVE_LMINF = {"lminf": {"global_tokens": 10}}  # the Makefile's LMINF_CONFIG
@@ -24,7 +26,7 @@ PARAMS = SamplingParams(max_tokens=8, temperature=0.0, prompt_logprobs=0, ignore
 
 
 def generate(model, backend, prompts, **options):
-    with engine(model, backend=backend, **DEFAULTS, **options) as llm:
+    with engine(model, backend=backend, **{**DEFAULTS, **options}) as llm:
         config = llm.llm_engine.vllm_config
         used = (config.model_config.dtype, config.cache_config.block_size, config.compilation_config.mode)
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], PARAMS, use_tqdm=False)
@@ -41,13 +43,14 @@ def lminf_run(tiny_llama):
 
 def test_the_defaults_are_what_users_start(lminf_run):
     (dtype, block_size, compile_mode), *_ = lminf_run
-    assert dtype == torch.bfloat16 and block_size == 128  # vLLM's defaults on CPU
+    assert dtype == (torch.bfloat16 if native_bfloat16() else torch.float32) and block_size == 128
     assert compile_mode is not None and int(compile_mode) > 0  # torch.compile on
 
 
 def test_inside_the_window_equals_stock(tiny_llama, lminf_run):
-    _, short, ours, _, _ = lminf_run
-    _, stock = generate(tiny_llama, "CPU_ATTN", short, max_model_len=TABLE)  # stock stops at the table
+    (dtype, *_), short, ours, _, _ = lminf_run
+    # Stock stops at the table; it gets the dtype lminf's auto chose (they differ without bfloat16 instructions).
+    _, stock = generate(tiny_llama, "CPU_ATTN", short, max_model_len=TABLE, dtype=str(dtype).removeprefix("torch."))
     for (tok_o, lp_o), (tok_s, lp_s) in zip(ours, stock):
         assert tok_o == tok_s
         torch.testing.assert_close(lp_o, lp_s, atol=1e-6, rtol=0)  # the same kernel calls: bit for bit

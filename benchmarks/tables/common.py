@@ -25,11 +25,35 @@ class Doc:
         return Path(os.path.relpath(ROOT / rel, self.dir)).as_posix()
 
     def source(self, rel: str, command: str, note: str = "") -> str:
-        """The line under a table: which file, which command."""
-        return f"Source: [`{rel}`]({self.link(rel)}){note}; made by `{command}`."
+        """The line under a table: which file, which command, and (CPU results) which CPU."""
+        line = f"Source: [`{rel}`]({self.link(rel)}){note}; made by `{command}`."
+        return line if rel.startswith(GPU) else f"{line} {cpu_line(rel)}"
 
     def image(self, rel: str, alt: str) -> str:
         return f"![{alt}]({self.link(rel)})"
+
+
+def cpu_of(rel: str) -> dict | None:
+    """The CPU a results file says it ran on (lminf_vllm/cpu_isa.describe), or None for older files."""
+    data = load(rel)
+    return data.get("cpu") if isinstance(data, dict) else None
+
+
+def cpu_line(rel: str) -> str:
+    cpu = cpu_of(rel)
+    if cpu is None:
+        return "CPU: not recorded (this file predates results that name their CPU)."
+    isa = next((f for f in ("amx", "avx512_bf16", "avx512f", "avx2") if cpu.get(f)), "no AVX2")
+    capped = "".join(f", capped by {k}={v}" for k, v in cpu.get("isa_capped_by", {}).items())
+    return f"CPU: {cpu['model']}, {cpu['cores']} cores, {isa}{capped}; torch {cpu['torch']}, vLLM {cpu['vllm']}."
+
+
+def same_cpu(*rels: str) -> None:
+    """A ratio or table over several results files only when they name the same CPU (or none does)."""
+    recorded = {rel: cpu_of(rel) for rel in rels}
+    named = {json.dumps(c, sort_keys=True) for c in recorded.values() if c is not None}
+    if len(named) > 1 or (named and None in recorded.values()):
+        raise SystemExit(f"results from different CPUs in one table: {', '.join(rels)}; rerun them on one machine")
 
 
 def table(header: list[str], rows: list[list]) -> str:

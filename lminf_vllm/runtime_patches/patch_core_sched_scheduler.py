@@ -1,4 +1,4 @@
-"""Put lminf's engine-core counts on each step's scheduler stats.
+"""Put lminf's engine-core counts on each step's scheduler stats, and log long prefills' progress.
 
 Target: vllm.v1.core.sched.scheduler.Scheduler.make_stats and .update_from_output
 Why: the blocks lminf frees and holds are known to its KV managers, inside the
@@ -12,13 +12,19 @@ How: update_from_output keeps the rows tally a ModelRunnerOutput brings (per
     cumulative blocks freed and rows per way, and blocks held now. Reads
     O(G/B + W/B) blocks per running sequence; the managers are found once per
     scheduler. Other engines' stats are vLLM's own.
+    After each step of an lminf engine, update_from_output also hands the running
+    requests to lminf_vllm.prefill_progress, which logs a line every 10 s for a
+    prompt still being prefilled (vLLM's stats line counts a prompt only once it
+    is done, so a long prefill left the server's log silent for minutes).
 Upstream: `make_plugin_stats()` on each KV cache manager, merged into
     SchedulerStats by the scheduler; LminfManager's would return the snapshot
-    (the rows tally included: the builder runs in that process).
+    (the rows tally included: the builder runs in that process); prompt tokens
+    counted per computed chunk in vLLM's iteration stats, for the progress.
 Remove when: vLLM has such a hook.
 """
 
 from lminf_vllm.metrics import ROWS_ATTR, SNAPSHOT_FIELD, engine_snapshot
+from lminf_vllm.prefill_progress import PrefillProgress
 from lminf_vllm.runtime_patches._util import is_patched, replace_attr
 from lminf_vllm.versions import SUPPORTED_VLLM_SERIES
 
@@ -56,7 +62,10 @@ def apply() -> bool:
                 rows = self.__dict__.setdefault("_lminf_rows", {})
                 for way, total in sent.items():
                     rows[way] = max(rows.get(way, 0), total)
-            return original(self, scheduler_output, model_runner_output, *args, **kwargs)
+            outputs = original(self, scheduler_output, model_runner_output, *args, **kwargs)
+            if lminf_managers(self):
+                self.__dict__.setdefault("_lminf_prefill_progress", PrefillProgress()).after_step(self.running)
+            return outputs
 
         return update_from_output
 

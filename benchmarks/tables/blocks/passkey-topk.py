@@ -3,7 +3,7 @@ accuracy on the same prompts from the other passkey file where the keys match.""
 
 from fractions import Fraction
 
-from tables.common import RESULTS, cell_text, load, pct, table, tokens
+from tables.common import RESULTS, cell_text, load, pct, same_cpu, table, tokens
 
 
 def depth_name(depth: float) -> str:
@@ -41,6 +41,7 @@ def render(doc) -> str:
               "device KV blocks per sequence, decode: pool + top-k buffer = device / bound",
               "prefill chunk: device / bound"]
     stock_rel = f"{RESULTS}/passkey-smollm2.json"
+    same_cpu(rel, stock_rel)
     stock = load(stock_rel)["results"].get("stock", {})
     keys = lambda r: [(t["depth"], t["key"]) for t in r["trials"]]  # noqa: E731
     shared = [n for n in lengths if "stock" not in res and str(n) in stock

@@ -1,12 +1,13 @@
 """The tiny model's top-k row again with the smallest selection (one block of 16), beside Λ's row
 from another file (the two files must share settings: checked)."""
 
-from tables.common import RESULTS, load
+from tables.common import RESULTS, load, same_cpu
 from tables.quality import topk_ratio_table
 
 
 def render(doc) -> str:
     rel, base_rel = f"{RESULTS}/quality-tiny-rope-L256-topk-small.json", f"{RESULTS}/quality-tiny-rope-L256.json"
+    same_cpu(rel, base_rel)  # its ratios divide one file's numbers by the other's
     small, base = load(rel), load(base_rel)
     assert small["lminf"] == base["lminf"] and small["documents"] == base["documents"], "not the same settings"
     L = small["training_length"]
