@@ -81,13 +81,14 @@ def main(argv=None):
         "shm_broadcast_warnings": sum("shared memory broadcast" in line for line in meanwhile),
         "dtype_line": next((line.split("lminf: ", 1)[1] for line in log_lines(args.server_log)
                             if "lminf: dtype auto" in line), None),
-        "cpu": describe(),
     }  # fmt: skip
-    doc = json.loads(args.out.read_text()) if args.out.exists() else {"rows": []}
+    doc = json.loads(args.out.read_text()) if args.out.exists() else {"cpu": describe(), "rows": []}
+    if doc.get("cpu") != describe():  # rows of one file are compared with each other: one CPU
+        raise SystemExit(f"{args.out} holds rows from another CPU ({doc.get('cpu')}); write to a new file")
     doc["rows"] = [r for r in doc["rows"] if r["label"] != args.label] + [row]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in row.items() if k != "cpu"}))
+    print(json.dumps(row))
 
 
 if __name__ == "__main__":

@@ -62,10 +62,12 @@ def auto_dtype(config_dtype: torch.dtype) -> tuple[torch.dtype | None, str]:
         return None, f"this CPU computes bfloat16 natively ({isa_summary()}), so vLLM's choice stands"
     if config_dtype == torch.float16:
         return None, "the model's config asks for float16, so vLLM's choice stands"
-    return torch.float32, (
-        f"this CPU has no bfloat16 instructions ({isa_summary()}): bfloat16 would be emulated, "
-        "float32 is several times faster"
-    )
+    capability = torch.backends.cpu.get_cpu_capability()
+    if isa_flags()["avx512_bf16"] and not capability.startswith("AVX512"):
+        whose = f"torch computes with {capability} here (ATEN_CPU_CAPABILITY), not the CPU's AVX-512 BF16"
+    else:
+        whose = f"this CPU has no bfloat16 instructions ({isa_summary()})"
+    return torch.float32, f"{whose}: bfloat16 would be emulated, 3-4x slower than float32 (docs/serving.md)"
 
 
 def isa_flags() -> dict[str, bool]:
