@@ -14,7 +14,7 @@ MAX_MODEL_LEN ?= 131072
 KV_CACHE_GIB  ?= 4
 LMINF_CONFIG  ?= {"lminf": {"global_tokens": 10}}
 # vLLM keeps one core for its front-end and engine loop; on a small machine that is half the
-# compute: a 13,789-token chat's first token came in 47.5 s with none kept, 94.3 s with one, on
+# compute: a 13,789-token chat's first token came in 47.5 s with none kept, 94.2 s with one, on
 # 2 cores (docs/serving.md). So keep none up to 4 cores; more than that, vLLM's default.
 RESERVED_CPUS ?= $(or $(VLLM_CPU_NUM_OF_RESERVED_CPU),$(shell [ "$$(nproc)" -le 4 ] && echo 0))
 SERVE_ARGS    ?=

@@ -32,6 +32,8 @@ class PrefillProgress:
                 continue
             prefilling.add(r.request_id)
             start, done0, last = self._seen.setdefault(r.request_id, (now, done, now))
+            if done < done0:  # preempted and started again: measure the rate from here
+                start, done0, last = self._seen[r.request_id] = (now, done, now)
             if now - last < self.interval_s:
                 continue
             self._seen[r.request_id] = (start, done0, now)

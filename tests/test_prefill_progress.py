@@ -38,6 +38,17 @@ def test_one_line_per_interval_while_prefilling_none_after():
     assert tracker._seen == {}
 
 
+def test_a_preempted_prompt_starts_its_rate_again():
+    clock = Clock()
+    tracker = PrefillProgress(interval_s=10, clock=clock)
+    tracker.after_step([req("a", 4096, 8192)])
+    clock.now = 5
+    tracker.after_step([req("a", 0, 8192)])  # preempted: its computed tokens are gone
+    clock.now = 15
+    (line,) = tracker.after_step([req("a", 2048, 8192)])
+    assert "2,048 of 8,192" in line and "(205 tokens/s" in line  # 2,048 tokens in the 10 s since
+
+
 def test_a_real_engine_logs_a_long_prompts_progress(tiny_llama, monkeypatch):
     monkeypatch.setattr(prefill_progress, "INTERVAL_S", 0.0)  # every step, so the tiny model's steps show
     prompt = random_prompt(600, seed=3)
