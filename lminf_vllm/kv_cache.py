@@ -96,37 +96,31 @@ class LminfManager(SlidingWindowManager):
         pcp_world_size: int = 1,
     ):
         """Longest prefix whose global and window blocks are all still cached;
-        the blocks in between may be gone and come back as null blocks."""
+        the blocks in between may be gone and come back as null blocks. One
+        backward scan (block_policy.longest_cached_prefix): a cold prompt costs
+        one lookup when G > 0, at most one per block otherwise."""
         assert isinstance(kv_cache_spec, LminfSpec)
         B, G, W = kv_cache_spec.block_size, kv_cache_spec.global_tokens, kv_cache_spec.sliding_window
+        lookups: dict[int, list | None] = {}
+
+        def is_cached(i: int) -> bool:
+            lookups[i] = block_pool.get_cached_block(block_hashes[i], kv_cache_group_ids)
+            return lookups[i] is not None
+
+        num_blocks = block_policy.longest_cached_prefix(
+            min(max_length // B, len(block_hashes)), G, W, B, is_cached,
+            aligned=lambda k: (k * B) % alignment_tokens == 0,
+        )  # fmt: skip
         null = block_pool.null_block
-        lookups: dict[int, tuple | None] = {}
-
-        def cached(i: int):
-            if i not in lookups:
-                lookups[i] = block_pool.get_cached_block(block_hashes[i], kv_cache_group_ids)
-            return lookups[i]
-
-        num_blocks = min(max_length // B, len(block_hashes))
-        while num_blocks > 0:
-            if (num_blocks * B) % alignment_tokens:
-                num_blocks -= 1
-                continue
-            needed = block_policy.blocks_needed_for_hit(num_blocks, G, W, B)
-            missing = next((i for i in reversed(needed) if not cached(i)), None)
-            if missing is None:
-                hit = tuple([null] * num_blocks for _ in kv_cache_group_ids)
-                for i in needed:
-                    for group, block in zip(hit, cached(i)):
-                        group[i] = block
-                if drop_eagle_block:
-                    for group in hit:
-                        group.pop()
-                return hit, len(hit[0]) * B
-            # Every longer prefix than `missing` needs that block too (it is a
-            # global one, or inside their windows): try `missing` blocks next.
-            num_blocks = missing
-        return tuple([] for _ in kv_cache_group_ids), 0
+        hit = tuple([null] * num_blocks for _ in kv_cache_group_ids)
+        for i in block_policy.blocks_needed_for_hit(num_blocks, G, W, B):
+            blocks = lookups[i] if i in lookups else block_pool.get_cached_block(block_hashes[i], kv_cache_group_ids)
+            for group, block in zip(hit, blocks):
+                group[i] = block
+        if drop_eagle_block and num_blocks:
+            for group in hit:
+                group.pop()
+        return hit, len(hit[0]) * B if hit else 0
 
     @classmethod
     def reachable_block_mask(cls, *args, **kwargs):

@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 from helpers import kept_blocks
 from lminf_vllm.block_policy import (
     blocks_needed_for_hit,
+    longest_cached_prefix,
     cdiv,
     first_window_block,
     freeable_blocks,
@@ -109,3 +110,31 @@ def test_a_missing_block_rules_out_every_longer_hit(p, num_blocks, data):
     m = data.draw(st.sampled_from(needed))
     for longer in range(m + 1, num_blocks + 1):
         assert m in blocks_needed_for_hit(longer, G, W, B)
+
+
+@settings(max_examples=400, deadline=None)
+@given(params, st.integers(0, 150), st.data())
+def test_the_one_scan_prefix_lookup_equals_trying_every_length(p, max_blocks, data):
+    """longest_cached_prefix against its definition (the longest aligned prefix whose needed blocks
+    are all cached), asking about each block at most once."""
+    G, W, B = p
+    cached = data.draw(st.sets(st.integers(0, max(0, max_blocks - 1))))
+    align = data.draw(st.sampled_from([1, 1, 2, 3]))
+    asked = []
+
+    def is_cached(i):
+        asked.append(i)
+        return i in cached
+
+    got = longest_cached_prefix(max_blocks, G, W, B, is_cached, aligned=lambda k: k % align == 0)
+    want = next((k for k in range(max_blocks, 0, -1)
+                 if k % align == 0 and all(i in cached for i in blocks_needed_for_hit(k, G, W, B))), 0)
+    assert got == want
+    assert len(asked) == len(set(asked)) <= max_blocks
+
+
+def test_a_cold_million_token_prompt_is_one_question():
+    """Llama 3.1's default window (W = C = 131,072), blocks of 16, a 1M-token prompt nobody sent before."""
+    asked = []
+    hit = longest_cached_prefix(1_000_000 // 16, 10, 131_072, 16, lambda i: asked.append(i) or False)
+    assert hit == 0 and asked == [0]
