@@ -36,17 +36,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import corpus  # noqa: E402
+from mode_labels import GENERATION as MODE_LABELS  # noqa: E402
 from quality import engine_options, load_documents, resolve_model, training_length  # noqa: E402
 from lminf_vllm.cpu_isa import describe  # noqa: E402
 
 MODES = ("1x", "stock", "window", "lminf", "nocap")
-MODE_LABELS = {
-    "1x": "1x: stock on the last L-T tokens only",
-    "stock": "stock attention",
-    "window": "window only (G=0)",
-    "lminf": "LM-Infinite",
-    "nocap": "LM-Infinite, no distance cap",
-}
 SETTINGS = ("greedy", "sampled")
 
 

@@ -39,20 +39,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import corpus  # noqa: E402
+from mode_labels import QUALITY as MODE_LABELS  # noqa: E402
 from lminf_vllm.cpu_isa import describe  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 TINY_MODEL = HERE / "models" / "tiny-rope-L256"
 NO_CAP = 10**9
 MODES = ("segments", "stock", "window", "lminf", "nocap", "topk")
-MODE_LABELS = {
-    "segments": "1x: each training-length piece read alone",
-    "stock": "stock attention",
-    "window": "window only (G=0)",
-    "lminf": "LM-Infinite",
-    "nocap": "LM-Infinite, no distance cap",
-    "topk": "LM-Infinite + top-k middle blocks",
-}
 
 
 def resolve_model(name: str) -> Path:

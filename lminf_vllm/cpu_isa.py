@@ -8,19 +8,24 @@ float32 on an AVX2 EPYC (docs/serving.md). With native bfloat16 (AVX-512 BF16,
 AMX) bfloat16 is the fast choice. No vLLM import here: plain facts and one rule.
 """
 
+import functools
 import platform
 from pathlib import Path
 
 import torch
 
 
+@functools.cache
+def _cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
 def _cpuinfo_flags() -> set[str]:
     """The kernel's feature flags of the first CPU ("flags" on x86, "Features" on Arm)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
+    for line in _cpuinfo().splitlines():
         key, _, value = line.partition(":")
         if key.strip() in ("flags", "Features"):
             return set(value.split())
@@ -28,12 +33,8 @@ def _cpuinfo_flags() -> set[str]:
 
 
 def _model_name() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or "unknown"
     fields = {}
-    for line in text.splitlines():
+    for line in _cpuinfo().splitlines():
         key, _, value = line.partition(":")
         fields.setdefault(key.strip(), value.strip())
     name = fields.get("model name") or fields.get("Model name") or platform.processor() or "unknown"

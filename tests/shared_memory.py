@@ -45,6 +45,8 @@ def mapped() -> set[str]:
 def remove_orphans(names: set[str]) -> list[str]:
     """Unlink those of `names` that no living process maps; returns what was removed."""
     removed = []
+    if not names:  # the common case: reading every process's maps is the costly part
+        return removed
     for name in sorted(names - mapped()):
         try:
             (SHM / name).unlink()

@@ -2,9 +2,7 @@
 the "generation" kind of spec, {"kind": "generation", "file": ..., "image": "alt text"}."""
 
 from tables.common import Doc, load, lminf_settings, num, ratio, table
-from tables.quality import MODE_NAMES
-
-GEN_MODE_NAMES = {"1x": "1x: stock on the last L-T tokens only", **{k: v for k, v in MODE_NAMES.items() if k != "segments"}}
+from mode_labels import GENERATION as GEN_MODE_NAMES
 
 
 def pooled_table(g: dict) -> str:

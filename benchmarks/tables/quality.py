@@ -7,16 +7,9 @@
 "topk": false leaves the top-k row out. Also the Λ-against-top-k table of two bespoke blocks.
 """
 
+from mode_labels import QUALITY as MODE_NAMES
 from tables.common import Doc, load, num, ratio, table, tokens
 
-MODE_NAMES = {
-    "segments": "1x: each training-length piece read alone",
-    "stock": "stock attention",
-    "window": "window only (G=0)",
-    "lminf": "LM-Infinite",
-    "nocap": "LM-Infinite, no distance cap",
-    "topk": "LM-Infinite + top-k middle blocks",
-}
 
 SHORT_NAMES = {"segments": "1x", "stock": "stock", "window": "window only", "lminf": "LM-Infinite", "nocap": "no cap",
                "topk": "top-k"}
