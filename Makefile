@@ -10,7 +10,8 @@ MODEL_NAME ?= $(notdir $(MODEL))
 PORT   ?= 8000
 HOST   ?= 127.0.0.1
 # Serving defaults for a CPU machine; override on the command line.
-MAX_MODEL_LEN ?= 131072
+# 2^30: under lminf nothing is sized by max_model_len (docs/sessions.md), so no limit that matters.
+MAX_MODEL_LEN ?= 1073741824
 KV_CACHE_GIB  ?= 4
 LMINF_CONFIG  ?= {"lminf": {"global_tokens": 10}}
 # vLLM keeps one core for its front-end and engine loop; on a small machine that is half the

@@ -209,8 +209,11 @@ class DecodePlan:
     seen_dist: torch.Tensor  # [R, nb * B] distance the model is shown per slot (ALiBi's d)
 
 
-def plan_decode(seq_lens: torch.Tensor, block_table: torch.Tensor, cfg: LminfConfig, block_size: int) -> list[DecodePlan]:
-    """Plans for R decode queries, one per request at position seq_lens[r] - 1."""
+def plan_decode(
+    seq_lens: torch.Tensor, block_table: torch.Tensor, cfg: LminfConfig, block_size: int, rows: torch.Tensor | None = None
+) -> list[DecodePlan]:
+    """Plans for R decode queries, one per request at position seq_lens[r] - 1; request r's
+    blocks are in table row rows[r] (default: row r)."""
     if not seq_lens.numel():
         return []
     B = block_size
@@ -244,7 +247,8 @@ def plan_decode(seq_lens: torch.Tensor, block_table: torch.Tensor, cfg: LminfCon
         plans.append(
             DecodePlan(
                 first=a,
-                blocks=block_table[a : a + group].gather(1, blk).long(),
+                # only the columns needed: a row is max_model_len / B wide
+                blocks=(block_table[a : a + group].gather(1, blk) if rows is None else block_table[rows[a : a + group, None], blk]).long(),
                 valid=valid,
                 glob_slots=g,
                 glob_delta=d_g.clamp(max=cfg.distance_cap) - d_g,
@@ -315,11 +319,11 @@ def plan_rows(requests, block_table: torch.Tensor, cfg: LminfConfig, block_size:
     dev = block_table.device
     decodes = [r for r in requests if r[2] == 1]
     seq = torch.tensor([r[3] for r in decodes], dtype=torch.long, device=dev)
-    table = block_table.index_select(0, torch.tensor([r[0] for r in decodes], dtype=torch.long, device=dev))
+    rows = torch.tensor([r[0] for r in decodes], dtype=torch.long, device=dev)
     return RowsPlan(
         layout=layout,
         decode_tokens=torch.tensor([r[1] for r in decodes], dtype=torch.long, device=dev),
-        decode_plans=plan_decode(seq, table, cfg, block_size),
+        decode_plans=plan_decode(seq, block_table, cfg, block_size, rows),
         chunks=[(r, a, a + t, n) for r, a, t, n in requests if t > 1],
     )
 

@@ -71,10 +71,11 @@ def rows_tally() -> dict[str, int]:
 def held_blocks(blocks: list, first_gap_block: int) -> int:
     """Blocks a sequence holds: its global blocks, and the run of real blocks at the
     end (the window and what is being filled); freed ones are vLLM's null block.
-    Reads O(G/B + W/B) entries, not the whole table."""
+    Reads O(G/B + W/B) entries, not the whole table (nor a copy of it: a list slice
+    of a 10M-token session's blocks would be one)."""
     held = sum(not b.is_null for b in blocks[:first_gap_block])
-    for b in reversed(blocks[first_gap_block:]):
-        if b.is_null:
+    for k in range(len(blocks) - 1, first_gap_block - 1, -1):
+        if blocks[k].is_null:
             break
         held += 1
     return held

@@ -40,6 +40,33 @@ def cos_sin_table(start: int, stop: int, inv_freq: torch.Tensor, scaling: float 
     return torch.cat((cos, sin), dim=-1) * scaling
 
 
+class StepCosSin(torch.nn.Module):
+    """cos/sin rows for one step's positions, in vLLM's cos_sin_cache layout.
+
+    Positions inside the stock table read its rows (bit for bit what the stock
+    module computes); positions past it get float64 angles, scaled, then cast.
+    Nothing here grows with max_model_len; all tensor ops of fixed shape per
+    step, so it traces under torch.compile and CUDA graphs.
+    """
+
+    def __init__(self, table: torch.Tensor, inv_freq: torch.Tensor, scaling: float = 1.0):
+        super().__init__()
+        self.register_buffer("table", table, persistent=False)
+        self.register_buffer("inv_freq", inv_freq.to(table.device, torch.float64), persistent=False)
+        self.scaling = scaling
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (rows [n, rotary_dim] for positions [n], the index of each position's row: arange(n))."""
+        last = self.table.shape[0] - 1
+        stock = self.table.index_select(0, positions.clamp(max=last))
+        angles = positions.to(torch.float64).unsqueeze(-1) * self.inv_freq
+        exact = torch.cat((angles.cos(), angles.sin()), dim=-1)
+        if self.scaling != 1.0:
+            exact = exact * self.scaling
+        rows = torch.where((positions <= last).unsqueeze(-1), stock, exact.to(stock.dtype))
+        return rows.to(dtype), torch.arange(positions.shape[0], device=positions.device)
+
+
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, spec: RotarySpec) -> torch.Tensor:
     """Rotate the first rotary_dim features of x. x: [..., D]; cos/sin broadcast to [..., rotary_dim/2]."""
     rot, rest = x[..., : spec.rotary_dim], x[..., spec.rotary_dim :]

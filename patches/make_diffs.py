@@ -284,53 +284,68 @@ def register_backend_alias(alias: str, backend: AttentionBackendEnum) -> None:
     )],
     "patch_model_loader_base_loader": [(
         "model_executor/layers/rotary_embedding/base.py",
-        '''        freqs = torch.einsum("i,j -> ij", t, inv_freq)
-        cos = freqs.cos()
-        sin = freqs.sin()
-        cache = torch.cat((cos, sin), dim=-1)
-        return cache
+        '''    def get_cos_sin(self, seqlen: int) -> tuple[torch.Tensor, torch.Tensor]:
 ''',
-        '''        freqs = torch.einsum("i,j -> ij", t, inv_freq)
-        cos = freqs.cos()
-        sin = freqs.sin()
-        cache = torch.cat((cos, sin), dim=-1)
-        # Positions past the table (a backend that caps distances): exact
-        # float64 angles from the same inverse frequencies.
-        rows = getattr(self, "max_model_len", 0)
-        if rows > cache.shape[0]:
-            t64 = torch.arange(cache.shape[0], rows, dtype=torch.float64)
-            freqs64 = torch.outer(t64, inv_freq.to(torch.float64))
-            extra = torch.cat((freqs64.cos(), freqs64.sin()), dim=-1)
-            cache = torch.cat((cache, extra.to(cache.dtype)), dim=0)
-        return cache
-''',
-    ), (
-        "model_executor/layers/rotary_embedding/linear_scaling_rope.py",
-        '''            cache = torch.cat((cos, sin), dim=-1)
-''',
-        '''            cache = torch.cat((cos, sin), dim=-1)
-            # Positions past the table, exact (float64), position / factor as above.
-            rows = getattr(self, "max_model_len", 0)
-            if rows > cache.shape[0] and len(self.scaling_factors) == 1:
-                t64 = torch.arange(cache.shape[0], rows, dtype=torch.float64)
-                freqs64 = torch.outer(t64 / scaling_factor, inv_freq.to(torch.float64))
-                extra = torch.cat((freqs64.cos(), freqs64.sin()), dim=-1)
-                cache = torch.cat((cache, extra.to(cache.dtype)), dim=0)
+        '''    def cos_sin_rows(
+        self, positions: torch.Tensor, query: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos/sin rows for the step's positions, each position's row).
+
+        The table's rows where it has them; past it (a backend that caps
+        distances serves past max_position_embeddings) exact float64 angles
+        from the same frequencies, so no table grows with max_model_len.
+        Scaled subclasses fold their factor into _compute_inv_freq's result
+        and their mscale into the rows, as their _compute_cos_sin_cache does.
+        """
+        table = self._match_cos_sin_cache_dtype(query)
+        last = table.shape[0] - 1
+        inv_freq = self._compute_inv_freq(self.base).to(positions.device, torch.float64)
+        angles = positions.to(torch.float64).unsqueeze(-1) * inv_freq
+        exact = torch.cat((angles.cos(), angles.sin()), dim=-1).to(table.dtype)
+        inside = (positions <= last).unsqueeze(-1)
+        rows = torch.where(inside, table.index_select(0, positions.clamp(max=last)), exact)
+        return rows, torch.arange(positions.shape[0], device=positions.device)
+
+    def get_cos_sin(self, seqlen: int) -> tuple[torch.Tensor, torch.Tensor]:
 ''',
     ), (
-        "model_executor/layers/rotary_embedding/yarn_scaling_rope.py",
-        '''        cache = torch.cat((cos, sin), dim=-1)
-        return cache
+        "model_executor/layers/rotary_embedding/base.py",
+        '''        from vllm import _custom_ops as ops
+
+        cos_sin_cache = self._match_cos_sin_cache_dtype(query)
+
+        # ops.rotary_embedding() is an in-place operation
+        # that updates the query and key tensors.
+        ops.rotary_embedding(
+            positions,
+            query,
+            key,
+            self.head_size,
+            cos_sin_cache,
+            self.is_neox_style,
+        )
+        return query, key
+
+    def extra_repr(self) -> str:
 ''',
-        '''        cache = torch.cat((cos, sin), dim=-1)
-        # Positions past the table, exact (float64), with the same mscale.
-        rows = getattr(self, "max_model_len", 0)
-        if rows > cache.shape[0]:
-            t64 = torch.arange(cache.shape[0], rows, dtype=torch.float64)
-            freqs64 = torch.outer(t64, inv_freq.to(torch.float64))
-            extra = torch.cat((freqs64.cos(), freqs64.sin()), dim=-1) * self.mscale
-            cache = torch.cat((cache, extra.to(cache.dtype)), dim=0)
-        return cache
+        '''        from vllm import _custom_ops as ops
+
+        # (forward_native and forward_cuda the same way)
+        cos_sin_cache, positions = self.cos_sin_rows(positions.flatten(), query)
+
+        # ops.rotary_embedding() is an in-place operation
+        # that updates the query and key tensors.
+        ops.rotary_embedding(
+            positions,
+            query,
+            key,
+            self.head_size,
+            cos_sin_cache,
+            self.is_neox_style,
+        )
+        return query, key
+
+    def extra_repr(self) -> str:
 ''',
     ), (
         "model_executor/model_loader/base_loader.py",
@@ -343,6 +358,62 @@ def register_backend_alias(alias: str, backend: AttentionBackendEnum) -> None:
                 attn = getattr(module, "attn", None)
                 if rope is not None and hasattr(getattr(attn, "impl", None), "bind_rotary"):
                     attn.impl.bind_rotary(rope)
+''',
+    )],
+    "patch_worker_gpu_input_batch": [(
+        "v1/worker/gpu_input_batch.py",
+        '''        # TODO(woosuk): This buffer could be too large if max_model_len is big.
+        # Find a way to reduce the CPU memory usage.
+        # This buffer is not directly transferred to the GPU, so it does not
+        # need to be pinned.
+        self.token_ids_cpu_tensor = torch.zeros(
+            (max_num_reqs, max_model_len),
+            device="cpu",
+            dtype=torch.int32,
+            pin_memory=False,
+        )
+        self.token_ids_cpu = self.token_ids_cpu_tensor.numpy()
+        self.is_token_ids_tensor = torch.zeros(
+            (max_num_reqs, max_model_len),
+            device="cpu",
+            dtype=bool,
+            pin_memory=False,
+        )
+        self.is_token_ids = self.is_token_ids_tensor.numpy()
+''',
+        '''        # Reserved as address space, not allocated: a page becomes memory when
+        # a request writes into it, so a row costs the tokens its request holds
+        # and max_model_len may be as large as a backend can serve (2^30).
+        # This buffer is not directly transferred to the GPU, so it does not
+        # need to be pinned.
+        self._token_rows = LazyZeros(max_num_reqs, max_model_len, torch.int32)
+        self.token_ids_cpu_tensor = self._token_rows.tensor
+        self.token_ids_cpu = self._token_rows.array
+        self._flag_rows = LazyZeros(max_num_reqs, max_model_len, torch.bool)
+        self.is_token_ids_tensor = self._flag_rows.tensor
+        self.is_token_ids = self._flag_rows.array
+''',
+    ), (
+        "v1/worker/gpu_input_batch.py",
+        '''        self._req_ids[req_index] = None
+        self.req_output_token_ids[req_index] = None
+        self.spec_token_ids[req_index].clear()
+        self.block_table.clear_row(req_index)
+''',
+        '''        self._req_ids[req_index] = None
+        self.req_output_token_ids[req_index] = None
+        self.spec_token_ids[req_index].clear()
+        self.block_table.clear_row(req_index)
+        # Hand the row's pages back (condense does the same for rows it vacates).
+        self._token_rows.release_rows([req_index])
+        self._flag_rows.release_rows([req_index])
+''',
+    ), (
+        "v1/worker/gpu_input_batch.py",
+        '''from vllm.utils.collection_utils import swap_dict_values
+''',
+        '''from vllm.utils.collection_utils import swap_dict_values
+from vllm.utils.lazy_zeros import LazyZeros  # lminf_vllm/lazy_zeros.py, as it is
 ''',
     )],
     "patch_metrics_stats": [(

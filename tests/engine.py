@@ -39,10 +39,15 @@ def engine(model, backend="lminf", lminf=None, **kwargs):
         gc.collect()
 
 
+def worker_runner(llm):
+    """The model runner inside an in-process engine."""
+    core = llm.llm_engine.engine_core.engine_core
+    return core.model_executor.driver_worker.worker.model_runner
+
+
 def worker_model(llm):
     """The torch model inside an in-process engine."""
-    core = llm.llm_engine.engine_core.engine_core
-    return core.model_executor.driver_worker.worker.model_runner.model
+    return worker_runner(llm).model
 
 
 def prompt_logprobs(request_output, token_ids) -> torch.Tensor:

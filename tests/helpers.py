@@ -113,3 +113,18 @@ def logged(name: str = "vllm.lminf"):
     finally:
         log.removeHandler(handler)
         log.setLevel(level)
+
+
+def resident_bytes(array, row: int, cols: int) -> int:
+    """Bytes of array[row, :cols] in memory now: pages present per /proc/self/pagemap.
+    (smaps cannot tell: the kernel merges neighbouring anonymous mappings.)"""
+    import mmap
+
+    import numpy as np
+
+    start = array.ctypes.data + row * array.strides[0]
+    first, last = start // mmap.PAGESIZE, (start + cols * array.itemsize - 1) // mmap.PAGESIZE
+    with open("/proc/self/pagemap", "rb") as pagemap:
+        pagemap.seek(first * 8)
+        entries = np.frombuffer(pagemap.read((last - first + 1) * 8), dtype=np.uint64)
+    return int((entries >> np.uint64(63)).sum()) * mmap.PAGESIZE

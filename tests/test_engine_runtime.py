@@ -10,7 +10,7 @@ from vllm import SamplingParams
 
 from conftest import TABLE
 from engine import engine, lminf_options, random_prompt, worker_model
-from lminf_vllm.rope import cos_sin_table, default_inv_freq
+from lminf_vllm.rope import cos_sin, default_inv_freq, rotate
 
 
 MULTIPROCESS_PROBE = """
@@ -56,16 +56,21 @@ def test_multiprocess_engine_runs_lminf_in_its_worker(tiny_llama, tmp_path):
     assert probe["tokens"] == in_process
 
 
-def test_rope_table_is_exact_past_max_position_embeddings(tiny_llama):
-    # (until the block manager bounds KV per sequence, the pool must hold 100k tokens)
-    with engine(tiny_llama, lminf=lminf_options(4, 64), max_model_len=100_000, kv_cache_memory_bytes=160 << 20) as llm:
+def test_rope_is_exact_past_max_position_embeddings_with_no_table_that_grows(tiny_llama):
+    with engine(tiny_llama, lminf=lminf_options(4, 64), max_model_len=1 << 24, max_num_seqs=2) as llm:
         rope = worker_model(llm).model.layers[0].self_attn.rotary_emb
-        table = rope.cos_sin_cache
-    assert table.shape[0] == 100_000
-    expected = cos_sin_table(0, 100_000, default_inv_freq(10000.0, 32)).float()
-    # past the table: float64 angles, exact to float32 rounding even at 1e5
-    torch.testing.assert_close(table[TABLE:], expected[TABLE:], atol=1e-6, rtol=0)
-    assert torch.isfinite(table).all()
+        assert rope.cos_sin_cache.shape[0] == TABLE  # the stock table, not one row per position
+        positions = torch.tensor([0, 5, TABLE - 1, TABLE, 100_000, 7_654_321, (1 << 30) - 1])
+        q = torch.randn(len(positions), 4 * 32, generator=torch.Generator().manual_seed(0))
+        k = torch.randn(len(positions), 2 * 32, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            q_rot, k_rot = rope(positions, q.clone(), k.clone())  # vLLM's own op, as the model calls it
+        spec = worker_model(llm).model.layers[0].self_attn.attn.impl.rotary
+    cos, sin = cos_sin(positions[:, None], default_inv_freq(10000.0, 32), torch.float32)
+    # stock rows: float32 angles (off by ~1e-6 at 127); past them float64 angles, exact to float32
+    # rounding even at 2^30 (float32 angles would be off by radians there)
+    torch.testing.assert_close(q_rot.view(-1, 4, 32), rotate(q.view(-1, 4, 32), cos, sin, spec), atol=1e-5, rtol=0)
+    torch.testing.assert_close(k_rot.view(-1, 2, 32), rotate(k.view(-1, 2, 32), cos, sin, spec), atol=1e-5, rtol=0)
 
 
 def test_stock_rope_rows_are_untouched(tiny_llama):

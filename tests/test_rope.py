@@ -41,19 +41,20 @@ def sample_positions(table: int, rows: int, count: int = 48) -> list[int]:
 
 
 def test_engine_rope_table_equals_an_independent_computation(tiny_llama):
-    """The table the engine's model really uses, against cos/sin worked out here from
-    the model's base and head size (nothing from lminf_vllm.rope)."""
+    """The cos/sin rows the engine's rotary op reads for a step's positions, against cos/sin
+    worked out here from the model's base and head size (nothing from lminf_vllm.rope)."""
     from engine import engine, lminf_options, worker_model
 
     base, dim, rows = 10000.0, 32, 50_000  # the tiny model's rope_theta and head size; rows = max_model_len
+    positions = sample_positions(TABLE, rows)
     with engine(tiny_llama, lminf=lminf_options(4, 64), max_model_len=rows) as llm:
-        table = worker_model(llm).model.layers[0].self_attn.rotary_emb.cos_sin_cache.double()
-    assert table.shape == (rows, dim)
+        rope = worker_model(llm).model.layers[0].self_attn.rotary_emb
+        got, index = rope.step_cos_sin(torch.tensor(positions), torch.float32)
+    assert got.shape == (len(positions), dim) and index.tolist() == list(range(len(positions)))
+    got = got.double()
     # the model's own inverse frequencies, formed in float32 as transformers and vLLM do
     inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-    positions = sample_positions(TABLE, rows)
     expected = rope_rows_by_hand(positions, inv_freq)
-    got = table[positions]
     tail = torch.tensor(positions) >= TABLE
     # past the stock table: float64 angles then a cast, so float32 rounding only, even at 5e4
     torch.testing.assert_close(got[tail], expected[tail], atol=1e-6, rtol=0)

@@ -82,8 +82,8 @@ def test_a_misread_scaling_is_refused_at_start_up(kind):
 
 
 def test_scaled_rope_table_equals_transformers_frequencies_worked_out_by_hand(scaled):
-    """The extended table the engine uses, against transformers' scaled frequencies
-    (ROPE_INIT_FUNCTIONS) and cos/sin from Python's math: nothing from lminf_vllm.rope."""
+    """The cos/sin the engine forms past the stock table, against transformers' scaled
+    frequencies (ROPE_INIT_FUNCTIONS) and cos/sin from Python's math: nothing from lminf_vllm.rope."""
     import math
 
     from transformers import AutoConfig
@@ -93,17 +93,19 @@ def test_scaled_rope_table_equals_transformers_frequencies_worked_out_by_hand(sc
 
     kind, model = scaled
     rows = 16 * TABLE
+    stock_rows = SCALINGS[kind]["max_position_embeddings"] * (2 if kind == "linear" else 1)  # vLLM's own table
+    g = torch.Generator().manual_seed(3)
+    positions = sorted({stock_rows, stock_rows + 1, rows - 1, *torch.randint(stock_rows, rows, (32,), generator=g).tolist()})
     with engine(model, lminf=lminf_options(4, 48, 64), max_model_len=rows) as llm:
-        table = worker_model(llm).model.layers[0].self_attn.rotary_emb.cos_sin_cache.double()
-    assert table.shape[0] == rows
+        rope = worker_model(llm).model.layers[0].self_attn.rotary_emb
+        assert rope.cos_sin_cache.shape[0] == stock_rows  # no table grows with max_model_len
+        table, _ = rope.step_cos_sin(torch.tensor(positions), torch.float32)  # what the step's rotary op reads
+    table = table.double()
     inv_freq, scaling = ROPE_INIT_FUNCTIONS[kind](AutoConfig.from_pretrained(model), "cpu")
     freqs = [float(f) for f in inv_freq]
-    g = torch.Generator().manual_seed(3)
-    stock_rows = SCALINGS[kind]["max_position_embeddings"] * (2 if kind == "linear" else 1)  # vLLM's own table
-    positions = sorted({stock_rows, stock_rows + 1, rows - 1, *torch.randint(stock_rows, rows, (32,), generator=g).tolist()})
     expected = torch.tensor(
         [[math.cos(p * f) * scaling for f in freqs] + [math.sin(p * f) * scaling for f in freqs] for p in positions],
         dtype=torch.float64,
     )
-    print(f"\n{kind}: max |table - by hand| past the stock table {(table[positions] - expected).abs().max():.1e}")
-    torch.testing.assert_close(table[positions], expected, atol=1e-6, rtol=0)  # float32 rounding only
+    print(f"\n{kind}: max |rows - by hand| past the stock table {(table - expected).abs().max():.1e}")
+    torch.testing.assert_close(table, expected, atol=1e-6, rtol=0)  # float32 rounding only

@@ -16,6 +16,7 @@ PATCH_MODULES = (
     "patch_attention_layer",
     "patch_model_loader_base_loader",
     "patch_worker_gpu_model_runner",
+    "patch_worker_gpu_input_batch",
     "patch_executor_ray_executor_v2",
     "patch_metrics_stats",
     "patch_worker_gpu_worker",

@@ -47,11 +47,18 @@ def _kv_bound_line(config, cfg, block_size: int, max_blocks_per_sequence) -> str
     """What one sequence can hold, in blocks and bytes, and how to size the cache from it."""
     decoding, prefilling, seq_bytes = _sequence_bytes(config, cfg, block_size, max_blocks_per_sequence)
     chunk = config.scheduler_config.max_num_batched_tokens
+    length = config.model_config.max_model_len
+    if config.device_config.device_type == "cpu":
+        length_cost = "it reserves no memory"
+    else:  # vLLM's device block table: a column per block of max_model_len per request slot
+        table = config.scheduler_config.max_num_seqs * -(-length // block_size) * 4
+        length_cost = f"vLLM's block table takes {table / 2**20:,.0f} MiB of device memory for it"
     return (
         f"lminf KV bound: a sequence of any length holds at most {decoding} blocks while decoding "
         f"(ceil(G/B) + ceil(W/B) + 1{' + k' if cfg.topk_blocks else ''}) "
         f"and {prefilling} with a {chunk}-token prefill chunk in flight, "
-        f"{seq_bytes / 2**20:.0f} MiB per rank; vLLM's 'Maximum concurrency' line counts requests "
+        f"{seq_bytes / 2**20:.0f} MiB per rank, whatever max_model_len ({length:,}: {length_cost}); "
+        f"vLLM's 'Maximum concurrency' line counts requests "
         f"at that bound. Size the cache as sequences x that (kv_cache_memory_bytes, or VLLM_CPU_KVCACHE_SPACE "
         f"in GiB on CPU)"
     )

@@ -9,22 +9,26 @@ Why: (1) the global branch re-rotates the query by min(i-j, C) - (i-j), which
     position 100000), while lminf stores keys rotated at their true position.
 How: after the original post-load processing, walk the model. For every module
     that owns a `rotary_emb` and an lminf attention child: replace its rotary
-    module by a private copy whose table runs to max_model_len, rows past the
-    stock table computed in float64 from the module's own inverse frequencies,
-    scaling included (stock rows kept bit for bit; the shared instance from
-    vLLM's get_rope cache stays untouched for other engines in the process).
-    Scalings: llama3 and linear fold into the frequencies, yarn adds its mscale
-    on cos/sin; other rotary classes are refused, and the frequencies must
-    reproduce the stock table before they are trusted. Then hand the
-    attention a RotarySpec of that RoPE. Models run by vLLM's Transformers
-    backend (GPT-NeoX, Phi) have one transformers rotary module instead, which
-    forms cos/sin on the fly in float32: its forward is replaced by a float64
-    one (checked against the original) and its RoPE bound to every lminf layer.
-    Refuse to start if any lminf attention layer is left without one, unless
-    it has ALiBi slopes (BLOOM), whose bias needs no RoPE. Cost: max_model_len * rotary_dim table values.
-Upstream: size the table by max_model_len (or compute cos/sin past it), in
-    every scaled subclass too, and pass the layer's positional-encoding
-    parameters to AttentionImpl; in transformers, form RoPE angles in float64.
+    module by a private copy that forms the step's cos/sin from the step's
+    positions (`rope.StepCosSin`): stock table rows for positions inside the
+    stock table (bit for bit), float64 angles from the module's own inverse
+    frequencies past it, scaling included. No table grows with max_model_len
+    (a 2^30-token engine holds the stock table and nothing more); the shared
+    instance from vLLM's get_rope cache stays untouched for other engines in
+    the process. Scalings: llama3 and linear fold into the frequencies, yarn
+    adds its mscale on cos/sin; other rotary classes are refused, and the
+    frequencies must reproduce the stock table before they are trusted. Then
+    hand the attention a RotarySpec of that RoPE. Models run by vLLM's
+    Transformers backend (GPT-NeoX, Phi) have one transformers rotary module
+    instead, which forms cos/sin on the fly in float32: its forward is
+    replaced by a float64 one (checked against the original) and its RoPE
+    bound to every lminf layer. Refuse to start if any lminf attention layer
+    is left without one, unless it has ALiBi slopes (BLOOM), whose bias needs
+    no RoPE. Cost: per layer and step, tokens * rotary_dim / 2 float64
+    angles (a few ms for a chunk of 2,048 tokens; nothing kept).
+Upstream: compute cos/sin past the table from the positions (in every scaled
+    subclass too), and pass the layer's positional-encoding parameters to
+    AttentionImpl; in transformers, form RoPE angles in float64.
 Remove when: vLLM does both.
 """
 
@@ -108,25 +112,52 @@ def check_spec_reproduces_table(spec, table: torch.Tensor, kind: str) -> None:
         )
 
 
-def exact_rope(rope, rows: int, spec):
-    """A copy of `rope` whose cos/sin table covers positions [0, rows)."""
-    from lminf_vllm.rope import cos_sin_table
+def step_rope(rope, spec):
+    """A private copy of `rope` whose forward forms cos/sin for the step's positions.
 
-    table = rope.cos_sin_cache
-    if rows <= table.shape[0]:
-        return rope
-    extra = cos_sin_table(table.shape[0], rows, spec.inv_freq, spec.attention_scaling)
+    The copy keeps the stock table (same tensor) and everything else; only its
+    dispatched forward changes, so vLLM's own op still rotates (its CPU or CUDA
+    kernel where the stock module would use it, forward_static otherwise).
+    """
+    from lminf_vllm.rope import StepCosSin
+
     private = copy.copy(rope)
-    private._buffers = dict(rope._buffers)  # copy.copy would share the buffer dict
+    # copy.copy would share the buffer and submodule dicts with the stock instance
+    private._buffers, private._modules = dict(rope._buffers), dict(rope._modules)
     for name, value in vars(rope).items():
         # CustomOp keeps its dispatched forward as a method bound to the original
         if isinstance(value, types.MethodType) and value.__self__ is rope:
             setattr(private, name, types.MethodType(value.__func__, private))
-    private.cos_sin_cache = torch.cat((table, extra.to(table.device, table.dtype)), dim=0)
+    private.step_cos_sin = StepCosSin(rope.cos_sin_cache, spec.inv_freq, spec.attention_scaling)
+    private._forward_method = rotate_with_step_table(private, uses_vllm_kernel(rope))
     return private
 
 
-def bind_rotary(model, max_model_len: int) -> int:
+def uses_vllm_kernel(rope) -> bool:
+    """Whether the stock module dispatches to vLLM's rotary kernel (CPU or CUDA),
+    as CustomOp.dispatch_forward decides; otherwise it runs forward_native."""
+    from vllm.platforms import current_platform
+
+    enabled = getattr(rope, "_enforce_enable", False) or rope.enabled()
+    return enabled and (current_platform.is_cpu() or current_platform.is_cuda())
+
+
+def rotate_with_step_table(rope, kernel: bool):
+    from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbedding
+
+    def forward(positions, query, key=None):
+        table, rows = rope.step_cos_sin(positions.flatten(), query.dtype)
+        if kernel:
+            from vllm import _custom_ops as ops
+
+            ops.rotary_embedding(rows, query, key, rope.head_size, table, rope.is_neox_style)  # in place
+            return query, key
+        return RotaryEmbedding.forward_static(rows, query, key, rope.head_size, rope.rotary_dim, table, rope.is_neox_style)
+
+    return forward
+
+
+def bind_rotary(model) -> int:
     """Give every lminf attention layer an exact RoPE; returns how many were bound."""
     from vllm.model_executor.layers.attention import Attention
 
@@ -144,7 +175,7 @@ def bind_rotary(model, max_model_len: int) -> int:
             continue
         if id(rope) not in private:
             spec = rotary_spec_of(rope)
-            private[id(rope)] = (exact_rope(rope, max_model_len, spec), spec)
+            private[id(rope)] = (step_rope(rope, spec), spec)
         module.rotary_emb, spec = private[id(rope)]
         for child in children:
             child.impl.rotary = spec
@@ -223,7 +254,7 @@ def apply() -> bool:
     def make(original):
         def process_weights_after_loading(model, model_config, target_device):
             original(model, model_config, target_device)
-            bind_rotary(model, model_config.max_model_len)
+            bind_rotary(model)
 
         return process_weights_after_loading
 

@@ -154,34 +154,39 @@ def _plan_call(rows, front, block_table, cfg, B, num_kv_heads, head_size):
     req, first_tok, counts, seq = (np.array(col, dtype=np.int64) for col in zip(*rows))
     i = seq - 1
     is_app = np.array([not is_plain(int(n), cfg) for n in seq])  # rows that get global copies after them
-    own = block_table.cpu().numpy()[req]  # [R, max_blocks]
+    # Read only the columns a row needs: a table row is max_model_len / B wide (2^25 at 2^30 tokens).
+    whole = block_table.cpu().numpy()  # a view, not a copy
+
+    def ids(reqs, cols):  # block ids at [reqs[r], cols[r, c]]
+        return whole[reqs[:, None], np.minimum(cols, whole.shape[1] - 1)]
+
     j = np.arange(G)
     if front:  # one row: [null block: its copies at the end] + its window from the first whole block
         (i0,) = i
         m = _front_rows(i0, W, B)
         first_blk = np.array([(i0 - W + 1) // B + (1 if m else 0)])
         vlen = B + seq - first_blk * B
-        table = np.concatenate(([[NULL_BLOCK]], own[:, first_blk[0] : i0 // B + 1]), axis=1)
+        table = np.concatenate(([[NULL_BLOCK]], ids(req, np.arange(first_blk[0], i0 // B + 1)[None])), axis=1)
         src_pos = np.concatenate((j, i0 - W + 1 + np.arange(m)))[None]  # globals, then the front window rows
         dst_slot = (B - m - G + np.arange(G + m))[None]  # slots in the null block
         shift = np.concatenate((i0 - j - np.minimum(i0 - j, C), np.zeros(m, dtype=np.int64)))[None]
+        src_req = req
     else:  # window from its first block (block 0 for plain rows), row i, then the G globals
         first_blk = np.where(is_app, (i - W + 1) // B, 0)
         vlen = seq - first_blk * B + np.where(is_app, G, 0)
         nbv = int(((vlen + B - 1) // B).max())
-        cols = np.minimum(first_blk[:, None] + np.arange(nbv), own.shape[1] - 1)
-        table = np.take_along_axis(own, cols, axis=1)
+        table = ids(req, first_blk[:, None] + np.arange(nbv))
         app = np.nonzero(is_app)[0]
         src_pos = np.broadcast_to(j, (len(app), G))
         p = i[app, None] + 1 + j  # the slots after the query
-        dst_slot = np.take_along_axis(own[app], p // B, axis=1) * B + p % B
+        src_req = req[app]
+        dst_slot = ids(src_req, p // B) * B + p % B
         d = i[app, None] - j
         shift = d - np.minimum(d, C)
-        own = own[app]
     # Flat offsets of the sources in the kernel's layout: per block and head,
     # keys [D, B] then values [B, D].
     Hkv, D = num_kv_heads, head_size
-    src_blk = np.take_along_axis(own, src_pos // B, axis=1) if src_pos.size else src_pos
+    src_blk = ids(src_req, src_pos // B) if src_pos.size else src_pos
     base = (src_blk.reshape(-1, 1, 1) * Hkv + np.arange(Hkv)[:, None]) * (2 * B * D)  # [Ra * E, Hkv, 1]
     row = (src_pos % B).reshape(-1, 1, 1)
     qsl = np.zeros(len(rows) + 1, dtype=np.int64)

@@ -1,0 +1,129 @@
+"""Per-request buffers sized by what a request holds, not by max_model_len.
+
+Target: vllm.v1.worker.gpu_input_batch.InputBatch.__init__, .remove_request and .condense
+Why: the input batch keeps a row of token ids (int32) and a row of "is a token"
+    flags (bool) per request slot, each max_model_len wide (vLLM's own TODO
+    says so), and the block table a row of block ids per slot,
+    max_model_len / B wide. lminf makes max_model_len free of KV cost, so a
+    user may set 2^30: with vLLM's default 256 slots the token rows alone are
+    1.25 TiB, and the engine cannot start (at 16M it started in 70 s with
+    4 GiB more memory).
+How: in engines that select lminf, build the batch as vLLM does but with
+    those buffers reserved as address space (lazy_zeros.LazyZeros): a page
+    becomes memory when a request writes into it, so a row costs its
+    request's tokens (5 bytes a token) and blocks (4 bytes a block). Rows are
+    handed back when their request leaves (remove_request) or moves
+    (condense), so a finished million-token session leaves nothing behind.
+    The block table is reserved that way only where the worker's "device"
+    table is the host one (the CPU worker); on CUDA it stays vLLM's (a device
+    row per slot, max_model_len / B wide: a ring of KV-bound width is the
+    upstream change below). Engines without lminf are untouched.
+Upstream: reserve the token rows lazily as here (the diff); under a
+    sliding-window-like KV manager, keep block tables as rings of the KV
+    bound's width, read modulo by the attention and the slot mapping (not
+    written yet: every lminf kernel path indexes rows by logical block).
+Remove when: vLLM does so.
+"""
+
+from lminf_vllm.runtime_patches._util import is_patched, replace_attr
+from lminf_vllm.versions import SUPPORTED_VLLM_SERIES
+
+TARGET = "vllm.v1.worker.gpu_input_batch.InputBatch.__init__"
+VLLM_VERSIONS = SUPPORTED_VLLM_SERIES
+_LAZY = "_lminf_lazy_rows"  # the LazyZeros of a batch built here (absent: vLLM's buffers)
+
+
+def lminf_engine_is_building() -> bool:
+    from vllm.config import get_current_vllm_config_or_none
+
+    from lminf_vllm.vllm_config import is_lminf_selected
+
+    config = get_current_vllm_config_or_none()
+    return config is not None and is_lminf_selected(config)
+
+
+def lazy_block_table(table, max_num_reqs: int, width: int):
+    """Give a worker BlockTable a host table [max_num_reqs, width] reserved lazily."""
+    from lminf_vllm.lazy_zeros import LazyZeros
+
+    rows = LazyZeros(max_num_reqs, width, table.block_table.cpu.dtype)
+    buffer = table.block_table
+    buffer.cpu = buffer.gpu = rows.tensor
+    buffer.np = rows.array
+    table.max_num_blocks_per_req = width
+    return rows
+
+
+def reserve_lazily(batch, max_model_len: int, block_widths: list[int] | None) -> None:
+    import torch
+
+    from lminf_vllm.lazy_zeros import LazyZeros
+
+    tokens = LazyZeros(batch.max_num_reqs, max_model_len, torch.int32)
+    flags = LazyZeros(batch.max_num_reqs, max_model_len, torch.bool)
+    batch.token_ids_cpu_tensor, batch.token_ids_cpu = tokens.tensor, tokens.array
+    batch.is_token_ids_tensor, batch.is_token_ids = flags.tensor, flags.array
+    batch.max_model_len = max_model_len
+    lazy = [tokens, flags]
+    for table, width in zip(batch.block_table.block_tables, block_widths or []):
+        lazy.append(lazy_block_table(table, batch.max_num_reqs, width))
+    setattr(batch, _LAZY, lazy)
+
+
+def apply() -> bool:
+    import inspect
+
+    from vllm.v1.worker.gpu_input_batch import InputBatch
+
+    def make_init(original):
+        signature = inspect.signature(original)
+
+        def __init__(self, *args, **kwargs):
+            if not lminf_engine_is_building():
+                return original(self, *args, **kwargs)
+            bound = signature.bind(self, *args, **kwargs)
+            bound.apply_defaults()
+            a = bound.arguments
+            full_len, on_host = a["max_model_len"], a["device"].type == "cpu"
+            # vLLM pads the width for its GPU slot-mapping kernel; on the host a row needs only these
+            widths = list(a["max_num_blocks_per_req"]) if on_host else None
+            a["max_model_len"] = 1  # vLLM's own buffers at one column; the full ones are reserved below
+            if on_host:
+                a["max_num_blocks_per_req"] = [1] * len(a["block_sizes"])
+            original(*bound.args, **bound.kwargs)
+            reserve_lazily(self, full_len, widths)
+
+        return __init__
+
+    def make_remove(original):
+        def remove_request(self, req_id):
+            index = original(self, req_id)
+            if index is not None:
+                for rows in getattr(self, _LAZY, ()):
+                    rows.release_rows([index])
+            return index
+
+        return remove_request
+
+    def make_condense(original):
+        def condense(self):
+            lazy = getattr(self, _LAZY, None)
+            before = {i for i, r in enumerate(self._req_ids) if r is not None} if lazy else ()
+            original(self)
+            if lazy:
+                vacated = sorted(before - {i for i, r in enumerate(self._req_ids) if r is not None})
+                for rows in lazy:
+                    rows.release_rows(vacated)
+
+        return condense
+
+    changed = replace_attr(InputBatch, "__init__", make_init)
+    changed |= replace_attr(InputBatch, "remove_request", make_remove)
+    changed |= replace_attr(InputBatch, "condense", make_condense)
+    return changed
+
+
+def is_applied() -> bool:
+    from vllm.v1.worker.gpu_input_batch import InputBatch
+
+    return is_patched(InputBatch, "__init__")
