@@ -60,3 +60,19 @@ def test_engine_rope_table_equals_an_independent_computation(tiny_llama):
     torch.testing.assert_close(got[tail], expected[tail], atol=1e-6, rtol=0)
     # the stock rows (vLLM's float32 angles) agree to that arithmetic's own error
     torch.testing.assert_close(got[~tail], expected[~tail], atol=1e-5, rtol=0)
+
+
+def test_step_rows_follow_positions_rewritten_in_place():
+    """The rows kept for the latest positions are matched by value: vLLM rewrites its
+    positions buffer in place through numpy (no version bump), same tensor, same shape."""
+    from lminf_vllm.rope import StepCosSin, cos_sin_table, default_inv_freq
+
+    inv_freq = default_inv_freq(10000.0, 32)
+    step = StepCosSin(cos_sin_table(0, TABLE, inv_freq).float(), inv_freq)
+    positions = torch.tensor([3, TABLE + 5, 70_000])
+    first, _ = step(positions, torch.float32)
+    assert step(positions, torch.float32)[0] is first  # the same step's next layer: kept rows
+    positions.numpy()[:] = [4, TABLE + 6, 70_001]
+    again, _ = step(positions, torch.float32)
+    torch.testing.assert_close(again.double(), cos_sin_table(0, 70_002, inv_freq)[[4, TABLE + 6, 70_001]], atol=1e-6, rtol=0)
+    assert step(positions, torch.float64)[0].dtype == torch.float64  # another dtype: formed again

@@ -24,8 +24,9 @@ How: after the original post-load processing, walk the model. For every module
     replaced by a float64 one (checked against the original) and its RoPE
     bound to every lminf layer. Refuse to start if any lminf attention layer
     is left without one, unless it has ALiBi slopes (BLOOM), whose bias needs
-    no RoPE. Cost: per layer and step, tokens * rotary_dim / 2 float64
-    angles (a few ms for a chunk of 2,048 tokens; nothing kept).
+    no RoPE. Cost: per step, tokens * rotary_dim / 2 float64 angles, formed
+    once and reused by every layer in eager mode on the host (about 2 ms
+    for a chunk of 2,048 tokens, 50 us for one decode token, on this CPU).
 Upstream: compute cos/sin past the table from the positions (in every scaled
     subclass too), and pass the layer's positional-encoding parameters to
     AttentionImpl; in transformers, form RoPE angles in float64.
