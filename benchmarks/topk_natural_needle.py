@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import random
+import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -113,6 +114,7 @@ class Variant:
         "exactmax" (the block's best token score at distance C: what the bound bounds, from every key),
         "mean" (the query at distance C against the block's mean key at position 0),
         "quest_d" (Quest's bound with the query at the block's own distance, min(i - its middle, C)),
+        "quest_then_oracle" (Quest's bound keeps 4k blocks, the oracle's mass picks k of them),
         "oracle" (the row's true attention mass per block with every middle block visible,
         at the variant's distance rule) or "all" (every middle block visible: k = infinity).
     reduce: "max" (one selection per KV head, the group's max: the contract) or "head"
@@ -122,7 +124,8 @@ class Variant:
         [W, i - g*B] into [W, C]).
     dense_layers: the first layers see every middle block (scorer "all" there).
     query: "current" (the contract: each decode row scores with its own query) or "tail"
-        (the max of the bounds of the current row and of every row of the last prefill chunk).
+        (the max of the bounds of the current row and of every row of the last prefill chunk) or "sticky"
+        (the prompt's last row selects; the decode rows keep its selection).
     """
 
     name: str
@@ -169,6 +172,14 @@ def variants_table() -> dict[str, Variant]:
         V("topk mean-key 4x64 per head", scorer="mean", reduce="head"),
         V("topk mean-key 16x16", scorer="mean", k=16, B=16),
         V("topk quest at block distance 4x64", scorer="quest_d"),
+        V("topk oracle 4x64 sticky", scorer="oracle", query="sticky"),
+        V("topk oracle 4x64 per head sticky", scorer="oracle", reduce="head", query="sticky"),
+        V("topk oracle 12x64 (group max)", scorer="oracle", k=12),
+        V("topk oracle 4x128", scorer="oracle", B=128),
+        V("topk oracle 4x128 per head", scorer="oracle", B=128, reduce="head"),
+        V("topk exact-max 4x64 per head", scorer="exactmax", reduce="head"),
+        V("topk quest top-16 then oracle 4x64", scorer="quest_then_oracle"),
+        V("topk quest top-16 then oracle 4x64 per head", scorer="quest_then_oracle", reduce="head"),
         V("topk quest 4x128 query tail", B=128, query="tail"),
     ]
     return {v.name: v for v in rows}
@@ -342,6 +353,9 @@ class Study:
             scorer = "all" if layer < var.dense_layers else var.scorer
             if cand and scorer == "all":
                 sel[:, gblk:f_last] = True
+            elif cand and var.query == "sticky" and not first_step:
+                kept = state["sticky"][layer]  # the selection made at the prompt's last row
+                sel[:, : kept.shape[1]] = kept[:, : sel.shape[1]]
             elif cand:
                 score = self._block_scores(layer, q, c, rows, var, scorer, s, base, cand, state, first_step)  # [H, cand]
                 if var.reduce == "max":
@@ -353,6 +367,8 @@ class Study:
                     top = torch.sort(score, dim=-1, descending=True, stable=True).indices[:, : var.k]
                     for h in range(self.H):
                         sel[h, [cand[t] for t in top[h].tolist()]] = True
+            if var.query == "sticky" and first_step:
+                state.setdefault("sticky", {})[layer] = sel.clone()
             picked = torch.zeros(R, self.H, e, dtype=torch.bool)
             nsel = sel.shape[1] * B
             picked[:, :, :nsel] = sel.repeat_interleave(B, 1)[None, :, :nsel]
@@ -431,7 +447,18 @@ class Study:
         blk = torch.arange(s.shape[-1]) // B
         vis = (base[-1] | ((blk >= lo) & (blk < hi)))[None]
         p = torch.softmax(s[-1].masked_fill(~vis, float("-inf")), -1)
-        return self._block_mass(p, B, cand, per_block=True)
+        mass = self._block_mass(p, B, cand, per_block=True)
+        if scorer == "quest_then_oracle":
+            # Quest's bound keeps 4k candidates (per KV head: the group's max; per head: its own), the mass picks k
+            bound = self._quest(layer, q[-1:], c, B, state)[:, lo:hi]
+            g = self.H // self.Hkv
+            if var.reduce == "max":
+                bound = bound.view(self.Hkv, g, -1).amax(1).repeat_interleave(g, 0)
+            keep = torch.sort(bound, dim=-1, descending=True, stable=True).indices[:, : 4 * var.k]
+            masked = torch.full_like(mass, -1.0)
+            masked.scatter_(1, keep, mass.gather(1, keep))
+            return masked
+        return mass
 
 
 def _ranks(score, idx):
@@ -475,15 +502,26 @@ def summarize(diag, var: Variant, k: int) -> dict:
 
 
 def validate(model, tok, trial, cfg, answer_ids, B, k):
-    """The exact contract (prefill chunks of 2048, one chunk per answer token), teacher-forced on answer_ids."""
-    prompt = trial["ids"]
-    ids = prompt + answer_ids[:-1]
-    chunks = [e - s for s, e in chunk_spans(len(prompt), 2048)] + [1] * (len(answer_ids) - 1)
+    """The exact contract's own greedy answer (prefill chunks of 2048, one chunk per answer token).
+
+    Teacher forcing on a guess (first: this script's answer) gives the exact argmax at every answer
+    position; where it first differs, the guess is corrected and the forcing run again, until the
+    guess is a fixed point: then greedy decoding with the exact contract writes it. Returns
+    (answer ids, forward passes).
+    """
     import functools
 
-    attn = functools.partial(blockwise_topk_attention, topk=k, block_size=B, chunks=chunks)
-    logits = model.logits(ids, cfg, attention=attn)
-    return logits[len(prompt) - 1 :].argmax(-1).tolist()
+    prompt, guess = trial["ids"], list(answer_ids)
+    for passes in range(1, len(guess) + 1):
+        ids = prompt + guess[:-1]
+        chunks = [e - s for s, e in chunk_spans(len(prompt), 2048)] + [1] * (len(guess) - 1)
+        attn = functools.partial(blockwise_topk_attention, topk=k, block_size=B, chunks=chunks)
+        pred = model.logits(ids, cfg, attention=attn)[len(prompt) - 1 :].argmax(-1).tolist()
+        if pred == guess:
+            break
+        first = next(t for t, (a, b) in enumerate(zip(pred, guess)) if a != b)
+        guess = guess[:first] + [pred[first]] + pred[first + 1 :]  # the rest: the forced run's own guesses
+    return guess, passes
 
 
 def report(path: Path, threshold: float = 0.1, k: int = 4) -> None:
@@ -491,17 +529,20 @@ def report(path: Path, threshold: float = 0.1, k: int = 4) -> None:
     import statistics
 
     doc = json.loads(path.read_text())
-    merged: dict[str, dict] = {}
+    by_dtype: dict[str, dict[str, dict]] = {}
     for run in doc["runs"]:
+        merged = by_dtype.setdefault(run["setting"]["dtype"], {})
         for name, r in run["results"].items():
             merged.setdefault(name, {})
             for t in r["trials"]:
                 merged[name][(t["document"], t["depth"])] = t
-    print("| variant | found / trials | needle selected (answer steps x layers x KV heads) |\n|---|---|---|")
-    for name, trials in merged.items():
-        sel = [t["needle_selected_share"] for t in trials.values() if t.get("needle_selected_share") is not None]
-        print(f"| {name} | {sum(t['hit'] for t in trials.values())} / {len(trials)} | "
-              + (f"{statistics.mean(sel):.0%}" if sel else "") + " |")  # fmt: skip
+    for dtype, merged in by_dtype.items():
+        print(f"\n{dtype}\n| variant | found / trials | needle selected (answer steps x layers x KV heads) |\n|---|---|---|")
+        for name, trials in merged.items():
+            sel = [t["needle_selected_share"] for t in trials.values() if t.get("needle_selected_share") is not None]
+            print(f"| {name} | {sum(t['hit'] for t in trials.values())} / {len(trials)} | "
+                  + (f"{statistics.mean(sel):.0%}" if sel else "") + " |")  # fmt: skip
+    merged = by_dtype["float32"]
     full, contract = merged.get("full attention", {}), merged.get("topk quest 4x64 (contract)", {})
     oracle = merged.get("topk oracle 4x64", {})
     heads, rows = [], []
@@ -533,6 +574,10 @@ def report(path: Path, threshold: float = 0.1, k: int = 4) -> None:
               f"every middle block visible at min(i-j, C), contract run's queries: median "
               f"{statistics.median(h['cap_mass'] for h in heads):.3f}; the same with the oracle run's queries: median "
               f"{statistics.median(h['oracle_run_mass'] for h in heads if h['oracle_run_mass'] is not None):.3f}")  # fmt: skip
+    for key, t in contract.items():
+        if "exact_contract_answer" in t:
+            print(f"  exact contract (prefill chunks of 2048) on {key}: {t['exact_contract_answer']!r} "
+                  f"({'hit' if str(t['key']) in t['exact_contract_answer'] else 'miss'}); this script: {t['answer']!r}")  # fmt: skip
     for key, fh, ch, qs, os_, nc in rows:
         print(f"  {key}: full {'hit' if fh else 'miss'}, contract {'hit' if ch else 'miss'}; needle in the top {k} by "
               f"Quest {qs:.0%}, by the oracle {os_:.0%} of (step, layer, KV head); {nc} candidates")  # fmt: skip
@@ -556,6 +601,7 @@ def main(argv=None):
                    help="--validate / --hf-stock on every trial (default: one depth per document, rotating)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--trials-limit", type=int, default=0, help="run only the first N trials (0: all)")
+    p.add_argument("--trial-index", type=int, nargs="+", help="run only these trials (0-based, documents x depths)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/topk-natural-needle.json"))
     p.add_argument("--report", action="store_true", help="print the tables from --out and exit")
     args = p.parse_args(argv)
@@ -580,6 +626,8 @@ def main(argv=None):
     trials = build_trials(tok, docs, args.length, args.depths, args.seed)
     if args.trials_limit:
         trials = trials[: args.trials_limit]
+    if args.trial_index:
+        trials = [trials[i] for i in args.trial_index]
     chosen = [table[n] for n in (args.variants or table)]
     study = Study(model, cfg, args.length + 64, model_dir)
     eos = tok.convert_tokens_to_ids("<|im_end|>")
@@ -613,9 +661,11 @@ def main(argv=None):
                        **summarize(diag, v, v.k if v.attn == "topk" else 4)}  # fmt: skip
                 if args.validate and checked and v.name == "topk quest 4x64 (contract)":
                     t1 = time.time()
-                    exact = validate(model, tok, trial, cfg, new, v.B, v.k)
+                    exact, passes = validate(model, tok, trial, cfg, new, v.B, v.k)
                     row["exact_contract_agrees"] = exact == new
                     row["exact_contract_answer"] = tok.decode(exact)
+                    row["exact_contract_hit"] = str(trial["key"]) in row["exact_contract_answer"]
+                    row["exact_passes"] = passes
                     row["exact_seconds"] = round(time.time() - t1)
                 results[v.name]["trials"].append(row)
                 sel = row.get("needle_selected_share")
@@ -645,7 +695,7 @@ def write(args, argv, runs, setting, t_start, results, model_dir):
     for r in results.values():
         r["found"] = sum(x["hit"] for x in r["trials"])
         r["of"] = len(r["trials"])
-    command = "python benchmarks/topk_natural_needle.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python benchmarks/topk_natural_needle.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     runs = [r for r in runs if r["command"] != command]
     runs.append({"command": command, "setting": setting, "seconds": round(time.time() - t_start), "results": results})
     doc = {"task": "natural-text needle: " + NEEDLE.strip() + " inside the pinned CPython modules; question: " + QUESTION
