@@ -33,10 +33,12 @@ class LazyZeros:
         self.array = np.frombuffer(self._map, dtype=np_dtype, count=rows * cols).reshape(rows, cols)
         self.tensor = torch.from_numpy(self.array)
 
-    def release_rows(self, rows) -> None:
-        """Return the pages wholly inside each of `rows` to the OS (they read as zeros after)."""
+    def release_rows(self, rows, from_col: int = 0) -> None:
+        """Return the pages wholly inside columns [from_col, end) of each of `rows` to the OS
+        (they read as zeros after)."""
+        itemsize = self.array.itemsize
         for row in rows:
-            start = math.ceil(row * self.row_bytes / mmap.PAGESIZE) * mmap.PAGESIZE
+            start = math.ceil((row * self.row_bytes + from_col * itemsize) / mmap.PAGESIZE) * mmap.PAGESIZE
             stop = (row + 1) * self.row_bytes // mmap.PAGESIZE * mmap.PAGESIZE
             if stop > start:
                 self._map.madvise(mmap.MADV_DONTNEED, start, stop - start)

@@ -395,18 +395,18 @@ def register_backend_alias(alias: str, backend: AttentionBackendEnum) -> None:
 ''',
     ), (
         "v1/worker/gpu_input_batch.py",
-        '''        self._req_ids[req_index] = None
-        self.req_output_token_ids[req_index] = None
-        self.spec_token_ids[req_index].clear()
-        self.block_table.clear_row(req_index)
+        '''        # Trim lists to the batch size.
+        del self._req_ids[num_reqs:]
 ''',
-        '''        self._req_ids[req_index] = None
-        self.req_output_token_ids[req_index] = None
-        self.spec_token_ids[req_index].clear()
-        self.block_table.clear_row(req_index)
-        # Hand the row's pages back (condense does the same for rows it vacates).
-        self._token_rows.release_rows([req_index])
-        self._flag_rows.release_rows([req_index])
+        '''        # Rows past the batch are empty now, whether a removal or a move left
+        # them so: their pages go back (and a row a new request took, past
+        # what it wrote). A streaming session's next chunk removes and re-adds
+        # its request within the step: its row stays.
+        for rows in (self._token_rows, self._flag_rows):
+            rows.release_rows(range(num_reqs, len(self._req_ids)))
+
+        # Trim lists to the batch size.
+        del self._req_ids[num_reqs:]
 ''',
     ), (
         "v1/worker/gpu_input_batch.py",

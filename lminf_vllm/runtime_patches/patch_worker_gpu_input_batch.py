@@ -11,9 +11,12 @@ Why: the input batch keeps a row of token ids (int32) and a row of "is a token"
 How: in engines that select lminf, build the batch as vLLM does but with
     those buffers reserved as address space (lazy_zeros.LazyZeros): a page
     becomes memory when a request writes into it, so a row costs its
-    request's tokens (5 bytes a token) and blocks (4 bytes a block). Rows are
-    handed back when their request leaves (remove_request) or moves
-    (condense), so a finished million-token session leaves nothing behind.
+    request's tokens (5 bytes a token) and blocks (4 bytes a block). At the end
+    of each step's removals and adds (condense), a row left empty hands its
+    pages back, and a row another request took keeps only the pages that
+    request wrote; a streaming session's next chunk removes and re-adds its
+    own request in one step and keeps its row (releasing it would only fault
+    it all back in). A finished million-token session leaves nothing behind.
     The block table is reserved that way only where the worker's "device"
     table is the host one (the CPU worker); on CUDA it stays vLLM's (a device
     row per slot, max_model_len / B wide: a ring of KV-bound width is the
@@ -30,7 +33,8 @@ from lminf_vllm.versions import SUPPORTED_VLLM_SERIES
 
 TARGET = "vllm.v1.worker.gpu_input_batch.InputBatch.__init__"
 VLLM_VERSIONS = SUPPORTED_VLLM_SERIES
-_LAZY = "_lminf_lazy_rows"  # the LazyZeros of a batch built here (absent: vLLM's buffers)
+_LAZY = "_lminf_lazy_rows"  # (LazyZeros, columns in use of a row) of a batch built here (absent: vLLM's buffers)
+_REMOVED = "_lminf_removed_this_step"  # row -> the request removed from it, until condense
 
 
 def lminf_engine_is_building() -> bool:
@@ -64,9 +68,12 @@ def reserve_lazily(batch, max_model_len: int, block_widths: list[int] | None) ->
     batch.token_ids_cpu_tensor, batch.token_ids_cpu = tokens.tensor, tokens.array
     batch.is_token_ids_tensor, batch.is_token_ids = flags.tensor, flags.array
     batch.max_model_len = max_model_len
-    lazy = [tokens, flags]
+    def tokens_in(row):  # what vLLM copies when it moves a row
+        return int(batch.num_tokens_no_spec[row]) + len(batch.spec_token_ids[row])
+
+    lazy = [(tokens, tokens_in), (flags, tokens_in)]
     for table, width in zip(batch.block_table.block_tables, block_widths or []):
-        lazy.append(lazy_block_table(table, batch.max_num_reqs, width))
+        lazy.append((lazy_block_table(table, batch.max_num_reqs, width), lambda row, t=table: int(t.num_blocks_per_row[row])))
     setattr(batch, _LAZY, lazy)
 
 
@@ -98,9 +105,8 @@ def apply() -> bool:
     def make_remove(original):
         def remove_request(self, req_id):
             index = original(self, req_id)
-            if index is not None:
-                for rows in getattr(self, _LAZY, ()):
-                    rows.release_rows([index])
+            if index is not None and hasattr(self, _LAZY):
+                self.__dict__.setdefault(_REMOVED, {})[index] = req_id
             return index
 
         return remove_request
@@ -108,12 +114,20 @@ def apply() -> bool:
     def make_condense(original):
         def condense(self):
             lazy = getattr(self, _LAZY, None)
-            before = {i for i, r in enumerate(self._req_ids) if r is not None} if lazy else ()
+            if not lazy:
+                return original(self)
+            before = {i for i, r in enumerate(self._req_ids) if r is not None}
             original(self)
-            if lazy:
-                vacated = sorted(before - {i for i, r in enumerate(self._req_ids) if r is not None})
-                for rows in lazy:
-                    rows.release_rows(vacated)
+            held = {i: r for i, r in enumerate(self._req_ids) if r is not None}
+            removed = self.__dict__.pop(_REMOVED, {})
+            for rows, in_use in lazy:
+                # rows a removal or a move left empty: all their pages
+                rows.release_rows(sorted((before | set(removed)) - set(held)))
+                # a slot another request took this step: the pages past what it wrote (a
+                # streaming session's next chunk re-adds its own request there: kept)
+                for index, old in removed.items():
+                    if index in held and held[index] != old:
+                        rows.release_rows([index], from_col=in_use(index))
 
         return condense
 
