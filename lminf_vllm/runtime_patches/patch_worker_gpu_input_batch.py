@@ -68,12 +68,16 @@ def reserve_lazily(batch, max_model_len: int, block_widths: list[int] | None) ->
     batch.token_ids_cpu_tensor, batch.token_ids_cpu = tokens.tensor, tokens.array
     batch.is_token_ids_tensor, batch.is_token_ids = flags.tensor, flags.array
     batch.max_model_len = max_model_len
-    def tokens_in(row):  # what vLLM copies when it moves a row
+
+    def tokens_in(row):  # the columns vLLM copies when it moves a row
         return int(batch.num_tokens_no_spec[row]) + len(batch.spec_token_ids[row])
+
+    def blocks_in(table):
+        return lambda row: int(table.num_blocks_per_row[row])
 
     lazy = [(tokens, tokens_in), (flags, tokens_in)]
     for table, width in zip(batch.block_table.block_tables, block_widths or []):
-        lazy.append((lazy_block_table(table, batch.max_num_reqs, width), lambda row, t=table: int(t.num_blocks_per_row[row])))
+        lazy.append((lazy_block_table(table, batch.max_num_reqs, width), blocks_in(table)))
     setattr(batch, _LAZY, lazy)
 
 
