@@ -53,21 +53,23 @@ def parse_args(argv=None):
 
 def corpus_tokens() -> list[int]:
     """The pinned held-out corpus as the byte model's ids, documents separated by end-of-text."""
-    from corpus import EOS_ID, pinned_documents
+    from corpus import encode_concat, pinned_documents
 
-    ids = []
-    for _, text in pinned_documents():
-        ids += list(text.encode("utf-8")) + [EOS_ID]
-    return ids
+    return encode_concat([text for _, text in pinned_documents()]).tolist()
 
 
-def nll_at_training_length(model: Path, ids: list[int], length: int, windows: int = 200) -> tuple[float, float]:
-    """Mean NLL over `windows` windows of `length` tokens (full attention): per predicted token,
-    and of each window's last token only."""
+def load_model(model: Path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    lm = AutoModelForCausalLM.from_pretrained(model, torch_dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+
+
+def nll_at_training_length(lm, ids: list[int], length: int, windows: int = 200) -> tuple[float, float]:
+    """Mean NLL over `windows` windows of `length` tokens (full attention): per predicted token,
+    and of each window's last token only."""
+    import torch
+
     step = max(length, len(ids) // windows)
     total, count, last = 0.0, 0, []
     with torch.no_grad():
@@ -81,35 +83,26 @@ def nll_at_training_length(model: Path, ids: list[int], length: int, windows: in
     return total / count, statistics.fmean(last)
 
 
-def nll_of_next_tokens(model: Path, ids: list[int], starts: list[int], length: int) -> list[float]:
+def nll_of_next_tokens(lm, ids: list[int], starts: list[int], length: int) -> list[float]:
     """The model's NLL (full attention, transformers) of ids[p] given the length - 1 tokens before
     it, for each p in `starts` (the corpus cycled): the same tokens the session predicted, paired."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    lm = AutoModelForCausalLM.from_pretrained(model, torch_dtype=torch.float32).eval()
     cycled = ids + ids
     out = []
     with torch.no_grad():
         for a in range(0, len(starts), 64):
             batch = [(p % len(ids)) + len(ids) for p in starts[a : a + 64]]
-            x = torch.tensor([cycled[p - length + 1 : p + 1] if p + 1 <= len(cycled) else None for p in batch])
+            x = torch.tensor([cycled[p - length + 1 : p + 1] for p in batch])
             logp = torch.log_softmax(lm(x[:, :-1]).logits[:, -1].double(), -1)
             out += (-logp.gather(1, x[:, -1:])[:, 0]).tolist()
     return out
 
 
 def tree_rss_mib() -> float:
-    import psutil
+    from soak import tree_rss_bytes
 
-    me = psutil.Process()
-    rss = 0
-    for proc in [me, *me.children(recursive=True)]:
-        try:
-            rss += proc.memory_info().rss
-        except psutil.NoSuchProcess:
-            pass
-    return rss / 2**20
+    return tree_rss_bytes(os.getpid()) / 2**20
 
 
 def held_blocks_logger():
@@ -265,15 +258,16 @@ def main(argv=None) -> int:
         "chunk": args.chunk, "global_tokens": args.global_tokens,
         "training_length": config["max_position_embeddings"],
     }  # fmt: skip
+    lm = load_model(args.model)
     results["nll_at_training_length"], results["nll_at_training_length_last_position"] = nll_at_training_length(
-        args.model, ids, config["max_position_embeddings"])
+        lm, ids, config["max_position_embeddings"])
     print(f"NLL at the training length ({results['training_length']} tokens): {results['nll_at_training_length']:.4f} "
           f"(last position: {results['nll_at_training_length_last_position']:.4f})")
     samples, progress = [], []
     results.update(asyncio.run(run_session(args, ids, samples, progress)))
     results["samples"] = samples
     # the same next tokens, each with its 255 tokens before it and full attention: a paired yardstick
-    paired = nll_of_next_tokens(args.model, ids, [(c + 1) * args.chunk for c in range(len(progress))],
+    paired = nll_of_next_tokens(lm, ids, [(c + 1) * args.chunk for c in range(len(progress))],
                                 results["training_length"])  # fmt: skip
     results["chunks"] = [{"tokens": t, "latency_s": round(lat, 5), "nll": round(n, 5), "nll_paired_1x": round(q, 5)}
                          for (t, lat, n), q in zip(progress, paired)]  # fmt: skip

@@ -104,15 +104,7 @@ class Server:
             return False
 
     def rss_bytes(self) -> int:
-        procs = [psutil.Process(self.proc.pid)]
-        procs += procs[0].children(recursive=True)
-        total = 0
-        for p in procs:
-            try:
-                total += p.memory_info().rss
-            except psutil.NoSuchProcess:
-                pass
-        return total
+        return tree_rss_bytes(self.proc.pid)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -123,6 +115,19 @@ class Server:
             self.proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+
+
+def tree_rss_bytes(pid: int) -> int:
+    """Resident memory of a process and all its descendants (those that exit meanwhile count 0)."""
+    procs = [psutil.Process(pid)]
+    procs += procs[0].children(recursive=True)
+    total = 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
 
 
 def stream_one(url, model, kind, index, tokens, hang_up_after):

@@ -224,6 +224,8 @@ def plan_decode(
     nbw = min(-(-L // B) + 1, -(-longest // B))  # blocks an L-token window can touch
     group = max(1, DECODE_KEYS_PER_GROUP // ((nbg + nbw) * B))
     dev = seq_lens.device
+    # a table row is max_model_len / B wide: index the rows and columns needed, copy no row whole
+    rows = torch.arange(seq_lens.numel(), device=dev) if rows is None else rows
     plans = []
     for a in range(0, seq_lens.numel(), group):
         pos_q = (seq_lens[a : a + group] - 1)[:, None]  # [R, 1]
@@ -247,8 +249,7 @@ def plan_decode(
         plans.append(
             DecodePlan(
                 first=a,
-                # only the columns needed: a row is max_model_len / B wide
-                blocks=(block_table[a : a + group].gather(1, blk) if rows is None else block_table[rows[a : a + group, None], blk]).long(),
+                blocks=block_table[rows[a : a + group, None], blk].long(),  # only the columns needed
                 valid=valid,
                 glob_slots=g,
                 glob_delta=d_g.clamp(max=cfg.distance_cap) - d_g,

@@ -69,8 +69,7 @@ class StepCosSin(torch.nn.Module):
                 return rows, index
         last = self.table.shape[0] - 1
         stock = self.table.index_select(0, positions.clamp(max=last))
-        angles = positions.to(torch.float64).unsqueeze(-1) * self.inv_freq
-        exact = torch.cat((angles.cos(), angles.sin()), dim=-1)
+        exact = torch.cat(cos_sin(positions, self.inv_freq, torch.float64), dim=-1)
         if self.scaling != 1.0:
             exact = exact * self.scaling
         rows = torch.where((positions <= last).unsqueeze(-1), stock, exact.to(stock.dtype)).to(dtype)
