@@ -217,6 +217,29 @@ def register_backend_alias(alias: str, backend: AttentionBackendEnum) -> None:
             ),
         )
 ''',
+    ), (
+        "v1/worker/gpu_model_runner.py",
+        '''        self.input_batch.remove_request(req_id)
+        req_state = self.requests[req_id]
+
+        req_state.prompt_token_ids = new_req_data.prompt_token_ids
+''',
+        '''        row = self.input_batch.remove_request(req_id)
+        req_state = self.requests[req_id]
+
+        if start := new_req_data.prompt_start:
+            # Only the new tokens came: this worker holds the rest (its last
+            # prompt and what it sampled; an in-process executor shares the
+            # scheduler's list, which is whole already).
+            prompt = req_state.prompt_token_ids
+            if len(prompt) != start + len(new_req_data.prompt_token_ids):
+                prompt.extend(req_state.output_token_ids[: start - len(prompt)])
+                prompt.extend(new_req_data.prompt_token_ids)
+            new_req_data.prompt_token_ids = prompt
+            # The row it left holds the first `start` tokens.
+            req_state.row_holds = (row, start) if row is not None else None
+        req_state.prompt_token_ids = new_req_data.prompt_token_ids
+''',
     )],
     "patch_engine_arg_utils": [(
         "config/model.py",
@@ -415,6 +438,43 @@ def register_backend_alias(alias: str, backend: AttentionBackendEnum) -> None:
         '''from vllm.utils.collection_utils import swap_dict_values
 from vllm.utils.lazy_zeros import LazyZeros  # lminf_vllm/lazy_zeros.py, as it is
 ''',
+    ), (
+        "v1/worker/gpu_input_batch.py",
+        '''        if request.prompt_token_ids is not None:
+            self.token_ids_cpu[req_index, :num_prompt_tokens] = request.prompt_token_ids
+            if request.prompt_is_token_ids is not None:
+                self.is_token_ids[req_index, :num_prompt_tokens] = (
+                    request.prompt_is_token_ids
+                )
+            else:
+                self.is_token_ids[req_index, :num_prompt_tokens] = True
+''',
+        '''        if request.prompt_token_ids is not None:
+            # A streaming session back in the row it left this step: the row
+            # holds its first tokens already, so write only the new ones.
+            held = 0
+            if request.row_holds is not None and request.row_holds[0] == req_index:
+                held = request.row_holds[1]
+            request.row_holds = None
+            self.token_ids_cpu[req_index, held:num_prompt_tokens] = (
+                request.prompt_token_ids[held:]
+            )
+            if request.prompt_is_token_ids is not None:
+                self.is_token_ids[req_index, held:num_prompt_tokens] = (
+                    request.prompt_is_token_ids[held:]
+                )
+            else:
+                self.is_token_ids[req_index, held:num_prompt_tokens] = True
+''',
+    ), (
+        "v1/worker/gpu_input_batch.py",
+        '''    prompt_is_token_ids: list[bool] | None = None
+''',
+        '''    prompt_is_token_ids: list[bool] | None = None
+    # (row, tokens): a streaming session's row, left this step, and how many
+    # of its next prompt's tokens it holds (see _update_streaming_request).
+    row_holds: tuple[int, int] | None = None
+''',
     )],
     "patch_metrics_stats": [(
         "v1/metrics/stats.py",
@@ -546,6 +606,53 @@ class FullAttentionManager(SingleTypeKVCacheManager):
 
 
 class FullAttentionManager(SingleTypeKVCacheManager):
+""",
+    ), (
+        "v1/core/sched/output.py",
+        """    # DeepSeek-V4.1 only: SWA bounded replay; see Request.replay_start.
+    replay_start: int = 0
+""",
+        """    # DeepSeek-V4.1 only: SWA bounded replay; see Request.replay_start.
+    replay_start: int = 0
+    # A streaming continuation: prompt_token_ids holds the prompt from this
+    # index on; the worker holds the tokens before it (its last prompt and the
+    # tokens it sampled), so a chunk costs its own length, not the session's.
+    prompt_start: int = 0
+""",
+    ), (
+        "v1/core/sched/scheduler.py",
+        """        num_computed_tokens = session.num_computed_tokens
+        kept_output_tokens = session._all_token_ids[
+""",
+        """        num_computed_tokens = session.num_computed_tokens
+        # The worker holds these tokens: the next prompt goes to it from here.
+        session.prompt_start_for_worker = num_computed_tokens
+        kept_output_tokens = session._all_token_ids[
+""",
+    ), (
+        "v1/core/sched/scheduler.py",
+        """            new_reqs_data = [
+                NewRequestData.from_request(
+                    req,
+                    req_to_new_blocks[req.request_id].get_block_ids(),
+                    uses_mrope=self.model_uses_mrope,
+                )
+                for req in scheduled_new_reqs
+            ]
+""",
+        """            new_reqs_data = [
+                NewRequestData.from_request(
+                    req,
+                    req_to_new_blocks[req.request_id].get_block_ids(),
+                    uses_mrope=self.model_uses_mrope,
+                )
+                for req in scheduled_new_reqs
+            ]
+            if not self.scheduler_config.async_scheduling:
+                for data, req in zip(new_reqs_data, scheduled_new_reqs):
+                    if start := req.__dict__.pop("prompt_start_for_worker", 0):
+                        data.prompt_token_ids = req.prompt_token_ids[start:]
+                        data.prompt_start = start
 """,
     )],
     "patch_metrics_loggers": [(

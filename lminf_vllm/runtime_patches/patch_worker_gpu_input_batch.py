@@ -1,4 +1,4 @@
-"""Per-request buffers sized by what a request holds, not by max_model_len.
+"""Per-request buffers sized by what a request holds, not by max_model_len; a streaming re-add writes only its new tokens.
 
 Target: vllm.v1.worker.gpu_input_batch.InputBatch.__init__, .remove_request and .condense
 Why: the input batch keeps a row of token ids (int32) and a row of "is a token"
@@ -26,6 +26,19 @@ Upstream: reserve the token rows lazily as here (the diff); under a
     bound's width, read modulo by the attention and the slot mapping (not
     written yet: every lminf kernel path indexes rows by logical block).
 Remove when: vLLM does so.
+
+Target 2: InputBatch.add_request
+Why: a streaming session's next chunk removes its request and adds it back,
+    and the add writes the session's whole prompt into the token row (about
+    20 ns a token each chunk: 0.2 s at 10M tokens), though the row already
+    holds all of it but the new chunk.
+How: when the runner patch rebuilt the prompt from its new tokens
+    (lminf_vllm.streaming_tail), it says how many the row holds (keep_row_prefix);
+    if the add lands in the row the request left this step, the row's write and
+    its flags' skip those columns (a stand-in for the two buffers during that
+    add, RowWriteFrom). Elsewhere the write is vLLM's.
+Upstream: CachedRequestState.row_holds, read by add_request (the diff).
+Remove when: vLLM does so.
 """
 
 from lminf_vllm.runtime_patches._util import is_patched, replace_attr
@@ -35,6 +48,7 @@ TARGET = "vllm.v1.worker.gpu_input_batch.InputBatch.__init__"
 VLLM_VERSIONS = SUPPORTED_VLLM_SERIES
 _LAZY = "_lminf_lazy_rows"  # (LazyZeros, columns in use of a row) of a batch built here (absent: vLLM's buffers)
 _REMOVED = "_lminf_removed_this_step"  # row -> the request removed from it, until condense
+_PREFIX = "_lminf_row_prefix"  # request -> (row it left, tokens there that its next prompt starts with)
 
 
 def lminf_engine_is_building() -> bool:
@@ -79,6 +93,30 @@ def reserve_lazily(batch, max_model_len: int, block_widths: list[int] | None) ->
     for table, width in zip(batch.block_table.block_tables, block_widths or []):
         lazy.append((lazy_block_table(table, batch.max_num_reqs, width), blocks_in(table)))
     setattr(batch, _LAZY, lazy)
+
+
+def keep_row_prefix(batch, req_id: str, row: int, tokens: int) -> None:
+    """The request just left `row`, whose first `tokens` columns its next prompt starts with."""
+    if hasattr(batch, _LAZY):
+        batch.__dict__.setdefault(_PREFIX, {})[req_id] = (row, tokens)
+
+
+class RowWriteFrom:
+    """Stands in for a [rows, columns] buffer during one add_request: the write of `row`'s
+    first columns starts at column `start` (those before it are there already)."""
+
+    def __init__(self, array, row: int, start: int):
+        self.array, self.row, self.start = array, row, start
+
+    def __setitem__(self, key, value):
+        row, cols = key if isinstance(key, tuple) and len(key) == 2 else (None, None)
+        if row == self.row and isinstance(cols, slice) and not cols.start and cols.step is None and (cols.stop or 0) >= self.start:
+            key = (row, slice(self.start, cols.stop))
+            value = value[self.start : cols.stop] if isinstance(value, list) else value
+        self.array[key] = value
+
+    def __getitem__(self, key):
+        return self.array[key]
 
 
 def apply() -> bool:
@@ -135,7 +173,22 @@ def apply() -> bool:
 
         return condense
 
+    def make_add(original):
+        def add_request(self, request):
+            row, start = self.__dict__.get(_PREFIX, {}).pop(request.req_id, (None, 0))
+            if not start or self.__dict__.get(_REMOVED, {}).get(row) != request.req_id:
+                return original(self, request)
+            tokens, flags = self.token_ids_cpu, self.is_token_ids
+            self.token_ids_cpu, self.is_token_ids = RowWriteFrom(tokens, row, start), RowWriteFrom(flags, row, start)
+            try:
+                return original(self, request)
+            finally:
+                self.token_ids_cpu, self.is_token_ids = tokens, flags
+
+        return add_request
+
     changed = replace_attr(InputBatch, "__init__", make_init)
+    changed |= replace_attr(InputBatch, "add_request", make_add)
     changed |= replace_attr(InputBatch, "remove_request", make_remove)
     changed |= replace_attr(InputBatch, "condense", make_condense)
     return changed

@@ -30,8 +30,23 @@ How: in lminf engines, collect scheduler_output.finished_req_ids, and just
 Upstream: request ids on CommonAttentionMetadata (and an end-of-request hook
     for attention backends).
 Remove when: vLLM passes them.
+
+Target 3: GPUModelRunner._update_streaming_request
+Why: each chunk of a streaming session brought the session's whole prompt
+    from the scheduler and handed it to the input batch to write again: a cost
+    per chunk that grew with the session (docs/sessions.md).
+How: in lminf engines the scheduler sends a streaming session's next prompt as
+    the tokens the worker lacks (lminf_vllm.streaming_tail.TokenTail, see
+    patch_core_sched_scheduler); here the worker's copy is extended in place to
+    the whole prompt (streaming_tail.rebuild, which checks the tokens where the
+    two meet) before vLLM's update runs, and the input batch is told how much
+    of the request's row already holds it (patch_worker_gpu_input_batch).
+Upstream: NewRequestData for a streaming continuation carrying only the new
+    tokens; the runner extends its state and the batch row.
+Remove when: vLLM does so.
 """
 
+import logging
 import os
 
 import numpy as np
@@ -45,6 +60,8 @@ _SNAPSHOTS = "_lminf_cpu_rng_snapshots"
 _ENABLED = "_lminf_seeded_sampling_fix"
 _FINISHED = "_lminf_finished_requests"  # ended since the last step's metadata (None: not an lminf engine)
 OPT_IN_ENV = "LMINF_SEEDED_SAMPLING_FIX"
+logger = logging.getLogger("vllm.lminf")  # under "vllm" so vLLM's log setup shows it
+_told = []  # whether this process has logged its first rebuilt streaming prompt
 
 
 def enabled(runner) -> bool:
@@ -124,15 +141,38 @@ def apply() -> bool:
 
         return _build_attention_metadata
 
+    def make_update_streaming(original):
+        def _update_streaming_request(self, req_id, new_req_data):
+            from lminf_vllm.streaming_tail import TokenTail, rebuild
+
+            tail = new_req_data.prompt_token_ids
+            if not isinstance(tail, TokenTail):
+                return original(self, req_id, new_req_data)
+            from lminf_vllm.runtime_patches.patch_worker_gpu_input_batch import keep_row_prefix
+
+            state = self.requests[req_id]
+            new_req_data.prompt_token_ids = rebuild(state.prompt_token_ids, state.output_token_ids, tail, req_id)
+            if not _told:
+                _told.append(req_id)
+                logger.info("lminf: streaming session %r: its next chunks reach the worker as their new tokens only", req_id)
+            row = self.input_batch.req_id_to_index.get(req_id)  # None: it left the batch in an earlier step
+            req_state = original(self, req_id, new_req_data)
+            if row is not None:
+                keep_row_prefix(self.input_batch, req_id, row, tail.start)
+            return req_state
+
+        return _update_streaming_request
+
     applied = replace_attr(GPUModelRunner, "_sample", make_sample)
     replace_attr(GPUModelRunner, "_bookkeeping_sync", make_bookkeeping)
     replace_attr(GPUModelRunner, "_update_states", make_update_states)
     replace_attr(GPUModelRunner, "_build_attention_metadata", make_build_attention_metadata)
+    replace_attr(GPUModelRunner, "_update_streaming_request", make_update_streaming)
     return applied
 
 
 def is_applied() -> bool:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    names = ("_sample", "_bookkeeping_sync", "_update_states", "_build_attention_metadata")
+    names = ("_sample", "_bookkeeping_sync", "_update_states", "_build_attention_metadata", "_update_streaming_request")
     return all(is_patched(GPUModelRunner, name) for name in names)
