@@ -47,7 +47,7 @@ VARIANTS = {
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="default: all")
     p.add_argument("--length", type=int, default=4096, help="prompt tokens (about)")
     p.add_argument("--documents", type=int, default=4)
     p.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.4, 0.7])
@@ -151,6 +151,7 @@ def run_variant(args, model_dir, name, trials) -> dict:
 def main(argv=None):
     in_process_engine_env()
     args = parse_args(argv)
+    args.variants = args.variants or list(VARIANTS)
     from transformers import AutoTokenizer
 
     from lminf_vllm.prepare_model import DEFAULT_OUT
