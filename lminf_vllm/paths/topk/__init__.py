@@ -129,7 +129,7 @@ def plan(batch: StepBatch, shape: EngineShape) -> Plan:
 
 def run(plan: Plan, layer: LayerMath, query, key, value, kv_cache, output: torch.Tensor) -> None:
     b, shape = plan.batch, plan.shape
-    cfg, B, k = shape.cfg, shape.block_size, shape.cfg.topk_blocks
+    cfg, B = shape.cfg, shape.block_size
     layer_key = kv_cache.data_ptr()  # one cache tensor per layer, kept for the engine's life
     if plan.write_at is None:
         plan.write_at = write_index(b.slot_mapping[: b.num_tokens], B)
@@ -259,7 +259,7 @@ def _decode_in_pool(plan: Plan, step: DecodeStep, layer: LayerMath, rows: list, 
     its picks and the rest of its far keys go into the pool rotated to i - C, and one call of
     vLLM's op reads every row's keys with its query as it is."""
     cfg, B, layer_key = plan.shape.cfg, plan.shape.block_size, kv_cache.data_ptr()
-    g, k = global_blocks(cfg.global_tokens, B), cfg.topk_blocks
+    g = global_blocks(cfg.global_tokens, B)
     neox = layer.rotary.is_neox_style
     turn = lambda keys, row: ops.rotate_rows(keys, row.turn, neox)  # noqa: E731
     for (r, rid, _, dec), q_cap, prow in zip(rows, q_caps, step.pool):
