@@ -70,13 +70,17 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def mode_options(model: Path, mode: str, max_model_len: int, *, block_size: int, topk_blocks: int, **engine_kw) -> dict:
-    """vllm.LLM(...) arguments: quality.engine_options, with our block size; "topk" is
-    lminf with topk_blocks added to its additional_config."""
+def mode_options(model: Path, mode: str, max_model_len: int, *, block_size: int, topk_blocks: int,
+                 topk_score: str | None = None, dtype: str = "float32", **engine_kw) -> dict:  # fmt: skip
+    """vllm.LLM(...) arguments: quality.engine_options, with our block size and dtype; "topk" is
+    lminf with topk_blocks (and topk_score, when given) added to its additional_config."""
     options = engine_options(model, "lminf" if mode == "topk" else mode, max_model_len, **engine_kw)
     options["block_size"] = block_size
+    options["dtype"] = dtype
     if mode == "topk":
         cfg = dict(options["additional_config"]["lminf"], topk_blocks=topk_blocks)
+        if topk_score is not None:
+            cfg["topk_score"] = topk_score
         options["additional_config"] = {**options["additional_config"], "lminf": cfg}
     return options
 
@@ -189,6 +193,8 @@ def main(argv=None):
     p.add_argument("--distance-cap", type=int, help="C (default: the training length)")
     p.add_argument("--block-size", type=int, default=32, help="KV block size B (every mode)")
     p.add_argument("--topk-blocks", type=int, default=0, help="k, middle blocks read again in mode topk")
+    p.add_argument("--topk-score", choices=("mass", "bound"), help="topk_score in mode topk (default: the engine's)")
+    p.add_argument("--dtype", default="float32", help="the engines' dtype")
     p.add_argument("--kv-cache-gib", type=float, default=4.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("out/passkey.json"))
@@ -208,7 +214,9 @@ def main(argv=None):
     results = {}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in engine_kw.items() if k != "kv_cache_bytes"}
-    settings.update(block_size=args.block_size, topk_blocks=args.topk_blocks)
+    settings.update(block_size=args.block_size, topk_blocks=args.topk_blocks, dtype=args.dtype)
+    if args.topk_score is not None:
+        settings["topk_score"] = args.topk_score
     doc = {"model": model.name, "training_length": L, "lminf": settings,
            "corpus": CORPUS,
            "command": "python benchmarks/passkey.py " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -216,7 +224,8 @@ def main(argv=None):
     jobs = [(mode, n) for mode in args.modes for n in args.lengths]
     for mode, n in tqdm(jobs, desc="passkey", file=sys.stderr):
         k = args.topk_blocks if mode == "topk" else 0
-        runs = run_mode(model, mode, cases[n], block_size=args.block_size, topk_blocks=k, **engine_kw)
+        runs = run_mode(model, mode, cases[n], block_size=args.block_size, topk_blocks=k, topk_score=args.topk_score,
+                        dtype=args.dtype, **engine_kw)  # fmt: skip
         hits = [str(c["key"]) in r["answer"] for c, r in zip(cases[n], runs)]
         rows = [{"depth": c["depth"], "key": c["key"], "prompt_tokens": len(c["prompt"]), "answer": r["answer"],
                  "hit": h, "wall_s": r["wall_s"], "kv": r["kv"]}

@@ -515,7 +515,7 @@ def validate(model, tok, trial, cfg, answer_ids, B, k):
     for passes in range(1, len(guess) + 1):
         ids = prompt + guess[:-1]
         chunks = [e - s for s, e in chunk_spans(len(prompt), 2048)] + [1] * (len(guess) - 1)
-        attn = functools.partial(blockwise_topk_attention, topk=k, block_size=B, chunks=chunks)
+        attn = functools.partial(blockwise_topk_attention, topk=k, block_size=B, chunks=chunks, score="bound")
         pred = model.logits(ids, cfg, attention=attn)[len(prompt) - 1 :].argmax(-1).tolist()
         if pred == guess:
             break

@@ -60,7 +60,8 @@ def run_case(model, tok, case, cfg, topk, B, prefill_chunk, rule):
 
     group, reduce_ = rule.split("/") if topk else ("max", "last")
     attn = functools.partial(blockwise_topk_attention, topk=topk, block_size=B, chunks=chunks,
-                             group_reduce=group, chunk_rule=reduce_, on_selection=record)  # fmt: skip
+                             group_reduce=group, chunk_rule=reduce_, on_selection=record,
+                             score="bound")  # fmt: skip  # (its results predate the mass score)
     logits = model.logits(ids, cfg, attention=attn)
     pred = logits[len(prompt) - 1 :].argmax(-1).tolist()
     return {

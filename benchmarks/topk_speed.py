@@ -44,6 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--distance-cap", type=int, default=2048)
     p.add_argument("--block-size", type=int, default=64)
     p.add_argument("--topk-blocks", type=int, default=4)
+    p.add_argument("--topk-score", choices=("mass", "bound"), help="topk_score of the topk mode (default: the engine's)")
     p.add_argument("--step-tokens", type=int, default=2048, help="max_num_batched_tokens (vllm serve's on CPU)")
     p.add_argument("--kv-gib", type=float, default=2)
     p.add_argument("--modes", nargs="+", default=["lambda", "topk"], choices=("lambda", "topk"))
@@ -61,6 +62,8 @@ def run_mode(args, model, mode, tokens) -> dict:
     lminf = {"global_tokens": args.global_tokens, "local_tokens": args.local_tokens, "distance_cap": args.distance_cap}
     if mode == "topk":
         lminf["topk_blocks"] = args.topk_blocks
+        if args.topk_score is not None:
+            lminf["topk_score"] = args.topk_score
     llm = LLM(
         model=str(model), attention_backend="lminf", max_model_len=max(args.lengths) + args.gen + 8, seed=0,
         block_size=args.block_size, max_num_batched_tokens=args.step_tokens, enable_prefix_caching=False,

@@ -9,7 +9,11 @@ from typing import Any, Mapping
 
 CONFIG_KEY = "lminf"  # additional_config["lminf"]
 DEFAULT_GLOBAL_TOKENS = 10  # the paper's setting for generation
-KNOWN_KEYS = ("global_tokens", "local_tokens", "distance_cap", "topk_blocks")
+KNOWN_KEYS = ("global_tokens", "local_tokens", "distance_cap", "topk_blocks", "topk_score")
+# How top-k scores a middle block (docs/topk-contract.md, "Scoring a middle block"): its attention
+# mass for the chunk's last row (the default), or Quest's bound from per-channel key summaries.
+TOPK_SCORES = ("mass", "bound")
+DEFAULT_TOPK_SCORE = "mass"
 
 
 class LminfConfigError(ValueError):
@@ -24,13 +28,15 @@ class LminfConfig:
     # k: middle blocks each (sequence, layer, KV head) reads again per step, from
     # the host store (docs/topk-contract.md); 0 is SPEC.md's Λ-mask, bit for bit.
     topk_blocks: int = 0
+    # how a middle block is scored for the selection (TOPK_SCORES); read only when topk_blocks > 0
+    topk_score: str = DEFAULT_TOPK_SCORE
 
     def describe(self) -> str:
         text = (
             f"global_tokens={self.global_tokens} local_tokens={self.local_tokens} "
             f"distance_cap={self.distance_cap}"
         )
-        return text + (f" topk_blocks={self.topk_blocks}" if self.topk_blocks else "")
+        return text + (f" topk_blocks={self.topk_blocks} topk_score={self.topk_score}" if self.topk_blocks else "")
 
 
 # The keys vLLM reads a model's length from, in its order; the smallest present
@@ -176,7 +182,13 @@ def parse_lminf_config(raw: Any, hf_config: Any) -> LminfConfig:
         raise LminfConfigError(
             f"additional_config.lminf.topk_blocks = {topk} is invalid: it must be >= 0 (0: off)"
         )
-    return LminfConfig(global_tokens=glob, local_tokens=local, distance_cap=cap, topk_blocks=topk)
+    score = raw.get("topk_score", DEFAULT_TOPK_SCORE)
+    if score not in TOPK_SCORES or not isinstance(score, str):
+        raise LminfConfigError(
+            f"additional_config.lminf.topk_score = {score!r} is invalid: it must be one of "
+            f"{', '.join(map(repr, TOPK_SCORES))} (default {DEFAULT_TOPK_SCORE!r})"
+        )
+    return LminfConfig(global_tokens=glob, local_tokens=local, distance_cap=cap, topk_blocks=topk, topk_score=score)
 
 
 def check_topk_device(topk_blocks: int, device_type: str) -> None:

@@ -3,9 +3,10 @@
 The engine's math for topk_blocks > 0 (paths/topk/ drives it); the oracle is
 testing/topk_reference.py. Three jobs, no vLLM import:
   * summaries of complete blocks (keys rotated back to position 0, min and max);
-  * a chunk's selection: its last row's query rotated to position C against the
-    summaries of its middle blocks (Quest's bound, max over the GQA group, the
-    k best, lower block first on ties);
+  * a chunk's selection: its last row's query rotated to position C against its
+    middle blocks (topk_score: their attention mass from the keys at position 0,
+    or Quest's bound from the summaries; max over the GQA group, the k best,
+    lower block first on ties);
   * the chunk's attention: one softmax over what the pool still holds (whole
     global blocks, whole window blocks) and the selected blocks from the store,
     in two branches merged by their log-sum-exps (Span says which).
@@ -82,23 +83,60 @@ def block_summaries(keys: torch.Tensor, first_block: int, rotary: RotarySpec):
 
 
 def select_from_bounds(q_cap: torch.Tensor, bounds: torch.Tensor, first: int, k: int) -> torch.Tensor:
-    """The chunk's selection: q_cap [H, D] float32, its last row's query rotated to position C;
-    bounds the summaries of its candidate blocks first .. first + nc - 1 as HostStore.bounds
-    keeps them, [Hkv, 2 D, nc]: hi's channels then lo's, so that Quest's bound
-    sum_c max(q_c lo_c, q_c hi_c) = q+ . hi + q- . lo is one matmul of [q+, q-] per KV head.
-    -> [Hkv, min(k, nc)] block numbers, ascending per KV head."""
+    """The chunk's selection by Quest's bound (topk_score "bound"): q_cap [H, D] float32, its last
+    row's query rotated to position C; bounds the summaries of its candidate blocks
+    first .. first + nc - 1 as HostStore.bounds keeps them, [Hkv, 2 D, nc]: hi's channels then
+    lo's, so that Quest's bound sum_c max(q_c lo_c, q_c hi_c) = q+ . hi + q- . lo is one matmul
+    of [q+, q-] per KV head. -> [Hkv, min(k, nc)] block numbers, ascending per KV head."""
     Hkv, D = bounds.shape[0], q_cap.shape[-1]
+    if bounds.shape[-1] <= k:  # every candidate
+        return torch.arange(first, first + bounds.shape[-1], device=bounds.device).expand(Hkv, -1)
     q = q_cap.view(Hkv, -1, D)
     bound = torch.bmm(torch.cat((q.clamp(min=0), q.clamp(max=0)), dim=-1), bounds)  # [Hkv, g, nc]
-    score = bound.amax(dim=1)  # [Hkv, nc]: a block matters if it matters to any head of the group
-    if score.shape[-1] <= k:  # every candidate
-        return torch.arange(first, first + score.shape[-1], device=score.device).expand(Hkv, -1)
+    return _top_k(bound.amax(dim=1), first, k)  # a block matters if it matters to any head of the group
+
+
+def select_from_mass(q_cap: torch.Tensor, at_zero: torch.Tensor, first: int, k: int, scale: float) -> torch.Tensor:
+    """The chunk's selection by attention mass (topk_score "mass", the default): q_cap [H, D]
+    float32 as for select_from_bounds; at_zero the candidate blocks' keys rotated back to
+    position 0 as HostStore.keys_at_zero gives them, [nc, Hkv, B, D] (any dtype, read once).
+
+    Per query head, a block's score is the log-sum-exp over its tokens of scale * q_cap . u_j,
+    the exact score of each token at distance C; minus the log-sum-exp over every candidate
+    token, it is the log of the block's share of that head's softmax with every candidate
+    visible at C. A KV head takes the max of its query heads' shares (heads are comparable
+    as shares, not as raw scores): the k best, the lower block on ties.
+    -> [Hkv, min(k, nc)] block numbers, ascending per KV head."""
+    nc, Hkv, B, D = at_zero.shape
+    if nc <= k:  # every candidate
+        return torch.arange(first, first + nc, device=at_zero.device).expand(Hkv, -1)
+    keys = torch.empty(Hkv, nc * B, D, device=at_zero.device)
+    keys.view(Hkv, nc, B, D).copy_(at_zero.transpose(0, 1))  # per KV head, float32: one pass over the keys
+    s = torch.bmm(q_cap.view(Hkv, -1, D), keys.transpose(1, 2)).mul_(scale)  # [Hkv, g, nc * B]
+    block = torch.logsumexp(s.view(Hkv, -1, nc, B), dim=-1)  # [Hkv, g, nc]
+    share = block - torch.logsumexp(block, dim=-1, keepdim=True)  # log of each block's share, per query head
+    return _top_k(share.amax(dim=1), first, k)
+
+
+def _top_k(score: torch.Tensor, first: int, k: int) -> torch.Tensor:
+    """score [Hkv, nc] (nc > k) -> the k best per KV head, the lower block on ties, as block
+    numbers first + index, ascending."""
     best, order = torch.topk(score, k + 1, dim=-1)
     b = best.cpu().numpy()  # (a few small host ops: numpy's are cheaper than torch's here)
     if (b[:, k - 1] == b[:, k]).any():
         # a tie at the k-th place: topk may take either block, the contract the lower one
         order = torch.sort(score, dim=-1, descending=True, stable=True).indices
     return torch.from_numpy(np.sort(order.cpu().numpy()[:, :k], axis=-1) + first).to(score.device)
+
+
+def select_stored(store, request: str, layer: int, q_cap: torch.Tensor, first: int, stop: int, cfg: LminfConfig,
+                  scale: float) -> torch.Tensor:  # fmt: skip
+    """A chunk's selection among the stored blocks [first, stop) by cfg.topk_score, read from the
+    host store (topk_store.HostStore): the bound from its summaries, the mass from its keys at
+    position 0. -> [Hkv, min(k, stop - first)], ascending."""
+    if cfg.topk_score == "bound":
+        return select_from_bounds(q_cap, store.bounds(request, layer, first, stop), first, cfg.topk_blocks)
+    return select_from_mass(q_cap, store.keys_at_zero(request, layer, first, stop), first, cfg.topk_blocks, scale)
 
 
 @dataclass

@@ -51,7 +51,7 @@ def plan_pool_row(dec, block_row: torch.Tensor, cfg: LminfConfig, B: int, num_kv
     if C > W:
         return None
     g, fa, i = global_blocks(cfg.global_tokens, B), dec.fa, dec.i
-    k = min(cfg.topk_blocks, fa - g)  # as many as select_from_bounds picks
+    k = min(cfg.topk_blocks, fa - g)  # as many as the selection picks (topk_attention.select_stored)
     buffer = block_row[fa - k : fa].long()
     if bool((buffer == NULL_BLOCK).any()):  # (vLLM's null block is never written; the KV manager keeps the
         return None  # buffer, block_policy.freeable_blocks' kept_behind, tests/test_bounded_memory.py holds it)

@@ -14,7 +14,7 @@ blocks are stored too (a few blocks, never selected): decode reads every key
 past its window from here, rotated back to position 0, so one rotation per row
 and step serves them all (of the query: topk_attention.attend_decode; or of
 those keys to i - C: topk_in_pool). The store lives in host memory; the
-interface (put, bounds, gather_far, head_rows, block_heads, drop) is what a
+interface (put, bounds, keys_at_zero, gather_far, head_rows, block_heads, drop) is what a
 disk or LMCache tier would implement. No vLLM import.
 """
 
@@ -99,6 +99,14 @@ class HostStore:
         if stop > entry.blocks:
             raise RuntimeError(f"top-k host store: block {stop - 1} of {request} was never stored")
         return entry.bounds[..., start:stop]
+
+    def keys_at_zero(self, request: str, layer: int, start: int, stop: int) -> torch.Tensor:
+        """The keys rotated back to position 0 of blocks [start, stop) (all stored), in place (a view,
+        no copy): [stop - start, Hkv, B, D] in the cache dtype (topk_attention.select_from_mass)."""
+        entry = self._entries[(request, layer)]
+        if stop > entry.blocks:
+            raise RuntimeError(f"top-k host store: block {stop - 1} of {request} was never stored")
+        return entry.at_zero[start:stop]
 
     def gather_far(self, request: str, layer: int, blocks: torch.Tensor, with_keys: bool):
         """Keys at position 0, values and (with_keys) keys as stored of blocks [Hkv, n], one list

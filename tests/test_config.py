@@ -114,7 +114,17 @@ def test_topk_blocks_defaults_to_off_and_takes_any_integer_from_zero():
     assert LminfConfig(4, 64, 96).topk_blocks == 0
     # the start-up line names k only when it is on
     assert "topk_blocks" not in LminfConfig(4, 64, 96).describe()
-    assert LminfConfig(4, 64, 96, 3).describe().endswith(" topk_blocks=3")
+    assert LminfConfig(4, 64, 96, 3).describe().endswith(" topk_blocks=3 topk_score=mass")
+
+
+def test_topk_score_defaults_to_mass_and_takes_bound():
+    """docs/topk-contract.md, "Scoring a middle block": the block's attention mass by default,
+    Quest's bound on request."""
+    assert parse_lminf_config({"topk_blocks": 4}, hf()).topk_score == "mass"
+    assert LminfConfig(4, 64, 96, 3).topk_score == "mass"
+    cfg = parse_lminf_config({"topk_blocks": 4, "topk_score": "bound"}, hf())
+    assert cfg.topk_score == "bound" and cfg.describe().endswith(" topk_blocks=4 topk_score=bound")
+    assert parse_lminf_config({"topk_score": "mass"}, hf()) == parse_lminf_config({}, hf())
 
 
 def test_sliding_window_baseline_and_ablation_cap_are_allowed():
@@ -138,7 +148,11 @@ def test_sliding_window_baseline_and_ablation_cap_are_allowed():
         ({"topk_blocks": 2.0}, r"additional_config\.lminf\.topk_blocks = 2\.0 is invalid: it must be an integer"),
         ({"topk_blocks": True}, r"additional_config\.lminf\.topk_blocks = True is invalid: it must be an integer"),
         ({"topk_blocks": None}, r"additional_config\.lminf\.topk_blocks = None is invalid: it must be an integer"),
-        ({"topk": 2}, r"unknown key\(s\) 'topk': the known keys are .*, topk_blocks"),
+        ({"topk": 2}, r"unknown key\(s\) 'topk': the known keys are .*, topk_blocks, topk_score"),
+        ({"topk_score": "quest"},
+         r"additional_config\.lminf\.topk_score = 'quest' is invalid: it must be one of 'mass', 'bound'"),
+        ({"topk_score": None}, r"additional_config\.lminf\.topk_score = None is invalid: it must be one of"),
+        ({"topk_score": ["mass"]}, r"additional_config\.lminf\.topk_score = \['mass'\] is invalid"),
         ([1, 2], r"additional_config.lminf = \[1, 2\] is invalid: it must be an object"),
     ],
 )

@@ -3,8 +3,9 @@
 docs/topk-contract.md, "Equivalences and oracles": engine logprobs equal
 testing/topk_reference.dense_topk_attention within 1e-3 in prefill, chunked
 prefill, decode and mixed batches, given the chunk boundaries the engine used;
-every block the engine picked has a reference bound within a float tolerance
-of the k-th best; k = 0 is today's engine bit for bit.
+every block the engine picked has a reference score (the default topk_score
+"mass", or "bound") within a float tolerance of the k-th best; k = 0 is
+today's engine bit for bit.
 
 The chunk boundaries and the engine's picks are read from the engine itself:
 `paths.topk.plan` is wrapped (the worker runs in this process, conftest sets
@@ -27,7 +28,9 @@ from engine import engine, page_bytes, prompt_logprobs, random_prompt, sample_lo
 from lminf_vllm.config import LminfConfig, LminfConfigError
 from lminf_vllm.testing.reference import DenseLlama
 from lminf_vllm.testing.topk_reference import (
+    DEFAULT_SCORE,
     block_bounds,
+    block_mass_shares,
     dense_topk_attention,
     key_summaries,
     middle_blocks,
@@ -38,8 +41,10 @@ from lminf_vllm.testing.topk_reference import (
 ATOL = 1e-3  # the contract's tolerance on logprobs
 
 
-def topk_options(G, W, C, k) -> dict:
-    return {"lminf": {"global_tokens": G, "local_tokens": W, "distance_cap": C, "topk_blocks": k}}
+def topk_options(G, W, C, k, score=None) -> dict:
+    """additional_config for the engine; score None leaves topk_score out (the default, "mass")."""
+    lminf = {"global_tokens": G, "local_tokens": W, "distance_cap": C, "topk_blocks": k}
+    return {"lminf": lminf if score is None else {**lminf, "topk_score": score}}
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +124,7 @@ class Capture:
 
     def __call__(self, q, k, v, cfg, rotary, scale):
         layer = len(self.layers)
-        self.layers.append((q, k, rotary))
+        self.layers.append((q, k, rotary, scale))
         kw = dict(self.kw)
         if self.selections is not None:
             kw["selection"] = self.selections[layer]
@@ -130,30 +135,32 @@ class Capture:
 class Checked:
     logp: torch.Tensor  # [n, vocab] the oracle's log-probabilities
     flips: int  # (chunk, layer, KV head) selections where the engine's differs from the oracle's
-    worst_slack: float  # largest (k-th best bound - chosen block's bound) seen
+    worst_slack: float  # largest (k-th best score - chosen block's score) seen (the mass: as log shares)
 
 
-def check_request(reference, tokens, cfg: LminfConfig, B: int, k: int, spans, chosen, rows, got) -> Checked:
+def check_request(reference, tokens, cfg: LminfConfig, B: int, k: int, spans, chosen, rows, got,
+                  score: str = DEFAULT_SCORE) -> Checked:  # fmt: skip
     """Hold one request to the oracle. spans: the engine's chunks of it (from 0, in order, no recompute);
     chosen: the engine's picks {(s, e, layer): [Hkv, k']}; rows: which reference rows `got` gives,
-    as (row, token) pairs (log p(token | tokens[:row + 1]))."""
+    as (row, token) pairs (log p(token | tokens[:row + 1])); score: the engine's topk_score."""
     assert spans and spans[0][0] == 0 and all(a[1] == b[0] for a, b in zip(spans, spans[1:])), spans
     chunks = [e - s for s, e in spans]
     if spans[-1][1] < len(tokens):  # rows the engine never computed (the last sampled token): one more chunk
         chunks.append(len(tokens) - spans[-1][1])
-    capture = Capture(topk=k, block_size=B, chunks=chunks)
+    capture = Capture(topk=k, block_size=B, chunks=chunks, score=score)
     logp = torch.log_softmax(reference.logits(tokens, cfg, attention=capture), dim=-1)
     row_idx = torch.tensor([r for r, _ in rows])
     tok_idx = torch.tensor([t for _, t in rows])
     expected = logp[row_idx, tok_idx]
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=0, msg=lambda m: f"n={len(tokens)}: {m}")
 
-    # The engine's own selection: where it picked, what, and how good by the reference's bound.
+    # The engine's own selection: where it picked, what, and how good by the reference's score.
     flips, worst, engine_selections, differs = 0, float("-inf"), [], False
-    for layer, (q0, k0, rotary) in enumerate(capture.layers):
+    for layer, (q0, k0, rotary, scale) in enumerate(capture.layers):
         Hkv, H = k0.shape[1], q0.shape[1]
         kmin, kmax = key_summaries(k0, B, rotary)
-        ref_sel = {(s, e): heads for s, e, heads in topk_selections(q0, k0, cfg, rotary, k, B, chunks)}
+        ref_sel = {(s, e): heads for s, e, heads
+                   in topk_selections(q0, k0, cfg, rotary, k, B, chunks, score=score, scale=scale)}  # fmt: skip
         layer_sel = []
         for s, e in spans:
             cand = middle_blocks(e - 1, cfg, B)
@@ -164,14 +171,18 @@ def check_request(reference, tokens, cfg: LminfConfig, B: int, k: int, spans, ch
                 continue
             assert picked is not None, f"chunk {(s, e)} has middle blocks {cand} but layer {layer} picked none"
             assert picked.shape == (Hkv, min(k, len(cand))), (picked.shape, len(cand))
-            bounds = block_bounds(query_at_cap(q0[e - 1 : e], cfg, rotary), kmin, kmax)[0]  # [H, nb]
-            score = bounds.view(Hkv, H // Hkv, -1).amax(dim=1)[:, cand.start : cand.stop]  # group max
-            kth = score.topk(picked.shape[1], dim=-1).values[:, -1]
+            q_cap = query_at_cap(q0[e - 1 : e], cfg, rotary)
+            if score == "bound":
+                per_head = block_bounds(q_cap, kmin, kmax)[0]  # [H, nb]
+            else:  # log shares: the tolerance is relative to the share
+                per_head = block_mass_shares(q_cap, k0, B, cand, rotary, scale)[0].log()
+            best = per_head.view(Hkv, H // Hkv, -1).amax(dim=1)[:, cand.start : cand.stop]  # group max
+            kth = best.topk(picked.shape[1], dim=-1).values[:, -1]
             for h in range(Hkv):
                 blocks = picked[h].tolist()
                 assert blocks == sorted(set(blocks)), blocks  # ascending, distinct
                 assert all(b in cand for b in blocks), (blocks, cand)
-                slack = kth[h] - score[h, torch.tensor(blocks) - cand.start]
+                slack = kth[h] - best[h, torch.tensor(blocks) - cand.start]
                 tol = 1e-3 * (1 + float(kth[h].abs()))
                 assert float(slack.max()) <= tol, (s, e, layer, h, blocks, float(slack.max()))
                 worst = max(worst, float(slack.max()))
@@ -183,7 +194,7 @@ def check_request(reference, tokens, cfg: LminfConfig, B: int, k: int, spans, ch
             layer_sel.append((spans[-1][1], len(tokens), [[] for _ in range(Hkv)]))
         engine_selections.append(layer_sel)
     if differs:  # a near-tie went the other way: given the engine's picks, the attention is still the oracle's
-        given = Capture(engine_selections, topk=k, block_size=B, chunks=chunks)
+        given = Capture(engine_selections, topk=k, block_size=B, chunks=chunks, score=score)
         logp_given = torch.log_softmax(reference.logits(tokens, cfg, attention=given), dim=-1)
         torch.testing.assert_close(got, logp_given[row_idx, tok_idx], atol=ATOL, rtol=0)
     return Checked(logp, flips, worst)
@@ -196,20 +207,24 @@ def prompt_rows(prompt):
 # ---------------------------------------------------------------- prefill: one chunk, chunks, mixed batches
 
 PREFILL_CASES = [
-    # (G, W, C, B, k, max tokens per step, prompt lengths, chunks of a lone prompt or None)
-    pytest.param(4, 64, 96, 16, 2, 2048, (1024,), "one", id="G4-W64-C96-B16-k2-one-chunk-G-not-multiple"),
-    pytest.param(0, 64, 64, 32, 4, 96, (1024,), "budget", id="G0-W64-C64-B32-k4-chunks96-C-eq-W"),
-    pytest.param(16, 48, 128, 16, 1, 80, (700,), "budget", id="G16-W48-C128-B16-k1-chunks80"),
-    pytest.param(40, 96, 96, 32, 2, 128, (3, 77, 300, 640), None, id="G40-W96-C96-B32-k2-mixed-batch"),
+    # (G, W, C, B, k, max tokens per step, prompt lengths, chunks of a lone prompt or None, topk_score:
+    # None leaves it to the default, "mass")
+    pytest.param(4, 64, 96, 16, 2, 2048, (1024,), "one", None, id="G4-W64-C96-B16-k2-one-chunk-G-not-multiple"),
+    pytest.param(4, 64, 96, 16, 2, 2048, (1024,), "one", "bound", id="G4-W64-C96-B16-k2-one-chunk-bound"),
+    pytest.param(0, 64, 64, 32, 4, 96, (1024,), "budget", None, id="G0-W64-C64-B32-k4-chunks96-C-eq-W"),
+    pytest.param(0, 64, 64, 32, 4, 96, (1024,), "budget", "bound", id="G0-W64-C64-B32-k4-chunks96-bound"),
+    pytest.param(16, 48, 128, 16, 1, 80, (700,), "budget", "mass", id="G16-W48-C128-B16-k1-chunks80"),
+    pytest.param(40, 96, 96, 32, 2, 128, (3, 77, 300, 640), None, None, id="G40-W96-C96-B32-k2-mixed-batch"),
 ]
 
 
-@pytest.mark.parametrize("G, W, C, B, k, step, lengths, lone", PREFILL_CASES)
-def test_prompt_logprobs_match_the_topk_oracle(tiny_llama, reference, recorder, G, W, C, B, k, step, lengths, lone):
-    cfg = LminfConfig(G, W, C, k)
+@pytest.mark.parametrize("G, W, C, B, k, step, lengths, lone, score", PREFILL_CASES)
+def test_prompt_logprobs_match_the_topk_oracle(tiny_llama, reference, recorder, G, W, C, B, k, step, lengths, lone,
+                                               score):  # fmt: skip
+    cfg = LminfConfig(G, W, C, k, score or DEFAULT_SCORE)
     prompts = [random_prompt(n, seed=n + G + k) for n in lengths]
     params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
-    with engine(tiny_llama, lminf=topk_options(G, W, C, k), block_size=B, max_model_len=2048,
+    with engine(tiny_llama, lminf=topk_options(G, W, C, k, score), block_size=B, max_model_len=2048,
                 max_num_batched_tokens=step, max_num_seqs=4, enable_chunked_prefill=True,
                 enable_prefix_caching=True) as llm:  # fmt: skip
         assert llm.llm_engine.vllm_config.cache_config.enable_prefix_caching is False  # turned off with k > 0
@@ -226,7 +241,7 @@ def test_prompt_logprobs_match_the_topk_oracle(tiny_llama, reference, recorder, 
         picked += len(chosen)
         got = prompt_logprobs(out, prompt)
         assert torch.isfinite(got).all()
-        checked = check_request(reference, prompt, cfg, B, k, spans, chosen, prompt_rows(prompt), got)
+        checked = check_request(reference, prompt, cfg, B, k, spans, chosen, prompt_rows(prompt), got, cfg.topk_score)
         if n == 300:  # top-k is not Λ here: the oracle is not met by accident
             lam = reference.prompt_logprobs(prompt, cfg)
             assert (lam - checked.logp[:-1].gather(1, torch.tensor(prompt[1:])[:, None])[:, 0]).abs().max() > 0.1
@@ -239,15 +254,16 @@ def test_prompt_logprobs_match_the_topk_oracle(tiny_llama, reference, recorder, 
 # ---------------------------------------------------------------- decode past the table
 
 
-def test_greedy_decode_past_the_table_matches_the_topk_oracle(tiny_llama, reference, recorder):
+@pytest.mark.parametrize("score", [None, "bound"])
+def test_greedy_decode_past_the_table_matches_the_topk_oracle(tiny_llama, reference, recorder, score):
     """Two prompts share the steps: one's prefill chunks interleave with the other's decode steps,
     each a chunk of one row; 100 greedy tokens, far past the 128-position table. The host store
-    drops each request once it has ended."""
+    drops each request once it has ended. Both scores (None: the default, "mass")."""
     G, W, C, B, k = 10, 48, 80, 16, 3
-    cfg = LminfConfig(G, W, C, k)
+    cfg = LminfConfig(G, W, C, k, score or DEFAULT_SCORE)
     prompts = [random_prompt(200, seed=21), random_prompt(40, seed=22)]
     params = SamplingParams(max_tokens=100, temperature=0.0, logprobs=0, ignore_eos=True)
-    with engine(tiny_llama, lminf=topk_options(G, W, C, k), block_size=B, max_model_len=1024,
+    with engine(tiny_llama, lminf=topk_options(G, W, C, k, score), block_size=B, max_model_len=1024,
                 max_num_batched_tokens=64, max_num_seqs=4) as llm:  # fmt: skip
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         # The host store forgets a request at the step after it ends (request ids are never reused,
@@ -270,7 +286,7 @@ def test_greedy_decode_past_the_table_matches_the_topk_oracle(tiny_llama, refere
         assert all(e - s == 1 for s, e in spans if s >= n)  # decode steps: chunks of one row
         rows = [(n - 1 + i, t) for i, t in enumerate(generated)]
         checked = check_request(reference, tokens, cfg, B, k, spans, recorder.chosen(out.request_id), rows,
-                                sample_logprobs(completion))  # fmt: skip
+                                sample_logprobs(completion), cfg.topk_score)  # fmt: skip
         logp = checked.logp[n - 1 : -1]
         chosen = logp.gather(1, torch.tensor(generated)[:, None])[:, 0]
         assert (logp.max(dim=1).values - chosen).max() < ATOL  # every greedy pick is the oracle's best
@@ -280,7 +296,9 @@ def test_greedy_decode_past_the_table_matches_the_topk_oracle(tiny_llama, refere
     assert sum(r.get("topk decode", 0) for r in served) > 100 and sum(r.get("topk", 0) for r in served) > 200
 
 
-def test_bfloat16_decode_reads_windows_and_store_keys_through_vllms_op(tiny_llama, reference, recorder, monkeypatch):
+@pytest.mark.parametrize("score", [None, "bound"])
+def test_bfloat16_decode_reads_windows_and_store_keys_through_vllms_op(tiny_llama, reference, recorder, monkeypatch,
+                                                                       score):  # fmt: skip
     """A bfloat16 engine (most models' dtype, so vLLM's default) reads its decode rows' windows in
     place and their store keys through vLLM's decode op (paths/topk/ops.py); switched off, the
     same engine takes the PyTorch math. Each of 12 requests decodes one row past its first
@@ -288,15 +306,15 @@ def test_bfloat16_decode_reads_windows_and_store_keys_through_vllms_op(tiny_llam
     ways). The two ways agree to bfloat16 noise (the engine's logits are bfloat16: a few
     0.01s), and the op's way is no farther from the float64 oracle (the model's weights
     rounded to bfloat16 as the engine holds them) than the PyTorch way: seen 0.104 and 0.109
-    on average over the top-5 tokens."""
+    on average over the top-5 tokens (with the bound). Both scores (None: the default, "mass")."""
     from lminf_vllm.paths.topk import ops
 
     G, W, C, B, k = 4, 64, 64, 32, 2
-    cfg = LminfConfig(G, W, C, k)
+    cfg = LminfConfig(G, W, C, k, score or DEFAULT_SCORE)
     prompts = [random_prompt(150 + 23 * j, seed=60 + j) for j in range(12)]
     params = SamplingParams(max_tokens=2, temperature=0.0, logprobs=5)
     runs = []
-    with engine(tiny_llama, lminf=topk_options(G, W, C, k), block_size=B, dtype="bfloat16",
+    with engine(tiny_llama, lminf=topk_options(G, W, C, k, score), block_size=B, dtype="bfloat16",
                 max_model_len=1024) as llm:  # fmt: skip
         for switch in ("1", "0"):
             monkeypatch.setenv(ops.ENV_SWITCH, switch)
@@ -318,7 +336,8 @@ def test_bfloat16_decode_reads_windows_and_store_keys_through_vllms_op(tiny_llam
     for prompt, a, b in zip(prompts, op, pt):
         assert a.token_ids[0] == b.token_ids[0]  # the prompt's chunk: the same way both times
         tokens = prompt + [a.token_ids[0]]
-        oracle = functools.partial(dense_topk_attention, topk=k, block_size=B, chunks=[len(prompt), 1])
+        oracle = functools.partial(dense_topk_attention, topk=k, block_size=B, chunks=[len(prompt), 1],
+                                   score=cfg.topk_score)  # fmt: skip
         logp = torch.log_softmax(ref.logits(tokens, cfg, attention=oracle)[-1], -1)
         got_op = {t: e.logprob for t, e in a.logprobs[1].items()}
         got_pt = {t: e.logprob for t, e in b.logprobs[1].items()}

@@ -13,9 +13,12 @@ from lminf_vllm.rope import RotarySpec, cos_sin, default_inv_freq, rotate
 from lminf_vllm.testing.reference import DenseLlama, dense_lambda_attention
 from lminf_vllm.testing.topk_reference import (
     CHUNK_RULES,
+    DEFAULT_SCORE,
     GROUP_REDUCE,
+    SCORES,
     block_bounds,
     block_bounds_matmul,
+    block_mass_shares,
     blockwise_topk_attention,
     brute_force_topk_attention,
     chunk_spans,
@@ -55,8 +58,13 @@ def test_k0_is_lambda_bit_for_bit(cfg, chunks):
     q, k, v = qkv(33)
     for rotary in (rope(), rope(neox=False, rotary_dim=6, scaling=1.3)):
         lam = dense_lambda_attention(q, k, v, cfg, rotary, 8**-0.5)
-        got = dense_topk_attention(q, k, v, cfg, rotary, 8**-0.5, topk=0, block_size=4, chunks=chunks)
-        assert torch.equal(got, lam)
+        for score in SCORES:  # k = 0 selects nothing, whatever the score
+            got = dense_topk_attention(q, k, v, cfg, rotary, 8**-0.5, topk=0, block_size=4, chunks=chunks, score=score)
+            assert torch.equal(got, lam)
+
+
+def test_the_default_score_is_the_mass():
+    assert DEFAULT_SCORE == "mass" and SCORES == ("mass", "bound")
 
 
 def test_middle_global_and_window_blocks_are_disjoint_and_cover():
@@ -72,12 +80,13 @@ def test_middle_global_and_window_blocks_are_disjoint_and_cover():
                 assert b * B >= G and (b + 1) * B - 1 <= i - W
 
 
+@pytest.mark.parametrize("score", SCORES)
 @pytest.mark.parametrize("group_reduce,chunk_rule", [("max", "last"), ("sum", "max")])
-def test_dense_equals_the_contracts_wording(group_reduce, chunk_rule):
+def test_dense_equals_the_contracts_wording(group_reduce, chunk_rule, score):
     q, k, v = qkv(20, seed=1)
     cfg, rotary = LminfConfig(3, 5, 8), rope()
     kw = dict(topk=2, block_size=3, chunks=[12, 1, 7] if chunk_rule == "last" else [9, 1, 10],
-              group_reduce=group_reduce, chunk_rule=chunk_rule)  # fmt: skip
+              group_reduce=group_reduce, chunk_rule=chunk_rule, score=score)  # fmt: skip
     dense = dense_topk_attention(q, k, v, cfg, rotary, 8**-0.5, **kw)
     loop = brute_force_topk_attention(q, k, v, cfg, rotary, 8**-0.5, **kw)
     torch.testing.assert_close(dense, loop, atol=1e-12, rtol=0)
@@ -89,10 +98,11 @@ def test_dense_equals_the_contracts_wording(group_reduce, chunk_rule):
     (LminfConfig(0, 5, 30), 2, None, rope(), ("sum", "last")),
     (LminfConfig(5, 6, 6), 1, 9, rope(neox=False, rotary_dim=6, scaling=1.3), ("max", "max")),
 ])  # fmt: skip
-def test_blockwise_equals_dense(cfg, B, chunks, rotary, rule):
+@pytest.mark.parametrize("score", SCORES)
+def test_blockwise_equals_dense(cfg, B, chunks, rotary, rule, score):
     q, k, v = qkv(48, seed=2)
     for topk in (0, 2):
-        kw = dict(topk=topk, block_size=B, chunks=chunks, group_reduce=rule[0], chunk_rule=rule[1])
+        kw = dict(topk=topk, block_size=B, chunks=chunks, group_reduce=rule[0], chunk_rule=rule[1], score=score)
         dense = dense_topk_attention(q, k, v, cfg, rotary, 8**-0.5, **kw)
         fast = blockwise_topk_attention(q, k, v, cfg, rotary, 8**-0.5, rows_per_step=7, **kw)
         torch.testing.assert_close(fast, dense, atol=1e-12, rtol=0)
@@ -120,13 +130,15 @@ def test_all_middle_blocks_with_cap_is_full_attention_at_capped_distance(G, B):
     torch.testing.assert_close(got, capped, atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("score", SCORES)
 @pytest.mark.parametrize("group_reduce", GROUP_REDUCE)
-def test_one_token_blocks_select_the_best_true_scores(group_reduce):
-    """B = 1, W = C: every middle token is seen at distance C and the bound is its exact score."""
+def test_one_token_blocks_select_the_best_true_scores(group_reduce, score):
+    """B = 1, W = C: every middle token is seen at distance C; the bound is its exact score, the
+    mass its share of the head's softmax over the candidates (the group's max or sum of those)."""
     n, H, Hkv, topk = 30, 4, 2, 3
     q, k, _ = qkv(n, H, Hkv, seed=5)
     cfg, rotary = LminfConfig(2, 6, 6), rope()
-    sel = topk_selections(q, k, cfg, rotary, topk, 1, 1, group_reduce, "last")
+    sel = topk_selections(q, k, cfg, rotary, topk, 1, 1, group_reduce, "last", score=score, scale=0.3)
     for s, e, per_head in sel:
         cand = list(middle_blocks(e - 1, cfg, 1))
         if not cand:
@@ -136,6 +148,8 @@ def test_one_token_blocks_select_the_best_true_scores(group_reduce):
             heads = range(h * H // Hkv, (h + 1) * H // Hkv)
             true = torch.stack([torch.stack([score_at(q[e - 1, x], k[j, h], j, cfg.distance_cap, rotary) for x in heads])
                                 for j in cand])  # fmt: skip
+            if score == "mass":  # [cand, heads]: each head's softmax over the candidates
+                true = torch.softmax(true * 0.3, dim=0)
             true = true.amax(1) if group_reduce == "max" else true.sum(1)
             best = sorted(cand[int(t)] for t in true.argsort(descending=True)[:topk])
             assert per_head[h] == best, (s, h)
@@ -213,3 +227,43 @@ def test_dense_llama_takes_the_topk_attention(tiny_llama):
     assert torch.equal(ref.logits(ids, cfg, attention=k0), lam)
     k2 = functools.partial(dense_topk_attention, topk=2, block_size=8, chunks=[60, 20])
     assert (ref.logits(ids, cfg, attention=k2) - lam).abs().max() > 1e-3
+
+
+def test_mass_shares_are_each_blocks_share_of_the_softmax_at_the_cap():
+    """block_mass_shares against the wording: per query head, the softmax over every candidate
+    token scored at distance C (scaled), summed per block; the group max picks a block that only
+    one head of the group cares for."""
+    n, B, H, Hkv = 40, 4, 4, 2
+    q, k, _ = qkv(n, H, Hkv, seed=8)
+    cfg, rotary, scale = LminfConfig(0, 8, 8), rope(), 0.4
+    cand = middle_blocks(n - 1, cfg, B)
+    shares = block_mass_shares(query_at_cap(q[-1:], cfg, rotary), k, B, cand, rotary, scale)[0]  # [H, nb]
+    for h in range(H):
+        s = torch.stack([score_at(q[-1, h], k[j, h // 2], j, cfg.distance_cap, rotary)
+                         for j in range(cand.start * B, cand.stop * B)]) * scale  # fmt: skip
+        want = torch.softmax(s, 0).view(len(cand), B).sum(-1)
+        torch.testing.assert_close(shares[h, cand.start : cand.stop], want, atol=1e-12, rtol=0)
+        assert float(shares[h, : cand.start].abs().sum()) == 0 and float(shares[h, cand.stop :].abs().sum()) == 0
+    # the selection is by the group's max of the shares: heads 0 and 1 read KV head 0
+    sel = topk_selections(q, k, cfg, rotary, 1, B, None, score="mass", scale=scale)[0][2]
+    for kv in range(Hkv):
+        best = int(shares[2 * kv : 2 * kv + 2, cand.start : cand.stop].amax(0).argmax()) + cand.start
+        assert sel[kv] == [best]
+
+
+def test_mass_finds_a_block_the_bound_misses():
+    """Why the mass (docs/topk-contract.md, "Natural text: what was tried"): a block of varied keys
+    has a high bound (each channel's favourable extreme) though its keys cancel out; a block whose
+    keys all match the query holds more of the softmax. The bound picks the first, the mass the second."""
+    B, D = 4, 8
+    cfg, rotary = LminfConfig(0, 4, 4), rope(D)  # scaling 1: a key at position 0 is k0 itself
+    g = torch.Generator().manual_seed(11)
+    q0 = torch.randn(13, 1, D, dtype=torch.float64, generator=g)
+    u = query_at_cap(q0[-1:], cfg, rotary)[0, 0]
+    u = u / u.norm()
+    k0 = torch.randn(13, 1, D, dtype=torch.float64, generator=g) * 0.1
+    k0[0:4, 0] = torch.stack([u * 3, -u * 3, u.flip(0) * 3, -u.flip(0) * 3])  # block 0: varied
+    k0[4:8, 0] = u * 2.9  # block 1: every key aligned with the query
+    assert list(middle_blocks(12, cfg, B)) == [0, 1]
+    assert topk_selections(q0, k0, cfg, rotary, 1, B, None, score="bound")[0][2] == [[0]]
+    assert topk_selections(q0, k0, cfg, rotary, 1, B, None, score="mass", scale=1.0)[0][2] == [[1]]

@@ -9,7 +9,7 @@ from helpers import HostStore, select_blocks
 from lminf_vllm.config import LminfConfig
 from lminf_vllm.rope import RotarySpec, cos_sin, default_inv_freq, rotate
 from lminf_vllm.testing import topk_reference as ref
-from lminf_vllm.topk_attention import block_summaries, rotations
+from lminf_vllm.topk_attention import block_summaries, rotations, select_from_mass, select_stored
 
 B, HKV, D = 4, 2, 8
 
@@ -172,45 +172,62 @@ def test_summaries_are_of_the_keys_rotated_back_to_position_zero(rotary, first):
 # ---------------------------------------------------------------- the selection
 
 
-def engine_selection(q0, k0, e, cfg, blk, k, rotary):
-    """helpers.select_blocks for the chunk ending at e, from what the engine holds: the
-    summaries of the stored (rotated) keys, and the last row's query as stored (rotated at e - 1)
-    moved to position C by the engine's own rotation matrix."""
+SCALE = 0.3  # the softmax scale the mass is taken at
+
+
+def engine_selection(q0, k0, e, cfg, blk, k, rotary, score="mass"):
+    """The engine's selection for the chunk ending at e (helpers.select_blocks for the bound,
+    select_from_mass for the mass), from what the engine holds: the summaries or the keys at
+    position 0 of the stored (rotated) keys, and the last row's query as stored (rotated at
+    e - 1) moved to position C by the engine's own rotation matrix."""
     g, f = ref.global_block_count(cfg, blk), ref.first_window_block(e - 1, cfg, blk)
     keys = stored_keys(k0, rotary).float()[g * blk : f * blk].view(f - g, blk, *k0.shape[1:])
-    lo, hi, _ = block_summaries(keys, g, rotary)
+    lo, hi, at_zero = block_summaries(keys, g, rotary)
     q_last = stored_keys(q0[e - 1 : e], rotary, e - 1).float()[0]  # [H, D]
     q_cap = q_last @ rotations(torch.tensor([cfg.distance_cap - (e - 1)]), rotary, q0.shape[-1])[0]
     torch.testing.assert_close(q_cap.double(), ref.query_at_cap(q0[e - 1], cfg, rotary), atol=1e-4, rtol=1e-4)
-    return select_blocks(q_cap, lo, hi, g, k)
+    if score == "bound":
+        return select_blocks(q_cap, lo, hi, g, k)
+    return select_from_mass(q_cap, at_zero.transpose(1, 2), g, k, SCALE)  # as HostStore.keys_at_zero lays them
 
 
+def reference_scores(q0, k0, e, cfg, blk, rotary, score):
+    """The reference's per-head scores of every full block for the chunk ending at e: [1, H, nb]."""
+    q_cap = ref.query_at_cap(q0[e - 1 : e], cfg, rotary)
+    if score == "bound":
+        return ref.block_bounds(q_cap, *ref.key_summaries(k0, blk, rotary))
+    return ref.block_mass_shares(q_cap, k0, blk, ref.middle_blocks(e - 1, cfg, blk), rotary, SCALE)
+
+
+@pytest.mark.parametrize("score", ["mass", "bound"])
 @pytest.mark.parametrize("rotary", ROPES, ids=["neox", "gptj-partial-scaled"])
 @pytest.mark.parametrize("G, W, C, blk, k", [(3, 9, 12, 4, 2), (0, 8, 8, 4, 1), (8, 6, 30, 8, 4), (5, 16, 40, 2, 3)])
-def test_select_blocks_is_the_references_choice(rotary, G, W, C, blk, k):
+def test_select_blocks_is_the_references_choice(rotary, G, W, C, blk, k, score):
     """Random data, several chunk ends: the same blocks as the reference's select_blocks over
-    its block_bounds (float32 against float64: a pick may differ only on a near-tie)."""
+    its scores (float32 against float64: a pick may differ only on a near-tie; the mass is
+    compared as the log of the share)."""
     n, H = 120, 4
     g = torch.Generator().manual_seed(G * 100 + W)
     q0, k0 = (torch.randn(n, h, D, generator=g, dtype=torch.float64) * 2 for h in (H, HKV))
     cfg = LminfConfig(G, W, C)
-    kmin, kmax = ref.key_summaries(k0, blk, rotary)
     exact = 0
     for e in range(1, n + 1):
         cand = ref.middle_blocks(e - 1, cfg, blk)
         if not cand:
             continue
-        got = engine_selection(q0, k0, e, cfg, blk, k, rotary)
-        bounds = ref.block_bounds(ref.query_at_cap(q0[e - 1 : e], cfg, rotary), kmin, kmax)
-        want = ref.select_blocks(bounds, e - 1, cfg, blk, k, HKV)
+        got = engine_selection(q0, k0, e, cfg, blk, k, rotary, score)
+        scores = reference_scores(q0, k0, e, cfg, blk, rotary, score)
+        want = ref.select_blocks(scores, e - 1, cfg, blk, k, HKV)
         assert got.shape == (HKV, min(k, len(cand)))
         if got.tolist() == want:
             exact += 1
             continue
-        score = bounds[0].view(HKV, H // HKV, -1).amax(1)  # the group's max
+        best = scores[0].view(HKV, H // HKV, -1).amax(1)  # the group's max
+        if score == "mass":
+            best = best.log()
         for h in range(HKV):
-            kth = score[h, cand.start : cand.stop].topk(got.shape[1]).values[-1]
-            assert (kth - score[h, got[h]]).max() < 1e-4 * (1 + kth.abs()), (e, h, got[h].tolist(), want[h])
+            kth = best[h, cand.start : cand.stop].topk(got.shape[1]).values[-1]
+            assert (kth - best[h, got[h]]).max() < 1e-4 * (1 + kth.abs()), (e, h, got[h].tolist(), want[h])
     assert exact >= 0.95 * sum(bool(ref.middle_blocks(e - 1, cfg, blk)) for e in range(1, n + 1))
 
 
@@ -236,6 +253,42 @@ def test_ties_go_to_the_lower_block():
     lo2 = torch.zeros(4, 2, D)
     lo2[2, 0, 0] = lo2[1, 1, 1] = lo2[3, 1, 1] = 1.0
     assert select_blocks(q2, lo2, lo2.clone(), 10, 1).tolist() == [[12], [11]]
+
+
+def test_mass_ties_go_to_the_lower_block():
+    """The mass score: equal shares, the lower block wins, as in the reference; a block is scored
+    by all its keys (one matching key in a block of B is worth less than B matching keys)."""
+    q_cap = torch.zeros(2, D)  # 2 heads, one KV head
+    q_cap[0, 0] = 3.0
+    at_zero = torch.zeros(9, 1, B, D)  # [nc, Hkv, B, D] as HostStore.keys_at_zero lays them out
+    at_zero[7, 0, :, 0] = 1.0  # block 7: every key matches head 0's query
+    assert select_from_mass(q_cap, at_zero, 0, 3, 0.5).tolist() == [[0, 1, 7]]
+    assert select_from_mass(q_cap, at_zero, 5, 2, 0.5).tolist() == [[5, 12]]  # numbers are absolute
+    assert select_from_mass(q_cap, at_zero[:3], 2, 10, 0.5).tolist() == [[2, 3, 4]]  # k above the candidates
+    at_zero[3, 0, 0, 0] = 1.0  # block 3: one matching key of B
+    assert select_from_mass(q_cap, at_zero, 0, 1, 0.5).tolist() == [[7]]
+    assert select_from_mass(q_cap, at_zero, 0, 2, 0.5).tolist() == [[3, 7]]
+    # per KV head: each its own choice, from the max of its group's shares (not of raw scores:
+    # head 1's scores are all 0, yet its share of block 1 beats head 0's of block 2)
+    q2 = torch.zeros(4, D)
+    q2[0, 0], q2[2, 1] = 0.5, 4.0
+    z2 = torch.zeros(4, 2, B, D)
+    z2[2, 0, :, 0] = 1.0  # KV head 0: block 2 matches head 0 a little
+    z2[1, 1, :, 1] = 1.0  # KV head 1: block 1 matches head 2 a lot
+    assert select_from_mass(q2, z2, 10, 1, 1.0).tolist() == [[12], [11]]
+    store = HostStore()
+    k, v, lo, hi = blocks(6, seed=4)
+    store.put("r", 0, 0, k, v, lo, hi, -k)
+    view = store.keys_at_zero("r", 0, 1, 5)
+    assert view.shape == (4, HKV, B, D) and torch.equal(view, (-k[1:5]).transpose(1, 2))
+    assert view.data_ptr() == store.block_heads("r", 0)[HKV].data_ptr()  # in place: a view, no copy
+    with pytest.raises(RuntimeError, match="never stored"):
+        store.keys_at_zero("r", 0, 1, 7)
+    q3 = torch.randn(4, D, generator=torch.Generator().manual_seed(3))
+    for name, want in (("mass", select_from_mass(q3, view, 1, 2, 0.25)),
+                       ("bound", select_blocks(q3, lo[1:5], hi[1:5], 1, 2))):  # fmt: skip
+        cfg = LminfConfig(0, 4, 4, 2, name)
+        assert torch.equal(select_stored(store, "r", 0, q3, 1, 5, cfg, 0.25), want)
 
 
 def test_bounds_and_gather_far_lay_out_what_was_stored():

@@ -1,8 +1,11 @@
 """Dense reference of docs/topk-contract.md: the Λ-mask plus the top-k middle blocks.
 
 The oracle the top-k engine path is held to. Nothing here is shared with a fast
-path: the block selection is computed from the explicit Quest bound (per
-channel, max(q_c * min_c, q_c * max_c), summed), and the attention from
+path: the block selection is computed from the block's explicit attention mass
+(score "mass", the default: per query head, the log-sum-exp of the block's
+exact scores at distance C, as a share of that head's softmax over every
+candidate) or the explicit Quest bound (score "bound": per channel,
+max(q_c * min_c, q_c * max_c), summed), and the attention from
 explicit [n, n] visibility (per KV head) and distance matrices, with queries
 and keys rotated at explicit positions exactly as in reference.py. float64 by
 default; no vLLM import.
@@ -27,10 +30,12 @@ from lminf_vllm.config import LminfConfig
 from lminf_vllm.rope import RotarySpec, cos_sin, rotate
 from lminf_vllm.testing.reference import ROW_CHUNK, lambda_mask_and_distance
 
-GROUP_REDUCE = ("max", "sum")  # how a GQA group's per-head bounds make the KV head's score
+GROUP_REDUCE = ("max", "sum")  # how a GQA group's per-head scores make the KV head's score
 CHUNK_RULES = ("last", "max")  # which rows of a chunk score: its last row, or the max over its rows
+SCORES = ("mass", "bound")  # a block's score: its attention mass (share) or Quest's bound (config.TOPK_SCORES)
 DEFAULT_GROUP_REDUCE = "max"
 DEFAULT_CHUNK_RULE = "last"
+DEFAULT_SCORE = "mass"
 
 Selection = list[tuple[int, int, list[list[int]]]]  # (s, e, blocks per KV head) per chunk
 
@@ -121,6 +126,29 @@ def block_bounds_matmul(q_cap: torch.Tensor, kmin: torch.Tensor, kmax: torch.Ten
     return out.reshape(rows, H, -1)
 
 
+def block_mass_shares(q_cap: torch.Tensor, k0: torch.Tensor, B: int, cand: range, rotary: RotarySpec,
+                      scale: float) -> torch.Tensor:  # fmt: skip
+    """Each candidate block's share of a query head's softmax, every candidate visible at distance C.
+
+    q_cap [rows, H, D] (queries at position C); k0 [n, Hkv, D] not rotated; cand: the candidate
+    blocks. Per (row, query head h, block b): lse_b = logsumexp over j in b of scale * q_C . u_j
+    (u_j: key j at position 0, so each token's exact score at distance C), and the share
+    exp(lse_b - logsumexp over the candidate blocks' lse). -> [rows, H, nb] with nb the number of
+    full blocks; 0 outside cand. A query head reads its GQA group's KV head.
+    """
+    rows, H, D = q_cap.shape
+    n, Hkv, _ = k0.shape
+    nb = n // B
+    out = q_cap.new_zeros(rows, H, nb)
+    if not cand:
+        return out
+    kz = keys_at_zero(k0, rotary)[cand.start * B : cand.stop * B].repeat_interleave(H // Hkv, dim=1)  # [nc B, H, D]
+    s = torch.einsum("rhd,jhd->rhj", q_cap, kz) * scale
+    lse = torch.logsumexp(s.view(rows, H, len(cand), B), dim=-1)  # [rows, H, nc]
+    out[..., cand.start : cand.stop] = torch.exp(lse - torch.logsumexp(lse, dim=-1, keepdim=True))
+    return out
+
+
 # ---------------------------------------------------------------- selection
 
 
@@ -136,7 +164,8 @@ def select_blocks(
 ) -> list[list[int]]:
     """One chunk's selection, per KV head: sorted block indices.
 
-    bounds [e - s, H, nb]: the bound of every row of the chunk [s, e) against every full block.
+    bounds [e - s, H, nb]: the score (bound or mass share) of every row of the chunk [s, e) against
+    every full block.
     Candidates: the middle blocks of the chunk's last row. A KV head's score of a block is the
     group's bounds reduced (max or sum) per row, then taken at the last row ("last") or maximised
     over the rows for which the block is middle ("max"). The min(k, #candidates) highest win;
@@ -165,18 +194,29 @@ def select_blocks(
 def topk_selections(
     q0, k0, cfg: LminfConfig, rotary: RotarySpec, topk: int, B: int, chunks=None,
     group_reduce: str = DEFAULT_GROUP_REDUCE, chunk_rule: str = DEFAULT_CHUNK_RULE, bounds_fn=block_bounds,
+    score: str = DEFAULT_SCORE, scale: float | None = None,
 ) -> Selection:  # fmt: skip
-    """Every chunk's selection for one layer: q0 [n, H, D], k0 [n, Hkv, D] not rotated."""
-    n, _, _ = q0.shape
+    """Every chunk's selection for one layer: q0 [n, H, D], k0 [n, Hkv, D] not rotated.
+
+    score "mass" (the default): block_mass_shares of the chunk's candidates M(e - 1), with the
+    attention's scale (None: head_size ** -0.5); "bound": Quest's (bounds_fn). Then select_blocks."""
+    if score not in SCORES:
+        raise ValueError(f"score {score!r}: one of {SCORES}")
+    n, _, D = q0.shape
     n_kv = k0.shape[1]
-    kmin, kmax = key_summaries(k0, B, rotary)
+    scale = D**-0.5 if scale is None else scale
+    kmin, kmax = key_summaries(k0, B, rotary) if score == "bound" else (None, None)
     out = []
     for s, e in chunk_spans(n, chunks):
         if topk == 0 or not middle_blocks(e - 1, cfg, B):
             out.append((s, e, [[] for _ in range(n_kv)]))
             continue
         rows = slice(e - 1, e) if chunk_rule == "last" else slice(s, e)
-        bounds = bounds_fn(query_at_cap(q0[rows], cfg, rotary), kmin, kmax)
+        q_cap = query_at_cap(q0[rows], cfg, rotary)
+        if score == "bound":
+            bounds = bounds_fn(q_cap, kmin, kmax)
+        else:
+            bounds = block_mass_shares(q_cap, k0, B, middle_blocks(e - 1, cfg, B), rotary, scale)
         if chunk_rule == "last":  # only the last row is read: pad the others
             bounds = torch.cat((bounds.new_zeros(e - 1 - s, *bounds.shape[1:]), bounds))
         out.append((s, e, select_blocks(bounds, s, cfg, B, topk, n_kv, group_reduce, chunk_rule)))
@@ -212,6 +252,7 @@ def topk_mask_and_distance(n: int, cfg: LminfConfig, B: int, topk: int, selectio
 def dense_topk_attention(
     q0, k0, v, cfg: LminfConfig, rotary: RotarySpec, scale: float, *, topk: int, block_size: int, chunks=None,
     group_reduce: str = DEFAULT_GROUP_REDUCE, chunk_rule: str = DEFAULT_CHUNK_RULE, selection: Selection | None = None,
+    score: str = DEFAULT_SCORE,
 ):  # fmt: skip
     """q0 [n, H, D], k0 [n, Hkv, D] NOT rotated; v [n, Hkv, Dv]. -> [n, H, Dv] in q0's dtype.
 
@@ -222,7 +263,8 @@ def dense_topk_attention(
     n_kv = k0.shape[1]
     group = H // n_kv
     if selection is None:
-        selection = topk_selections(q0, k0, cfg, rotary, topk, block_size, chunks, group_reduce, chunk_rule)
+        selection = topk_selections(q0, k0, cfg, rotary, topk, block_size, chunks, group_reduce, chunk_rule,
+                                    score=score, scale=scale)  # fmt: skip
     visible_kv, dist = topk_mask_and_distance(n, cfg, block_size, topk, selection, n_kv, q0.device)
     visible = visible_kv.repeat_interleave(group, dim=2)  # [n, n, H]
     k0, v = k0.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
@@ -246,7 +288,7 @@ def dense_topk_attention(
 
 def brute_force_topk_attention(
     q0, k0, v, cfg: LminfConfig, rotary: RotarySpec, scale: float, *, topk: int, block_size: int, chunks=None,
-    group_reduce: str = DEFAULT_GROUP_REDUCE, chunk_rule: str = DEFAULT_CHUNK_RULE,
+    group_reduce: str = DEFAULT_GROUP_REDUCE, chunk_rule: str = DEFAULT_CHUNK_RULE, score: str = DEFAULT_SCORE,
 ):  # fmt: skip
     """The contract's wording, one chunk, block, head, query and key at a time (small n only)."""
     n, H, _ = q0.shape
@@ -265,6 +307,15 @@ def brute_force_topk_attention(
         lo, hi, q = keys.min(0).values, keys.max(0).values, at(q0[i, h], C)
         return sum(max(float(q[c] * lo[c]), float(q[c] * hi[c])) for c in range(q.shape[0]))
 
+    @functools.cache
+    def block_lse(i, h, blk):  # log-sum-exp of the block's exact scores at distance C
+        q = at(q0[i, h], C)
+        return torch.logsumexp(torch.stack([(q * at(k0[j, h // group], 0)).sum() * scale
+                                            for j in range(blk * B, blk * B + B)]), 0)  # fmt: skip
+
+    def share(i, h, blk, cand):  # the block's share of head h's softmax over every candidate block
+        return float(torch.exp(block_lse(i, h, blk) - torch.logsumexp(torch.stack([block_lse(i, h, c) for c in cand]), 0)))
+
     out = torch.zeros(n, H, v.shape[-1], dtype=q0.dtype)
     for s, e in chunk_spans(n, chunks):
         g = _cdiv(G, B)
@@ -276,7 +327,8 @@ def brute_force_topk_attention(
                 rows = [e - 1] if chunk_rule == "last" else [i for i in range(s, e) if max(0, i - W + 1) // B > blk]
                 per_row = []
                 for i in rows:
-                    per_head = [bound(i, h, blk) for h in range(kv * group, (kv + 1) * group)]
+                    heads = range(kv * group, (kv + 1) * group)
+                    per_head = [bound(i, h, blk) if score == "bound" else share(i, h, blk, cand) for h in heads]
                     per_row.append(max(per_head) if group_reduce == "max" else sum(per_head))
                 scores.append((-max(per_row), blk))
             chosen.append({blk for _, blk in sorted(scores)[:topk]})
@@ -302,19 +354,20 @@ def brute_force_topk_attention(
 def blockwise_topk_attention(
     q0, k0, v, cfg: LminfConfig, rotary: RotarySpec, scale: float, *, topk: int, block_size: int, chunks=None,
     group_reduce: str = DEFAULT_GROUP_REDUCE, chunk_rule: str = DEFAULT_CHUNK_RULE, rows_per_step: int = 256,
-    on_selection=None,
+    on_selection=None, score: str = DEFAULT_SCORE,
 ):  # fmt: skip
     """The same contract for model-sized runs: per row block, only the visible columns, two matmuls.
 
     A pair at i - j <= C scores q rotated at i against k rotated at j; a pair at i - j > C
     (distance C) scores q rotated at C against k at position 0. Selection uses the matmul form
-    of the bound. on_selection(selection), if given, sees the layer's selection.
+    of the bound (score "bound"). on_selection(selection), if given, sees the layer's selection.
     """
     n, H, D = q0.shape
     n_kv = k0.shape[1]
     group = H // n_kv
     B, G, W, C = block_size, cfg.global_tokens, cfg.local_tokens, cfg.distance_cap
-    selection = topk_selections(q0, k0, cfg, rotary, topk, B, chunks, group_reduce, chunk_rule, block_bounds_matmul)
+    selection = topk_selections(q0, k0, cfg, rotary, topk, B, chunks, group_reduce, chunk_rule, block_bounds_matmul,
+                                score, scale)  # fmt: skip
     if on_selection is not None:
         on_selection(selection)
     pos = torch.arange(n)

@@ -8,7 +8,8 @@ and step:
      host store with its summary, before the KV manager can free it and give
      it to another sequence;
   3. per chunk (a decode step is a chunk of one row): its last row's query
-     picks the k blocks with the highest bound among the chunk's middle blocks;
+     picks the k blocks with the highest score among the chunk's middle blocks
+     (topk_score: attention mass, or Quest's bound);
   4. one softmax over the pool's global and window blocks and the k picked
      blocks, gathered from the store (a per-layer workspace).
 A decode row past the first middle block takes a shorter way: its window as
@@ -42,7 +43,7 @@ from lminf_vllm.topk_attention import (
     merge_two,
     plan_chunk,
     plan_decode,
-    select_from_bounds,
+    select_stored,
 )
 from lminf_vllm.paths.topk import ops
 from lminf_vllm.topk_in_pool import copy_far_blocks, plan_pool_row, restore_keys, turned_positions
@@ -128,7 +129,7 @@ def plan(batch: StepBatch, shape: EngineShape) -> Plan:
 
 def run(plan: Plan, layer: LayerMath, query, key, value, kv_cache, output: torch.Tensor) -> None:
     b, shape = plan.batch, plan.shape
-    cfg, B, k = shape.cfg, shape.block_size, shape.cfg.topk_blocks
+    cfg, B = shape.cfg, shape.block_size
     layer_key = kv_cache.data_ptr()  # one cache tensor per layer, kept for the engine's life
     if plan.write_at is None:
         plan.write_at = write_index(b.slot_mapping[: b.num_tokens], B)
@@ -156,8 +157,8 @@ def run(plan: Plan, layer: LayerMath, query, key, value, kv_cache, output: torch
         f = first_window_block(e - 1, cfg.local_tokens, B)
         if rid is not None and f > g:  # the chunk has middle blocks: choose among them
             q_last = query[stop - 1].float()  # rotated to C by the last span's last matrix
-            bounds = plan.store.bounds(rid, layer_key, g, f)
-            chosen = select_from_bounds(torch.matmul(q_last, spans[-1].q_cap[-1]), bounds, g, k)
+            q_cap = torch.matmul(q_last, spans[-1].q_cap[-1])
+            chosen = select_stored(plan.store, rid, layer_key, q_cap, g, f, cfg, layer.scale)
             at_zero, values, keys = plan.store.gather_far(rid, layer_key, chosen, with_keys=True)
             store_kv = (keys, values, at_zero)
             plan.chosen[(layer_key, r)] = chosen
@@ -237,7 +238,7 @@ def _decode(plan: Plan, layer: LayerMath, rows: list, query, kv_cache, output) -
     far_outs, far_lses = [], []
     for (r, rid, t, dec), q, q_cap in zip(rows, qf, q_caps):
         g = dec.far_blocks.shape[1] - 1
-        chosen = select_from_bounds(q_cap, plan.store.bounds(rid, layer_key, g, dec.fa), g, cfg.topk_blocks)
+        chosen = select_stored(plan.store, rid, layer_key, q_cap, g, dec.fa, cfg, layer.scale)
         plan.chosen[(layer_key, r)] = chosen
         blocks = torch.cat((dec.far_blocks, chosen), dim=1)
         far = plan.store.gather_far(rid, layer_key, blocks, with_keys=with_keys)
@@ -258,11 +259,11 @@ def _decode_in_pool(plan: Plan, step: DecodeStep, layer: LayerMath, rows: list, 
     its picks and the rest of its far keys go into the pool rotated to i - C, and one call of
     vLLM's op reads every row's keys with its query as it is."""
     cfg, B, layer_key = plan.shape.cfg, plan.shape.block_size, kv_cache.data_ptr()
-    g, k = global_blocks(cfg.global_tokens, B), cfg.topk_blocks
+    g = global_blocks(cfg.global_tokens, B)
     neox = layer.rotary.is_neox_style
     turn = lambda keys, row: ops.rotate_rows(keys, row.turn, neox)  # noqa: E731
     for (r, rid, _, dec), q_cap, prow in zip(rows, q_caps, step.pool):
-        chosen = select_from_bounds(q_cap, plan.store.bounds(rid, layer_key, g, dec.fa), g, k)
+        chosen = select_stored(plan.store, rid, layer_key, q_cap, g, dec.fa, cfg, layer.scale)
         plan.chosen[(layer_key, r)] = chosen
         copy_far_blocks(kv_cache, prow, chosen, plan.store.block_heads(rid, layer_key), turn)
     if step.lead and output.dtype == qs.dtype and output[: len(rows)].is_contiguous():  # the op writes in place

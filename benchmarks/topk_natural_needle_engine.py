@@ -1,0 +1,183 @@
+r"""A secret number hidden in natural text, found through the engine itself (issue 33).
+
+The task of benchmarks/topk_natural_needle.py (its prompt builder: the pinned CPython
+modules of benchmarks/corpus.py, `The secret number is NNNNN. Remember it.` at 10%,
+40% and 70% of each, ~4k-token chat prompts, the question at the end, the assistant's
+turn opened with `The secret number is`), but every variant is a real engine,
+vllm.LLM in this process: stock vLLM (attention_backend CPU_ATTN), Λ alone
+(attention_backend "lminf", topk_blocks = 0), and top-k with either selection score
+(topk_score "bound", Quest's, or "mass", the block's attention mass) and several k.
+Same engine settings for all: the model's bfloat16, blocks of --block-size (128:
+vLLM's CPU default, which `make serve` keeps), enforce_eager, steps of --step-tokens,
+one request at a time, greedy, --max-new tokens; a hit is an answer that contains the
+number.
+
+Per top-k trial the script also reads which blocks the engine chose (paths.topk's
+Plan.chosen, in-process) and records the share of (step, layer, KV head) selections
+of that request that hold a block of the needle sentence.
+
+    python benchmarks/topk_natural_needle_engine.py               # ~20 min on 2 shared cores
+    python benchmarks/topk_natural_needle_engine.py --variants 'topk mass k=4' --trial-index 0 1
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from corpus import corpus_info, pinned_documents  # noqa: E402
+from kv_memory import in_process_engine_env  # noqa: E402
+from topk_natural_needle import ANSWER_START, NEEDLE, QUESTION, build_trials  # noqa: E402
+
+from lminf_vllm.cpu_isa import describe  # noqa: E402
+
+# name -> (attention backend, topk_blocks, topk_score)
+VARIANTS = {
+    "full attention (stock CPU_ATTN)": ("CPU_ATTN", 0, None),
+    "lambda (k=0)": ("lminf", 0, None),
+    "topk bound k=4": ("lminf", 4, "bound"),
+    "topk mass k=4": ("lminf", 4, "mass"),
+    "topk mass k=6": ("lminf", 6, "mass"),
+    "topk mass k=12": ("lminf", 12, "mass"),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="default: all")
+    p.add_argument("--length", type=int, default=4096, help="prompt tokens (about)")
+    p.add_argument("--documents", type=int, default=4)
+    p.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.4, 0.7])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trial-index", type=int, nargs="+", help="run only these trials (0-based, documents x depths)")
+    p.add_argument("--global-tokens", type=int, default=10)
+    p.add_argument("--local-tokens", type=int, default=1024)
+    p.add_argument("--distance-cap", type=int, default=2048)
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--step-tokens", type=int, default=2048, help="max_num_batched_tokens")
+    p.add_argument("--max-new", type=int, default=8)
+    p.add_argument("--kv-gib", type=float, default=1)
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/topk-natural-needle-engine.json"))
+    return p.parse_args(argv)
+
+
+class Chosen:
+    """Wraps paths.topk.plan to keep each step's Plan (in-process engine): which blocks each
+    (layer, request) chose."""
+
+    def __init__(self):
+        import lminf_vllm.paths.topk as topk
+
+        self.plans, self._topk, self._plan = [], topk, topk.plan
+
+        def recording(batch, shape):
+            p = self._plan(batch, shape)
+            if any(c[4] is not None for c in p.chunks):
+                self.plans.append(p)
+            return p
+
+        topk.plan = recording
+
+    def needle_share(self, blocks: set[int]) -> tuple[float | None, int]:
+        """Share of the recorded (step, layer, KV head) selections holding a needle block; the count."""
+        hit = total = 0
+        for p in self.plans:
+            for chosen in p.chosen.values():
+                for row in chosen.tolist():
+                    total += 1
+                    hit += bool(blocks & set(row))
+        self.plans = []
+        return (round(hit / total, 3) if total else None), total
+
+    def close(self):
+        self._topk.plan = self._plan
+
+
+def run_variant(args, model_dir, name, trials) -> dict:
+    from vllm import LLM, SamplingParams
+
+    backend, k, score = VARIANTS[name]
+    options = dict(model=str(model_dir), dtype=args.dtype, enforce_eager=True, block_size=args.block_size, seed=0,
+                   max_model_len=args.length + 256, kv_cache_memory_bytes=int(args.kv_gib * 2**30),
+                   enable_prefix_caching=False, max_num_batched_tokens=args.step_tokens, max_num_seqs=1,
+                   attention_backend=backend)  # fmt: skip
+    if backend == "lminf":
+        lminf = {"global_tokens": args.global_tokens, "local_tokens": args.local_tokens,
+                 "distance_cap": args.distance_cap, "topk_blocks": k}  # fmt: skip
+        if score is not None:
+            lminf["topk_score"] = score
+        options["additional_config"] = {"lminf": lminf}
+    t0 = time.time()
+    llm = LLM(**options)
+    start_s = time.time() - t0
+    rec = Chosen() if k else None
+    params = SamplingParams(max_tokens=args.max_new, temperature=0.0)
+    rows = []
+    try:
+        for trial in trials:
+            t1 = time.time()
+            out = llm.generate([{"prompt_token_ids": trial["ids"]}], params, use_tqdm=False)[0]
+            seconds = time.time() - t1
+            text = out.outputs[0].text
+            a, b = trial["needle_tokens"]
+            row = {"document": trial["document"], "depth": trial["depth"], "key": trial["key"],
+                   "prompt_tokens": len(trial["ids"]), "needle_tokens": [a, b], "needle_from_end": len(trial["ids"]) - a,
+                   "answer": text, "hit": str(trial["key"]) in text, "seconds": round(seconds, 1)}  # fmt: skip
+            if rec is not None:
+                share, n = rec.needle_share({x // args.block_size for x in range(a, b)})
+                row.update(needle_selected_share=share, selections=n)
+            rows.append(row)
+            print(f"  {name}: {trial['document']} {trial['depth']} key {trial['key']}: {text!r} "
+                  f"{'HIT' if row['hit'] else 'miss'}" + (f" sel {row['needle_selected_share']}" if rec else "")
+                  + f" {seconds:.1f} s", flush=True)  # fmt: skip
+    finally:
+        if rec is not None:
+            rec.close()
+    cfg = llm.llm_engine.vllm_config
+    resolved = {"dtype": str(cfg.model_config.dtype).removeprefix("torch."), "block_size": cfg.cache_config.block_size,
+                "enforce_eager": cfg.model_config.enforce_eager, "attention_backend": backend,
+                "lminf": cfg.additional_config.get("lminf_resolved") if backend == "lminf" else None}  # fmt: skip
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    return {"backend": backend, "topk_blocks": k, "topk_score": score, "engine": resolved,
+            "engine_start_s": round(start_s, 1), "seconds": round(time.time() - t0, 1),
+            "found": sum(r["hit"] for r in rows), "of": len(rows), "trials": rows}  # fmt: skip
+
+
+def main(argv=None):
+    in_process_engine_env()
+    args = parse_args(argv)
+    args.variants = args.variants or list(VARIANTS)
+    from transformers import AutoTokenizer
+
+    from lminf_vllm.prepare_model import DEFAULT_OUT
+
+    model_dir = DEFAULT_OUT
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    trials = build_trials(tok, pinned_documents()[: args.documents], args.length, args.depths, args.seed)
+    if args.trial_index:
+        trials = [trials[i] for i in args.trial_index]
+    started = time.time()
+    doc = {"task": "natural-text needle: " + NEEDLE.strip() + " inside the pinned CPython modules; question: " + QUESTION
+                   + f"; chat template, the answer starts {ANSWER_START!r}; hit = the greedy answer contains the number",
+           "model": model_dir.name, "corpus": corpus_info(),
+           "command": "python benchmarks/topk_natural_needle_engine.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+           "args": {k: str(v) for k, v in vars(args).items()}, "variants": {}}  # fmt: skip
+    for name in args.variants:
+        print(f"{name}: starting an engine", flush=True)
+        doc["variants"][name] = run_variant(args, model_dir, name, trials)
+        doc["seconds"] = round(time.time() - started)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({**doc, "cpu": describe()}, indent=1) + "\n")  # after each variant
+    print("\n| variant | found / trials | engine start s | all s |\n|---|---|---|---|")
+    for name, v in doc["variants"].items():
+        print(f"| {name} | {v['found']} / {v['of']} | {v['engine_start_s']} | {v['seconds']} |")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
