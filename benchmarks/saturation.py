@@ -42,7 +42,7 @@ PRESETS = {
         "lminf": {"global_tokens": 4, "local_tokens": 512, "distance_cap": 512}, "topk_blocks": 2,
         "scenarios": {
             "batch1-inside": (384, 0.0, 128, 6, "inf", 1),
-            "light-mixed": (1280, 0.8, 128, 24, "2", None),
+            "light-mixed": (1280, 0.8, 128, 16, "2", None),
             "saturate-mixed": (1280, 0.8, 128, 48, "inf", None),
             "saturate-12w": (6144, 0.0, 128, 48, "inf", None),
         },
@@ -214,7 +214,8 @@ KEEP = ("completed", "duration", "total_input_tokens", "total_output_tokens", "r
 
 
 def run_mode(args, preset, model, mode, scenarios, work: Path, port: int) -> list[dict]:
-    max_len = max(int(n * (1 + r)) + out for n, r, out, *_ in scenarios.values()) + 64
+    # (the client's random prompts are text: re-tokenized, one may come out a little longer)
+    max_len = int(1.25 * max(int(n * (1 + r)) + out for n, r, out, *_ in scenarios.values())) + 64
     argv = serve_argv(args, preset, model, mode, port, max_len)
     print("$", shown(argv), file=sys.stderr, flush=True)
     server = Server(argv, port, work / f"server-{mode}.log", args.code_dir)
@@ -235,7 +236,8 @@ def run_mode(args, preset, model, mode, scenarios, work: Path, port: int) -> lis
             wall = time.time() - t
             seen = scraper.finish()
             if done.returncode:
-                raise RuntimeError((work / f"client-{mode}-{name}.log").read_text()[-3000:])
+                print((work / f"client-{mode}-{name}.log").read_text()[-3000:], file=sys.stderr, flush=True)
+                continue
             res = json.loads((work / f"{mode}-{name}.json").read_text())
             n, ratio, out, prompts, rate, conc = sc
             row = {"mode": mode, "scenario": name, "input_len": n, "range_ratio": ratio, "output_len": out,
@@ -274,7 +276,12 @@ def main(argv=None):
 
         args.code_dir, digest = snapshot_package(Path(tmp), args.code)  # every server of the run imports this copy
         for k, mode in enumerate(args.modes):
-            rows += run_mode(args, preset, model, mode, scenarios, Path(tmp), args.port + k)
+            try:
+                rows += run_mode(args, preset, model, mode, scenarios, Path(tmp), args.port + k)
+            except Exception as error:  # noqa: BLE001 (the other modes still run; the log says why)
+                print(f"{mode} failed: {error}", file=sys.stderr, flush=True)
+                log = Path(tmp) / f"server-{mode}.log"
+                print(log.read_text(errors="replace")[-3000:] if log.exists() else "", file=sys.stderr, flush=True)
     sys.path.insert(0, str(Path(__file__).parent))
     from lminf_vllm.cpu_isa import describe
 
@@ -289,6 +296,8 @@ def main(argv=None):
         "code_digest": digest,
         "seconds": round(time.time() - started) + previous.get("seconds", 0) if kept else round(time.time() - started),
         "rows": kept + rows,
+        # every invocation whose rows the file holds (a later one replaces the rows of its modes and scenarios)
+        "commands": (previous.get("commands", []) if kept else []) + [shown(["python", *sys.argv]).replace(str(ROOT) + "/", "")],
     }  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(recorded, indent=2) + "\n")

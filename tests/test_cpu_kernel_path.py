@@ -199,3 +199,12 @@ def test_plain_chunk_ending_where_the_last_global_leaves_the_window():
     worst, served = run_batch(cfg, 32, [[44] + [1] * 20, [100] + [1] * 20, [3, 41] + [1] * 19])
     assert worst < 2e-5
     assert served["cpu_kernel plain"] >= 44 + 41, served
+
+
+def test_many_front_rows_in_one_step_match_reference():
+    """Rows decoding in step, all at the same offset of their last block, are "front" rows together
+    (each its own call after the first, their copies gathered once per layer): still exact."""
+    cfg = LminfConfig(global_tokens=4, local_tokens=40, distance_cap=64)
+    worst, served = run_batch(cfg, 32, [[90] + [1] * 40] * 3 + [[91] + [1] * 40, [0, 75] + [1] * 39])
+    assert worst < 2e-5
+    assert served["cpu_kernel front"] >= 3 * 4 * 2, served  # at least two block ends with 3+ front rows
