@@ -1,7 +1,7 @@
 """benchmarks/decode_batch.py: ms per decode step against the batch, per mode, and the per-row slopes."""
 
 from tables.commands import command
-from tables.common import RESULTS, load, num, ratio, table
+from tables.common import RESULTS, ROOT, load, num, ratio, table
 
 
 def render(doc) -> str:
@@ -23,5 +23,17 @@ def render(doc) -> str:
                 f"lminf G={a['global_tokens']}, W=C={a['local_tokens']}; request k's prompt is the mode's plus k % "
                 f"{a['block_size']} tokens; each `x stock` compares a mode with the stock mode at the same keys per row "
                 f"(lminf-inside with stock-inside, lminf-past with stock); {t['seconds']} s in all.")  # fmt: skip
-    return "\n\n".join([table(header, rows), settings, doc.image(rel.replace(".json", ".png"), "Decode step against the batch"),
+    parts = [table(header, rows), settings]
+    before_rel = f"{RESULTS}/decode-batch-before.json"
+    if (ROOT / before_rel).exists():  # the same benchmark on the code before the batched-decode change
+        b = {m["mode"]: m for m in load(before_rel)["modes"]}
+        now = {m["mode"]: m for m in t["modes"]}
+        parts.append(
+            f"Before the change that gathers the front rows' copies once per layer (commit 5568fd8's `lminf_vllm`, "
+            f"[`{before_rel}`]({doc.link(before_rel)}), same machine, `--modes stock lminf-past`): lminf-past "
+            f"{num(b['lminf-past']['ms_per_row'], 3)} ms/row against stock's {num(b['stock']['ms_per_row'], 3)} "
+            f"({ratio(b['lminf-past']['ms_per_row'] / b['stock']['ms_per_row'])}), "
+            f"{num(b['lminf-past']['points'][-1]['ms_per_step'], 2)} ms at b={b['lminf-past']['points'][-1]['batch']} "
+            f"against {num(now['lminf-past']['points'][-1]['ms_per_step'], 2)} now.")  # fmt: skip
+    return "\n\n".join(parts + [doc.image(rel.replace(".json", ".png"), "Decode step against the batch"),
                         doc.source(rel, command("benchmarks/decode_batch.py", t["args"], rel))])  # fmt: skip
