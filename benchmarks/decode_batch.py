@@ -218,7 +218,7 @@ def plot(results, path):
         ax.plot(xs, [p["ms_per_step"] for p in m["points"]], style,
                 label=f"{m['mode']} ({m['prompt_tokens']}-token prompts): {m['ms_per_row']:.3f} ms/row")  # fmt: skip
     ax.set_xlabel("rows decoding in the step (batch)")
-    ax.set_ylabel("ms per decode step (median)")
+    ax.set_ylabel("ms per decode step (mean, fastest run)")
     ax.set_title("Decode step against the batch")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
