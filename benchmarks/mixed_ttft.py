@@ -81,11 +81,11 @@ def vllm_bin() -> str:
     return str(Path(sys.executable).with_name("vllm"))
 
 
-def snapshot_package(work: Path) -> tuple[Path, str]:
-    """A copy of lminf_vllm that every server of this run imports (PYTHONPATH wins over the
-    editable install), so that all variants run the same code; and its digest."""
+def snapshot_package(work: Path, root: Path = ROOT) -> tuple[Path, str]:
+    """A copy of root's lminf_vllm that every server of this run imports (PYTHONPATH wins over
+    the editable install), so that all variants run the same code; and its digest."""
     code = work / "code"
-    shutil.copytree(ROOT / "lminf_vllm", code / "lminf_vllm", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(root / "lminf_vllm", code / "lminf_vllm", ignore=shutil.ignore_patterns("__pycache__"))
     digest = hashlib.sha256()
     for path in sorted((code / "lminf_vllm").rglob("*")):
         if path.is_file():

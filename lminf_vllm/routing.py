@@ -20,6 +20,8 @@ that gives runs of rows that look alike to a kernel:
 Each path decides which kinds it serves itself; the boundaries live only here.
 """
 
+import bisect
+import functools
 from enum import Enum
 
 from lminf_vllm.config import LminfConfig
@@ -34,6 +36,7 @@ class Rows(str, Enum):
     NO_GLOBALS = "no_globals"
 
 
+@functools.lru_cache(maxsize=None)
 def _boundaries(cfg: LminfConfig) -> list[tuple[int, Rows]]:
     """(first position, kind) in increasing order; a kind runs until the next start."""
     G, W, C = cfg.global_tokens, cfg.local_tokens, cfg.distance_cap
@@ -70,11 +73,26 @@ def row_runs(first: int, stop: int, cfg: LminfConfig) -> list[tuple[int, int, Ro
     return runs
 
 
+@functools.lru_cache(maxsize=None)
+def _starts(cfg: LminfConfig) -> tuple[list[int], list[Rows]]:
+    bounds = _boundaries(cfg)
+    return [lo for lo, _ in bounds], [kind for _, kind in bounds]
+
+
 def row_kind(i: int, cfg: LminfConfig) -> Rows:
-    """The kind of the row at position i."""
-    return row_runs(i, i + 1, cfg)[0][2]
+    """The kind of the row at position i: that of the last run starting at or before i
+    (an empty run starts where the next one does). Called per decode row each step:
+    a bisection over the cached boundaries, where row_runs(i, i + 1) built lists."""
+    starts, kinds = _starts(cfg)
+    return kinds[bisect.bisect_right(starts, i) - 1]
 
 
 def is_plain(seq_len: int, cfg: LminfConfig) -> bool:
     """Is every row of a sequence of seq_len tokens plain causal attention?"""
-    return seq_len <= 1 or row_kind(seq_len - 1, cfg) is Rows.ALL_KEYS
+    return seq_len <= 1 or seq_len - 1 < plain_stop(cfg)
+
+
+def plain_stop(cfg: LminfConfig) -> int:
+    """The first position whose row is not plain (rows 0 .. plain_stop - 1 are ALL_KEYS):
+    is_plain(n) is n <= 1 or n <= plain_stop, for arrays of lengths too."""
+    return _starts(cfg)[0][1]

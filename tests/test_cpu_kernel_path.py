@@ -180,10 +180,15 @@ def test_first_front_row_shares_the_batch_call():
     rows = [(0, 0, 1, 201), (1, 1, 1, 221), (2, 2, 1, 222)]  # i = 200: "after"; i = 220, 221: "front"
     assert [placement(n - 1, cfg, B) for _, _, _, n in rows] == ["after", "front", "front"]
     table = torch.arange(1, 1 + 3 * 8, dtype=torch.int32).view(3, 8)
-    calls = plan_calls(rows[:1], rows[1:], table, cfg, B, ISA, H, HKV, D, torch.float32)
+    calls, fronts = plan_calls(rows[:1], rows[1:], table, cfg, B, ISA, H, HKV, D, torch.float32)
     assert len(calls) == 2
-    assert calls[0].tokens is None and calls[0].query_start_loc.tolist() == [0, 1, 2] and len(calls[0].copies) == 2
+    assert calls[0].tokens is None and calls[0].query_start_loc.tolist() == [0, 1, 2] and len(calls[0].copies) == 1
     assert calls[1].tokens.tolist() == [2] and calls[0].window == calls[1].window == 64 + 4
+    # The two front rows' copies are gathered together (i = 220: G + 3 front window rows; i = 221: G + 2),
+    # each call writing its own slice at the end of the null block.
+    assert fronts.copies.shift.shape == (1, 7 + 6)
+    assert [c.front[:2] for c in calls] == [(0, 7), (7, 13)]
+    assert calls[0].front[2].tolist() == list(range(B - 7, B)) and calls[1].front[2].tolist() == list(range(B - 6, B))
 
 
 def test_plain_chunk_ending_where_the_last_global_leaves_the_window():
@@ -194,3 +199,12 @@ def test_plain_chunk_ending_where_the_last_global_leaves_the_window():
     worst, served = run_batch(cfg, 32, [[44] + [1] * 20, [100] + [1] * 20, [3, 41] + [1] * 19])
     assert worst < 2e-5
     assert served["cpu_kernel plain"] >= 44 + 41, served
+
+
+def test_many_front_rows_in_one_step_match_reference():
+    """Rows decoding in step, all at the same offset of their last block, are "front" rows together
+    (each its own call after the first, their copies gathered once per layer): still exact."""
+    cfg = LminfConfig(global_tokens=4, local_tokens=40, distance_cap=64)
+    worst, served = run_batch(cfg, 32, [[90] + [1] * 40] * 3 + [[91] + [1] * 40, [0, 75] + [1] * 39])
+    assert worst < 2e-5
+    assert served["cpu_kernel front"] >= 3 * 4 * 2, served  # at least two block ends with 3+ front rows

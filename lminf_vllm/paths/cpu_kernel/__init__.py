@@ -18,7 +18,7 @@ import torch
 from lminf_vllm.kv_layout import CPU_KERNEL_LAYOUT
 from lminf_vllm.lambda_attention import RowsPlan, attend_rows, plan_rows
 from lminf_vllm.step import EngineShape, LayerMath, StepBatch
-from lminf_vllm.paths.cpu_kernel.decode import KernelCall, placement, plain_call, plan_calls, run_calls
+from lminf_vllm.paths.cpu_kernel.decode import FrontCopies, KernelCall, placement, plain_call, plan_calls, run_calls
 from lminf_vllm.paths.cpu_kernel.ops import kernel_mode, write_kv_kernel
 from lminf_vllm.paths.cpu_kernel.prefill import kernel_isa, prefill_attention
 from lminf_vllm.routing import Rows, is_plain, row_kind, row_runs
@@ -46,6 +46,7 @@ class Plan:
     prefills: list[tuple[int, int, int, int]] = field(default_factory=list)  # (request, first, stop, seq_len)
     rest: RowsPlan | None = None  # rows for the PyTorch math
     rows_served: dict[str, int] = field(default_factory=dict)  # query rows per way (metrics, tests)
+    front_copies: FrontCopies | None = None  # the "front" rows' copies, gathered once per layer
 
 
 def plan(batch: StepBatch, shape: EngineShape) -> Plan:
@@ -73,16 +74,16 @@ def plan(batch: StepBatch, shape: EngineShape) -> Plan:
             where = None if row_kind(seq_len - 1, cfg) is Rows.GLOBALS_IN_WINDOW else placement(seq_len - 1, cfg, B)
             (shared if where == "after" else fronts if where == "front" else rest).append(req)
             served["pytorch" if where is None else f"cpu_kernel {where}"] += 1
-    calls = plan_calls(shared, fronts, table, *kernel_args)
+    calls, front_copies = plan_calls(shared, fronts, table, *kernel_args)
     rows = plan_rows(rest, table, cfg, B, LAYOUT) if rest else None
-    return Plan(batch, shape, isa, calls, prefills, rows, served)
+    return Plan(batch, shape, isa, calls, prefills, rows, served, front_copies)
 
 
 def run(plan: Plan, layer: LayerMath, query, key, value, kv_cache, output: torch.Tensor) -> None:
     b, cfg = plan.batch, plan.shape.cfg
     write_kv_kernel(kv_cache, key[: b.num_tokens], value[: b.num_tokens], b.slot_mapping[: b.num_tokens], plan.isa)
     if plan.calls:
-        run_calls(plan.calls, query, kv_cache, layer.scale, layer.rotary, plan.isa, output)
+        run_calls(plan.calls, query, kv_cache, layer.scale, layer.rotary, plan.isa, output, plan.front_copies)
     for r, first, stop, seq_len in plan.prefills:
         out = prefill_attention(query[first:stop], kv_cache, b.block_table[r], seq_len, cfg, layer.scale,
                                 layer.rotary, LAYOUT)  # fmt: skip

@@ -1,0 +1,39 @@
+"""benchmarks/decode_batch.py: ms per decode step against the batch, per mode, and the per-row slopes."""
+
+from tables.commands import command
+from tables.common import RESULTS, ROOT, load, num, ratio, table
+
+
+def render(doc) -> str:
+    rel = f"{RESULTS}/decode-batch.json"
+    t = load(rel)
+    batches = [p["batch"] for p in t["modes"][0]["points"]]
+    rows = []
+    for m in t["modes"]:
+        slope_x = ratio(m["per_row_x_stock"]) if "per_row_x_stock" in m else ""
+        big_x = ratio(m["per_row_b16_up_x_stock"]) if "per_row_b16_up_x_stock" in m else ""
+        rows.append([m["mode"], m["prompt_tokens"], m["keys_per_row"], *(num(p["ms_per_step"], 2) for p in m["points"]),
+                     num(m["ms_per_row"], 3), slope_x, num(m["ms_per_row_b16_up"], 3), big_x])  # fmt: skip
+    a = t["args"]
+    header = ["mode", "prompt", "keys/row", *(f"b={b}" for b in batches), "ms/row (fit 1-64)", "x stock",
+              "ms/row (fit 16-64)", "x stock"]  # fmt: skip
+    settings = (f"ms per engine step in which every row decodes (mean over {a['steps']} steps, the fastest of {a.get('repeats', 1)} runs); model "
+                f"{a['model'] if a['model'] != 'small' else 'the small random Llama of benchmarks/saturation.py'}, "
+                f"{a['dtype']}, blocks of {a['block_size']}, {'torch.compile' if a['compile'] == 'True' else 'enforce_eager'}; "
+                f"lminf G={a['global_tokens']}, W=C={a['local_tokens']}; request k's prompt is the mode's plus k % "
+                f"{a['block_size']} tokens; each `x stock` compares a mode with the stock mode at the same keys per row "
+                f"(lminf-inside with stock-inside, lminf-past with stock); {t['seconds']} s in all.")  # fmt: skip
+    parts = [table(header, rows), settings]
+    before_rel = f"{RESULTS}/decode-batch-before.json"
+    if (ROOT / before_rel).exists():  # the same benchmark on the code before the batched-decode change
+        b = {m["mode"]: m for m in load(before_rel)["modes"]}
+        now = {m["mode"]: m for m in t["modes"]}
+        parts.append(
+            f"Before the change that gathers the front rows' copies once per layer (commit 5568fd8's `lminf_vllm`, "
+            f"[`{before_rel}`]({doc.link(before_rel)}), same machine, `--modes stock lminf-past`): lminf-past "
+            f"{num(b['lminf-past']['ms_per_row'], 3)} ms/row against stock's {num(b['stock']['ms_per_row'], 3)} "
+            f"({ratio(b['lminf-past']['ms_per_row'] / b['stock']['ms_per_row'])}), "
+            f"{num(b['lminf-past']['points'][-1]['ms_per_step'], 2)} ms at b={b['lminf-past']['points'][-1]['batch']} "
+            f"against {num(now['lminf-past']['points'][-1]['ms_per_step'], 2)} now.")  # fmt: skip
+    return "\n\n".join(parts + [doc.image(rel.replace(".json", ".png"), "Decode step against the batch"),
+                        doc.source(rel, command("benchmarks/decode_batch.py", t["args"], rel))])  # fmt: skip
