@@ -186,7 +186,7 @@ def test_first_front_row_shares_the_batch_call():
     assert calls[1].tokens.tolist() == [2] and calls[0].window == calls[1].window == 64 + 4
     # The two front rows' copies are gathered together (i = 220: G + 3 front window rows; i = 221: G + 2),
     # each call writing its own slice at the end of the null block.
-    assert fronts.copies.shift.shape == (1, 7 + 6)
+    assert fronts.shift.shape == (1, 7 + 6)
     assert [c.front[:2] for c in calls] == [(0, 7), (7, 13)]
     assert calls[0].front[2].tolist() == list(range(B - 7, B)) and calls[1].front[2].tolist() == list(range(B - 6, B))
 

@@ -18,7 +18,7 @@ import torch
 from lminf_vllm.kv_layout import CPU_KERNEL_LAYOUT
 from lminf_vllm.lambda_attention import RowsPlan, attend_rows, plan_rows
 from lminf_vllm.step import EngineShape, LayerMath, StepBatch
-from lminf_vllm.paths.cpu_kernel.decode import FrontCopies, KernelCall, placement, plain_call, plan_calls, run_calls
+from lminf_vllm.paths.cpu_kernel.decode import Copies, KernelCall, placement, plain_call, plan_calls, run_calls
 from lminf_vllm.paths.cpu_kernel.ops import kernel_mode, write_kv_kernel
 from lminf_vllm.paths.cpu_kernel.prefill import kernel_isa, prefill_attention
 from lminf_vllm.routing import Rows, is_plain, row_kind, row_runs
@@ -46,7 +46,7 @@ class Plan:
     prefills: list[tuple[int, int, int, int]] = field(default_factory=list)  # (request, first, stop, seq_len)
     rest: RowsPlan | None = None  # rows for the PyTorch math
     rows_served: dict[str, int] = field(default_factory=dict)  # query rows per way (metrics, tests)
-    front_copies: FrontCopies | None = None  # the "front" rows' copies, gathered once per layer
+    front_copies: Copies | None = None  # the "front" rows' copies, gathered once per layer
 
 
 def plan(batch: StepBatch, shape: EngineShape) -> Plan:

@@ -23,7 +23,7 @@ the keys does not matter. Where the copies go (`placement`):
     The null block holds one row's copies at a time: the first such row of a
     step joins the shared kernel call, each further one has its own. The
     copies of every front row of a step are gathered and rotated together,
-    once per layer (`FrontCopies`); each front call then only writes its own
+    once per layer (one flat Copies, shift [1, N]); each front call then only writes its own
     slice into the null block and attends.
   * None: the copies fit neither way (rare: with W a multiple of B it needs
     G > B / 2); the row takes the PyTorch math.
@@ -95,17 +95,9 @@ class KernelCall:
     window: int  # the kernel's sliding window: W + G (-1: none, all rows plain)
     copies: list[Copies]  # written before the call (the "after" rows')
     scheduler_metadata: torch.Tensor | None = None  # made once the calls of a step are final
-    # A "front" row's copies: (start, stop, null-block slots) of the step's FrontCopies, written before the call.
+    # A "front" row's copies: (start, stop, null-block slots) of the step's front copies, written before the call.
     front: tuple[int, int, torch.Tensor] | None = None
     token_start: int | None = None  # tokens is the range token_start + [0, len): read and write in place
-
-
-@dataclass
-class FrontCopies:
-    """The copies of every "front" row of a step in one flat list (shift [1, N]): one
-    gather and one rotation per layer for them all, where each row's call did its own."""
-
-    copies: Copies
 
 
 def plan_calls(
@@ -119,7 +111,7 @@ def plan_calls(
     num_kv_heads: int,
     head_size: int,
     dtype: torch.dtype,
-) -> tuple[list["KernelCall"], FrontCopies | None]:
+) -> tuple[list["KernelCall"], Copies | None]:
     """The kernel calls for these rows, and the front rows' copies. The plain and
     "after" rows share one call; "front" rows all use the null block, so each
     needs its own call, except that the first joins the shared one."""
@@ -229,7 +221,7 @@ def _plan_call(rows, block_table, cfg, B, num_kv_heads, head_size):
 
 def _plan_fronts(rows, block_table, cfg, B, num_kv_heads, head_size):
     """One call per "front" row, over [null block: its copies at the end] + its window from
-    the first whole block; their copies planned together, flat (FrontCopies)."""
+    the first whole block; their copies planned together, flat: one Copies of shift [1, N]."""
     G, W, C = cfg.global_tokens, cfg.local_tokens, cfg.distance_cap
     req, first_tok, counts, seq = (np.array(col, dtype=np.int64) for col in zip(*rows))
     assert (counts == 1).all(), "front rows are decode rows"
@@ -267,7 +259,7 @@ def _plan_fronts(rows, block_table, cfg, B, num_kv_heads, head_size):
     copies = Copies(k_index=_as_tensor(k_index, dev).view(-1, num_kv_heads, head_size),
                     v_index=_as_tensor(v_index, dev).view(-1, num_kv_heads, head_size),
                     slots=slots, shift=_as_tensor(shift, dev)[None])  # fmt: skip
-    return calls, FrontCopies(copies)
+    return calls, copies
 
 
 def run_calls(
@@ -278,9 +270,9 @@ def run_calls(
     rotary: RotarySpec | None,
     isa: str,
     output: torch.Tensor,  # [T, H, D]: the planned rows are written
-    front_copies: FrontCopies | None = None,
+    front_copies: Copies | None = None,  # every front row's, gathered and rotated once here
 ) -> None:
-    staged = _gather(front_copies.copies, kv_cache, rotary) if front_copies is not None else None
+    staged = _gather(front_copies, kv_cache, rotary) if front_copies is not None else None
     for call in calls:
         _run_call(query, kv_cache, call, scale, rotary, isa, output, staged)
 
