@@ -47,9 +47,9 @@ def sequence(n, seed, neox, cfg):
     return q, k, v, rotary, expected
 
 
-def run_batch(cfg, block_size, schedules, neox=True, dtype=torch.float32):
-    """schedules[r]: request r's query counts per step (0 = not scheduled).
-    Returns (max |out - ref|, query rows per way, summed over the steps)."""
+def run_batch(cfg, block_size, schedules, neox=True, dtype=torch.float32, plans=None):
+    """schedules[r]: request r's query counts per step (0 = not scheduled); each step's plan
+    is appended to `plans` if given. Returns (max |out - ref|, query rows per way, summed over the steps)."""
     B = block_size
     seqs = [sequence(sum(s), r, neox, cfg) for r, s in enumerate(schedules)]
     layer = LayerMath(D**-0.5, seqs[0][3], None)
@@ -78,6 +78,8 @@ def run_batch(cfg, block_size, schedules, neox=True, dtype=torch.float32):
                           seq_lens=seq_lens, block_table=table[reqs], slot_mapping=slots,
                           max_query_len=max(counts), max_seq_len=int(seq_lens.max()))  # fmt: skip
         plan = cpu_kernel.plan(batch, shape)
+        if plans is not None:
+            plans.append(plan)
         for way, rows in plan.rows_served.items():
             served[way] = served.get(way, 0) + rows
         output = torch.full_like(query, float("nan"))
@@ -174,21 +176,26 @@ def test_long_prefill_step_is_split_into_several_kernel_calls(monkeypatch):
     assert max(calls) == 40 and len(calls) > 20, calls
 
 
-def test_first_front_row_shares_the_batch_call():
-    """Front rows each need the null block, so only the first joins the shared call."""
+def test_front_rows_share_the_batch_call_on_scratch_blocks():
+    """Front rows' copies end a scratch block: the null block, then another decode row's last
+    block past its query and its own copies; a front row left without one has a call of its own."""
     cfg, B = LminfConfig(global_tokens=4, local_tokens=64, distance_cap=96), 32
-    rows = [(0, 0, 1, 201), (1, 1, 1, 221), (2, 2, 1, 222)]  # i = 200: "after"; i = 220, 221: "front"
-    assert [placement(n - 1, cfg, B) for _, _, _, n in rows] == ["after", "front", "front"]
-    table = torch.arange(1, 1 + 3 * 8, dtype=torch.int32).view(3, 8)
-    calls, fronts = plan_calls(rows[:1], rows[1:], table, cfg, B, ISA, H, HKV, D, torch.float32)
-    assert len(calls) == 2
-    assert calls[0].tokens is None and calls[0].query_start_loc.tolist() == [0, 1, 2] and len(calls[0].copies) == 1
-    assert calls[1].tokens.tolist() == [2] and calls[0].window == calls[1].window == 64 + 4
-    # The two front rows' copies are gathered together (i = 220: G + 3 front window rows; i = 221: G + 2),
-    # each call writing its own slice at the end of the null block.
-    assert fronts.shift.shape == (1, 7 + 6)
-    assert [c.front[:2] for c in calls] == [(0, 7), (7, 13)]
-    assert calls[0].front[2].tolist() == list(range(B - 7, B)) and calls[1].front[2].tolist() == list(range(B - 6, B))
+    # i = 200 ("after": its copies at 201..204, block offset 8..12, free from 13: room 19);
+    # i = 220, 221, 222: "front" (G + 3, G + 2, G + 1 copies)
+    rows = [(0, 0, 1, 201), (1, 1, 1, 221), (2, 2, 1, 222), (3, 3, 1, 223)]
+    assert [placement(n - 1, cfg, B) for _, _, _, n in rows] == ["after", "front", "front", "front"]
+    table = torch.arange(1, 1 + 4 * 8, dtype=torch.int32).view(4, 8)
+    calls, copies = plan_calls(rows[:1], rows[1:], table, cfg, B, ISA, H, HKV, D, torch.float32)
+    # Two scratch blocks (the null block, request 0's last block): the two rows with most copies share the call.
+    assert len(calls) == 2 and calls[0].tokens is None and calls[0].query_start_loc.tolist() == [0, 1, 2, 3]
+    assert calls[0].block_table[1, 0] == 0 and calls[0].block_table[2, 0] == table[0, 200 // B]
+    assert calls[1].token_start == 3 and calls[1].block_table[0, 0] == 0 and calls[0].window == calls[1].window == 68
+    assert calls[0].copies == (0, 4 + 7 + 6) and calls[1].copies == (17, 17 + 5)
+    slots = copies.slots.tolist()
+    assert slots[:4] == [table[0, 6] * B + 9 + e for e in range(4)]  # after i = 200 (block 6, row 8)
+    assert slots[4:11] == list(range(B - 7, B)) and slots[17:] == list(range(B - 5, B))  # the null block's end
+    assert slots[11:17] == [table[0, 6] * B + B - 6 + e for e in range(6)]  # request 0's last block's end
+    assert copies.shift.tolist()[:4] == [200 - j - 96 for j in range(4)]
 
 
 def test_plain_chunk_ending_where_the_last_global_leaves_the_window():
@@ -203,8 +210,26 @@ def test_plain_chunk_ending_where_the_last_global_leaves_the_window():
 
 def test_many_front_rows_in_one_step_match_reference():
     """Rows decoding in step, all at the same offset of their last block, are "front" rows together
-    (each its own call after the first, their copies gathered once per layer): still exact."""
+    and none has room for another's copies: the first takes the null block in the shared call, each
+    other one a call of its own (their copies gathered once per layer); still exact."""
     cfg = LminfConfig(global_tokens=4, local_tokens=40, distance_cap=64)
     worst, served = run_batch(cfg, 32, [[90] + [1] * 40] * 3 + [[91] + [1] * 40, [0, 75] + [1] * 39])
     assert worst < 2e-5
     assert served["cpu_kernel front"] >= 3 * 4 * 2, served  # at least two block ends with 3+ front rows
+
+
+def test_many_front_rows_of_different_lengths_share_one_call_amid_prefill_chunks():
+    """Twelve decode rows at twelve offsets of their last block cross block edges in turn, a
+    third of them "front" rows at a time, in steps that also carry prefill chunks (within and past
+    the window): the front rows find scratch blocks in the others' last blocks and share the
+    step's one call; still exact."""
+    cfg = LminfConfig(global_tokens=4, local_tokens=40, distance_cap=64)
+    decoding = [[84 + 2 * k] + [1] * 48 for k in range(12)]  # i % 32 runs over 24 offsets, 2 apart
+    prefilling = [[0] * 10 + [30, 30, 25] + [1] * 36, [0] * 20 + [150, 40] + [1] * 27]
+    plans = []
+    worst, served = run_batch(cfg, 32, decoding + prefilling, plans=plans)
+    assert worst < 2e-5
+    assert served["cpu_kernel front"] >= 60 and served["cpu_kernel prefill capped"] > 100, served
+    fronts = [p.rows_served.get("cpu_kernel front", 0) for p in plans]
+    assert min(len(p.calls) for p, f in zip(plans, fronts) if f >= 3) == 1  # every front row in the shared call
+    assert any(len(p.prefills) and f >= 3 and len(p.calls) == 1 for p, f in zip(plans, fronts)), fronts

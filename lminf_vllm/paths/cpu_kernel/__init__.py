@@ -46,7 +46,7 @@ class Plan:
     prefills: list[tuple[int, int, int, int]] = field(default_factory=list)  # (request, first, stop, seq_len)
     rest: RowsPlan | None = None  # rows for the PyTorch math
     rows_served: dict[str, int] = field(default_factory=dict)  # query rows per way (metrics, tests)
-    front_copies: Copies | None = None  # the "front" rows' copies, gathered once per layer
+    copies: Copies | None = None  # the global copies the calls read, gathered once per layer
 
 
 def plan(batch: StepBatch, shape: EngineShape) -> Plan:
@@ -74,16 +74,16 @@ def plan(batch: StepBatch, shape: EngineShape) -> Plan:
             where = None if row_kind(seq_len - 1, cfg) is Rows.GLOBALS_IN_WINDOW else placement(seq_len - 1, cfg, B)
             (shared if where == "after" else fronts if where == "front" else rest).append(req)
             served["pytorch" if where is None else f"cpu_kernel {where}"] += 1
-    calls, front_copies = plan_calls(shared, fronts, table, *kernel_args)
+    calls, copies = plan_calls(shared, fronts, table, *kernel_args)
     rows = plan_rows(rest, table, cfg, B, LAYOUT) if rest else None
-    return Plan(batch, shape, isa, calls, prefills, rows, served, front_copies)
+    return Plan(batch, shape, isa, calls, prefills, rows, served, copies)
 
 
 def run(plan: Plan, layer: LayerMath, query, key, value, kv_cache, output: torch.Tensor) -> None:
     b, cfg = plan.batch, plan.shape.cfg
     write_kv_kernel(kv_cache, key[: b.num_tokens], value[: b.num_tokens], b.slot_mapping[: b.num_tokens], plan.isa)
     if plan.calls:
-        run_calls(plan.calls, query, kv_cache, layer.scale, layer.rotary, plan.isa, output, plan.front_copies)
+        run_calls(plan.calls, plan.copies, query, kv_cache, layer.scale, layer.rotary, plan.isa, output)
     for r, first, stop, seq_len in plan.prefills:
         out = prefill_attention(query[first:stop], kv_cache, b.block_table[r], seq_len, cfg, layer.scale,
                                 layer.rotary, LAYOUT)  # fmt: skip

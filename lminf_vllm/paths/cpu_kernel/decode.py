@@ -17,18 +17,21 @@ the keys does not matter. Where the copies go (`placement`):
     the prefix cache only once full). They hold no token yet, and each token
     that later lands there overwrites its copy before anything reads it.
   * "front" (the G steps in B when they would leave the block): into the end
-    of vLLM's null block (block 0, never given to a request, never read),
-    together with the row's window keys of its partly visible first block;
-    the virtual sequence is then [null block] + [window from its next block].
-    The null block holds one row's copies at a time: the first such row of a
-    step joins the shared kernel call, each further one has its own. The
-    copies of every front row of a step are gathered and rotated together,
-    once per layer (one flat Copies, shift [1, N]); each front call then only writes its own
-    slice into the null block and attends.
+    of a *scratch block*, together with the row's window keys of its partly
+    visible first block; the virtual sequence is then [scratch block] +
+    [window from its next block], and the kernel's window masks the rest of
+    the scratch block. Scratch blocks are vLLM's null block (block 0, never
+    given to a request, never read) and the last blocks of the step's other
+    decode rows, past their query and their own copies: slots that hold no
+    token yet and are private, as for "after". The copies must end the block,
+    so each scratch block serves one front row; a front row left without one
+    takes a call of its own on the null block, after the shared call.
   * None: the copies fit neither way (rare: with W a multiple of B it needs
     G > B / 2); the row takes the PyTorch math.
 No slot is reserved for this: the KV bound of SPEC.md is unchanged. Plain rows
 (routing.Rows.ALL_KEYS, prefill chunks too) join the shared call as they are.
+A step's copies are planned together (`Copies`): per layer one gather, one
+rotation and one write for the shared call, then one write per call of its own.
 """
 
 from dataclasses import dataclass, field
@@ -41,6 +44,8 @@ from lminf_vllm.kv_layout import NULL_BLOCK
 from lminf_vllm.paths.cpu_kernel.ops import attend, kernel_cache_views, scheduler_metadata, write_kv_kernel
 from lminf_vllm.rope import RotarySpec, cos_sin, rotate
 from lminf_vllm.routing import plain_stop
+
+PLAIN, AFTER, FRONT = 0, 1, 2  # how a row of a call gets its keys
 
 
 def placement(i: int, cfg: LminfConfig, block_size: int) -> str | None:
@@ -59,29 +64,27 @@ def _front_rows(i: int, W: int, B: int) -> int:
 
 @dataclass
 class Copies:
-    """Keys and values copied before a call, E per appending row: the G global
-    keys re-rotated (and, for a "front" row, its window rows of a partly
-    visible first block, shift 0)."""
+    """The keys and values a step copies into the cache before each layer's kernel
+    calls, E per row: an "after" row's G global keys re-rotated, a "front" row's
+    too plus its window rows of a partly visible first block (shift 0). Flat, in
+    the order of the calls that read them."""
 
-    k_index: torch.Tensor  # [Ra * E, Hkv, D] long: offsets of the source key and value in the flat cache
-    v_index: torch.Tensor
-    slots: torch.Tensor  # [Ra * E] long: flat destination slots
-    shift: torch.Tensor  # [Ra, E] long: rotate the key forward by d - min(d, C) positions
-    # The rotations by `shift` as matrices, per rotary (layers may differ),
-    # made by the first layer that needs them.
-    _rotations: dict = field(default_factory=dict)
+    key_heads: torch.Tensor  # [N * Hkv] long: source (block * Hkv + head) of each copy's head
+    key_rows: torch.Tensor  # [N * Hkv] long: its row in the block
+    value_rows: torch.Tensor  # [N * Hkv] long: the value's row of D in the cache seen as [-1, D]
+    slots: torch.Tensor  # [N] long: flat destination slots
+    shift: torch.Tensor  # [N] long: rotate the key forward by d - min(d, C) positions
+    # cos and sin of the shifts per rotary (layers may differ), made by the first layer that needs them.
+    _angles: dict = field(default_factory=dict)
 
-    def rotations(self, rotary: RotarySpec, head_size: int) -> torch.Tensor:
-        """[Ra, E, D, D]: a key row k rotated by its copy's shift is k @ M. One small
-        matmul per layer instead of the dozen elementwise ops of rope.rotate."""
+    def angles(self, rotary: RotarySpec) -> tuple[torch.Tensor, torch.Tensor]:
+        """[N, 1, rotary_dim / 2] each: a handful of elementwise ops rotate every copy (a
+        D x D rotation matrix per copy costs more to build than to skip)."""
         key = id(rotary.inv_freq)
-        if key not in self._rotations:
+        if key not in self._angles:
             cos, sin = cos_sin(self.shift, rotary.inv_freq, torch.float32)
-            Ra, E = self.shift.shape
-            basis = torch.eye(head_size, device=cos.device).expand(Ra, E, head_size, head_size)
-            # rope.rotate is linear: row d of M is the d-th unit vector rotated.
-            self._rotations[key] = rotate(basis, cos[:, :, None], sin[:, :, None], rotary)
-        return self._rotations[key]
+            self._angles[key] = cos[:, None], sin[:, None]  # the same for every KV head
+        return self._angles[key]
 
 
 @dataclass
@@ -93,10 +96,8 @@ class KernelCall:
     seq_lens: torch.Tensor  # [Rk] int32: virtual sequence lengths
     block_table: torch.Tensor  # [Rk, nbv] int32: virtual block tables
     window: int  # the kernel's sliding window: W + G (-1: none, all rows plain)
-    copies: list[Copies]  # written before the call (the "after" rows')
+    copies: tuple[int, int] = (0, 0)  # the step's Copies [a, b) written just before the call
     scheduler_metadata: torch.Tensor | None = None  # made once the calls of a step are final
-    # A "front" row's copies: (start, stop, null-block slots) of the step's front copies, written before the call.
-    front: tuple[int, int, torch.Tensor] | None = None
     token_start: int | None = None  # tokens is the range token_start + [0, len): read and write in place
 
 
@@ -111,43 +112,108 @@ def plan_calls(
     num_kv_heads: int,
     head_size: int,
     dtype: torch.dtype,
-) -> tuple[list["KernelCall"], Copies | None]:
-    """The kernel calls for these rows, and the front rows' copies. The plain and
-    "after" rows share one call; "front" rows all use the null block, so each
-    needs its own call, except that the first joins the shared one."""
-    args = (block_table, cfg, block_size, num_kv_heads, head_size)
-    calls = [_plan_call(shared, *args)] if shared else []
-    front_copies = None
-    if fronts:
-        front_calls, front_copies = _plan_fronts(fronts, *args)
-        calls += front_calls
-    if shared and fronts:  # one call fewer per layer: its Python and its launch
-        calls[:2] = [_merge(calls[0], calls[1], cfg)]
+) -> tuple[list[KernelCall], Copies | None]:
+    """The kernel calls for these rows, and the copies they read. Plain, "after" and
+    the front rows that find a scratch block share one call, in batch order; each
+    other front row has its own, after it."""
+    # Index arithmetic on a few dozen rows: numpy, not many tiny torch ops.
+    G, W, C, B = cfg.global_tokens, cfg.local_tokens, cfg.distance_cap, block_size
+    if not (shared or fronts):
+        return [], None
+    ids = _table_reader(block_table)
+    req, first_tok, counts, seq = (np.array(col, dtype=np.int64) for col in zip(*(shared + fronts)))
+    i = seq - 1
+    kind = np.full(len(req), FRONT)
+    kind[: len(shared)] = np.where((seq[: len(shared)] > 1) & (seq[: len(shared)] > plain_stop(cfg)), AFTER, PLAIN)
+    start = (i - W + 1) % B
+    m = np.where((kind == FRONT) & (start > 0), B - start, 0)  # window keys in a partly visible first block
+    E = np.where(kind == PLAIN, 0, G + m)  # copies per row
+    scratch, alone = _scratch_blocks(ids, req, counts, i, kind, E, G, B)
+    order = np.lexsort((first_tok, alone))  # the shared call in batch order, then the rows alone
+    req, first_tok, counts, seq, i, kind, m, E, scratch = (
+        a[order] for a in (req, first_tok, counts, seq, i, kind, m, E, scratch)
+    )
+    n_shared = int((~alone).sum())
+
+    # Virtual sequences: [scratch block (front rows)] + window blocks (from block 0 for plain rows) [+ G copies]
+    lead = (kind == FRONT).astype(np.int64)
+    first_blk = np.where(kind == PLAIN, 0, (i - W + 1) // B + (m > 0))
+    vlen = lead * B + seq - first_blk * B + np.where(kind == AFTER, G, 0)
+    nbv = int(((vlen + B - 1) // B).max())
+    col = np.arange(nbv)
+    cols = first_blk[:, None] + col - lead[:, None]
+    table = np.where(col < lead[:, None], scratch[:, None], ids(req, np.maximum(cols, 0)))
+
+    # Copies: copy e of a row is global e (e < G) or window row e - G of its first block.
+    e = np.arange(int(E.max()))
+    valid = e < E[:, None]
+    src_pos = np.where(e < G, e, i[:, None] - W + 1 + e - G)
+    d = i[:, None] - e
+    shift = np.where(e < G, d - np.minimum(d, C), 0)
+    after = i[:, None] + 1 + e  # "after": the slots following the query
+    dst = np.where(kind[:, None] == AFTER, ids(req, after // B) * B + after % B, scratch[:, None] * B + B - E[:, None] + e)
+    src_blk = ids(req, src_pos // B)
+    src_blk, src_row, dst, shift = (a[valid] for a in (src_blk, src_pos % B, dst, shift))  # flat, in call order
+    heads = (src_blk[:, None] * num_kv_heads + np.arange(num_kv_heads)).reshape(-1)
+    rows = np.repeat(src_row, num_kv_heads)
+    offsets = np.concatenate(([0], np.cumsum(E)))
+
+    dev = block_table.device
+    qsl = np.concatenate(([0], np.cumsum(counts[:n_shared])))
+    tokens = np.repeat(first_tok[:n_shared] - qsl[:-1], counts[:n_shared]) + np.arange(qsl[-1])
+    in_order = np.array_equal(tokens, np.arange(len(tokens)))  # the batch's first tokens: read and write in place
+    tables, vlens = _as_tensor(table, dev, torch.int32), _as_tensor(vlen, dev, torch.int32)
+    calls = []
+    if n_shared:
+        calls.append(KernelCall(
+            tokens=None if in_order else _as_tensor(tokens, dev), query_start_loc=_as_tensor(qsl, dev, torch.int32),
+            seq_lens=vlens[:n_shared], block_table=tables[:n_shared],
+            window=W + G if (kind[:n_shared] != PLAIN).any() else -1,  # (plain rows alone: no window, as stock)
+            copies=(0, int(offsets[n_shared])),
+        ))  # fmt: skip
+    one = torch.tensor([0, 1], dtype=torch.int32, device=dev)
+    for r in range(n_shared, len(req)):
+        calls.append(KernelCall(
+            tokens=_as_tensor(first_tok[r : r + 1], dev), query_start_loc=one, seq_lens=vlens[r : r + 1],
+            block_table=tables[r : r + 1], window=W + G, copies=(int(offsets[r]), int(offsets[r + 1])),
+            token_start=int(first_tok[r]),
+        ))  # fmt: skip
     for call in calls:
         call.scheduler_metadata = scheduler_metadata(
             call.query_start_loc, call.seq_lens, call.window, isa, num_heads, num_kv_heads, head_size, dtype
         )
-    return calls, front_copies
+    if not len(dst):
+        return calls, None
+    copies = Copies(
+        key_heads=_as_tensor(heads, dev), key_rows=_as_tensor(rows, dev),
+        value_rows=_as_tensor(heads * (2 * B) + B + rows, dev), slots=_as_tensor(dst, dev),
+        shift=_as_tensor(shift, dev),
+    )  # fmt: skip
+    return calls, copies
 
 
-def _merge(a: KernelCall, b: KernelCall, cfg: LminfConfig) -> KernelCall:
-    """One call doing a's rows then b's (their copies never share a slot)."""
-    n_a = int(a.query_start_loc[-1])
-    listed = lambda c: torch.arange(int(c.query_start_loc[-1])) if c.tokens is None else c.tokens  # noqa: E731
-    assert not (a.front and b.front), "one null block: one front row per call"
-    tokens = torch.cat((listed(a), listed(b)))
-    if torch.equal(tokens, torch.arange(len(tokens))):
-        tokens = None  # the batch's first tokens, in order: read and write in place
-    qsl = torch.cat((a.query_start_loc, b.query_start_loc[1:] + n_a))
-    seq = torch.cat((a.seq_lens, b.seq_lens))
-    width = max(a.block_table.shape[1], b.block_table.shape[1])
-    pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731 (padding is never read)
-    window = cfg.local_tokens + cfg.global_tokens  # plain rows of `a` see all their keys within it too
-    table = torch.cat((pad(a.block_table), pad(b.block_table)))
-    return KernelCall(
-        tokens=tokens, query_start_loc=qsl, seq_lens=seq, block_table=table, window=window, copies=a.copies + b.copies,
-        front=a.front or b.front,
-    )
+def _scratch_blocks(ids, req, counts, i, kind, E, G, B):
+    """A scratch block per front row (NULL_BLOCK for the rest), and which front rows are
+    left without one: the null block first, then the free tails of the other decode
+    rows' last blocks, the most copies to the longest tails."""
+    scratch = np.full(len(req), NULL_BLOCK, dtype=np.int64)
+    alone = np.zeros(len(req), dtype=bool)
+    fronts = np.nonzero(kind == FRONT)[0]
+    if not fronts.size:
+        return scratch, alone
+    hosts = np.nonzero((kind != FRONT) & (counts == 1))[0]
+    tail = B - (i[hosts] % B + 1 + np.where(kind[hosts] == AFTER, G, 0))  # free slots after its query and copies
+    room = np.concatenate(([B], tail))
+    block = np.concatenate(([NULL_BLOCK], ids(req[hosts], (i[hosts] // B)[:, None])[:, 0]))
+    by_room = np.argsort(-room, kind="stable")
+    k = 0
+    for f in fronts[np.argsort(-E[fronts], kind="stable")]:
+        if k < len(by_room) and room[by_room[k]] >= E[f]:
+            scratch[f] = block[by_room[k]]
+            k += 1
+        else:  # it fits no tail left (a longer one went to a row with more copies): a call of its own
+            alone[f] = True
+    return scratch, alone
 
 
 def plain_call(query_start_loc, seq_lens, block_table, isa, num_heads, num_kv_heads, head_size, dtype):
@@ -156,7 +222,7 @@ def plain_call(query_start_loc, seq_lens, block_table, isa, num_heads, num_kv_he
     # Plain rows see all their keys: no window, the kernel's full-attention path as for stock.
     return KernelCall(
         tokens=None, query_start_loc=qsl, seq_lens=seq, block_table=block_table.to(torch.int32), window=-1,
-        copies=[], scheduler_metadata=scheduler_metadata(qsl, seq, -1, isa, num_heads, num_kv_heads, head_size, dtype),
+        scheduler_metadata=scheduler_metadata(qsl, seq, -1, isa, num_heads, num_kv_heads, head_size, dtype),
     )  # fmt: skip
 
 
@@ -170,134 +236,43 @@ def _table_reader(block_table: torch.Tensor):
     return ids
 
 
-def _sources(ids, src_req, src_pos, B, Hkv, D):
-    """Flat offsets of the keys and values at src_pos of the requests src_req, in the kernel's
-    layout (per block and head: keys [D, B], then values [B, D]): [N, Hkv, D] each."""
-    src_blk = ids(src_req, src_pos // B) if src_pos.size else src_pos
-    base = (src_blk.reshape(-1, 1, 1) * Hkv + np.arange(Hkv)[:, None]) * (2 * B * D)  # [N, Hkv, 1]
-    row = (src_pos % B).reshape(-1, 1, 1)
-    return base + np.arange(D) * B + row, base + B * D + row * D + np.arange(D)
-
-
 def _as_tensor(a, device, dtype=torch.long):
     return torch.from_numpy(np.array(a)).to(device, dtype)  # (a copy: writable)
 
 
-def _plan_call(rows, block_table, cfg, B, num_kv_heads, head_size):
-    """The shared call: plain and "after" rows."""
-    # Index arithmetic on a handful of rows: numpy, not many tiny torch ops.
-    G, W, C = cfg.global_tokens, cfg.local_tokens, cfg.distance_cap
-    req, first_tok, counts, seq = (np.array(col, dtype=np.int64) for col in zip(*rows))
-    i = seq - 1
-    is_app = (seq > 1) & (seq > plain_stop(cfg))  # rows that get global copies after them (not is_plain)
-    ids = _table_reader(block_table)
-    j = np.arange(G)
-    # window from its first block (block 0 for plain rows), row i, then the G globals
-    first_blk = np.where(is_app, (i - W + 1) // B, 0)
-    vlen = seq - first_blk * B + np.where(is_app, G, 0)
-    nbv = int(((vlen + B - 1) // B).max())
-    table = ids(req, first_blk[:, None] + np.arange(nbv))
-    app = np.nonzero(is_app)[0]
-    src_pos = np.broadcast_to(j, (len(app), G))
-    p = i[app, None] + 1 + j  # the slots after the query
-    src_req = req[app]
-    dst_slot = ids(src_req, p // B) * B + p % B
-    d = i[app, None] - j
-    shift = d - np.minimum(d, C)
-    k_index, v_index = _sources(ids, src_req, src_pos, B, num_kv_heads, head_size)
-    qsl = np.zeros(len(rows) + 1, dtype=np.int64)
-    qsl[1:] = np.cumsum(counts)
-    tokens = np.repeat(first_tok - qsl[:-1], counts) + np.arange(qsl[-1])  # each row's tokens, in row order
-    dev = block_table.device
-    window = W + G if is_app.any() else -1  # (plain rows alone: no window, as above)
-    in_order = np.array_equal(tokens, np.arange(len(tokens)))  # the batch's first tokens: read and write in place
-    return KernelCall(
-        tokens=None if in_order else _as_tensor(tokens, dev), query_start_loc=_as_tensor(qsl, dev, torch.int32),
-        seq_lens=_as_tensor(vlen, dev, torch.int32), block_table=_as_tensor(table, dev, torch.int32), window=window,
-        copies=[Copies(k_index=_as_tensor(k_index, dev), v_index=_as_tensor(v_index, dev),
-                       slots=_as_tensor(dst_slot.reshape(-1), dev), shift=_as_tensor(shift, dev))],
-    )  # fmt: skip
-
-
-def _plan_fronts(rows, block_table, cfg, B, num_kv_heads, head_size):
-    """One call per "front" row, over [null block: its copies at the end] + its window from
-    the first whole block; their copies planned together, flat: one Copies of shift [1, N]."""
-    G, W, C = cfg.global_tokens, cfg.local_tokens, cfg.distance_cap
-    req, first_tok, counts, seq = (np.array(col, dtype=np.int64) for col in zip(*rows))
-    assert (counts == 1).all(), "front rows are decode rows"
-    i = seq - 1
-    start = (i - W + 1) % B
-    m = np.where(start > 0, B - start, 0)  # window keys in a partly visible first block (_front_rows)
-    first_blk = (i - W + 1) // B + (m > 0)
-    vlen = B + seq - first_blk * B
-    nbv = int((i // B - first_blk).max()) + 1  # window blocks after the null block
-    ids = _table_reader(block_table)
-    table = np.concatenate((np.full((len(rows), 1), NULL_BLOCK), ids(req, first_blk[:, None] + np.arange(nbv))), 1)
-    # Copy e of row r: global e (e < G) or window row e - G of its first block; E_r = G + m_r of them.
-    E = G + m
-    e = np.arange(int(E.max()))
-    valid = e[None] < E[:, None]  # [F, max E]
-    src_pos = np.where(e[None] < G, e[None], i[:, None] - W + 1 + e[None] - G)
-    dst_slot = B - E[:, None] + e[None]  # slots at the end of the null block
-    d = i[:, None] - e[None]
-    shift = np.where(e[None] < G, d - np.minimum(d, C), 0)
-    src_req = np.broadcast_to(req[:, None], valid.shape)
-    src_pos, dst_slot, shift, src_req = (a[valid] for a in (src_pos, dst_slot, shift, src_req))  # flat, row-major
-    k_index, v_index = _sources(ids, src_req, src_pos[:, None], B, num_kv_heads, head_size)
-    offsets = np.concatenate(([0], np.cumsum(E)))
-    dev = block_table.device
-    slots = _as_tensor(NULL_BLOCK * B + dst_slot, dev)
-    tables, vlens = _as_tensor(table, dev, torch.int32), _as_tensor(vlen, dev, torch.int32)
-    tokens, qsl = _as_tensor(first_tok, dev), torch.tensor([0, 1], dtype=torch.int32, device=dev)
-    calls = [
-        KernelCall(tokens=tokens[r : r + 1], query_start_loc=qsl, seq_lens=vlens[r : r + 1],
-                   block_table=tables[r : r + 1], window=W + G, copies=[],
-                   front=(int(offsets[r]), int(offsets[r + 1]), slots[offsets[r] : offsets[r + 1]]),
-                   token_start=int(first_tok[r]))
-        for r in range(len(rows))
-    ]  # fmt: skip
-    copies = Copies(k_index=_as_tensor(k_index, dev).view(-1, num_kv_heads, head_size),
-                    v_index=_as_tensor(v_index, dev).view(-1, num_kv_heads, head_size),
-                    slots=slots, shift=_as_tensor(shift, dev)[None])  # fmt: skip
-    return calls, copies
-
-
 def run_calls(
-    calls: list["KernelCall"],
+    calls: list[KernelCall],
+    copies: Copies | None,  # every call's, gathered and rotated once here
     query: torch.Tensor,  # [T, H, D] the whole batch
     kv_cache: torch.Tensor,
     scale: float,
     rotary: RotarySpec | None,
     isa: str,
     output: torch.Tensor,  # [T, H, D]: the planned rows are written
-    front_copies: Copies | None = None,  # every front row's, gathered and rotated once here
 ) -> None:
-    staged = _gather(front_copies, kv_cache, rotary) if front_copies is not None else None
+    staged = _gather(copies, kv_cache, rotary) if copies is not None else None
     for call in calls:
-        _run_call(query, kv_cache, call, scale, rotary, isa, output, staged)
+        a, b = call.copies
+        if b > a:
+            write_kv_kernel(kv_cache, staged[0][a:b], staged[1][a:b], copies.slots[a:b], isa)
+        _attend(query, kv_cache, call, scale, output)
 
 
 def _gather(copies: Copies, kv_cache, rotary):
     """The copies' keys (re-rotated) and values, [N, Hkv, D] each."""
-    Ra, E = copies.shift.shape
-    flat = kv_cache.view(-1)
-    k, v = flat.take(copies.k_index), flat.take(copies.v_index)  # [Ra * E, Hkv, D]
-    if rotary is not None and Ra and E:
-        m = copies.rotations(rotary, k.shape[-1])
-        k = torch.matmul(k.view(Ra, E, *k.shape[1:]).float(), m).to(k.dtype).view(k.shape)
+    nb, Hkv, B, two_d = kv_cache.shape
+    D = two_d // 2
+    # The kernel's layout, per block and head: keys [D, B] (a key is a column), then values [B, D].
+    keys = kv_cache.view(nb * Hkv, 2 * D * B)[:, : D * B].view(nb * Hkv, D, B)
+    k = keys[copies.key_heads, :, copies.key_rows].view(-1, Hkv, D)
+    v = kv_cache.view(-1, D).index_select(0, copies.value_rows).view(-1, Hkv, D)
+    if rotary is not None:
+        cos, sin = copies.angles(rotary)
+        k = rotate(k.float(), cos, sin, rotary).to(k.dtype)
     return k, v
 
 
-def _run_call(query, kv_cache, call: KernelCall, scale, rotary, isa, output, staged=None) -> None:
-    for copies in call.copies:
-        Ra, E = copies.shift.shape
-        if not (Ra and E):
-            continue
-        k, v = _gather(copies, kv_cache, rotary)
-        write_kv_kernel(kv_cache, k, v, copies.slots, isa)
-    if call.front is not None:
-        a, b, slots = call.front
-        write_kv_kernel(kv_cache, staged[0][a:b], staged[1][a:b], slots, isa)
+def _attend(query, kv_cache, call: KernelCall, scale, output) -> None:
     kc, vc = kernel_cache_views(kv_cache)
     if call.tokens is None:  # the batch's first n tokens, in order: read and write in place
         n = int(call.query_start_loc[-1])
