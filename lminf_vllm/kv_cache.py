@@ -74,6 +74,8 @@ class LminfManager(SlidingWindowManager):
             if blocks[i].is_null:
                 break
             newly += 1
+        if not newly:  # most steps: the window has not left a block since the last one
+            return
         self._remove_blocks_in_range(request_id, gap.start, gap.stop)
         self.num_freed_blocks += newly
 

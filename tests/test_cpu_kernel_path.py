@@ -14,7 +14,7 @@ import torch
 from lminf_vllm.config import LminfConfig
 from lminf_vllm.paths import cpu_kernel
 from lminf_vllm.paths.cpu_kernel import prefill
-from lminf_vllm.paths.cpu_kernel.decode import placement, plan_calls
+from lminf_vllm.paths.cpu_kernel.decode import Copies, placement, plan_calls
 from lminf_vllm.paths.cpu_kernel.ops import kernel_mode, write_kv_kernel
 from lminf_vllm.rope import RotarySpec, cos_sin, default_inv_freq, rotate
 from lminf_vllm.routing import Rows
@@ -233,3 +233,16 @@ def test_many_front_rows_of_different_lengths_share_one_call_amid_prefill_chunks
     fronts = [p.rows_served.get("cpu_kernel front", 0) for p in plans]
     assert min(len(p.calls) for p, f in zip(plans, fronts) if f >= 3) == 1  # every front row in the shared call
     assert any(len(p.prefills) and f >= 3 and len(p.calls) == 1 for p, f in zip(plans, fronts)), fronts
+
+
+@pytest.mark.parametrize("neox", [True, False], ids=["neox", "interleaved"])
+@pytest.mark.parametrize("rotary_dim", [D, D // 2], ids=["full", "partial"])
+def test_copies_are_rotated_bit_for_bit_as_rope_rotates(neox, rotary_dim):
+    """The copies' rotation (three elementwise ops) is rope.rotate's, to the bit."""
+    g = torch.Generator().manual_seed(3)
+    k, shift = torch.randn(40, HKV, D, generator=g), torch.randint(0, 1 << 20, (40,), generator=g)
+    rotary = RotarySpec(default_inv_freq(10000.0, rotary_dim), rotary_dim, neox)
+    unused = torch.zeros(1, dtype=torch.long)
+    cos, sin = cos_sin(shift, rotary.inv_freq, torch.float32)
+    expected = rotate(k, cos[:, None], sin[:, None], rotary)
+    assert torch.equal(Copies(unused, unused, unused, unused, shift).rotated(k, rotary), expected)

@@ -77,14 +77,27 @@ class Copies:
     # cos and sin of the shifts per rotary (layers may differ), made by the first layer that needs them.
     _angles: dict = field(default_factory=dict)
 
-    def angles(self, rotary: RotarySpec) -> tuple[torch.Tensor, torch.Tensor]:
-        """[N, 1, rotary_dim / 2] each: a handful of elementwise ops rotate every copy (a
-        D x D rotation matrix per copy costs more to build than to skip)."""
+    def rotated(self, k: torch.Tensor, rotary: RotarySpec) -> torch.Tensor:
+        """k [N, Hkv, D] (float32), each copy rotated by its shift: three elementwise ops where
+        rope.rotate takes eight (a D x D matrix per copy costs more to build than it saves), bit
+        for bit rope.rotate's result (x1 * cos + x2 * -sin is x1 * cos - x2 * sin)."""
         key = id(rotary.inv_freq)
         if key not in self._angles:
             cos, sin = cos_sin(self.shift, rotary.inv_freq, torch.float32)
-            self._angles[key] = cos[:, None], sin[:, None]  # the same for every KV head
-        return self._angles[key]
+            cos, sin = cos[:, None], sin[:, None]  # the same for every KV head
+            if rotary.is_neox_style:  # halves: (x1, x2) -> (x2, x1) is a roll by D / 2
+                full = torch.cat((cos, cos), -1), torch.cat((-sin, sin), -1)
+            else:  # interleaved pairs: swapped by a flip of each pair
+                full = cos.repeat_interleave(2, -1), torch.stack((-sin, sin), -1).flatten(-2)
+            self._angles[key] = (cos, sin, *full)
+        cos, sin, cos2, sin2 = self._angles[key]
+        if rotary.rotary_dim != k.shape[-1]:  # partial rotary: the general form
+            return rotate(k, cos, sin, rotary)
+        if rotary.is_neox_style:
+            swapped = k.roll(k.shape[-1] // 2, -1)
+        else:
+            swapped = k.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+        return k * cos2 + swapped * sin2
 
 
 @dataclass
@@ -267,8 +280,7 @@ def _gather(copies: Copies, kv_cache, rotary):
     k = keys[copies.key_heads, :, copies.key_rows].view(-1, Hkv, D)
     v = kv_cache.view(-1, D).index_select(0, copies.value_rows).view(-1, Hkv, D)
     if rotary is not None:
-        cos, sin = copies.angles(rotary)
-        k = rotate(k.float(), cos, sin, rotary).to(k.dtype)
+        k = copies.rotated(k.float(), rotary).to(k.dtype)
     return k, v
 
 
