@@ -24,15 +24,21 @@ def render(doc) -> str:
                 f"{a['block_size']} tokens; each `x stock` compares a mode with the stock mode at the same keys per row "
                 f"(lminf-inside with stock-inside, lminf-past with stock); {t['seconds']} s in all.")  # fmt: skip
     parts = [table(header, rows), settings]
-    before_rel = f"{RESULTS}/decode-batch-before.json"
-    if (ROOT / before_rel).exists():  # the same benchmark on the code before the batched-decode change
+    now = {m["mode"]: m for m in t["modes"]}
+    # the same benchmark on the code before two changes to the decode step, same machine
+    for name, change, rev, modes in (
+        ("decode-batch-before.json", "gathers the front rows' copies once per layer", "5568fd8", " `--modes stock lminf-past`"),
+        ("decode-batch-per-front-calls.json", "gives the front rows scratch blocks in the shared call (one kernel "
+         "call a layer; before, one more per front row) and rotates the copies elementwise", "3f0e32c", " the same command"),
+    ):  # fmt: skip
+        before_rel = f"{RESULTS}/{name}"
+        if not (ROOT / before_rel).exists():
+            continue
         b = {m["mode"]: m for m in load(before_rel)["modes"]}
-        now = {m["mode"]: m for m in t["modes"]}
         parts.append(
-            f"Before the change that gathers the front rows' copies once per layer (commit 5568fd8's `lminf_vllm`, "
-            f"[`{before_rel}`]({doc.link(before_rel)}), same machine, `--modes stock lminf-past`): lminf-past "
-            f"{num(b['lminf-past']['ms_per_row'], 3)} ms/row against stock's {num(b['stock']['ms_per_row'], 3)} "
-            f"({ratio(b['lminf-past']['ms_per_row'] / b['stock']['ms_per_row'])}), "
+            f"Before the change that {change} (commit {rev}'s `lminf_vllm`, [`{before_rel}`]({doc.link(before_rel)}), "
+            f"same machine,{modes}): lminf-past {num(b['lminf-past']['ms_per_row'], 3)} ms/row against stock's "
+            f"{num(b['stock']['ms_per_row'], 3)} ({ratio(b['lminf-past']['ms_per_row'] / b['stock']['ms_per_row'])}), "
             f"{num(b['lminf-past']['points'][-1]['ms_per_step'], 2)} ms at b={b['lminf-past']['points'][-1]['batch']} "
             f"against {num(now['lminf-past']['points'][-1]['ms_per_step'], 2)} now.")  # fmt: skip
     return "\n\n".join(parts + [doc.image(rel.replace(".json", ".png"), "Decode step against the batch"),

@@ -164,7 +164,8 @@ def plan_calls(
     d = i[:, None] - e
     shift = np.where(e < G, d - np.minimum(d, C), 0)
     after = i[:, None] + 1 + e  # "after": the slots following the query
-    dst = np.where(kind[:, None] == AFTER, ids(req, after // B) * B + after % B, scratch[:, None] * B + B - E[:, None] + e)
+    end = scratch[:, None] * B + B - E[:, None] + e  # "front": the last E slots of the scratch block
+    dst = np.where(kind[:, None] == AFTER, ids(req, after // B) * B + after % B, end)
     src_blk = ids(req, src_pos // B)
     src_blk, src_row, dst, shift = (a[valid] for a in (src_blk, src_pos % B, dst, shift))  # flat, in call order
     heads = (src_blk[:, None] * num_kv_heads + np.arange(num_kv_heads)).reshape(-1)
