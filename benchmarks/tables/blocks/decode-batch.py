@@ -25,6 +25,16 @@ def render(doc) -> str:
                 f"(lminf-inside with stock-inside, lminf-past with stock); {t['seconds']} s in all.")  # fmt: skip
     parts = [table(header, rows), settings]
     now = {m["mode"]: m for m in t["modes"]}
+    again_rel = f"{RESULTS}/decode-batch-rerun.json"
+    if (ROOT / again_rel).exists():  # the machine is shared: the spread of the slopes between runs
+        a2 = {m["mode"]: m for m in load(again_rel)["modes"]}
+        parts.append(
+            f"A second run of the same code, `--modes stock lminf-past` ([`{again_rel}`]({doc.link(again_rel)})): "
+            f"lminf-past {num(a2['lminf-past']['ms_per_row'], 3)} ms/row against stock's "
+            f"{num(a2['stock']['ms_per_row'], 3)} ({ratio(a2['lminf-past']['per_row_x_stock'])}; fitted from 16 rows up "
+            f"{ratio(a2['lminf-past']['per_row_b16_up_x_stock'])}), {num(a2['lminf-past']['points'][-1]['ms_per_step'], 2)} "
+            f"ms at b={a2['lminf-past']['points'][-1]['batch']} against stock's "
+            f"{num(a2['stock']['points'][-1]['ms_per_step'], 2)}.")  # fmt: skip
     # the same benchmark on the code before two changes to the decode step, same machine
     for name, change, rev, modes in (
         ("decode-batch-before.json", "gathers the front rows' copies once per layer", "5568fd8", " `--modes stock lminf-past`"),
