@@ -5,7 +5,7 @@ length, on a random cache in the kernel's layout with permuted blocks:
   * torch:  lambda_attention.paged_lambda_attention (PyTorch's CPU flash
             attention over the window, the global branch merged by log-sum-exp);
   * kernel: paths/cpu_kernel/prefill.py's prefill_attention (vLLM's CPU kernel on a
-            scratch cache, the head size doubled for the capped globals);
+            scratch cache, one channel more for the capped globals);
   * stock:  vLLM's CPU kernel as the stock backend runs it (full causal).
 Prints microseconds per query (and how far the two lminf paths' outputs
 differ) and writes JSON. The engine-level numbers are

@@ -167,13 +167,29 @@ def test_cpu_prefill_benchmark_runs(tmp_path):
 def test_long_prefill_step_is_split_into_several_kernel_calls(monkeypatch):
     """A very long step (no chunked prefill) runs as several calls of whole pieces."""
     monkeypatch.setattr(prefill, "QUERIES_PER_CALL", 50)  # pieces of W = 40: one per call
-    calls, run = [], prefill._kernel_run
-    monkeypatch.setattr(prefill, "_kernel_run", lambda *a: calls.append(a[4] - a[3]) or run(*a))
+    calls, run = [], prefill._run_call
+    monkeypatch.setattr(prefill, "_run_call", lambda call, *a: calls.append(call) or run(call, *a))
     cfg = LminfConfig(global_tokens=4, local_tokens=40, distance_cap=64)
     worst, served = run_batch(cfg, 32, [[700] + [1] * 5, [0, 333] + [1] * 4])
     assert worst < 2e-5
     assert served["cpu_kernel prefill capped"] == (700 - 67) + (333 - 67), served  # capped from C + G - 1 = 67
-    assert max(calls) == 40 and len(calls) > 20, calls
+    capped = [len(c.query_rows) for c in calls if c.kind is Rows.CAPPED]
+    assert max(capped) == 40 and len(capped) > 20, capped
+
+
+def test_a_steps_prefill_chunks_share_one_kernel_call_per_kind(monkeypatch):
+    """Chunks of several requests past the window, in one step: one call per row kind and layer
+    (their pieces as virtual sequences of one scratch cache), still exact."""
+    calls, run = [], prefill._run_call
+    monkeypatch.setattr(prefill, "_run_call", lambda call, *a: calls.append(call) or run(call, *a))
+    cfg = LminfConfig(global_tokens=4, local_tokens=40, distance_cap=64)
+    # Four requests prefill in the same steps, in chunks of different sizes, crossing block edges.
+    schedules = [[120, 37, 90] + [1] * 3, [33, 100, 61] + [1] * 3, [0, 150, 45] + [1] * 3, [70, 70, 70] + [1] * 3]
+    worst, served = run_batch(cfg, 32, schedules)
+    assert worst < 2e-5
+    capped = [c for c in calls if c.kind is Rows.CAPPED]
+    assert max(len(c.global_blocks) for c in capped) == 4, "the third step's four chunks in one call"
+    assert served["cpu_kernel prefill capped"] > 300, served
 
 
 def test_front_rows_share_the_batch_call_on_scratch_blocks():
@@ -232,7 +248,7 @@ def test_many_front_rows_of_different_lengths_share_one_call_amid_prefill_chunks
     assert served["cpu_kernel front"] >= 60 and served["cpu_kernel prefill capped"] > 100, served
     fronts = [p.rows_served.get("cpu_kernel front", 0) for p in plans]
     assert min(len(p.calls) for p, f in zip(plans, fronts) if f >= 3) == 1  # every front row in the shared call
-    assert any(len(p.prefills) and f >= 3 and len(p.calls) == 1 for p, f in zip(plans, fronts)), fronts
+    assert any(p.prefills is not None and f >= 3 and len(p.calls) == 1 for p, f in zip(plans, fronts)), fronts
 
 
 @pytest.mark.parametrize("neox", [True, False], ids=["neox", "interleaved"])

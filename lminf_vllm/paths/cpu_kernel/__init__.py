@@ -4,7 +4,7 @@ The cache is in the kernel's layout (kv_layout.CPU_KERNEL_LAYOUT), written by
 its own op. Per step, by routing.py's row kinds:
   * plain rows (ALL_KEYS; whole chunks too) and decode rows whose global copies
     find a place (decode.placement) share one kernel call, as virtual sequences;
-  * prefill chunks past the window run on a per-chunk scratch cache (prefill.py);
+  * prefill chunks past the window share one scratch cache per step (prefill.py);
   * what is left (GLOBALS_IN_WINDOW rows, decode rows without a place for their
     copies) takes the PyTorch math, reading the same layout.
 A step whose every request is plain is vLLM's kernel call exactly as the stock
@@ -20,7 +20,7 @@ from lminf_vllm.lambda_attention import RowsPlan, attend_rows, plan_rows
 from lminf_vllm.step import EngineShape, LayerMath, StepBatch
 from lminf_vllm.paths.cpu_kernel.decode import Copies, KernelCall, placement, plain_call, plan_calls, run_calls
 from lminf_vllm.paths.cpu_kernel.ops import kernel_mode, write_kv_kernel
-from lminf_vllm.paths.cpu_kernel.prefill import kernel_isa, prefill_attention
+from lminf_vllm.paths.cpu_kernel.prefill import PrefillPlan, kernel_isa, plan_prefills, run_prefills
 from lminf_vllm.routing import Rows, is_plain, row_kind, row_runs
 
 LAYOUT = CPU_KERNEL_LAYOUT
@@ -43,7 +43,7 @@ class Plan:
     shape: EngineShape
     isa: str
     calls: list[KernelCall]  # kernel calls over virtual sequences
-    prefills: list[tuple[int, int, int, int]] = field(default_factory=list)  # (request, first, stop, seq_len)
+    prefills: PrefillPlan | None = None  # the step's prefill chunks past the window, planned once for all layers
     rest: RowsPlan | None = None  # rows for the PyTorch math
     rows_served: dict[str, int] = field(default_factory=dict)  # query rows per way (metrics, tests)
     copies: Copies | None = None  # the global copies the calls read, gathered once per layer
@@ -76,7 +76,8 @@ def plan(batch: StepBatch, shape: EngineShape) -> Plan:
             served["pytorch" if where is None else f"cpu_kernel {where}"] += 1
     calls, copies = plan_calls(shared, fronts, table, *kernel_args)
     rows = plan_rows(rest, table, cfg, B, LAYOUT) if rest else None
-    return Plan(batch, shape, isa, calls, prefills, rows, served, copies)
+    chunks = plan_prefills(prefills, table, cfg, B, *kernel_args[3:]) if prefills else None
+    return Plan(batch, shape, isa, calls, chunks, rows, served, copies)
 
 
 def run(plan: Plan, layer: LayerMath, query, key, value, kv_cache, output: torch.Tensor) -> None:
@@ -84,9 +85,7 @@ def run(plan: Plan, layer: LayerMath, query, key, value, kv_cache, output: torch
     write_kv_kernel(kv_cache, key[: b.num_tokens], value[: b.num_tokens], b.slot_mapping[: b.num_tokens], plan.isa)
     if plan.calls:
         run_calls(plan.calls, plan.copies, query, kv_cache, layer.scale, layer.rotary, plan.isa, output)
-    for r, first, stop, seq_len in plan.prefills:
-        out = prefill_attention(query[first:stop], kv_cache, b.block_table[r], seq_len, cfg, layer.scale,
-                                layer.rotary, LAYOUT)  # fmt: skip
-        output[first:stop] = out.to(output.dtype)
+    if plan.prefills is not None:
+        run_prefills(plan.prefills, query, kv_cache, b.block_table, cfg, layer.scale, layer.rotary, LAYOUT, output)
     if plan.rest is not None:
         attend_rows(plan.rest, query, kv_cache, b.block_table, cfg, layer.scale, layer.rotary, None, output)

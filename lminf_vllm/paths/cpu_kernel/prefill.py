@@ -36,29 +36,40 @@ plain sliding window. GLOBALS_IN_WINDOW and SOME_CAPPED rows (fewer than G
 each per sequence), and CAPPED rows of head sizes with no larger kernel size
 (512), take the PyTorch math (lambda_attention.paged_lambda_attention).
 
-The scratch cache lives for one kernel call: (W + G + piece) rows per piece,
-pieces of at most QUERIES_PER_CALL queries per call (about 2 x 16k rows), in
-the kernel's own layout (written by its own `cpu_attn_reshape_and_cache`).
+Every prefill chunk of a step is served together: the pieces of all its
+requests, grouped by row kind, go into one scratch cache and one kernel call
+per kind and layer (at most QUERIES_PER_CALL queries a call, so about 2 x 16k
+scratch rows), and the global branch of all capped rows is one batched
+softmax. Where each scratch row comes from, the call's virtual sequences and
+the kernel's work split are worked out once per step (`plan_prefills`) and
+serve every layer; per layer only the rows are read, written into the scratch
+cache (by the kernel's own `cpu_attn_reshape_and_cache`) and attended. With
+vLLM's per-step prefill cap (256 tokens a request on CPU, vllm_config.py) a
+step at saturation holds many short chunks: one call for all of them instead
+of one per chunk and layer is what makes prefill past the window cheap.
 """
 
+from dataclasses import dataclass, field
+
+import numpy as np
 import torch
 
 from lminf_vllm.config import LminfConfig
-from lminf_vllm.kv_layout import gather_kv
-from lminf_vllm.lambda_attention import capped_rotations, paged_lambda_attention
+from lminf_vllm.kv_layout import read_rows
+from lminf_vllm.lambda_attention import paged_lambda_attention
 from lminf_vllm.paths.cpu_kernel.ops import (
     attend,
     isa_for_head_size,
-    kernel_head_sizes,
     kernel_cache_views,
+    kernel_head_sizes,
     scheduler_metadata,
     write_kv_kernel,
 )
-from lminf_vllm.rope import RotarySpec
+from lminf_vllm.rope import RotarySpec, cos_sin, rotate
 from lminf_vllm.routing import Rows, row_runs
 
-# Queries per kernel call (rounded to whole pieces of W): bounds the scratch
-# cache when a prefill step is very long (no chunked prefill).
+# Queries per kernel call (whole pieces of at most W queries): bounds the
+# scratch cache when a step holds very long chunks (no chunked prefill).
 QUERIES_PER_CALL = 16384
 
 # The row kinds this module hands to the kernel; the rest take the PyTorch math.
@@ -80,96 +91,164 @@ def scratch_head_size(kind: Rows, head_size: int) -> int:
     return min((d for d in kernel_head_sizes() if d > head_size), default=0)
 
 
-def prefill_attention(
-    q: torch.Tensor,  # [T, H, D] one request's queries, rotated at true positions
-    kv_cache: torch.Tensor,  # in kv_layout.CPU_KERNEL_LAYOUT
-    block_row: torch.Tensor,
-    seq_len: int,  # the last query is at seq_len - 1
-    cfg: LminfConfig,
-    scale: float,
-    rotary: RotarySpec,
-    layout: str,
-) -> torch.Tensor:
-    """paged_lambda_attention for a multi-token step, through the kernel where it can. -> [T, H, D] float32."""
-    T, H, D = q.shape
-    first = seq_len - T
-    out = torch.empty(T, H, D)
-    for a, b, mode in row_runs(first, seq_len, cfg):
-        rows = slice(a - first, b - first)
-        isa = kernel_isa(mode, kv_cache.dtype, kv_cache.shape[2], D)
-        if isa is None:
-            out[rows] = paged_lambda_attention(q[rows], kv_cache, block_row, b, cfg, scale, rotary, None, layout)
-            continue
-        # Bounded scratch for very long chunks: several calls of whole pieces each.
-        step = max(1, QUERIES_PER_CALL // cfg.local_tokens) * cfg.local_tokens
-        for a1 in range(a, b, step):
-            b1 = min(a1 + step, b)
-            rows = slice(a1 - first, b1 - first)
-            out[rows] = _kernel_run(q[rows], kv_cache, block_row, a1, b1, cfg, scale, rotary, layout, mode, isa)
-    return out
+@dataclass
+class _Piece:
+    """Queries at positions [a, b) of request r, at rows [t, t + b - a) of the step's queries."""
+
+    r: int
+    a: int
+    b: int
+    t: int
 
 
-def _kernel_run(q, kv_cache, block_row, a0, b0, cfg, scale, rotary, layout, mode, isa):
-    """Queries at [a0, b0), all of one mode, in one kernel call over a scratch cache."""
-    T, H, D = q.shape
-    W, B = cfg.local_tokens, kv_cache.shape[2]
-    capped = mode is Rows.CAPPED
-    G = cfg.global_tokens if mode is Rows.TRUE_DISTANCE else 1 if capped else 0  # keys inserted per piece
-    Dx = scratch_head_size(mode, D)
-    reach = (lambda a: 0) if mode is Rows.ALL_KEYS else (lambda a: max(0, a - W + 1))  # a query's oldest key
-    lo_all = reach(a0)
-    k_loc, v_loc = gather_kv(kv_cache, block_row, lo_all, b0, D, layout)  # [L, Hkv, D]
-    Hkv = k_loc.shape[1]
-    if capped:
-        k_glob, v_glob = _virtual_key(Hkv, D, Dx, k_loc.dtype)
-        glob = _global_branch(q, a0, kv_cache, block_row, cfg, scale, rotary, layout)
-        q = torch.cat((q, glob.lam[..., None], q.new_zeros(T, H, Dx - D - 1)), dim=-1)
-    else:
-        k_glob, v_glob = gather_kv(kv_cache, block_row, 0, G, D, layout)
+@dataclass
+class KernelCall:
+    """One kernel call over the scratch cache: pieces of one row kind, of any requests."""
 
-    # Pieces of at most W queries (module docstring); each a virtual request padded to whole blocks.
-    pieces = [(a0, b0)] if mode is Rows.ALL_KEYS else [(a, min(a + W, b0)) for a in range(a0, b0, W)]
-    lens = [(a - reach(a)) + G + (b - a) for a, b in pieces]
-    starts = [0]
-    for n in lens:
-        starts.append(starts[-1] + -(-n // B) * B)
-    keys = k_loc.new_zeros(starts[-1], Hkv, Dx)
-    values = v_loc.new_zeros(starts[-1], Hkv, Dx)
-    glob_cols = slice(0, Dx) if capped else slice(0, D)
-    for (a, b), s in zip(pieces, starts):
-        lo = reach(a)
-        before, after = slice(lo - lo_all, a - lo_all), slice(a - lo_all, b - lo_all)
-        g0, g1 = s + a - lo, s + a - lo + G
-        keys[s:g0, :, :D], values[s:g0, :, :D] = k_loc[before], v_loc[before]
-        keys[g0:g1, :, glob_cols] = k_glob
-        values[g0:g1, :, glob_cols] = v_glob
-        keys[g1 : g1 + b - a, :, :D], values[g1 : g1 + b - a, :, :D] = k_loc[after], v_loc[after]
-    scratch = kv_cache.new_empty(starts[-1] // B, Hkv, B, 2 * Dx)
-    write_kv_kernel(scratch, keys, values, torch.arange(starts[-1]), isa)
-    kc, vc = kernel_cache_views(scratch)
+    kind: Rows
+    isa: str
+    head_size: int  # the scratch's (Dx)
+    globals_per_piece: int  # keys between a piece's older window keys and its queries
+    query_rows: torch.Tensor  # [Tq] the queries' rows in the step
+    source: tuple[torch.Tensor, torch.Tensor]  # (cache blocks, slots) [N] of each scratch row
+    virtual: torch.Tensor  # scratch rows holding the virtual key (capped calls; else empty)
+    query_start_loc: torch.Tensor
+    seq_lens: torch.Tensor
+    block_table: torch.Tensor  # [pieces, width] scratch blocks
+    window: int
+    metadata: object
+    # Capped calls, the global branch: each query's position and request (an index into global_blocks)
+    positions: torch.Tensor | None = None
+    segments: list[tuple[int, int]] = field(default_factory=list)  # [t0, t1) of the call's queries per request
+    global_blocks: torch.Tensor | None = None  # [R, G] cache block of each request's global keys
+    global_slots: torch.Tensor | None = None  # [G]
+    _angles: dict = field(default_factory=dict)  # rotary -> the capped rotations' cos/sin (a step's layers share them)
 
-    width = max(starts[n + 1] - starts[n] for n in range(len(pieces))) // B
+
+@dataclass
+class PrefillPlan:
+    calls: list[KernelCall]
+    torch_runs: list[tuple[int, int, int, int]]  # (request, first row, stop row, seq_len) for the PyTorch math
+
+
+def plan_prefills(chunks, block_table: torch.Tensor, cfg: LminfConfig, B: int, num_heads: int, num_kv_heads: int,
+                  head_size: int, dtype: torch.dtype) -> PrefillPlan:  # fmt: skip
+    """chunks: (request, first row, stop row, seq_len) of the step's multi-token chunks."""
+    groups: dict[Rows, list[_Piece]] = {}
+    torch_runs = []
+    W = cfg.local_tokens
+    for r, first, stop, seq_len in chunks:
+        start = seq_len - (stop - first)
+        for a, b, kind in row_runs(start, seq_len, cfg):
+            t = first + a - start
+            if kernel_isa(kind, dtype, B, head_size) is None:
+                torch_runs.append((r, t, t + b - a, b))
+            elif kind is Rows.ALL_KEYS:
+                groups.setdefault(kind, []).append(_Piece(r, a, b, t))
+            else:  # pieces of at most W queries (module docstring)
+                groups.setdefault(kind, []).extend(_Piece(r, x, min(x + W, b), t + x - a) for x in range(a, b, W))
+    calls = []
+    per_call = max(1, QUERIES_PER_CALL // W) * W
+    for kind, pieces in groups.items():
+        part, count = [], 0
+        for p in pieces:
+            if part and count + p.b - p.a > per_call:
+                calls.append(_plan_call(kind, part, block_table, cfg, B, num_heads, num_kv_heads, head_size, dtype))
+                part, count = [], 0
+            part.append(p)
+            count += p.b - p.a
+        calls.append(_plan_call(kind, part, block_table, cfg, B, num_heads, num_kv_heads, head_size, dtype))
+    return PrefillPlan(calls, torch_runs)
+
+
+def _plan_call(kind, pieces, block_table, cfg, B, H, Hkv, D, dtype) -> KernelCall:
+    W, capped = cfg.local_tokens, kind is Rows.CAPPED
+    G = cfg.global_tokens if kind is Rows.TRUE_DISTANCE else 1 if capped else 0
+    Dx = scratch_head_size(kind, D)
+    isa = isa_for_head_size(dtype, B, Dx)
+    requests, positions, virtual, lens, starts = [], [], [], [], [0]
+    for p in pieces:
+        lo = 0 if kind is Rows.ALL_KEYS else max(0, p.a - W + 1)  # the piece's oldest key
+        n = (p.a - lo) + G + (p.b - p.a)
+        pad = -(-n // B) * B - n
+        # Past the cap the virtual key's row is filled in later (any real row stands in); padding rows
+        # (past the sequence's length, never read) repeat a real one.
+        globals_ = np.arange(G) if kind is Rows.TRUE_DISTANCE else np.full(G, lo)
+        positions.append(np.concatenate((np.arange(lo, p.a), globals_, np.arange(p.a, p.b), np.full(pad, lo))))
+        requests.append(np.full(n + pad, p.r))
+        if capped:
+            virtual.append(starts[-1] + p.a - lo)
+        lens.append(n)
+        starts.append(starts[-1] + n + pad)
+    pos, req = torch.from_numpy(np.concatenate(positions)), torch.from_numpy(np.concatenate(requests))
+    blocks = block_table[req, pos // B].long()
+    width = max(b - a for a, b in zip(starts, starts[1:])) // B
     table = torch.zeros(len(pieces), width, dtype=torch.int32)
-    for n in range(len(pieces)):
-        blocks = torch.arange(starts[n] // B, starts[n + 1] // B, dtype=torch.int32)
-        table[n, : len(blocks)] = blocks
-    qsl = torch.tensor([0] + [b - a0 for _, b in pieces], dtype=torch.int32)
+    for n, (a, b) in enumerate(zip(starts, starts[1:])):
+        table[n, : (b - a) // B] = torch.arange(a // B, b // B, dtype=torch.int32)
+    qsl = torch.tensor(np.cumsum([0] + [p.b - p.a for p in pieces]), dtype=torch.int32)
     seq = torch.tensor(lens, dtype=torch.int32)
-    window = -1 if mode is Rows.ALL_KEYS else W + G
-    meta = scheduler_metadata(qsl, seq, window, isa, H, Hkv, Dx, q.dtype)
-    q = q.contiguous()
+    window = -1 if kind is Rows.ALL_KEYS else W + G
+    rows = torch.from_numpy(np.concatenate([np.arange(p.t, p.t + p.b - p.a) for p in pieces]))
+    call = KernelCall(kind, isa, Dx, G, rows, (blocks, pos % B), torch.tensor(virtual, dtype=torch.long), qsl, seq,
+                      table, window, scheduler_metadata(qsl, seq, window, isa, H, Hkv, Dx, dtype))  # fmt: skip
+    if capped:
+        reqs, t = [], 0  # a request's pieces are consecutive (one run of a kind per step)
+        for p in pieces:
+            if not reqs or reqs[-1] != p.r:
+                reqs.append(p.r)
+                call.segments.append((t, t))
+            t += p.b - p.a
+            call.segments[-1] = (call.segments[-1][0], t)
+        call.positions = torch.from_numpy(np.concatenate([np.arange(p.a, p.b) for p in pieces]))
+        glob = torch.arange(cfg.global_tokens)
+        call.global_blocks = block_table[torch.tensor(reqs)][:, glob // B].long()
+        call.global_slots = glob % B
+    return call
+
+
+def run_prefills(plan: PrefillPlan, query, kv_cache, block_table, cfg: LminfConfig, scale: float,
+                 rotary: RotarySpec, layout: str, output: torch.Tensor) -> None:  # fmt: skip
+    """One layer's attention for the step's prefill chunks, into output's rows."""
+    for call in plan.calls:
+        output[call.query_rows] = _run_call(call, query, kv_cache, cfg, scale, rotary, layout).to(output.dtype)
+    for r, t0, t1, seq_len in plan.torch_runs:
+        out = paged_lambda_attention(query[t0:t1], kv_cache, block_table[r], seq_len, cfg, scale, rotary, None, layout)
+        output[t0:t1] = out.to(output.dtype)
+
+
+def _run_call(call: KernelCall, query, kv_cache, cfg, scale, rotary, layout) -> torch.Tensor:
+    """-> [Tq, H, D] float32, the Λ output of the call's queries."""
+    D, B, Dx = query.shape[-1], kv_cache.shape[2], call.head_size
+    keys, values = read_rows(kv_cache, *call.source, D, layout)  # [N, Hkv, D]
+    q = query[call.query_rows]
+    capped = call.kind is Rows.CAPPED
+    if capped:  # [k, 0] / [v, 0], the virtual key and value [0, 1] (module docstring)
+        keys, values = (torch.nn.functional.pad(x, (0, Dx - D)) for x in (keys, values))
+        keys[call.virtual], values[call.virtual] = 0, 0
+        keys[call.virtual, :, D], values[call.virtual, :, D] = 1, 1
+        glob = _global_branch(call, q, kv_cache, cfg, scale, rotary, layout)
+        q = torch.cat((q, glob.lam[..., None], q.new_zeros(*q.shape[:2], Dx - D - 1)), dim=-1)
+    scratch = kv_cache.new_empty(keys.shape[0] // B, keys.shape[1], B, 2 * Dx)
+    write_kv_kernel(scratch, keys, values, torch.arange(keys.shape[0]), call.isa)
     out = torch.empty_like(q)
-    attend(q, kc, vc, out, qsl, seq, table, window, meta, scale)
+    attend(q.contiguous(), *kernel_cache_views(scratch), out, call.query_start_loc, call.seq_lens, call.block_table,
+           call.window, call.metadata, scale)  # fmt: skip
     if not capped:
         return out[..., :D].float()
     return glob.merge(out[..., :D].float(), out[..., D].float())
 
 
-def _virtual_key(Hkv: int, D: int, Dx: int, dtype):
-    """The key and value standing for the globals past the cap: channel D set."""
-    key = torch.zeros(1, Hkv, Dx, dtype=dtype)
-    key[..., D] = 1
-    return key, key.clone()
+def prefill_attention(q, kv_cache, block_row, seq_len: int, cfg: LminfConfig, scale: float, rotary: RotarySpec,
+                      layout: str) -> torch.Tensor:  # fmt: skip
+    """One request's chunk q [T, H, D] (its last query at seq_len - 1) -> [T, H, D] float32
+    (benchmarks/cpu_prefill.py; the engine plans a step's chunks together)."""
+    T, H, D = q.shape
+    table = block_row[None]
+    plan = plan_prefills([(0, 0, T, seq_len)], table, cfg, kv_cache.shape[2], H, kv_cache.shape[1], D, kv_cache.dtype)
+    out = torch.empty(T, H, D)
+    run_prefills(plan, q, kv_cache, table, cfg, scale, rotary, layout, out)
+    return out
 
 
 class _GlobalBranch:
@@ -185,15 +264,31 @@ class _GlobalBranch:
         return (window + mg * self.out) / (1 - m[..., None] + mg)
 
 
-def _global_branch(q, a0, kv_cache, block_row, cfg, scale, rotary, layout) -> _GlobalBranch:
-    """Softmax of queries at a0.. over the G global keys at the capped distance C."""
+def _global_branch(call: KernelCall, q, kv_cache, cfg, scale, rotary, layout) -> _GlobalBranch:
+    """Softmax of the call's queries over their requests' G global keys at the capped distance C:
+    scores <R(C - i) q_i, R(-j) k_j> (rotations compose). A request's queries are one run of the
+    call's (call.segments), scored against its own G keys."""
     T, H, D = q.shape
-    k_glob, v_glob = gather_kv(kv_cache, block_row, 0, cfg.global_tokens, D, layout)
-    Hkv = k_glob.shape[1]
-    q_cap, k_cap = capped_rotations(q, a0, k_glob, cfg.distance_cap, rotary)
-    q_cap = q_cap.view(T, Hkv, H // Hkv, D)
-    scores = torch.einsum("thgd,jhd->thgj", q_cap, k_cap) * scale
+    R, G = call.global_blocks.shape
+    k, v = read_rows(kv_cache, call.global_blocks.flatten(), call.global_slots.repeat(R), D, layout)  # [R G, Hkv, D]
+    Hkv = k.shape[1]
+    angles = call._angles.get(id(rotary))
+    if angles is None:  # (rotary objects live as long as the engine; the plan one step)
+        cq, sq = cos_sin(cfg.distance_cap - call.positions, rotary.inv_freq, torch.float32)
+        ck, sk = cos_sin(-torch.arange(G).repeat(R), rotary.inv_freq, torch.float32)
+        angles = call._angles[id(rotary)] = (cq[:, None], sq[:, None], ck[:, None], sk[:, None])
+    cq, sq, ck, sk = angles
+    q_cap = rotate(q.float(), cq, sq, rotary).view(T, Hkv, H // Hkv, D)
+    k_cap = rotate(k.float(), ck, sk, rotary).view(R, G, Hkv, D).permute(0, 2, 3, 1)  # [R, Hkv, D, G]
+    v = v.float().view(R, G, Hkv, D).transpose(1, 2)  # [R, Hkv, G, D]
+    scores = q_cap.new_empty(T, Hkv, H // Hkv, G)
+    for n, (t0, t1) in enumerate(call.segments):
+        torch.matmul(q_cap[t0:t1], k_cap[n], out=scores[t0:t1])
+    scores *= scale
     lse = torch.logsumexp(scores, dim=-1)
-    out = torch.einsum("thgj,jhd->thgd", torch.softmax(scores, dim=-1), v_glob.float())
+    weights = torch.softmax(scores, dim=-1)
+    out = torch.empty_like(q_cap)
+    for n, (t0, t1) in enumerate(call.segments):
+        torch.matmul(weights[t0:t1], v[n], out=out[t0:t1])
     lam = (lse / scale).to(q.dtype)
-    return _GlobalBranch(lse.view(T, H), out.reshape(T, H, D), lam.view(T, H), scale)
+    return _GlobalBranch(lse.view(T, H), out.view(T, H, D), lam.view(T, H), scale)
