@@ -24,7 +24,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec
 
 from lminf_vllm import metrics, paths
 from lminf_vllm.model_support import check_layer_supported, uses_alibi
-from lminf_vllm.step import EngineShape, LayerMath, StepBatch, take_published_requests
+from lminf_vllm.step import EngineShape, LayerMath, StepBatch, published_requests
 from lminf_vllm.vllm_compat import kv_cache_shape_api
 from lminf_vllm.vllm_config import lminf_config_from_vllm
 
@@ -85,7 +85,7 @@ class LminfMetadataBuilder(AttentionMetadataBuilder[LminfMetadata]):
             num_tokens=m.num_actual_tokens, num_reqs=m.num_reqs, query_start_loc=m.query_start_loc,
             query_start_loc_cpu=m.query_start_loc_cpu, seq_lens=m.seq_lens, block_table=m.block_table_tensor,
             slot_mapping=m.slot_mapping, max_query_len=m.max_query_len, max_seq_len=m.max_seq_len,
-            **take_published_requests(m.num_reqs),  # request ids: the top-k host store's keys
+            **published_requests(m.num_reqs),  # request ids: the top-k host store's keys
         )  # fmt: skip
         return LminfMetadata(self.path, metrics.counted(self.path.plan(batch, self.shape)))  # rows for /metrics
 

@@ -167,8 +167,13 @@ def register_backend_alias(alias: str, backend: AttentionBackendEnum) -> None:
     req_ids: list[str] | None = None
     """vLLM's request id of each real (unpadded) row, in the block table's
     order, for backends that keep state per request across steps (see
-    AttentionMetadataBuilder.on_requests_finished). None where not known
-    (dummy runs, micro-batch slices)."""
+    AttentionMetadataBuilder.on_requests_finished). None in dummy runs and
+    micro-batch slices."""
+
+    is_dummy_run: bool = False
+    """Built for a dummy run (profiling, warm-up, graph capture): no row is a
+    real request, so a backend that needs req_ids can tell this from a step
+    whose ids are missing."""
 ''',
     ), (
         "v1/attention/backend.py",
@@ -182,9 +187,11 @@ def register_backend_alias(alias: str, backend: AttentionBackendEnum) -> None:
         '''    def update_block_table(
 ''',
         '''    def on_requests_finished(self, req_ids: set[str]) -> None:
-        """Requests that ended (finished or aborted) since the last step: drop
-        any state kept for them under CommonAttentionMetadata.req_ids. Called
-        by the model runner before the step's metadata is built."""
+        """Requests that ended (finished or aborted) or were preempted since
+        the last step: drop any state kept for them under
+        CommonAttentionMetadata.req_ids (a preempted request is computed again
+        from its first token). Called by the model runner before the step's
+        metadata is built."""
         return None
 
     def update_block_table(
@@ -198,10 +205,12 @@ def register_backend_alias(alias: str, backend: AttentionBackendEnum) -> None:
         '''        self.late_interaction_runner.on_requests_finished(
             scheduler_output.finished_req_ids
         )
-        if scheduler_output.finished_req_ids:
+        if gone := scheduler_output.finished_req_ids | (
+            scheduler_output.preempted_req_ids or set()
+        ):
             for attn_group in self._attn_group_iterator():
                 for builder in attn_group.metadata_builders:
-                    builder.on_requests_finished(scheduler_output.finished_req_ids)
+                    builder.on_requests_finished(gone)
 ''',
     ), (
         "v1/worker/gpu_model_runner.py",
@@ -215,6 +224,7 @@ def register_backend_alias(alias: str, backend: AttentionBackendEnum) -> None:
                 if num_scheduled_tokens is not None
                 else None
             ),
+            is_dummy_run=num_scheduled_tokens is None,
         )
 ''',
     ), (

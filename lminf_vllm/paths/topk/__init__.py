@@ -109,7 +109,17 @@ class Plan:
         return {way: n for way, n in rows.items() if n}
 
 
+class MissingRequestIds(RuntimeError):
+    """A top-k step whose requests the path cannot name: it would lose every middle block."""
+
+
 def plan(batch: StepBatch, shape: EngineShape) -> Plan:
+    if batch.request_ids is None and not batch.dummy:
+        raise MissingRequestIds(
+            f"lminf top-k (additional_config.lminf.topk_blocks={shape.cfg.topk_blocks}) cannot serve this step: "
+            f"{batch.missing}. Without request ids it cannot keep or read the requests' middle blocks; "
+            "use topk_blocks=0 with this runner"
+        )
     store = store_of(shape)
     store.drop(batch.finished)
     turned = _TURNED[id(shape)]
