@@ -99,12 +99,14 @@ class LayerMath:
     rotary: RotarySpec | None  # None for ALiBi models
     alibi: torch.Tensor | None  # [H] slopes of the bias -m * d
     inv_freq: torch.Tensor | None = None  # rotary.inv_freq (float64) on the query's device
+    name: str | None = None  # vLLM's name of the layer (the top-k host store's key)
 
     @classmethod
-    def on_device(cls, scale: float, rotary: RotarySpec | None, alibi_slopes, device) -> "LayerMath":
+    def on_device(cls, scale: float, rotary: RotarySpec | None, alibi_slopes, device,
+                  name: str | None = None) -> "LayerMath":  # fmt: skip
         if rotary is None and alibi_slopes is None:
             raise RuntimeError("lminf attention layer was never bound to its rotary embedding; "
                                "the model loader patch did not run")  # fmt: skip
         alibi = None if alibi_slopes is None else torch.tensor(alibi_slopes, dtype=torch.float32, device=device)
         inv_freq = None if rotary is None else rotary.inv_freq.to(device, torch.float64)
-        return cls(scale, rotary, alibi, inv_freq)
+        return cls(scale, rotary, alibi, inv_freq, name)
