@@ -115,7 +115,6 @@ class LminfAttentionImpl(AttentionImpl[LminfMetadata]):
         if attn_metadata is None:  # profiling / warm-up run
             return output
         if self._math is None:  # once, on the first real step (before any CUDA graph capture)
-            self._math = LayerMath.on_device(self.scale, self.rotary, self.alibi_slopes, query.device,
-                                             getattr(layer, "layer_name", None))  # fmt: skip
+            self._math = LayerMath.on_device(self.scale, self.rotary, self.alibi_slopes, query.device, layer.layer_name)
         attn_metadata.path.run(attn_metadata.plan, self._math, query, key, value, kv_cache, output)
         return output
