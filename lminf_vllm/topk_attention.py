@@ -89,18 +89,26 @@ def block_summaries(keys: torch.Tensor, first_block: int, rotary: RotarySpec):
     return at_zero.amin(dim=1), at_zero.amax(dim=1), at_zero
 
 
-def select_from_bounds(q_cap: torch.Tensor, bounds: torch.Tensor, first: int, k: int) -> torch.Tensor:
+def select_from_bounds(q_cap: torch.Tensor, bounds, first: int, k: int) -> torch.Tensor:
     """The chunk's selection by Quest's bound (topk_score "bound"): q_cap [H, D] float32, its last
     row's query rotated to position C; bounds the summaries of its candidate blocks
     first .. first + nc - 1 as HostStore.bounds keeps them, [Hkv, 2 D, nc]: hi's channels then
     lo's, so that Quest's bound sum_c max(q_c lo_c, q_c hi_c) = q+ . hi + q- . lo is one matmul
-    of [q+, q-] per KV head. -> [Hkv, min(k, nc)] block numbers, ascending per KV head."""
-    Hkv, D = bounds.shape[0], q_cap.shape[-1]
-    if bounds.shape[-1] <= k:  # every candidate
-        return torch.arange(first, first + bounds.shape[-1], device=bounds.device).expand(Hkv, -1)
+    of [q+, q-] per KV head; or a list of such pieces in block order (the store's chunks).
+    -> [Hkv, min(k, nc)] block numbers, ascending per KV head."""
+    pieces = bounds if isinstance(bounds, (list, tuple)) else [bounds]
+    Hkv, D, dev = pieces[0].shape[0], q_cap.shape[-1], pieces[0].device
+    nc = sum(p.shape[-1] for p in pieces)
+    if nc <= k:  # every candidate
+        return torch.arange(first, first + nc, device=dev).expand(Hkv, -1)
     q = q_cap.view(Hkv, -1, D)
-    bound = torch.bmm(torch.cat((q.clamp(min=0), q.clamp(max=0)), dim=-1), bounds)  # [Hkv, g, nc]
+    qq = torch.cat((q.clamp(min=0), q.clamp(max=0)), dim=-1)
+    bound = _joined([torch.bmm(qq, p) for p in pieces], -1)  # [Hkv, g, nc]
     return _top_k(bound.amax(dim=1), first, k)  # a block matters if it matters to any head of the group
+
+
+def _joined(pieces: list[torch.Tensor], dim: int) -> torch.Tensor:
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim)
 
 
 def select_from_mass(q_cap: torch.Tensor, at_zero, first: int, k: int, scale: float) -> torch.Tensor:

@@ -129,12 +129,12 @@ class HostStore:
             raise RuntimeError(f"top-k host store: block {stop - 1} of {request} was never stored")
         return entry
 
-    def bounds(self, request: str, layer, start: int, stop: int) -> torch.Tensor:
-        """The summaries of blocks [start, stop) (all stored) as one matrix per KV head,
-        [Hkv, 2 D, stop - start]: hi's channels, then lo's (topk_attention.select_from_bounds).
-        A view where they lie in one chunk, else joined."""
+    def bounds(self, request: str, layer, start: int, stop: int) -> list[torch.Tensor]:
+        """The summaries of blocks [start, stop) (all stored) as one matrix per KV head, in place
+        (views), one per chunk in order: [Hkv, 2 D, n_c], hi's channels then lo's, sum n_c =
+        stop - start (topk_attention.select_from_bounds)."""
         entry = self._stored(request, layer, stop)
-        return _joined([entry.bounds[c][..., i:j] for c, i, j in _runs(start, stop, entry.per_chunk)], -1)
+        return [entry.bounds[c][..., i:j] for c, i, j in _runs(start, stop, entry.per_chunk)]
 
     def keys_at_zero(self, request: str, layer, start: int, stop: int) -> list[torch.Tensor]:
         """The keys rotated back to position 0 of blocks [start, stop) (all stored), in place (views,
@@ -184,10 +184,6 @@ def _runs(start: int, stop: int, per: int):
         b = min(stop, (c + 1) * per)
         yield c, a - c * per, b - c * per
         a = b
-
-
-def _joined(pieces: list[torch.Tensor], dim: int) -> torch.Tensor:
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim)
 
 
 def _take(chunks: list[torch.Tensor], rows: torch.Tensor, per: int) -> torch.Tensor:

@@ -55,7 +55,7 @@ class HostStore(topk_store.HostStore):
 
     def summaries(self, request: str, layer: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """lo, hi [stop - start, Hkv, D] of blocks [start, stop) (all stored; views of `bounds`)."""
-        per_block = self.bounds(request, layer, start, stop).permute(2, 0, 1)
+        per_block = torch.cat(self.bounds(request, layer, start, stop), -1).permute(2, 0, 1)
         D = per_block.shape[-1] // 2
         return per_block[..., D:], per_block[..., :D]
 

@@ -10,7 +10,7 @@ from lminf_vllm import topk_store
 from lminf_vllm.config import LminfConfig
 from lminf_vllm.rope import RotarySpec, cos_sin, default_inv_freq, rotate
 from lminf_vllm.testing import topk_reference as ref
-from lminf_vllm.topk_attention import block_summaries, rotations, select_from_mass, select_stored
+from lminf_vllm.topk_attention import block_summaries, rotations, select_from_bounds, select_from_mass, select_stored
 
 B, HKV, D = 4, 2, 8
 
@@ -97,6 +97,9 @@ def test_growth_in_chunks_keeps_what_was_stored_and_reads_across_chunks(monkeypa
     assert torch.equal(torch.cat(pieces), z[1:8].transpose(1, 2))
     q = torch.randn(4, D, generator=torch.Generator().manual_seed(5))
     assert torch.equal(select_from_mass(q, pieces, 4, 2, 0.3), select_from_mass(q, torch.cat(pieces), 4, 2, 0.3))
+    bounds = store.bounds("r", 0, 4, 11)
+    assert [b.shape[-1] for b in bounds] == [2, 3, 2]
+    assert torch.equal(select_from_bounds(q, bounds, 4, 2), select_from_bounds(q, torch.cat(bounds, -1), 4, 2))
     chosen = torch.tensor([[3, 42, 7], [20, 21, 22]])  # chunk 1 and 14; 6, 7 (one chunk)
     at_zero, values = store.gather("r", 0, chosen)
     assert torch.equal(at_zero[0, :B], z[0, :, 0]) and torch.equal(at_zero[0, B : 2 * B], z[39, :, 0])
@@ -325,7 +328,7 @@ def test_bounds_and_gather_far_lay_out_what_was_stored():
     store = HostStore()
     z, v, lo, hi = blocks(6, seed=3)
     store.put("r", 0, 0, z, v, lo, hi)
-    m = store.bounds("r", 0, 1, 5)
+    [m] = store.bounds("r", 0, 1, 5)  # one chunk: one piece
     assert m.shape == (HKV, 2 * D, 4)
     assert torch.equal(m[:, :D].permute(2, 0, 1), hi[1:5]) and torch.equal(m[:, D:].permute(2, 0, 1), lo[1:5])
     chosen = torch.tensor([[0, 5, 2], [4, 4, 1]])
