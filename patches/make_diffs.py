@@ -555,7 +555,49 @@ from vllm.utils.lazy_zeros import LazyZeros  # lminf_vllm/lazy_zeros.py, as it i
     ) -> M:
 """,
     )],
+    "patch_engine_input_processor": [(
+        "v1/engine/input_processor.py",
+        """            sampling_params.update_from_generation_config(
+                self.generation_config_fields,
+                self.renderer.get_eos_token_id(),
+            )
+""",
+        """            # A backend with memory per request of its own (a host KV store
+            # with a cap) refuses a request that could never fit, as a prompt
+            # past max_model_len is refused above.
+            backend_cls = self.vllm_config.attention_config.backend_cls
+            if backend_cls is not None and (
+                why := backend_cls.validate_request(
+                    self.vllm_config, prompt_len, sampling_params.max_tokens
+                )
+            ):
+                raise VLLMValidationError(
+                    why, parameter="max_tokens", value=sampling_params.max_tokens
+                )
+
+            sampling_params.update_from_generation_config(
+                self.generation_config_fields,
+                self.renderer.get_eos_token_id(),
+            )
+""",
+    )],
     "patch_core_sched_scheduler": [(
+        "v1/core/sched/scheduler.py",
+        """                # Replayed tokens are already counted in the adopted hit; a
+                # chunk that ends inside the replayed range needs no new slots.
+""",
+        """                # A KV manager with memory of its own beside the pool (a
+                # host store) may hold a new request back, as when blocks run
+                # out: it stays first in the waiting queue.
+                if not self.kv_cache_manager.can_admit(request, self.running):
+                    if request.has_encoder_inputs:
+                        self.encoder_cache_manager.free(request)
+                    break
+
+                # Replayed tokens are already counted in the adopted hit; a
+                # chunk that ends inside the replayed range needs no new slots.
+""",
+    ), (
         "v1/core/sched/scheduler.py",
         """            perf_stats=perf_stats,
             ec_connector_stats=ec_connector_stats_payload,

@@ -72,6 +72,7 @@ def store_of(shape: EngineShape) -> HostStore:
     store = _STORES.get(id(shape))
     if store is None:
         store = _STORES[id(shape)] = HostStore()
+        store.limit = shape.cfg.topk_store_max_bytes  # (the scheduler admits within it: past it is a bug)
         _TURNED[id(shape)], _SAVED[id(shape)] = {}, {}
         weakref.finalize(shape, _forget, id(shape))  # (the id cannot be reused before that)
     return store
