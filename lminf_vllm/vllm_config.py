@@ -145,7 +145,7 @@ def topk_store_refusal(vllm_config: Any, prompt_tokens: int, max_tokens: int) ->
     return (
         f"The request (prompt {prompt_tokens} tokens + max_tokens {max_tokens}) would hold {need} bytes of top-k "
         f"host store, more than additional_config.lminf.topk_store_max_bytes = {cap}. Send a shorter prompt or a "
-        "smaller max_tokens (unset, it is max_model_len minus the prompt)"
+        "smaller max_tokens (left as none, it is max_model_len minus the prompt)"
     )
 
 
