@@ -24,7 +24,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec
 
 from lminf_vllm import metrics, paths
 from lminf_vllm.model_support import check_layer_supported, uses_alibi
-from lminf_vllm.step import EngineShape, LayerMath, StepBatch, take_published_requests
+from lminf_vllm.step import EngineShape, LayerMath, StepBatch, published_requests
 from lminf_vllm.vllm_compat import kv_cache_shape_api
 from lminf_vllm.vllm_config import lminf_config_from_vllm
 
@@ -85,7 +85,7 @@ class LminfMetadataBuilder(AttentionMetadataBuilder[LminfMetadata]):
             num_tokens=m.num_actual_tokens, num_reqs=m.num_reqs, query_start_loc=m.query_start_loc,
             query_start_loc_cpu=m.query_start_loc_cpu, seq_lens=m.seq_lens, block_table=m.block_table_tensor,
             slot_mapping=m.slot_mapping, max_query_len=m.max_query_len, max_seq_len=m.max_seq_len,
-            **take_published_requests(m.num_reqs),  # request ids: the top-k host store's keys
+            **published_requests(m.num_reqs),  # request ids: the top-k host store's keys
         )  # fmt: skip
         return LminfMetadata(self.path, metrics.counted(self.path.plan(batch, self.shape)))  # rows for /metrics
 
@@ -115,6 +115,6 @@ class LminfAttentionImpl(AttentionImpl[LminfMetadata]):
         if attn_metadata is None:  # profiling / warm-up run
             return output
         if self._math is None:  # once, on the first real step (before any CUDA graph capture)
-            self._math = LayerMath.on_device(self.scale, self.rotary, self.alibi_slopes, query.device)
+            self._math = LayerMath.on_device(self.scale, self.rotary, self.alibi_slopes, query.device, layer.layer_name)
         attn_metadata.path.run(attn_metadata.plan, self._math, query, key, value, kv_cache, output)
         return output

@@ -9,7 +9,7 @@ from typing import Any, Mapping
 
 CONFIG_KEY = "lminf"  # additional_config["lminf"]
 DEFAULT_GLOBAL_TOKENS = 10  # the paper's setting for generation
-KNOWN_KEYS = ("global_tokens", "local_tokens", "distance_cap", "topk_blocks", "topk_score")
+KNOWN_KEYS = ("global_tokens", "local_tokens", "distance_cap", "topk_blocks", "topk_score", "topk_store_max_bytes")
 # How top-k scores a middle block (docs/topk-contract.md, "Scoring a middle block"): its attention
 # mass for the chunk's last row (the default), or Quest's bound from per-channel key summaries.
 TOPK_SCORES = ("mass", "bound")
@@ -30,13 +30,19 @@ class LminfConfig:
     topk_blocks: int = 0
     # how a middle block is scored for the selection (TOPK_SCORES); read only when topk_blocks > 0
     topk_score: str = DEFAULT_TOPK_SCORE
+    # host bytes the top-k store may hold per rank, all requests together (None: no cap); the
+    # scheduler admits requests within it (docs/topk-contract.md, "The store's size")
+    topk_store_max_bytes: int | None = None
 
     def describe(self) -> str:
         text = (
             f"global_tokens={self.global_tokens} local_tokens={self.local_tokens} "
             f"distance_cap={self.distance_cap}"
         )
-        return text + (f" topk_blocks={self.topk_blocks} topk_score={self.topk_score}" if self.topk_blocks else "")
+        if not self.topk_blocks:
+            return text
+        cap = "none" if self.topk_store_max_bytes is None else f"{self.topk_store_max_bytes}"
+        return text + f" topk_blocks={self.topk_blocks} topk_score={self.topk_score} topk_store_max_bytes={cap}"
 
 
 # The keys vLLM reads a model's length from, in its order; the smallest present
@@ -188,7 +194,16 @@ def parse_lminf_config(raw: Any, hf_config: Any) -> LminfConfig:
             f"additional_config.lminf.topk_score = {score!r} is invalid: it must be one of "
             f"{', '.join(map(repr, TOPK_SCORES))} (default {DEFAULT_TOPK_SCORE!r})"
         )
-    return LminfConfig(global_tokens=glob, local_tokens=local, distance_cap=cap, topk_blocks=topk, topk_score=score)
+    store_cap = raw.get("topk_store_max_bytes")
+    if store_cap is not None:
+        store_cap = _int_field(raw, "topk_store_max_bytes", 0)
+        if store_cap < 1 or not topk:
+            raise LminfConfigError(
+                f"additional_config.lminf.topk_store_max_bytes = {store_cap} is invalid: it must be an integer "
+                f">= 1 (host bytes per rank) and needs topk_blocks > 0 (topk_blocks = {topk}); leave it out for no cap"
+            )
+    return LminfConfig(global_tokens=glob, local_tokens=local, distance_cap=cap, topk_blocks=topk, topk_score=score,
+                       topk_store_max_bytes=store_cap)  # fmt: skip
 
 
 def check_topk_device(topk_blocks: int, device_type: str) -> None:

@@ -124,8 +124,9 @@ class LminfSeries:
         )
         self.host_store = Gauge(
             name="vllm:lminf_topk_host_store_bytes",
-            documentation="Host memory the top-k store holds (every stored block's keys, values, keys at "
-            "position 0 and summaries), as the last step left it: a request's blocks go the step after it ends.",
+            documentation="Host memory the top-k store holds (one copy of every stored block's keys and values, "
+            "and its summaries, in whole chunks), as the last step left it: a request's blocks go the step after "
+            "it ends, or when it is preempted.",
             multiprocess_mode="mostrecent",
             labelnames=labels,
         ) if topk else None  # fmt: skip

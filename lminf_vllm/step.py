@@ -38,8 +38,12 @@ class StepBatch:
     slot_mapping: torch.Tensor  # [>= num_tokens] flat cache slot of each token (< 0: padding)
     max_query_len: int
     max_seq_len: int
-    request_ids: tuple[str, ...] | None = None  # vLLM's id of each request (None: not known, e.g. a dummy run)
-    finished: frozenset[str] = frozenset()  # requests that ended since the last step
+    # vLLM's id of each request (the top-k host store's keys): None in a dummy run, or where the runner
+    # published none (`missing` says why)
+    request_ids: tuple[str, ...] | None = None
+    finished: frozenset[str] = frozenset()  # requests that ended (or were preempted) since the last step
+    dummy: bool = False  # the runner's dummy or profiling run (start-up, compile warm-up): no real request
+    missing: str = ""  # a real step without request ids: why (the top-k path stops with it)
 
     def requests(self) -> list[tuple[int, int, int, int]]:
         """(request, first token, query count, seq_len after the step) per request: host work."""
@@ -48,22 +52,43 @@ class StepBatch:
         return [(r, starts[r], starts[r + 1] - starts[r], lens[r]) for r in range(self.num_reqs)]
 
 
-# The model runner publishes which requests a step's batch holds (and which
-# ended) just before it builds the step's attention metadata
-# (runtime_patches/patch_worker_gpu_model_runner.py); the builder reads them.
-_published: dict = {"ids": None, "finished": frozenset()}
+# The model runner publishes which requests a step's batch holds (and which ended or were
+# preempted) while it builds the step's attention metadata, and clears them when done
+# (runtime_patches/patch_worker_gpu_model_runner.py); every builder call inside reads them (one per
+# KV cache group). A dummy run is published as one. A build the runner did not announce (another
+# caller, Model Runner V2, a vLLM that renamed the method) finds nothing: `missing` says so.
+_published: dict = {"kind": None, "ids": None, "finished": frozenset()}
+NOT_PUBLISHED = (
+    "the model runner announced no step for this metadata build: lminf publishes request ids from "
+    "GPUModelRunner._build_attention_metadata (runtime_patches/patch_worker_gpu_model_runner.py), which this "
+    "build did not go through (Model Runner V2, VLLM_USE_V2_MODEL_RUNNER=1, is not supported, nor is a vLLM "
+    "outside lminf_vllm/versions.py)"
+)
 
 
 def publish_requests(request_ids, finished) -> None:
-    _published["ids"] = tuple(request_ids)
-    _published["finished"] = _published["finished"] | frozenset(finished)
+    _published.update(kind="step", ids=tuple(request_ids), finished=frozenset(finished))
 
 
-def take_published_requests(num_reqs: int) -> dict:
-    """StepBatch's request_ids and finished for a batch of num_reqs requests (taken once)."""
-    ids, finished = _published["ids"], _published["finished"]
-    _published["ids"], _published["finished"] = None, frozenset()
-    return {"request_ids": ids if ids is not None and len(ids) == num_reqs else None, "finished": finished}
+def publish_dummy_run() -> None:
+    _published.update(kind="dummy", ids=None, finished=frozenset())
+
+
+def clear_published() -> None:
+    _published.update(kind=None, ids=None, finished=frozenset())
+
+
+def published_requests(num_reqs: int) -> dict:
+    """StepBatch's request_ids, finished, dummy and missing for a batch of num_reqs requests."""
+    kind, ids = _published["kind"], _published["ids"]
+    if kind == "dummy":
+        return {"dummy": True}
+    if kind is None:
+        return {"missing": NOT_PUBLISHED}
+    if len(ids) != num_reqs:
+        return {"finished": _published["finished"],
+                "missing": f"the model runner published {len(ids)} request ids for a batch of {num_reqs}"}  # fmt: skip
+    return {"request_ids": ids, "finished": _published["finished"]}
 
 
 @dataclass
@@ -74,12 +99,14 @@ class LayerMath:
     rotary: RotarySpec | None  # None for ALiBi models
     alibi: torch.Tensor | None  # [H] slopes of the bias -m * d
     inv_freq: torch.Tensor | None = None  # rotary.inv_freq (float64) on the query's device
+    name: str | None = None  # vLLM's name of the layer (the top-k host store's key)
 
     @classmethod
-    def on_device(cls, scale: float, rotary: RotarySpec | None, alibi_slopes, device) -> "LayerMath":
+    def on_device(cls, scale: float, rotary: RotarySpec | None, alibi_slopes, device,
+                  name: str | None = None) -> "LayerMath":  # fmt: skip
         if rotary is None and alibi_slopes is None:
             raise RuntimeError("lminf attention layer was never bound to its rotary embedding; "
                                "the model loader patch did not run")  # fmt: skip
         alibi = None if alibi_slopes is None else torch.tensor(alibi_slopes, dtype=torch.float32, device=device)
         inv_freq = None if rotary is None else rotary.inv_freq.to(device, torch.float64)
-        return cls(scale, rotary, alibi, inv_freq)
+        return cls(scale, rotary, alibi, inv_freq, name)

@@ -73,6 +73,13 @@ def _moved(x: torch.Tensor, positions: torch.Tensor, rotary: RotarySpec) -> torc
     return rotate(x, cos.view(shape), sin.view(shape), rotary)
 
 
+def rotated_to(x: torch.Tensor, positions: torch.Tensor, rotary: RotarySpec) -> torch.Tensor:
+    """Keys at position 0, x [..., N, D] (any float dtype), rotated to their positions [..., N]
+    (broadcast), in float32: the keys as stored, from the host store's one copy."""
+    cos, sin = angles(positions, rotary)
+    return rotate(x.float(), cos, sin, rotary)
+
+
 def block_summaries(keys: torch.Tensor, first_block: int, rotary: RotarySpec):
     """keys [n, B, Hkv, D] of blocks first_block.., rotated at their positions ->
     lo, hi [n, Hkv, D] float32, and the keys rotated back to position 0 [n, B, Hkv, D] float32."""
@@ -82,24 +89,33 @@ def block_summaries(keys: torch.Tensor, first_block: int, rotary: RotarySpec):
     return at_zero.amin(dim=1), at_zero.amax(dim=1), at_zero
 
 
-def select_from_bounds(q_cap: torch.Tensor, bounds: torch.Tensor, first: int, k: int) -> torch.Tensor:
+def select_from_bounds(q_cap: torch.Tensor, bounds, first: int, k: int) -> torch.Tensor:
     """The chunk's selection by Quest's bound (topk_score "bound"): q_cap [H, D] float32, its last
     row's query rotated to position C; bounds the summaries of its candidate blocks
     first .. first + nc - 1 as HostStore.bounds keeps them, [Hkv, 2 D, nc]: hi's channels then
     lo's, so that Quest's bound sum_c max(q_c lo_c, q_c hi_c) = q+ . hi + q- . lo is one matmul
-    of [q+, q-] per KV head. -> [Hkv, min(k, nc)] block numbers, ascending per KV head."""
-    Hkv, D = bounds.shape[0], q_cap.shape[-1]
-    if bounds.shape[-1] <= k:  # every candidate
-        return torch.arange(first, first + bounds.shape[-1], device=bounds.device).expand(Hkv, -1)
+    of [q+, q-] per KV head; or a list of such pieces in block order (the store's chunks).
+    -> [Hkv, min(k, nc)] block numbers, ascending per KV head."""
+    pieces = bounds if isinstance(bounds, (list, tuple)) else [bounds]
+    Hkv, D, dev = pieces[0].shape[0], q_cap.shape[-1], pieces[0].device
+    nc = sum(p.shape[-1] for p in pieces)
+    if nc <= k:  # every candidate
+        return torch.arange(first, first + nc, device=dev).expand(Hkv, -1)
     q = q_cap.view(Hkv, -1, D)
-    bound = torch.bmm(torch.cat((q.clamp(min=0), q.clamp(max=0)), dim=-1), bounds)  # [Hkv, g, nc]
+    qq = torch.cat((q.clamp(min=0), q.clamp(max=0)), dim=-1)
+    bound = _joined([torch.bmm(qq, p) for p in pieces], -1)  # [Hkv, g, nc]
     return _top_k(bound.amax(dim=1), first, k)  # a block matters if it matters to any head of the group
 
 
-def select_from_mass(q_cap: torch.Tensor, at_zero: torch.Tensor, first: int, k: int, scale: float) -> torch.Tensor:
+def _joined(pieces: list[torch.Tensor], dim: int) -> torch.Tensor:
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim)
+
+
+def select_from_mass(q_cap: torch.Tensor, at_zero, first: int, k: int, scale: float) -> torch.Tensor:
     """The chunk's selection by attention mass (topk_score "mass", the default): q_cap [H, D]
     float32 as for select_from_bounds; at_zero the candidate blocks' keys rotated back to
-    position 0 as HostStore.keys_at_zero gives them, [nc, Hkv, B, D] (any dtype, read once).
+    position 0 as HostStore.keys_at_zero gives them, [nc, Hkv, B, D] (any dtype, read once), or
+    a list of such pieces in block order (the store's chunks).
 
     Per query head, a block's score is the log-sum-exp over its tokens of scale * q_cap . u_j,
     the exact score of each token at distance C; minus the log-sum-exp over every candidate
@@ -107,11 +123,17 @@ def select_from_mass(q_cap: torch.Tensor, at_zero: torch.Tensor, first: int, k: 
     visible at C. A KV head takes the max of its query heads' shares (heads are comparable
     as shares, not as raw scores): the k best, the lower block on ties.
     -> [Hkv, min(k, nc)] block numbers, ascending per KV head."""
-    nc, Hkv, B, D = at_zero.shape
+    pieces = at_zero if isinstance(at_zero, (list, tuple)) else [at_zero]
+    _, Hkv, B, D = pieces[0].shape
+    nc, dev = sum(p.shape[0] for p in pieces), pieces[0].device
     if nc <= k:  # every candidate
-        return torch.arange(first, first + nc, device=at_zero.device).expand(Hkv, -1)
-    keys = torch.empty(Hkv, nc * B, D, device=at_zero.device)
-    keys.view(Hkv, nc, B, D).copy_(at_zero.transpose(0, 1))  # per KV head, float32: one pass over the keys
+        return torch.arange(first, first + nc, device=dev).expand(Hkv, -1)
+    keys = torch.empty(Hkv, nc, B, D, device=dev)
+    a = 0
+    for p in pieces:  # per KV head, float32: one pass over the keys
+        keys[:, a : a + p.shape[0]].copy_(p.transpose(0, 1))
+        a += p.shape[0]
+    keys = keys.view(Hkv, nc * B, D)
     s = torch.bmm(q_cap.view(Hkv, -1, D), keys.transpose(1, 2)).mul_(scale)  # [Hkv, g, nc * B]
     block = torch.logsumexp(s.view(Hkv, -1, nc, B), dim=-1)  # [Hkv, g, nc]
     share = block - torch.logsumexp(block, dim=-1, keepdim=True)  # log of each block's share, per query head
@@ -206,7 +228,7 @@ def attend_chunk(
     kv_cache: torch.Tensor,
     layout: str,
     chosen: torch.Tensor,  # [Hkv, k] the chunk's selected blocks (k may be 0)
-    store_kv: tuple | None,  # their keys, values and keys at position 0, [Hkv, k * B, D] each (None when k = 0)
+    store_kv: tuple | None,  # their keys at position 0 and values, [Hkv, k * B, D] each (None when k = 0)
     cfg: LminfConfig,
     scale: float,
     rotary: RotarySpec,
@@ -217,8 +239,9 @@ def attend_chunk(
     Hkv, g = kv_cache.shape[1], H // kv_cache.shape[1]
     s = spans[0].a
     if chosen.numel():
-        k_st, v_st, st_zero = (t.float() for t in store_kv)
+        st_zero, v_st = (t.float() for t in store_kv)
         pos_st = (chosen[:, :, None] * B + torch.arange(B, device=chosen.device)).flatten(1)  # [Hkv, k * B]
+        k_st = None  # the keys as stored, rotated from st_zero where some row reads them so
     out = torch.empty(T, H, kv_cache.shape[-1] // 2)
     for sp in spans:
         t = sp.b - sp.a
@@ -254,6 +277,7 @@ def attend_chunk(
             # the others come from the store: all before the rows' windows, all at i - j >= W
             s_st = torch.einsum("tkgd,kld->tkgl", q_cap, st_zero)
             if sp.a - int(pos_st.max()) <= C:  # some pair within the cap (C > W): read as stored there
+                k_st = rotated_to(st_zero, pos_st, rotary) if k_st is None else k_st
                 near = (sp.rows[:, None, None] - pos_st[None]) <= C  # [T', Hkv, kB]
                 s_st = torch.where(near[:, :, None, :], torch.einsum("tkgd,kld->tkgl", qf, k_st), s_st)
             from_store = (pos_st < sp.fa * B)[None].expand(t, -1, -1)  # [T', Hkv, kB]
@@ -318,10 +342,11 @@ def attend_decode(
     row: DecodeRow,
     kv_cache: torch.Tensor,  # OWN_LAYOUT [num_blocks, Hkv, B, 2 D]
     far: tuple,  # from the store for blocks far_blocks [Hkv, n] (row.far_blocks, then the selected):
-    # keys at position 0, values, keys as stored (None unless C > W), each [Hkv, n * B, D]
+    # keys at position 0 and values, each [Hkv, n * B, D]
     far_blocks: torch.Tensor,
     cfg: LminfConfig,
     scale: float,
+    rotary: RotarySpec,
 ) -> torch.Tensor:
     """Top-k attention of one decode row, the contract's (attend_chunk's) in one softmax:
     window keys at their distance, every other key at min(i - j, C). -> [H, Dv] float32
@@ -335,22 +360,24 @@ def attend_decode(
     window = pool.view(Hkv, -1, pool.shape[-1])[:, row.start : row.start + W]
     k_w, v_w = window[..., :D].float(), window[..., D:]
     qv = q.view(Hkv, -1, D)
-    s_far = far_scores(q, q_cap, row, far, far_blocks, cfg, B)
+    s_far = far_scores(q, q_cap, row, far, far_blocks, cfg, B, rotary)
     p = torch.softmax(torch.cat((torch.bmm(qv, k_w.transpose(1, 2)), s_far), dim=-1) * scale, dim=-1)
     p = p.to(v_w.dtype)
     return (torch.bmm(p[..., :W], v_w).float() + torch.bmm(p[..., W:], far[1]).float()).view(H, -1)
 
 
-def far_scores(q, q_cap, row: DecodeRow, far: tuple, far_blocks: torch.Tensor, cfg: LminfConfig, B: int):
+def far_scores(q, q_cap, row: DecodeRow, far: tuple, far_blocks: torch.Tensor, cfg: LminfConfig, B: int,
+               rotary: RotarySpec):  # fmt: skip
     """A decode row's scores (unscaled, float32) of the keys it reads from the store, attend_decode's
     `far`: [Hkv, g, n * B], -inf on the rows of block fa inside its window."""
     Hkv, D = far[0].shape[0], q.shape[-1]
-    at_zero, _, keys = far
-    s_far = torch.bmm(q_cap.view(Hkv, -1, D), at_zero.float().transpose(1, 2))  # [Hkv, g, n_far]
-    if keys is not None:  # C > W: keys within the cap are read as stored
+    at_zero = far[0].float()
+    s_far = torch.bmm(q_cap.view(Hkv, -1, D), at_zero.transpose(1, 2))  # [Hkv, g, n_far]
+    if cfg.distance_cap > cfg.local_tokens:  # keys within the cap are read as stored
         pos = (far_blocks[..., None] * B + torch.arange(B, device=q.device)).flatten(1)
+        keys = rotated_to(at_zero, pos, rotary)
         near = (row.i - pos <= cfg.distance_cap)[:, None]
-        s_far = torch.where(near, torch.bmm(q.view(Hkv, -1, D), keys.float().transpose(1, 2)), s_far)
+        s_far = torch.where(near, torch.bmm(q.view(Hkv, -1, D), keys.transpose(1, 2)), s_far)
     g = row.far_blocks.shape[1] - 1
     s_far[..., g * B + row.start : (g + 1) * B] = float("-inf")  # block fa's rows in the window
     return s_far

@@ -7,7 +7,8 @@ scores it as the contract does. So those keys are copied into the pool, rotated
 so, and one call reads them with the window, the query as it is:
 
   * the global blocks' and block fa's own rows: in place. A decode step reads
-    them from nowhere else (a later chunk would: restore_keys puts them back);
+    them from nowhere else (a later chunk would: SavedKeys keeps them as stored
+    first, and puts them back);
   * the selected blocks: into the k middle blocks just behind the window, which
     a top-k sequence keeps as its selection buffer (block_policy.freeable_blocks,
     kept_behind = k); their own keys and values are in the host store.
@@ -70,16 +71,16 @@ def plan_pool_row(dec, block_row: torch.Tensor, cfg: LminfConfig, B: int, num_kv
     return PoolRow(tokens.to(torch.int32), src, dst, dec.start, int(block_row[fa]), torch.cat((cos, sin), -1)[0])
 
 
-def copy_far_blocks(kv_cache: torch.Tensor, row: PoolRow, chosen: torch.Tensor, block_heads: torch.Tensor,
-                    turn) -> None:  # fmt: skip
+def copy_far_blocks(kv_cache: torch.Tensor, row: PoolRow, chosen: torch.Tensor, block_heads, turn) -> None:
     """Write a row's keys past its window into the pool, rotated to i - C, in whole blocks: the
     global blocks' and the picks' (chosen [Hkv, k], with their values) to PoolRow.dst, block fa's
-    rows before the window in place. block_heads: the store's (HostStore.block_heads);
+    rows before the window in place. block_heads(rows) -> those (block, KV head) pieces of the
+    store, a copy (HostStore.block_heads for the row's request and layer);
     turn(keys [N, D], row) rotates the keys (a strided view) by row.turn in place, in the cache
     dtype (vLLM's rotary op: paths/topk/ops.rotate_rows)."""
     Hkv, D = kv_cache.shape[1], kv_cache.shape[-1] // 2
     picked = block_head_numbers(chosen, Hkv).flatten()  # per KV head, its picks
-    blocks = block_heads.index_select(0, torch.cat((row.src, picked)))  # [(e + g + k) Hkv, B, 2 D]
+    blocks = block_heads(torch.cat((row.src, picked)))  # [(e + g + k) Hkv, B, 2 D]
     turn(blocks.view(-1, blocks.shape[-1])[:, :D], row)
     e = Hkv if row.edge else 0
     kv_cache.view(-1, *blocks.shape[1:]).index_copy_(0, row.dst, blocks[e:])
@@ -94,12 +95,35 @@ def turned_positions(i: int, cfg: LminfConfig, B: int, fa: int, start: int) -> t
     return torch.cat((torch.arange(g * B), fa * B + torch.arange(start)))
 
 
-def restore_keys(kv_cache: torch.Tensor, block_row: torch.Tensor, positions: torch.Tensor, stored_rows: torch.Tensor,
-                 num_kv_heads: int) -> None:  # fmt: skip
-    """Put the keys as stored (HostStore.head_rows(..., as_stored=True)) back at positions of a
-    request whose decode turned them (a chunk of it reads them as stored)."""
-    B, D = kv_cache.shape[2], stored_rows.shape[-1]
-    logical = head_row_numbers(positions // B, positions % B, num_kv_heads, B)
-    physical = head_row_numbers(block_row[positions // B], positions % B, num_kv_heads, B)
-    flat = kv_cache.view(-1, kv_cache.shape[-1])
-    flat[:, :D].index_copy_(0, physical.flatten(), stored_rows.view(-1, D).index_select(0, logical.flatten()))
+@dataclass
+class SavedKeys:
+    """One layer's pool keys, as stored, that a request's one-call decode turns: the global
+    blocks' (saved the first time) and the rows of its first window block fa before the window
+    (each saved as the window leaves it). A chunk of the request reads them as stored: `restore`
+    puts them back exactly (the store's one copy is at position 0: rotated forward it would be a
+    rounding off in bfloat16). At most ceil(G/B) + 1 blocks' keys per request and layer."""
+
+    globals: torch.Tensor | None = None  # [g, Hkv, B, D]
+    fa: int = -1  # the logical block whose rows `edge` holds
+    edge: torch.Tensor | None = None  # [Hkv, B, D]: its first `count` rows as stored
+    count: int = 0
+
+    def save(self, kv_cache: torch.Tensor, block_row: torch.Tensor, g: int, fa: int, start: int) -> None:
+        """Before a decode row turns them: the global blocks, block fa's rows [0, start)."""
+        D = kv_cache.shape[-1] // 2
+        if self.globals is None:
+            self.globals = kv_cache[block_row[:g].long(), ..., :D].clone()
+        if fa != self.fa:
+            self.fa, self.count = fa, 0
+            if self.edge is None:
+                self.edge = torch.empty(kv_cache.shape[1], kv_cache.shape[2], D, dtype=kv_cache.dtype)
+        if start > self.count:  # rows [count, start) were window rows until now: as stored
+            self.edge[:, self.count : start] = kv_cache[int(block_row[fa]), :, self.count : start, :D]
+            self.count = start
+
+    def restore(self, kv_cache: torch.Tensor, block_row: torch.Tensor) -> None:
+        D = kv_cache.shape[-1] // 2
+        if self.globals is not None and len(self.globals):
+            kv_cache[block_row[: len(self.globals)].long(), ..., :D] = self.globals
+        if self.count:
+            kv_cache[int(block_row[self.fa]), :, : self.count, :D] = self.edge[:, : self.count]

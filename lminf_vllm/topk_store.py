@@ -1,4 +1,4 @@
-"""The host store of top-k attention: every middle block's keys, values and summary.
+"""The host store of top-k attention: every middle block's keys, values and summary, one copy.
 
 docs/topk-contract.md, "What the device pool and the host store hold". A block
 leaves the KV pool the moment it falls out of the window (kv_cache.py); with
@@ -7,149 +7,196 @@ the block is complete, since that is the last moment the worker certainly
 still owns it (a freed block may be written by another sequence in the very
 step that frees it). Kept per (request, layer), indexed by block number.
 
+One copy of each key: rotated back to position 0, beside its value, a block and
+KV head laid out as the pool lays them out (`block_heads`). Decode scores every
+key past its window at distance C from there (one rotation of the query); a
+reader that wants a key as stored (rotated at its true position: a prefill
+chunk within C of it) rotates it forward, topk_attention.rotated_to.
 The summary of a block is Quest's: per KV head and channel, the minimum and
-maximum of its keys rotated back to position 0 (float32), kept as one matrix
-per KV head (`bounds`) so that scoring every block is one matmul. The global
-blocks are stored too (a few blocks, never selected): decode reads every key
-past its window from here, rotated back to position 0, so one rotation per row
-and step serves them all (of the query: topk_attention.attend_decode; or of
-those keys to i - C: topk_in_pool). The store lives in host memory; the
-interface (put, bounds, keys_at_zero, gather_far, head_rows, block_heads, drop) is what a
-disk or LMCache tier would implement. No vLLM import.
+maximum of its keys at position 0 (float32), kept as one matrix per KV head
+(`bounds`) so that scoring every block is one matmul.
+
+A (request, layer) grows in chunks of `chunk_blocks` blocks (about CHUNK_TOKENS
+tokens): a new chunk is allocated when the last one is full, and nothing held is
+copied. What it holds is a pure function of the request's length
+(`request_bytes`), which the scheduler's admission reads (runtime_patches/
+patch_core_sched_scheduler.py). The interface (put, bounds, keys_at_zero,
+gather_far, block_heads, drop) is what a disk or LMCache tier would
+implement. No vLLM import.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from lminf_vllm.kv_layout import block_head_numbers
 
+CHUNK_TOKENS = 2048  # a chunk holds the blocks of about this many tokens
+
+
+def chunk_blocks(block_size: int) -> int:
+    """Blocks per chunk of the store, for blocks of block_size tokens."""
+    return max(1, -(-CHUNK_TOKENS // block_size))
+
+
+def request_bytes(tokens: int, num_layers: int, block_size: int, num_kv_heads: int, head_size: int,
+                  itemsize: int, value_size: int | None = None) -> int:  # fmt: skip
+    """Host bytes the store holds for a request whose first `tokens` tokens are computed, on one
+    rank: each complete block (tokens // B of them), in whole chunks, per layer, its keys at
+    position 0 and values in the cache dtype (B x Hkv x (D + Dv) x itemsize) and its summary
+    (Hkv x 2 D float32)."""
+    Dv = head_size if value_size is None else value_size
+    n = chunk_blocks(block_size)
+    chunks = -(-(tokens // block_size) // n)
+    per_block = block_size * num_kv_heads * (head_size + Dv) * itemsize + num_kv_heads * 2 * head_size * 4
+    return num_layers * chunks * n * per_block
+
 
 @dataclass
 class _Entry:
-    keys: torch.Tensor  # [capacity, Hkv, B, D] in the cache dtype, rotated at their true positions
-    # [capacity, Hkv, B, D + Dv] in the cache dtype: per row, the key rotated back to position 0, then
+    # chunks [N, Hkv, B, D + Dv] in the cache dtype: per row the key rotated back to position 0, then
     # the value. Head-major, so a head's slice of a block is one contiguous piece, as in the pool
-    pairs: torch.Tensor
-    bounds: torch.Tensor  # [Hkv, 2 D, capacity] float32: hi then lo, a column per block
+    pairs: list[torch.Tensor]
+    bounds: list[torch.Tensor]  # chunks [Hkv, 2 D, N] float32: hi then lo, a column per block
+    key_size: int  # D
     blocks: int = 0  # blocks [first put, blocks) are valid (zeros before the first put)
+    nbytes: int = 0
+    flat: list = field(default_factory=list)  # pairs' chunks viewed [N * Hkv, B, D + Dv] (block-heads)
 
     @property
-    def at_zero(self) -> torch.Tensor:  # [capacity, Hkv, B, D]
-        return self.pairs[..., : self.keys.shape[-1]]
-
-    @property
-    def values(self) -> torch.Tensor:  # [capacity, Hkv, B, Dv]
-        return self.pairs[..., self.keys.shape[-1] :]
+    def per_chunk(self) -> int:
+        return self.pairs[0].shape[0]
 
 
 class HostStore:
-    """Middle blocks off the KV pool, per (request, layer); a layer is any int key (its cache's address)."""
+    """Middle blocks off the KV pool, per (request, layer); a layer is any hashable key (its name)."""
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
-        self._entries: dict[tuple[str, int], _Entry] = {}
-        self._nbytes = 0  # capacity held, kept as entries grow and go (read every step for /metrics)
+        self._entries: dict[tuple, _Entry] = {}
+        self._nbytes = 0  # held, kept as entries grow and go (read every step for /metrics)
+        self.limit: int | None = None  # bytes: a put past it raises (the scheduler's admission keeps within it)
 
-    def put(self, request: str, layer: int, first_block: int, keys, values, lo, hi, keys_at_zero=None) -> None:
-        """Blocks [first_block, first_block + n): keys/values [n, B, Hkv, D], lo/hi [n, Hkv, D];
-        keys_at_zero [n, B, Hkv, D] (the keys rotated back to position 0: scored at distance C
-        with no rotation per step; zeros when not given).
+    def put(self, request: str, layer, first_block: int, at_zero, values, lo, hi) -> None:
+        """Blocks [first_block, first_block + n): at_zero (the keys rotated back to position 0, any
+        float dtype) and values [n, B, Hkv, D], lo/hi [n, Hkv, D].
 
         Blocks complete in order, so a put follows the last one; one that starts
-        earlier (the request is computed again after preemption) overwrites and
-        forgets every block after it."""
-        n, D = keys.shape[0], lo.shape[-1]
+        earlier (a request computed again) overwrites and forgets every block after it."""
+        n, B, Hkv, D = at_zero.shape
         entry = self._entries.get((request, layer))
-        if entry is None or entry.keys.shape[0] < first_block + n:
-            old, entry = entry, self._grow(entry, first_block + n, keys, values)
-            self._nbytes += _size(entry) - (0 if old is None else _size(old))
-            self._entries[(request, layer)] = entry
+        if entry is None:
+            entry = self._entries[(request, layer)] = _Entry([], [], D)
         if entry.blocks and first_block > entry.blocks:  # (a request's first put may start past block 0)
             raise RuntimeError(f"top-k host store: block {first_block} of {request} follows block {entry.blocks - 1}")
         stop = first_block + n
-        entry.keys[first_block:stop] = keys.transpose(1, 2).to(self.device)
-        entry.values[first_block:stop] = values.transpose(1, 2).to(self.device)
-        entry.bounds[:, :D, first_block:stop] = hi.permute(1, 2, 0).to(self.device)
-        entry.bounds[:, D:, first_block:stop] = lo.permute(1, 2, 0).to(self.device)
-        if keys_at_zero is not None:
-            entry.at_zero[first_block:stop] = keys_at_zero.transpose(1, 2).to(self.device, entry.at_zero.dtype)
+        self._resize(entry, stop, B, Hkv, D, values.shape[-1], values.dtype, request)
+        N = entry.per_chunk
+        for c, i, j in _runs(first_block, stop, N):  # per chunk touched: a run of blocks
+            rows = slice(c * N + i - first_block, c * N + j - first_block)
+            pairs = entry.pairs[c]
+            pairs[i:j, ..., :D] = at_zero[rows].transpose(1, 2).to(self.device, pairs.dtype)
+            pairs[i:j, ..., D:] = values[rows].transpose(1, 2).to(self.device)
+            entry.bounds[c][:, :D, i:j] = hi[rows].permute(1, 2, 0).to(self.device)
+            entry.bounds[c][:, D:, i:j] = lo[rows].permute(1, 2, 0).to(self.device)
         entry.blocks = stop
 
-    def _grow(self, entry: _Entry | None, need: int, keys, values) -> _Entry:
-        cap = max(need, 2 * (0 if entry is None else entry.keys.shape[0]), 16)  # amortised doubling
-        _, B, Hkv, D = keys.shape
-        new = _Entry(
-            keys=torch.zeros(cap, Hkv, B, D, dtype=keys.dtype, device=self.device),
-            pairs=torch.zeros(cap, Hkv, B, D + values.shape[-1], dtype=keys.dtype, device=self.device),
-            bounds=torch.zeros(Hkv, 2 * D, cap, dtype=torch.float32, device=self.device),
-        )
-        if entry is not None:
-            n = entry.blocks
-            for name in ("keys", "pairs"):
-                getattr(new, name)[:n] = getattr(entry, name)[:n]
-            new.bounds[..., :n] = entry.bounds[..., :n]
-            new.blocks = n
-        return new
+    def _resize(self, entry: _Entry, blocks: int, B: int, Hkv: int, D: int, Dv: int, dtype, request: str) -> None:
+        """Chunks for exactly `blocks` blocks: new ones zeroed, none copied; those past it dropped."""
+        N = chunk_blocks(B)
+        need = -(-blocks // N)
+        per_chunk = N * (B * Hkv * (D + Dv) * dtype.itemsize + Hkv * 2 * D * 4)
+        grow = (need - len(entry.pairs)) * per_chunk
+        if grow > 0 and self.limit is not None and self._nbytes + grow > self.limit:
+            raise RuntimeError(
+                f"lminf top-k host store: {request} needs {self._nbytes + grow} bytes, more than "
+                f"additional_config.lminf.topk_store_max_bytes = {self.limit}; the scheduler admits requests "
+                "by this cap, so this is a bug or a request longer than it announced"
+            )
+        while len(entry.pairs) < need:
+            pairs = torch.zeros(N, Hkv, B, D + Dv, dtype=dtype, device=self.device)
+            entry.pairs.append(pairs)
+            entry.flat.append(pairs.view(N * Hkv, B, D + Dv))
+            entry.bounds.append(torch.zeros(Hkv, 2 * D, N, dtype=torch.float32, device=self.device))
+        del entry.pairs[need:], entry.flat[need:], entry.bounds[need:]
+        self._nbytes += len(entry.pairs) * per_chunk - entry.nbytes
+        entry.nbytes = len(entry.pairs) * per_chunk
 
-    def bounds(self, request: str, layer: int, start: int, stop: int) -> torch.Tensor:
-        """The summaries of blocks [start, stop) (all stored) as one matrix per KV head,
-        [Hkv, 2 D, stop - start]: hi's channels, then lo's (topk_attention.select_from_bounds)."""
+    def _stored(self, request: str, layer, stop: int) -> _Entry:
         entry = self._entries[(request, layer)]
         if stop > entry.blocks:
             raise RuntimeError(f"top-k host store: block {stop - 1} of {request} was never stored")
-        return entry.bounds[..., start:stop]
+        return entry
 
-    def keys_at_zero(self, request: str, layer: int, start: int, stop: int) -> torch.Tensor:
-        """The keys rotated back to position 0 of blocks [start, stop) (all stored), in place (a view,
-        no copy): [stop - start, Hkv, B, D] in the cache dtype (topk_attention.select_from_mass)."""
-        entry = self._entries[(request, layer)]
-        if stop > entry.blocks:
-            raise RuntimeError(f"top-k host store: block {stop - 1} of {request} was never stored")
-        return entry.at_zero[start:stop]
+    def bounds(self, request: str, layer, start: int, stop: int) -> list[torch.Tensor]:
+        """The summaries of blocks [start, stop) (all stored) as one matrix per KV head, in place
+        (views), one per chunk in order: [Hkv, 2 D, n_c], hi's channels then lo's, sum n_c =
+        stop - start (topk_attention.select_from_bounds)."""
+        entry = self._stored(request, layer, stop)
+        return [entry.bounds[c][..., i:j] for c, i, j in _runs(start, stop, entry.per_chunk)]
 
-    def gather_far(self, request: str, layer: int, blocks: torch.Tensor, with_keys: bool):
-        """Keys at position 0, values and (with_keys) keys as stored of blocks [Hkv, n], one list
-        per KV head, each [Hkv, n * B, D] in the cache dtype (keys: None without with_keys).
-        Head h reads only its own slice of each of its blocks."""
+    def keys_at_zero(self, request: str, layer, start: int, stop: int) -> list[torch.Tensor]:
+        """The keys rotated back to position 0 of blocks [start, stop) (all stored), in place (views,
+        no copy), one per chunk in order: [n_c, Hkv, B, D] in the cache dtype, sum n_c = stop - start
+        (topk_attention.select_from_mass)."""
+        entry = self._stored(request, layer, stop)
+        D = entry.key_size
+        return [entry.pairs[c][i:j, ..., :D] for c, i, j in _runs(start, stop, entry.per_chunk)]
+
+    def gather_far(self, request: str, layer, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys at position 0 and values of blocks [Hkv, n], one list per KV head, each
+        [Hkv, n * B, D] in the cache dtype (views of one gathered copy). Head h reads only its
+        own slice of each of its blocks."""
         entry = self._entries[(request, layer)]
         Hkv, n = blocks.shape
-        rows = block_head_numbers(blocks.to(self.device), Hkv).flatten()
+        got = self.block_heads(request, layer, block_head_numbers(blocks.to(self.device), Hkv).flatten())
+        got = got.view(Hkv, n * got.shape[1], got.shape[2])
+        return got[..., : entry.key_size], got[..., entry.key_size :]
 
-        def take(t: torch.Tensor) -> torch.Tensor:  # (block, head) rows: index_select, several times faster
-            return t.view(-1, *t.shape[2:]).index_select(0, rows).view(Hkv, n * t.shape[2], t.shape[3])
-
-        return take(entry.at_zero), take(entry.values), take(entry.keys) if with_keys else None
-
-    def head_rows(self, request: str, layer: int, as_stored: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """The keys at position 0 (as_stored: rotated at their true positions) and the values, in
-        place, as rows [N, 1, D] of one KV head each: row (block * Hkv + head) * B + slot (any
-        head's list of rows in one table)."""
+    def block_heads(self, request: str, layer, rows: torch.Tensor) -> torch.Tensor:
+        """Rows block * Hkv + head of the (block, KV head) pieces, [len(rows), B, D + Dv]: the keys
+        at position 0, then the values, as the pool's block-heads (topk_in_pool copies whole ones).
+        A copy."""
         entry = self._entries[(request, layer)]
-        keys = entry.keys if as_stored else entry.at_zero
-        return keys.view(-1, 1, keys.shape[-1]), entry.values.view(-1, 1, entry.values.shape[-1])
-
-    def block_heads(self, request: str, layer: int) -> torch.Tensor:
-        """The keys at position 0 and the values, in place, one (block, KV head) per row
-        [capacity * Hkv, B, D + Dv]: row block * Hkv + head, as the pool's block-heads
-        (topk_in_pool copies whole ones)."""
-        pairs = self._entries[(request, layer)].pairs
-        return pairs.view(-1, *pairs.shape[2:])
+        return _take(entry.flat, rows, entry.flat[0].shape[0])
 
     def drop(self, requests) -> None:
-        """Forget finished requests."""
+        """Forget requests that ended or were preempted."""
         gone = set(requests)
         if gone:
             for key in [key for key in self._entries if key[0] in gone]:
-                self._nbytes -= _size(self._entries.pop(key))
+                self._nbytes -= self._entries.pop(key).nbytes
 
     def requests(self) -> set[str]:
         return {request for request, _ in self._entries}
 
     def nbytes(self) -> int:
-        """Host memory held (capacity, not only the valid blocks)."""
+        """Host memory held: whole chunks, request_bytes per request."""
         return self._nbytes
 
 
-def _size(entry: _Entry) -> int:
-    return sum(t.nbytes for t in (entry.keys, entry.pairs, entry.bounds))
+def _runs(start: int, stop: int, per: int):
+    """(chunk, first, stop) within each chunk of blocks [start, stop), in order."""
+    a = start
+    while a < stop:
+        c = a // per
+        b = min(stop, (c + 1) * per)
+        yield c, a - c * per, b - c * per
+        a = b
+
+
+def _take(chunks: list[torch.Tensor], rows: torch.Tensor, per: int) -> torch.Tensor:
+    """Rows of the chunks' concatenation (each chunk `per` rows): one index_select per chunk touched."""
+    if len(chunks) == 1:
+        return chunks[0].index_select(0, rows)
+    r = rows.numpy()
+    which = r // per
+    first = int(which[0])
+    if (which == first).all():  # (a decode step's picks often lie in one chunk)
+        return chunks[first].index_select(0, torch.from_numpy(r - first * per))
+    out = torch.empty(len(r), *chunks[0].shape[1:], dtype=chunks[0].dtype, device=chunks[0].device)
+    for c in np.unique(which):
+        at = np.flatnonzero(which == c)
+        out[torch.from_numpy(at)] = chunks[c].index_select(0, torch.from_numpy(r[at] - c * per))
+    return out

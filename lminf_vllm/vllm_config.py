@@ -121,6 +121,34 @@ def lminf_config_from_vllm(vllm_config: Any) -> LminfConfig:
     return cfg
 
 
+def topk_store_bytes(vllm_config: Any, tokens: int) -> int:
+    """Host bytes the top-k store holds on one rank for a request of `tokens` tokens
+    (topk_store.request_bytes with this engine's shape: its layers and KV heads per rank,
+    block size and cache dtype)."""
+    from lminf_vllm.topk_store import request_bytes
+
+    model, parallel = vllm_config.model_config, vllm_config.parallel_config
+    return request_bytes(tokens, model.get_num_layers(parallel), vllm_config.cache_config.block_size,
+                         model.get_num_kv_heads(parallel), model.get_head_size(), model.dtype.itemsize)  # fmt: skip
+
+
+def topk_store_refusal(vllm_config: Any, prompt_tokens: int, max_tokens: int) -> str | None:
+    """Why a request can never fit the top-k store's cap alone (None: it can, or no cap): its
+    prompt and max_tokens together, as vLLM checks a prompt against max_model_len."""
+    cfg = lminf_config_from_vllm(vllm_config)
+    cap = cfg.topk_store_max_bytes
+    if not cfg.topk_blocks or cap is None:
+        return None
+    need = topk_store_bytes(vllm_config, prompt_tokens + max_tokens)
+    if need <= cap:
+        return None
+    return (
+        f"The request (prompt {prompt_tokens} tokens + max_tokens {max_tokens}) would hold {need} bytes of top-k "
+        f"host store, more than additional_config.lminf.topk_store_max_bytes = {cap}. Send a shorter prompt or a "
+        "smaller max_tokens (left as none, it is max_model_len minus the prompt)"
+    )
+
+
 # A long prompt must not starve short requests. vLLM's scheduler serves RUNNING
 # requests first, and a prompt in chunked prefill takes the whole step budget
 # (max_num_batched_tokens) every step until it is done, so a short request that

@@ -167,8 +167,13 @@ def register_backend_alias(alias: str, backend: AttentionBackendEnum) -> None:
     req_ids: list[str] | None = None
     """vLLM's request id of each real (unpadded) row, in the block table's
     order, for backends that keep state per request across steps (see
-    AttentionMetadataBuilder.on_requests_finished). None where not known
-    (dummy runs, micro-batch slices)."""
+    AttentionMetadataBuilder.on_requests_finished). None in dummy runs and
+    micro-batch slices."""
+
+    is_dummy_run: bool = False
+    """Built for a dummy run (profiling, warm-up, graph capture): no row is a
+    real request, so a backend that needs req_ids can tell this from a step
+    whose ids are missing."""
 ''',
     ), (
         "v1/attention/backend.py",
@@ -182,9 +187,11 @@ def register_backend_alias(alias: str, backend: AttentionBackendEnum) -> None:
         '''    def update_block_table(
 ''',
         '''    def on_requests_finished(self, req_ids: set[str]) -> None:
-        """Requests that ended (finished or aborted) since the last step: drop
-        any state kept for them under CommonAttentionMetadata.req_ids. Called
-        by the model runner before the step's metadata is built."""
+        """Requests that ended (finished or aborted) or were preempted since
+        the last step: drop any state kept for them under
+        CommonAttentionMetadata.req_ids (a preempted request is computed again
+        from its first token). Called by the model runner before the step's
+        metadata is built."""
         return None
 
     def update_block_table(
@@ -198,10 +205,12 @@ def register_backend_alias(alias: str, backend: AttentionBackendEnum) -> None:
         '''        self.late_interaction_runner.on_requests_finished(
             scheduler_output.finished_req_ids
         )
-        if scheduler_output.finished_req_ids:
+        if gone := scheduler_output.finished_req_ids | (
+            scheduler_output.preempted_req_ids or set()
+        ):
             for attn_group in self._attn_group_iterator():
                 for builder in attn_group.metadata_builders:
-                    builder.on_requests_finished(scheduler_output.finished_req_ids)
+                    builder.on_requests_finished(gone)
 ''',
     ), (
         "v1/worker/gpu_model_runner.py",
@@ -215,6 +224,7 @@ def register_backend_alias(alias: str, backend: AttentionBackendEnum) -> None:
                 if num_scheduled_tokens is not None
                 else None
             ),
+            is_dummy_run=num_scheduled_tokens is None,
         )
 ''',
     ), (
@@ -545,7 +555,49 @@ from vllm.utils.lazy_zeros import LazyZeros  # lminf_vllm/lazy_zeros.py, as it i
     ) -> M:
 """,
     )],
+    "patch_engine_input_processor": [(
+        "v1/engine/input_processor.py",
+        """            sampling_params.update_from_generation_config(
+                self.generation_config_fields,
+                self.renderer.get_eos_token_id(),
+            )
+""",
+        """            # A backend with memory per request of its own (a host KV store
+            # with a cap) refuses a request that could never fit, as a prompt
+            # past max_model_len is refused above.
+            backend_cls = self.vllm_config.attention_config.backend_cls
+            if backend_cls is not None and (
+                why := backend_cls.validate_request(
+                    self.vllm_config, prompt_len, sampling_params.max_tokens
+                )
+            ):
+                raise VLLMValidationError(
+                    why, parameter="max_tokens", value=sampling_params.max_tokens
+                )
+
+            sampling_params.update_from_generation_config(
+                self.generation_config_fields,
+                self.renderer.get_eos_token_id(),
+            )
+""",
+    )],
     "patch_core_sched_scheduler": [(
+        "v1/core/sched/scheduler.py",
+        """                # Replayed tokens are already counted in the adopted hit; a
+                # chunk that ends inside the replayed range needs no new slots.
+""",
+        """                # A KV manager with memory of its own beside the pool (a
+                # host store) may hold a new request back, as when blocks run
+                # out: it stays first in the waiting queue.
+                if not self.kv_cache_manager.can_admit(request, self.running):
+                    if request.has_encoder_inputs:
+                        self.encoder_cache_manager.free(request)
+                    break
+
+                # Replayed tokens are already counted in the adopted hit; a
+                # chunk that ends inside the replayed range needs no new slots.
+""",
+    ), (
         "v1/core/sched/scheduler.py",
         """            perf_stats=perf_stats,
             ec_connector_stats=ec_connector_stats_payload,

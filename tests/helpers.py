@@ -55,18 +55,18 @@ class HostStore(topk_store.HostStore):
 
     def summaries(self, request: str, layer: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """lo, hi [stop - start, Hkv, D] of blocks [start, stop) (all stored; views of `bounds`)."""
-        per_block = self.bounds(request, layer, start, stop).permute(2, 0, 1)
+        per_block = torch.cat(self.bounds(request, layer, start, stop), -1).permute(2, 0, 1)
         D = per_block.shape[-1] // 2
         return per_block[..., D:], per_block[..., :D]
 
     def gather(self, request: str, layer: int, chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of the chosen blocks [Hkv, k] (one list per KV head): [Hkv, k * B, D] each."""
-        _, values, keys = self.gather_far(request, layer, chosen, with_keys=True)
-        return keys, values
+        """Keys at position 0 and values of the chosen blocks [Hkv, k] (one list per KV head): [Hkv, k * B, D] each."""
+        return self.gather_far(request, layer, chosen)
 
-    def gather_at_zero(self, request: str, layer: int, chosen: torch.Tensor) -> torch.Tensor:
-        """The chosen blocks' keys rotated back to position 0, as `gather` lays them out: [Hkv, k * B, D]."""
-        return self.gather_far(request, layer, chosen, with_keys=False)[0]
+    def chunks(self, request: str, layer: int) -> int:
+        """Chunks held for (request, layer)."""
+        entry = self._entries.get((request, layer))
+        return 0 if entry is None else len(entry.pairs)
 
 
 def select_blocks(q_cap: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, first: int, k: int) -> torch.Tensor:

@@ -114,7 +114,24 @@ def test_topk_blocks_defaults_to_off_and_takes_any_integer_from_zero():
     assert LminfConfig(4, 64, 96).topk_blocks == 0
     # the start-up line names k only when it is on
     assert "topk_blocks" not in LminfConfig(4, 64, 96).describe()
-    assert LminfConfig(4, 64, 96, 3).describe().endswith(" topk_blocks=3 topk_score=mass")
+    assert LminfConfig(4, 64, 96, 3).describe().endswith(" topk_blocks=3 topk_score=mass topk_store_max_bytes=none")
+
+
+def test_topk_store_max_bytes_defaults_to_no_cap_and_is_logged():
+    """docs/topk-contract.md, "The store's size": host bytes per rank, >= 1, with top-k only."""
+    assert parse_lminf_config({"topk_blocks": 4}, hf()).topk_store_max_bytes is None
+    cfg = parse_lminf_config({"topk_blocks": 4, "topk_store_max_bytes": 1 << 30}, hf())
+    assert cfg.topk_store_max_bytes == 1 << 30 and cfg.describe().endswith(" topk_store_max_bytes=1073741824")
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"topk_blocks": 4, "topk_store_max_bytes": 0}, r"topk_store_max_bytes = 0 is invalid: it must be an integer >= 1"),
+    ({"topk_blocks": 4, "topk_store_max_bytes": "1G"}, r"topk_store_max_bytes = '1G' is invalid: it must be an integer"),
+    ({"topk_store_max_bytes": 1 << 30}, r"topk_store_max_bytes = 1073741824 is invalid: .*needs topk_blocks > 0"),
+])  # fmt: skip
+def test_bad_topk_store_max_bytes_is_refused_naming_the_rule(raw, message):
+    with pytest.raises(LminfConfigError, match=message):
+        parse_lminf_config(raw, hf())
 
 
 def test_topk_score_defaults_to_mass_and_takes_bound():
@@ -123,7 +140,7 @@ def test_topk_score_defaults_to_mass_and_takes_bound():
     assert parse_lminf_config({"topk_blocks": 4}, hf()).topk_score == "mass"
     assert LminfConfig(4, 64, 96, 3).topk_score == "mass"
     cfg = parse_lminf_config({"topk_blocks": 4, "topk_score": "bound"}, hf())
-    assert cfg.topk_score == "bound" and cfg.describe().endswith(" topk_blocks=4 topk_score=bound")
+    assert cfg.topk_score == "bound" and cfg.describe().endswith(" topk_score=bound topk_store_max_bytes=none")
     assert parse_lminf_config({"topk_score": "mass"}, hf()) == parse_lminf_config({}, hf())
 
 

@@ -104,7 +104,7 @@ def recorder(monkeypatch):
         return p
 
     def recording_run(p, layer, query, key, value, kv_cache, output):
-        rec.layers.setdefault(kv_cache.data_ptr(), len(rec.layers))
+        rec.layers.setdefault(topk._layer_key(layer, kv_cache), len(rec.layers))  # (vLLM's layer name)
         return run(p, layer, query, key, value, kv_cache, output)
 
     monkeypatch.setattr(topk, "plan", recording_plan)

@@ -4,13 +4,16 @@ A server started as users start it, with topk_blocks in --additional-config:
 its prompt logprobs and greedy completions past the window and past the RoPE
 table equal the dense top-k reference with the chunks the server used (a lone
 request's prompt fits one step's budget, each decode step is a chunk of one
-row), its /metrics count the rows on the top-k path, and it logs that prefix
-caching is off and that a query attends more keys than the model was trained with.
+row), its /metrics count the rows on the top-k path and the host store's bytes, and it logs that
+prefix caching is off and that a query attends more keys than the model was trained with. Its host
+store is capped at one chunk per layer (topk_store_max_bytes): a request that could never fit gets
+HTTP 400 naming the setting.
 """
 
 import functools
 
 import pytest
+import requests
 import torch
 
 from test_serve import post, reference, running  # noqa: F401 (reference is a fixture); first: it puts benchmarks/ on the path
@@ -22,11 +25,15 @@ from lminf_vllm.testing.topk_reference import dense_topk_attention
 
 G, W, C, K, B = 4, 64, 64, 2, 32  # B: the block size test_serve.serve starts with
 CFG = LminfConfig(G, W, C)
+# The store's bytes per chunk of each layer (docs/topk-contract.md, "The store's size"): the tiny model's 2 layers,
+# 2 KV heads of 32, float32; chunks of 2,048 / B = 64 blocks, each one copy of keys and values, and 2 D summaries
+CHUNK = 2 * 64 * (B * 2 * (32 + 32) * 4 + 2 * 2 * 32 * 4)
+CAP = CHUNK  # requests of up to 64 blocks (2,048 tokens with max_tokens)
 
 
 @pytest.fixture(scope="module")
 def server(tiny_llama, tmp_path_factory):
-    lminf = {"global_tokens": G, "local_tokens": W, "distance_cap": C, "topk_blocks": K}
+    lminf = {"global_tokens": G, "local_tokens": W, "distance_cap": C, "topk_blocks": K, "topk_store_max_bytes": CAP}
     with running(tiny_llama, lminf, tmp_path_factory.mktemp("topk-serve")) as s:
         yield s
 
@@ -54,6 +61,7 @@ def test_prompt_logprobs_equal_the_topk_reference(server, tiny_llama, reference)
     # G=4 W=64 k=2 B=32 attend up to 32 + 64 + 31 + 64 keys, past the tiny model's TABLE = 128
     assert "a query attends up to 191 keys (global blocks, local_tokens=64" in log
     assert f"more than the {TABLE} this model was trained with" in log
+    assert f"topk_store_max_bytes={CAP}" in log  # the start-up line says the cap
 
 
 def test_greedy_completion_equals_the_topk_reference(server, tiny_llama, reference):
@@ -78,9 +86,17 @@ def test_metrics_count_the_topk_rows(server):
     rows = rows_by_path(samples)
     # prompts take the chunk way, the greedy completion's decode steps (past the window) the decode way
     assert set(rows) == {"topk", "topk decode"} and min(rows.values()) > 0, rows
-    # the host store's size: what the last step left (the finished requests go with the next step)
+    # the host store's size: what the last step left (the finished requests go with the next step): the
+    # greedy completion's 679 tokens, 21 blocks, in one chunk per layer
     held = samples["vllm:lminf_topk_host_store_bytes"][(("engine", "0"),)]
-    # at most the two longest requests above (<= 1,100 tokens: a capacity of <= 64 blocks each), tiny model:
-    # 2 layers, 2 KV heads of 32, float32; per block keys, values and keys at 0, and 2 D summaries
-    per_block = 2 * (3 * 2 * B * 32 * 4 + 2 * 2 * 32 * 4)
-    assert 0 < held <= 2 * 64 * per_block, held
+    assert held == CHUNK, held
+
+
+def test_a_request_that_could_never_fit_the_store_is_refused_with_http_400(server, tiny_llama):
+    url, _ = server
+    body = {"model": str(tiny_llama), "prompt": random_prompt(100, seed=33), "max_tokens": 3000}
+    reply = requests.post(f"{url}/v1/completions", json=body, timeout=60)
+    assert reply.status_code == 400, reply.text
+    assert "prompt 100 tokens + max_tokens 3000" in reply.text and f"topk_store_max_bytes = {CAP}" in reply.text
+    choice = complete(url, {"model": str(tiny_llama), "prompt": random_prompt(100, seed=33), "max_tokens": 3})
+    assert choice["text"] is not None  # within the cap: served

@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from helpers import HostStore, select_blocks
+from lminf_vllm import topk_store
 from lminf_vllm.config import LminfConfig
 from lminf_vllm.rope import RotarySpec, cos_sin, default_inv_freq, rotate
 from lminf_vllm.testing import topk_reference as ref
-from lminf_vllm.topk_attention import block_summaries, rotations, select_from_mass, select_stored
+from lminf_vllm.topk_attention import block_summaries, rotations, select_from_bounds, select_from_mass, select_stored
 
 B, HKV, D = 4, 2, 8
 
@@ -43,77 +44,108 @@ def stored_keys(k0, rotary, first=0):
 
 def test_put_then_append_keeps_blocks_in_order():
     store = HostStore()
-    k, v, lo, hi = blocks(5, seed=0)
+    z, v, lo, hi = blocks(5, seed=0)  # z stands for the keys rotated back to position 0
     assert store.blocks("r", 1) == 0 and store.requests() == set()
-    z = -k  # stands for the keys rotated back to position 0
-    store.put("r", 1, 2, k[:2], v[:2], lo[:2], hi[:2], z[:2])  # a request's first put: its first middle block
+    store.put("r", 1, 2, z[:2], v[:2], lo[:2], hi[:2])  # a request's first put: its first middle block
     assert store.blocks("r", 1) == 4
-    store.put("r", 1, 4, k[2:3], v[2:3], lo[2:3], hi[2:3], z[2:3])  # the next completed block
+    store.put("r", 1, 4, z[2:3], v[2:3], lo[2:3], hi[2:3])  # the next completed block
     assert store.blocks("r", 1) == 5
     s_lo, s_hi = store.summaries("r", 1, 2, 5)
     assert torch.equal(s_lo, lo[:3]) and torch.equal(s_hi, hi[:3])
     assert s_lo.dtype == torch.float32
     chosen = torch.tensor([[2, 4], [3, 4]])
-    keys, values = store.gather("r", 1, chosen)
-    assert keys.shape == (HKV, 2 * B, D)
-    assert torch.equal(keys[0], torch.cat((k[0, :, 0], k[2, :, 0])))
-    assert torch.equal(values[1], torch.cat((v[1, :, 1], v[2, :, 1])))
-    at_zero = store.gather_at_zero("r", 1, chosen)  # laid out as gather's keys
+    at_zero, values = store.gather("r", 1, chosen)
+    assert at_zero.shape == (HKV, 2 * B, D)
     assert torch.equal(at_zero[0], torch.cat((z[0, :, 0], z[2, :, 0])))
     assert torch.equal(at_zero[1], torch.cat((z[1, :, 1], z[2, :, 1])))
+    assert torch.equal(values[1], torch.cat((v[1, :, 1], v[2, :, 1])))
     assert store.requests() == {"r"} and store.blocks("r", 2) == 0  # layers are separate
+    z, v, lo, hi = blocks(6, seed=4)
+    store.put("r", 0, 0, z, v, lo, hi)
+    [view] = store.keys_at_zero("r", 0, 1, 5)  # one chunk: one piece
+    assert view.shape == (4, HKV, B, D) and torch.equal(view, z[1:5].transpose(1, 2))
+    assert view.data_ptr() == store._entries[("r", 0)].pairs[0][1].data_ptr()  # in place: a view, no copy
+    with pytest.raises(RuntimeError, match="never stored"):
+        store.keys_at_zero("r", 0, 1, 7)
+    q3 = torch.randn(4, D, generator=torch.Generator().manual_seed(3))
+    for name, want in (("mass", select_from_mass(q3, view, 1, 2, 0.25)),
+                       ("bound", select_blocks(q3, lo[1:5], hi[1:5], 1, 2))):  # fmt: skip
+        cfg = LminfConfig(0, 4, 4, 2, name)
+        assert torch.equal(select_stored(store, "r", 0, q3, 1, 5, cfg, 0.25), want)
 
 
-def test_growth_keeps_what_was_stored():
+def test_growth_in_chunks_keeps_what_was_stored_and_reads_across_chunks(monkeypatch):
+    """Chunks of 3 blocks here: growing allocates the next chunk and copies nothing; every read
+    (summaries, keys at 0, gathers, block-heads) is the same across a chunk's edge as within one."""
+    monkeypatch.setattr(topk_store, "CHUNK_TOKENS", 3 * B)
     store = HostStore()
-    k, v, lo, hi = blocks(40, seed=1)
-    for b in range(40):  # past the initial capacity of 16 and its doubling
-        store.put("r", 0, 3 + b, k[b : b + 1], v[b : b + 1], lo[b : b + 1], hi[b : b + 1], 2 * k[b : b + 1])
-    assert store.blocks("r", 0) == 43
+    z, v, lo, hi = blocks(40, seed=1)
+    held = []
+    for b in range(40):
+        store.put("r", 0, 3 + b, z[b : b + 1], v[b : b + 1], lo[b : b + 1], hi[b : b + 1])
+        if b == 0:
+            first = store._entries[("r", 0)].pairs[0]
+        held.append(store.nbytes())
+    assert store.blocks("r", 0) == 43 and store.chunks("r", 0) == 15  # ceil(43 / 3)
+    assert store._entries[("r", 0)].pairs[0] is first  # never copied
+    assert held[-1] == topk_store.request_bytes(43 * B, 1, B, HKV, D, 4)  # float32 here
+    assert held == [topk_store.request_bytes((4 + b) * B, 1, B, HKV, D, 4) for b in range(40)]
     s_lo, s_hi = store.summaries("r", 0, 3, 43)
     assert torch.equal(s_lo, lo) and torch.equal(s_hi, hi)
-    keys, values = store.gather("r", 0, torch.tensor([[3, 42], [20, 21]]))
-    assert torch.equal(keys[0, :B], k[0, :, 0]) and torch.equal(keys[0, B:], k[39, :, 0])
-    assert torch.equal(values[1, :B], v[17, :, 1]) and torch.equal(values[1, B:], v[18, :, 1])
-    assert torch.equal(store.gather_at_zero("r", 0, torch.tensor([[3], [42]]))[1], 2 * k[39, :, 1])
+    pieces = store.keys_at_zero("r", 0, 4, 11)  # blocks 4, 5 | 6, 7, 8 | 9, 10
+    assert [p.shape[0] for p in pieces] == [2, 3, 2]
+    assert torch.equal(torch.cat(pieces), z[1:8].transpose(1, 2))
+    q = torch.randn(4, D, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(select_from_mass(q, pieces, 4, 2, 0.3), select_from_mass(q, torch.cat(pieces), 4, 2, 0.3))
+    bounds = store.bounds("r", 0, 4, 11)
+    assert [b.shape[-1] for b in bounds] == [2, 3, 2]
+    assert torch.equal(select_from_bounds(q, bounds, 4, 2), select_from_bounds(q, torch.cat(bounds, -1), 4, 2))
+    chosen = torch.tensor([[3, 42, 7], [20, 21, 22]])  # chunk 1 and 14; 6, 7 (one chunk)
+    at_zero, values = store.gather("r", 0, chosen)
+    assert torch.equal(at_zero[0, :B], z[0, :, 0]) and torch.equal(at_zero[0, B : 2 * B], z[39, :, 0])
+    assert torch.equal(values[1, :B], v[17, :, 1]) and torch.equal(values[1, 2 * B :], v[19, :, 1])
+    one_chunk = store.gather("r", 0, torch.tensor([[6], [7]]))[0]
+    assert torch.equal(one_chunk[1], z[4, :, 1])
+    heads = store.block_heads("r", 0, torch.tensor([42 * HKV + 1, 3 * HKV, 8 * HKV]))  # across chunks
+    assert torch.equal(heads[:, :, :D], torch.stack((z[39, :, 1], z[0, :, 0], z[5, :, 0])))
 
 
 def test_the_cache_dtype_is_kept():
     store = HostStore()
-    k, v, lo, hi = blocks(2, seed=2, dtype=torch.bfloat16)
-    store.put("r", 0, 0, k, v, lo, hi, k.float() / 2)  # keys at position 0 come in float32
-    keys, values = store.gather("r", 0, torch.tensor([[1], [0]]))
-    assert keys.dtype == values.dtype == torch.bfloat16
-    assert torch.equal(keys[0], k[1, :, 0]) and torch.equal(keys[1], k[0, :, 1])
-    at_zero = store.gather_at_zero("r", 0, torch.tensor([[1], [0]]))
-    assert at_zero.dtype == torch.bfloat16 and torch.equal(at_zero[0], k[1, :, 0] / 2)
+    z, v, lo, hi = blocks(2, seed=2, dtype=torch.bfloat16)
+    store.put("r", 0, 0, z.float() / 2, v, lo, hi)  # keys at position 0 come in float32
+    at_zero, values = store.gather("r", 0, torch.tensor([[1], [0]]))
+    assert at_zero.dtype == values.dtype == torch.bfloat16
+    assert torch.equal(at_zero[0], z[1, :, 0] / 2) and torch.equal(values[1], v[0, :, 1])
     assert store.summaries("r", 0, 0, 2)[0].dtype == torch.float32
 
 
-def test_a_recomputed_request_overwrites_and_forgets_later_blocks():
+def test_a_recomputed_request_overwrites_and_forgets_later_blocks(monkeypatch):
+    monkeypatch.setattr(topk_store, "CHUNK_TOKENS", 2 * B)  # chunks of 2 blocks: the later ones go
     store = HostStore()
-    k, v, lo, hi = blocks(4, seed=3)
-    k2, v2, lo2, hi2 = blocks(1, seed=4)
-    store.put("r", 0, 1, k, v, lo, hi, k)  # blocks 1 .. 4
-    store.put("r", 0, 2, k2, v2, lo2, hi2, k2)  # preempted and computed again up to block 2
-    assert store.blocks("r", 0) == 3
+    z, v, lo, hi = blocks(4, seed=3)
+    z2, v2, lo2, hi2 = blocks(1, seed=4)
+    store.put("r", 0, 1, z, v, lo, hi)  # blocks 1 .. 4
+    assert store.chunks("r", 0) == 3
+    store.put("r", 0, 2, z2, v2, lo2, hi2)  # computed again up to block 2
+    assert store.blocks("r", 0) == 3 and store.chunks("r", 0) == 2
+    assert store.nbytes() == topk_store.request_bytes(3 * B, 1, B, HKV, D, 4)
     s_lo, s_hi = store.summaries("r", 0, 1, 3)
     assert torch.equal(s_lo, torch.cat((lo[:1], lo2))) and torch.equal(s_hi, torch.cat((hi[:1], hi2)))
-    keys, _ = store.gather("r", 0, torch.tensor([[2], [1]]))
-    assert torch.equal(keys[0], k2[0, :, 0]) and torch.equal(keys[1], k[0, :, 1])
-    assert torch.equal(store.gather_at_zero("r", 0, torch.tensor([[2], [2]])), k2[0].transpose(0, 1))
+    at_zero, _ = store.gather("r", 0, torch.tensor([[2], [1]]))
+    assert torch.equal(at_zero[0], z2[0, :, 0]) and torch.equal(at_zero[1], z[0, :, 1])
     with pytest.raises(RuntimeError, match=r"block 3 of r was never stored"):
         store.summaries("r", 0, 1, 4)
-    store.put("r", 0, 3, k[2:], v[2:], lo[2:], hi[2:])  # and goes on from there
+    store.put("r", 0, 3, z[2:], v[2:], lo[2:], hi[2:])  # and goes on from there
     assert store.blocks("r", 0) == 5
 
 
 def test_a_gap_is_an_error():
     store = HostStore()
-    k, v, lo, hi = blocks(3, seed=5)
-    store.put("r", 0, 2, k[:2], v[:2], lo[:2], hi[:2])  # blocks 2, 3
+    z, v, lo, hi = blocks(3, seed=5)
+    store.put("r", 0, 2, z[:2], v[:2], lo[:2], hi[:2])  # blocks 2, 3
     with pytest.raises(RuntimeError, match=r"top-k host store: block 5 of r follows block 3"):
-        store.put("r", 0, 5, k[2:], v[2:], lo[2:], hi[2:])
+        store.put("r", 0, 5, z[2:], v[2:], lo[2:], hi[2:])
     assert store.blocks("r", 0) == 4  # unchanged
     with pytest.raises(RuntimeError, match=r"block 4 of r was never stored"):
         store.summaries("r", 0, 2, 5)
@@ -121,22 +153,34 @@ def test_a_gap_is_an_error():
 
 def test_drop_forgets_every_layer_of_finished_requests():
     store = HostStore()
-    k, v, lo, hi = blocks(2, seed=6)
+    z, v, lo, hi = blocks(2, seed=6)
     for request in ("a", "b"):
-        for layer in (10, 20):
-            store.put(request, layer, 1, k, v, lo, hi)
+        for layer in ("model.layers.0.self_attn.attn", "model.layers.1.self_attn.attn"):
+            store.put(request, layer, 1, z, v, lo, hi)
     full = store.nbytes()
-    assert full > 0 and store.requests() == {"a", "b"}
+    assert full == 4 * topk_store.request_bytes(3 * B, 1, B, HKV, D, 4) and store.requests() == {"a", "b"}
     store.drop([])
     store.drop(frozenset({"never-seen"}))
     assert store.requests() == {"a", "b"} and store.nbytes() == full
     store.drop(frozenset({"a"}))
     assert store.requests() == {"b"} and store.nbytes() == full // 2
-    assert store.blocks("a", 10) == 0 and store.blocks("b", 20) == 3
+    assert store.blocks("a", "model.layers.0.self_attn.attn") == 0
+    assert store.blocks("b", "model.layers.1.self_attn.attn") == 3
     with pytest.raises(KeyError):
-        store.summaries("a", 10, 1, 2)
+        store.summaries("a", "model.layers.0.self_attn.attn", 1, 2)
     store.drop(["b"])
     assert store.requests() == set() and store.nbytes() == 0
+
+
+def test_a_put_past_the_limit_is_an_error_naming_the_setting(monkeypatch):
+    monkeypatch.setattr(topk_store, "CHUNK_TOKENS", 2 * B)
+    store = HostStore()
+    store.limit = topk_store.request_bytes(4 * B, 1, B, HKV, D, 4)  # two chunks
+    z, v, lo, hi = blocks(5, seed=7)
+    store.put("r", 0, 0, z[:4], v[:4], lo[:4], hi[:4])
+    with pytest.raises(RuntimeError, match=r"topk_store_max_bytes = \d+"):
+        store.put("r", 0, 4, z[4:], v[4:], lo[4:], hi[4:])
+    assert store.nbytes() == store.limit and store.blocks("r", 0) == 4
 
 
 # ---------------------------------------------------------------- block summaries
@@ -276,39 +320,22 @@ def test_mass_ties_go_to_the_lower_block():
     z2[2, 0, :, 0] = 1.0  # KV head 0: block 2 matches head 0 a little
     z2[1, 1, :, 1] = 1.0  # KV head 1: block 1 matches head 2 a lot
     assert select_from_mass(q2, z2, 10, 1, 1.0).tolist() == [[12], [11]]
-    store = HostStore()
-    k, v, lo, hi = blocks(6, seed=4)
-    store.put("r", 0, 0, k, v, lo, hi, -k)
-    view = store.keys_at_zero("r", 0, 1, 5)
-    assert view.shape == (4, HKV, B, D) and torch.equal(view, (-k[1:5]).transpose(1, 2))
-    assert view.data_ptr() == store.block_heads("r", 0)[HKV].data_ptr()  # in place: a view, no copy
-    with pytest.raises(RuntimeError, match="never stored"):
-        store.keys_at_zero("r", 0, 1, 7)
-    q3 = torch.randn(4, D, generator=torch.Generator().manual_seed(3))
-    for name, want in (("mass", select_from_mass(q3, view, 1, 2, 0.25)),
-                       ("bound", select_blocks(q3, lo[1:5], hi[1:5], 1, 2))):  # fmt: skip
-        cfg = LminfConfig(0, 4, 4, 2, name)
-        assert torch.equal(select_stored(store, "r", 0, q3, 1, 5, cfg, 0.25), want)
 
 
 def test_bounds_and_gather_far_lay_out_what_was_stored():
-    """bounds: hi's channels then lo's, a column per block; gather_far: at_zero, values and keys of
-    any blocks per KV head, as gather and gather_at_zero lay them out; block_heads: both, per
-    block and KV head."""
+    """bounds: hi's channels then lo's, a column per block; gather_far: keys at position 0 and values
+    of any blocks per KV head; block_heads: both, per block and KV head."""
     store = HostStore()
-    k, v, lo, hi = blocks(6, seed=3)
-    store.put("r", 0, 0, k, v, lo, hi, -k)
-    m = store.bounds("r", 0, 1, 5)
+    z, v, lo, hi = blocks(6, seed=3)
+    store.put("r", 0, 0, z, v, lo, hi)
+    [m] = store.bounds("r", 0, 1, 5)  # one chunk: one piece
     assert m.shape == (HKV, 2 * D, 4)
     assert torch.equal(m[:, :D].permute(2, 0, 1), hi[1:5]) and torch.equal(m[:, D:].permute(2, 0, 1), lo[1:5])
     chosen = torch.tensor([[0, 5, 2], [4, 4, 1]])
-    at_zero, values, keys = store.gather_far("r", 0, chosen, with_keys=True)
-    want_keys, want_values = store.gather("r", 0, chosen)
-    assert torch.equal(keys, want_keys) and torch.equal(values, want_values)
-    assert torch.equal(at_zero, store.gather_at_zero("r", 0, chosen))
-    assert store.gather_far("r", 0, chosen, with_keys=False)[2] is None
-    pieces = store.block_heads("r", 0)  # a (block, KV head) per row: the keys at 0, then the values
-    assert torch.equal(pieces[4 * HKV + 1], torch.cat((-k[4, :, 1], v[4, :, 1]), dim=-1))
+    at_zero, values = store.gather_far("r", 0, chosen)
+    assert torch.equal(at_zero[1, B : 2 * B], z[4, :, 1]) and torch.equal(values[0, 2 * B :], v[2, :, 0])
+    pieces = store.block_heads("r", 0, torch.tensor([4 * HKV + 1]))  # a (block, KV head): keys at 0, then values
+    assert torch.equal(pieces[0], torch.cat((z[4, :, 1], v[4, :, 1]), dim=-1))
 
 
 # ---------------------------------------------------------------- the decode way
@@ -340,17 +367,17 @@ def decode_case(dtype, G, W, C, blk, k, i, with_table=False):
     store = HostStore()
     kb = keys[: done * blk].view(done, blk, HKV, D)
     lo, hi, at_zero = block_summaries(kb, 0, rotary)
-    store.put("r", 0, 0, kb, v0[: done * blk].to(dtype).view(done, blk, HKV, D), lo, hi, at_zero)
+    store.put("r", 0, 0, at_zero, v0[: done * blk].to(dtype).view(done, blk, HKV, D), lo, hi)
     q = stored_keys(torch.randn(1, H, D, generator=gen, dtype=torch.float64), rotary, i).to(dtype)
     g = -(-G // blk)
     dec = plan_decode(i, table, cfg, blk, HKV, rotary, D)
     chosen = torch.stack([torch.randperm(dec.fa - g, generator=gen)[:k].sort().values + g for _ in range(HKV)])
     spans = plan_chunk(i, n, table, cfg, blk, rotary, D)
-    store_kv = (*store.gather("r", 0, chosen), store.gather_at_zero("r", 0, chosen))
+    store_kv = store.gather("r", 0, chosen)
     want = attend_chunk(q, spans, cache, OWN_LAYOUT, chosen, store_kv, cfg, D**-0.5, rotary)[0]
     q_f = q[0].float()
     far_blocks = torch.cat((dec.far_blocks, chosen), dim=1)
-    far = store.gather_far("r", 0, far_blocks, with_keys=C > W)
+    far = store.gather_far("r", 0, far_blocks)
     case = want, (q_f, q_f @ dec.q_cap, dec, cache, far, far_blocks, cfg), store
     return (*case, table) if with_table else case
 
@@ -364,7 +391,7 @@ def test_attend_decode_equals_attend_chunk(dtype, atol, G, W, C, blk, k, i):
     from lminf_vllm.topk_attention import attend_decode
 
     want, args, _ = decode_case(dtype, G, W, C, blk, k, i)
-    got = attend_decode(*args, D**-0.5)
+    got = attend_decode(*args, D**-0.5, ROPES[1])
     torch.testing.assert_close(got, want, atol=atol, rtol=0)
 
 
@@ -384,7 +411,7 @@ def test_far_part_and_merge_equal_attend_chunk(G, W, C, blk, k, i):
     s = torch.einsum("kgd,knd->kgn", q.double().view(HKV, -1, D), window[..., :D].double()) * D**-0.5
     o_w = torch.einsum("kgn,knd->kgd", torch.softmax(s, -1), window[..., D:].double()).reshape(1, -1, 1, D)
     lse_w = torch.logsumexp(s, -1).reshape(1, -1, 1)
-    o_f, lse_f = far_part(far_scores(q, q_cap, dec, far, far_blocks, cfg, blk)[None], far[1][None], D**-0.5)
+    o_f, lse_f = far_part(far_scores(q, q_cap, dec, far, far_blocks, cfg, blk, ROPES[1])[None], far[1][None], D**-0.5)
     got = merge_parts(torch.cat((o_w.float(), o_f[:, :, None]), 2), torch.cat((lse_w.float(), lse_f[..., None]), 2))
     torch.testing.assert_close(got[0], want, atol=1e-5, rtol=0)
     two = merge_two(o_w[:, :, 0].float(), lse_w[..., 0].float(), o_f, lse_f)  # the engine's form of two parts

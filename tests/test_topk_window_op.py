@@ -5,6 +5,7 @@ its window are copied in (topk_in_pool.py). Held to float64 attention, to the Py
 the chunk way (topk_attention.attend_chunk), on awkward sizes."""
 
 import dataclasses
+import functools
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ import helpers
 from lminf_vllm.kv_layout import token_numbers, token_views
 from lminf_vllm.paths.topk import ops
 from lminf_vllm.topk_attention import far_part, far_scores, merge_two
-from test_topk_store import DECODE_CASES, D, HKV, decode_case
+from test_topk_store import DECODE_CASES, D, HKV, ROPES, decode_case
 
 
 def test_the_op_is_there_and_trusted_for_half_precision_caches_only(monkeypatch):
@@ -68,7 +69,7 @@ def test_the_decode_way_with_the_op_equals_attend_chunk(G, W, C, blk, k, i):
     selection (to a bfloat16 ulp at 1: the chunk way's window branch rounds to bfloat16)."""
     want, (q, q_cap, dec, cache, far, far_blocks, cfg), _ = decode_case(torch.bfloat16, G, W, C, blk, k, i)
     o_w, lse_w = helpers.window(q.to(torch.bfloat16)[None], cache, dec.window_tokens[None], D**-0.5)
-    o_f, lse_f = far_part(far_scores(q, q_cap, dec, far, far_blocks, cfg, blk)[None], far[1][None], D**-0.5)
+    o_f, lse_f = far_part(far_scores(q, q_cap, dec, far, far_blocks, cfg, blk, ROPES[1])[None], far[1][None], D**-0.5)
     got = merge_two(o_w, lse_w, o_f, lse_f)[0]
     window = cache.view(-1, blk, 2 * D)[dec.window_rows].view(HKV, -1, 2 * D)[:, dec.start : dec.start + W].double()
     s = torch.einsum("kgd,knd->kgn", q.double().view(HKV, -1, D), window[..., :D]) * D**-0.5
@@ -88,11 +89,11 @@ def test_one_call_over_the_pool_equals_attend_chunk(G, W, C, blk, k, i):
     window in place, the selected blocks into the k blocks behind the window), and one call of the
     op reads them with the window, the query as it is. Equal to the chunk way on the same pool,
     store and selection, to bfloat16 rounding (the op's output and the turned keys are bfloat16).
-    Putting the keys back restores every pool row but the buffer's."""
+    Putting back the keys saved before they were turned (SavedKeys) restores every pool row but
+    the buffer's, exactly."""
     from helpers import rotate_rows
-    from lminf_vllm.topk_in_pool import copy_far_blocks, plan_pool_row, restore_keys, turned_positions
+    from lminf_vllm.topk_in_pool import SavedKeys, copy_far_blocks, plan_pool_row
     from lminf_vllm.topk_attention import angles
-    from test_topk_store import ROPES
 
     want, (q, _, dec, cache, _, far_blocks, cfg), store, table = decode_case(torch.bfloat16, G, W, C, blk, k, i,
                                                                             with_table=True)  # fmt: skip
@@ -103,8 +104,11 @@ def test_one_call_over_the_pool_equals_attend_chunk(G, W, C, blk, k, i):
     by_op = cache.clone()
     low = dataclasses.replace(row, turn=row.turn.to(torch.bfloat16))
     by_vllm = lambda k, r: ops.rotate_rows(k, r.turn, rotary.is_neox_style)  # noqa: E731
-    copy_far_blocks(by_op, low, chosen, store.block_heads("r", 0), by_vllm)
-    copy_far_blocks(cache, row, chosen, store.block_heads("r", 0), lambda k, r: rotate_rows(k, r, rotary))
+    heads = functools.partial(store.block_heads, "r", 0)
+    saved = SavedKeys()
+    saved.save(cache, table, -(-G // blk), dec.fa, dec.start)
+    copy_far_blocks(by_op, low, chosen, heads, by_vllm)
+    copy_far_blocks(cache, row, chosen, heads, lambda k, r: rotate_rows(k, r, rotary))
     # vLLM's rotary op (the engine's) turns the keys as rope.rotate does, to bfloat16 rounding
     torch.testing.assert_close(by_op.float(), cache.float(), atol=0.05, rtol=0.02)
     for pool in (cache, by_op):
@@ -112,7 +116,7 @@ def test_one_call_over_the_pool_equals_attend_chunk(G, W, C, blk, k, i):
         got = call.output(q.to(torch.bfloat16)[None], *token_views(pool), row.tokens[None], D**-0.5)[0]
         torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=0)
         assert (got.float() - want).abs().mean() < 4e-3
-    restore_keys(cache, table, turned_positions(i, cfg, blk, dec.fa, dec.start), store.head_rows("r", 0, True)[0], HKV)
+    saved.restore(cache, table)
     g, kk = -(-G // blk), chosen.shape[1]
     buffer = table[dec.fa - kk : dec.fa]
     others = torch.ones(cache.shape[0], dtype=torch.bool)

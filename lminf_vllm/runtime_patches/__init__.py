@@ -12,6 +12,7 @@ PATCH_MODULES = (
     "patch_attention_backends_registry",
     "patch_platforms_cpu",
     "patch_engine_arg_utils",
+    "patch_engine_input_processor",
     "patch_config_vllm",
     "patch_attention_layer",
     "patch_model_loader_base_loader",

@@ -116,16 +116,21 @@ def _topk_defaults(config, cfg) -> None:
             "lminf top-k: prefix caching is off (a block's keys depend on how the request that "
             "wrote it was chunked, and the host store only holds blocks this engine computed)"
         )
-    model, parallel = config.model_config, config.parallel_config
-    itemsize = model.dtype.itemsize
-    per_token = model.get_num_layers(parallel) * model.get_num_kv_heads(parallel) * model.get_head_size() * 3 * itemsize
+    from lminf_vllm.topk_store import CHUNK_TOKENS
+    from lminf_vllm.vllm_config import topk_store_bytes
+
+    size = (f"{topk_store_bytes(config, CHUNK_TOKENS) / 2**20:.0f} MiB per {CHUNK_TOKENS} tokens"
+            if config.cache_config.block_size else "one copy of keys and values")  # fmt: skip
     logger.info(
         "lminf top-k: topk_blocks=%d middle blocks per (sequence, layer, KV head) are read back from a host store, "
-        "which keeps every complete block in host memory: about %.0f MiB per 1,000 tokens of a "
-        "sequence per rank (keys, values, keys at position 0), freed when the request ends",
+        "which keeps every complete block in host memory: %s of a sequence per rank (one copy of keys and values, "
+        "and summaries; it grows by that much at a time), freed when the request ends or is preempted; %s",
         cfg.topk_blocks,
-        per_token * 1000 / 2**20,
-    )
+        size,
+        "no cap (topk_store_max_bytes unset)" if cfg.topk_store_max_bytes is None else
+        f"capped at topk_store_max_bytes={cfg.topk_store_max_bytes} per rank: requests wait for room, and one that "
+        "could never fit (prompt + max_tokens) is refused",
+    )  # fmt: skip
     _warn_past_training_length(config, cfg)
 
 

@@ -35,7 +35,25 @@ How: in lminf engines whose worker writes its token rows itself (no async
 Upstream: NewRequestData.prompt_start (the worker holds the prompt before it),
     set for a streaming continuation (the diff).
 Remove when: vLLM does so.
+
+Target 3: Scheduler.schedule (admission to the top-k host store)
+Why: with topk_blocks > 0 and `topk_store_max_bytes` set, the worker's host
+    store must stay within the cap; what a request holds there is a pure
+    function of its length (topk_store.request_bytes), so the scheduler can
+    account it without asking the worker.
+How: while vLLM schedules, the KV manager's allocate_slots is wrapped for a
+    request that is not running yet (new, or preempted and resuming): if the
+    running requests' reservations (each the store bytes of its prompt plus
+    max_tokens) and its own exceed the cap, it answers None, which vLLM reads as
+    "no KV blocks": the request stays first in the waiting queue, as when the
+    pool runs out. A request that could never fit alone was refused at input
+    (patch_engine_input_processor); one alone in the engine is let through.
+Upstream: a per-request resource hook in admission (e.g. a KV manager method
+    `can_admit(request, running)`), for backends with their own memory.
+Remove when: vLLM has such a hook.
 """
+
+import logging
 
 from lminf_vllm.metrics import ROWS_ATTR, SNAPSHOT_FIELD, engine_snapshot
 from lminf_vllm.prefill_progress import PrefillProgress
@@ -45,6 +63,7 @@ from lminf_vllm.versions import SUPPORTED_VLLM_SERIES
 
 TARGET = "vllm.v1.core.sched.scheduler.Scheduler.make_stats"
 VLLM_VERSIONS = SUPPORTED_VLLM_SERIES
+logger = logging.getLogger("vllm.lminf")  # under "vllm" so vLLM's log setup shows it
 
 
 def lminf_managers(scheduler) -> tuple:
@@ -71,6 +90,46 @@ def sends_tails(scheduler) -> bool:
             and not getattr(scheduler, "use_v2_model_runner", False)
         )
     return decided
+
+
+def topk_store_cap(scheduler) -> int | None:
+    """This engine's top-k store cap in bytes per rank, None without one (decided once)."""
+    if "_lminf_topk_cap" not in scheduler.__dict__:
+        from lminf_vllm.vllm_config import is_lminf_selected, lminf_config_from_vllm
+
+        config = scheduler.vllm_config
+        cap = lminf_config_from_vllm(config).topk_store_max_bytes if is_lminf_selected(config) else None
+        scheduler._lminf_topk_cap = cap
+    return scheduler._lminf_topk_cap
+
+
+def topk_store_reservation(scheduler, request) -> int:
+    """The store bytes a request may come to hold: its prompt plus max_tokens (kept on it)."""
+    held = request.__dict__.get("_lminf_topk_reserved")
+    if held is None:
+        from lminf_vllm.vllm_config import topk_store_bytes
+
+        held = topk_store_bytes(scheduler.vllm_config, request.num_prompt_tokens + request.max_tokens)
+        request._lminf_topk_reserved = held
+    return held
+
+
+def _admitting(scheduler, allocate_slots, cap: int):
+    def allocate(request, *args, **kwargs):
+        running = scheduler.running
+        if running and request not in running:  # (alone in the engine it goes: nothing else to wait for)
+            held = sum(topk_store_reservation(scheduler, r) for r in running)
+            if held + topk_store_reservation(scheduler, request) > cap:
+                if not request.__dict__.get("_lminf_held_back"):  # counted once per request (tests, the log)
+                    request._lminf_held_back = True
+                    scheduler._lminf_held_back = scheduler.__dict__.get("_lminf_held_back", 0) + 1
+                    if scheduler._lminf_held_back == 1:
+                        logger.info("lminf top-k: request %s waits for room in the host store (running requests "
+                                    "reserve %d bytes of topk_store_max_bytes=%d)", request.request_id, held, cap)
+                return None
+        return allocate_slots(request, *args, **kwargs)
+
+    return allocate
 
 
 def apply() -> bool:
@@ -109,7 +168,16 @@ def apply() -> bool:
 
     def make_schedule(original):
         def schedule(self, *args, **kwargs):
-            output = original(self, *args, **kwargs)
+            cap = topk_store_cap(self)
+            if cap is None:
+                output = original(self, *args, **kwargs)
+            else:
+                manager = self.kv_cache_manager
+                manager.allocate_slots = _admitting(self, manager.allocate_slots, cap)
+                try:
+                    output = original(self, *args, **kwargs)
+                finally:
+                    del manager.allocate_slots  # the class's method again
             if sends_tails(self):
                 for new in output.scheduled_new_reqs:
                     request = self.requests.get(new.req_id)

@@ -19,16 +19,22 @@ Upstream: rewind CPU generators by state in `_bookkeeping_sync` (or make the
     sampler not draw for discarded rows).
 Remove when: vLLM handles CPU generators there.
 
-Target 2: GPUModelRunner._update_states and ._build_attention_metadata
+Target 2: GPUModelRunner._update_states, ._build_attention_metadata and ._dummy_run
 Why: the top-k path (topk_blocks > 0) keeps each request's middle blocks in a
-    host store keyed by request id, and must forget a request when it ends;
-    CommonAttentionMetadata carries neither the ids nor the ended requests.
-How: in lminf engines, collect scheduler_output.finished_req_ids, and just
-    before the step's attention metadata is built publish the batch's request
-    ids (input_batch order, the block table's rows) and the ended ones
-    (step.publish_requests); the metadata builder takes them into StepBatch.
-Upstream: request ids on CommonAttentionMetadata (and an end-of-request hook
-    for attention backends).
+    host store keyed by request id, and must forget a request when it ends or
+    is preempted (it is computed again from its first token on resume);
+    CommonAttentionMetadata carries neither the ids nor those requests. A
+    top-k step without ids would silently lose its middle blocks, so the
+    builder must also tell a real step from a dummy one.
+How: in lminf engines, collect scheduler_output.finished_req_ids and
+    .preempted_req_ids; while a real step's attention metadata is built (the
+    call that passes num_scheduled_tokens) publish the batch's request ids
+    (input_batch order, the block table's rows) and those requests
+    (step.publish_requests); while _dummy_run builds one, publish a dummy run;
+    clear both when the build returns. The metadata builder reads them into
+    StepBatch; a top-k step that finds neither stops with an error.
+Upstream: request ids on CommonAttentionMetadata, a dummy-run flag on it (and
+    an end-of-request hook for attention backends).
 Remove when: vLLM passes them.
 
 Target 3: GPUModelRunner._update_streaming_request
@@ -58,7 +64,8 @@ TARGET = "vllm.v1.worker.gpu_model_runner.GPUModelRunner._sample"
 VLLM_VERSIONS = SUPPORTED_VLLM_SERIES
 _SNAPSHOTS = "_lminf_cpu_rng_snapshots"
 _ENABLED = "_lminf_seeded_sampling_fix"
-_FINISHED = "_lminf_finished_requests"  # ended since the last step's metadata (None: not an lminf engine)
+_FINISHED = "_lminf_finished_requests"  # ended or preempted since the last step's metadata (None: not lminf)
+_IN_DUMMY_RUN = "_lminf_in_dummy_run"
 OPT_IN_ENV = "LMINF_SEEDED_SAMPLING_FIX"
 logger = logging.getLogger("vllm.lminf")  # under "vllm" so vLLM's log setup shows it
 _told = []  # whether this process has logged its first rebuilt streaming prompt
@@ -124,22 +131,45 @@ def apply() -> bool:
     def make_update_states(original):
         def _update_states(self, scheduler_output):
             if is_lminf_engine(self):
-                getattr(self, _FINISHED).update(scheduler_output.finished_req_ids)
+                gone = getattr(self, _FINISHED)
+                gone.update(scheduler_output.finished_req_ids)
+                gone.update(scheduler_output.preempted_req_ids or ())  # recomputed from token 0 on resume
             return original(self, scheduler_output)
 
         return _update_states
 
     def make_build_attention_metadata(original):
         def _build_attention_metadata(self, num_tokens, num_reqs, *args, **kwargs):
-            # Only real steps pass num_scheduled_tokens: a dummy run's input_batch may still hold the last step's.
-            if is_lminf_engine(self) and kwargs.get("num_scheduled_tokens") is not None:
-                from lminf_vllm.step import publish_requests
+            if not is_lminf_engine(self):
+                return original(self, num_tokens, num_reqs, *args, **kwargs)
+            from lminf_vllm.step import clear_published, publish_dummy_run, publish_requests
 
+            # Only real steps pass num_scheduled_tokens: a dummy run's input_batch may still hold the last step's.
+            if kwargs.get("num_scheduled_tokens") is not None:
                 publish_requests(self.input_batch.req_ids[:num_reqs], getattr(self, _FINISHED))
                 getattr(self, _FINISHED).clear()
-            return original(self, num_tokens, num_reqs, *args, **kwargs)
+            elif getattr(self, _IN_DUMMY_RUN, False):
+                publish_dummy_run()
+            else:  # a caller we do not know: the builder says so where it needs ids
+                clear_published()
+            try:
+                return original(self, num_tokens, num_reqs, *args, **kwargs)
+            finally:
+                clear_published()
 
         return _build_attention_metadata
+
+    def make_dummy_run(original):
+        def _dummy_run(self, *args, **kwargs):
+            if not is_lminf_engine(self):
+                return original(self, *args, **kwargs)
+            setattr(self, _IN_DUMMY_RUN, True)
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                setattr(self, _IN_DUMMY_RUN, False)
+
+        return _dummy_run
 
     def make_update_streaming(original):
         def _update_streaming_request(self, req_id, new_req_data):
@@ -167,6 +197,7 @@ def apply() -> bool:
     replace_attr(GPUModelRunner, "_bookkeeping_sync", make_bookkeeping)
     replace_attr(GPUModelRunner, "_update_states", make_update_states)
     replace_attr(GPUModelRunner, "_build_attention_metadata", make_build_attention_metadata)
+    replace_attr(GPUModelRunner, "_dummy_run", make_dummy_run)
     replace_attr(GPUModelRunner, "_update_streaming_request", make_update_streaming)
     return applied
 
@@ -174,5 +205,6 @@ def apply() -> bool:
 def is_applied() -> bool:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    names = ("_sample", "_bookkeeping_sync", "_update_states", "_build_attention_metadata", "_update_streaming_request")
+    names = ("_sample", "_bookkeeping_sync", "_update_states", "_build_attention_metadata", "_dummy_run",
+             "_update_streaming_request")
     return all(is_patched(GPUModelRunner, name) for name in names)

@@ -24,6 +24,7 @@ the contract's, ceil(G/B) + ceil(W/B) + 1 + k. No CUDA graphs: host lists, a
 loop over requests.
 """
 
+import functools
 import weakref
 from dataclasses import dataclass, field
 
@@ -46,7 +47,7 @@ from lminf_vllm.topk_attention import (
     select_stored,
 )
 from lminf_vllm.paths.topk import ops
-from lminf_vllm.topk_in_pool import copy_far_blocks, plan_pool_row, restore_keys, turned_positions
+from lminf_vllm.topk_in_pool import SavedKeys, copy_far_blocks, plan_pool_row, turned_positions
 from lminf_vllm.topk_store import HostStore
 
 LAYOUT = OWN_LAYOUT
@@ -57,8 +58,10 @@ CUDAGRAPH = "never"
 # it does with the next step: the last requests an engine served stay until then.
 _STORES: dict[int, HostStore] = {}
 # Per engine likewise: request id -> the positions whose pool keys its last one-call decode left
-# rotated (topk_in_pool), put back before a chunk of it reads them as stored.
+# rotated (topk_in_pool), put back before a chunk of it reads them as stored; and request id ->
+# layer -> those keys as they were stored (topk_in_pool.SavedKeys).
 _TURNED: dict[int, dict[str, torch.Tensor]] = {}
+_SAVED: dict[int, dict[str, dict]] = {}
 
 
 def available(shape: EngineShape) -> bool:
@@ -69,13 +72,14 @@ def store_of(shape: EngineShape) -> HostStore:
     store = _STORES.get(id(shape))
     if store is None:
         store = _STORES[id(shape)] = HostStore()
-        _TURNED[id(shape)] = {}
+        store.limit = shape.cfg.topk_store_max_bytes  # (the scheduler admits within it: past it is a bug)
+        _TURNED[id(shape)], _SAVED[id(shape)] = {}, {}
         weakref.finalize(shape, _forget, id(shape))  # (the id cannot be reused before that)
     return store
 
 
 def _forget(key: int) -> None:
-    _STORES.pop(key, None), _TURNED.pop(key, None)
+    _STORES.pop(key, None), _TURNED.pop(key, None), _SAVED.pop(key, None)
 
 
 @dataclass
@@ -92,6 +96,7 @@ class Plan:
     steps: dict = field(default_factory=dict)  # rotary -> the step's DecodeStep, made once
     write_at: tuple | None = None  # kv_layout.write_index of the step's tokens, made once
     turned: dict = field(default_factory=dict)  # the engine's _TURNED entry
+    saved: dict = field(default_factory=dict)  # the engine's _SAVED entry
     restore: list = field(default_factory=list)  # (request index, request id, positions): keys to put back
 
     @property
@@ -109,34 +114,46 @@ class Plan:
         return {way: n for way, n in rows.items() if n}
 
 
+class MissingRequestIds(RuntimeError):
+    """A top-k step whose requests the path cannot name: it would lose every middle block."""
+
+
 def plan(batch: StepBatch, shape: EngineShape) -> Plan:
+    if batch.request_ids is None and not batch.dummy:
+        raise MissingRequestIds(
+            f"lminf top-k (additional_config.lminf.topk_blocks={shape.cfg.topk_blocks}) cannot serve this step: "
+            f"{batch.missing}. Without request ids it cannot keep or read the requests' middle blocks; "
+            "use topk_blocks=0 with this runner"
+        )
     store = store_of(shape)
     store.drop(batch.finished)
-    turned = _TURNED[id(shape)]
+    turned, saved = _TURNED[id(shape)], _SAVED[id(shape)]
     for rid in batch.finished:
-        turned.pop(rid, None)
+        turned.pop(rid, None), saved.pop(rid, None)
     ids = batch.request_ids
     chunks = [(r, a, a + t, n, None if ids is None else ids[r]) for r, a, t, n in batch.requests()]
     window_op = ops.usable(shape.dtype, shape.num_heads, shape.num_kv_heads, shape.head_size, shape.block_size)
-    p = Plan(batch, shape, store, chunks, window_op=window_op, turned=turned)
+    p = Plan(batch, shape, store, chunks, window_op=window_op, turned=turned, saved=saved)
     for r, a, b, n, rid in chunks:  # rows that would read turned keys as stored: put them back first
         if rid in turned and (b - a == n or not (b - a == 1 and decodes_fast(n - 1, shape.cfg, shape.block_size))):
             positions = turned.pop(rid)
             if b - a < n:  # (a chunk from position 0, after preemption, has nothing to put back)
                 p.restore.append((r, rid, positions))
+        if b - a == n:  # computed again from position 0: what was saved is of its old blocks
+            saved.pop(rid, None)
     return p
 
 
 def run(plan: Plan, layer: LayerMath, query, key, value, kv_cache, output: torch.Tensor) -> None:
     b, shape = plan.batch, plan.shape
     cfg, B = shape.cfg, shape.block_size
-    layer_key = kv_cache.data_ptr()  # one cache tensor per layer, kept for the engine's life
+    layer_key = _layer_key(layer, kv_cache)
     if plan.write_at is None:
         plan.write_at = write_index(b.slot_mapping[: b.num_tokens], B)
     write_kv_at(kv_cache, key[: b.num_tokens], value[: b.num_tokens], plan.write_at)
-    for r, rid, positions in plan.restore:
-        restore_keys(kv_cache, b.block_table[r], positions, plan.store.head_rows(rid, layer_key, True)[0],
-                     shape.num_kv_heads)  # fmt: skip
+    for r, rid, _ in plan.restore:  # the keys as stored, saved before they were turned
+        if (kept := plan.saved.get(rid, {}).get(layer_key)) is not None:
+            kept.restore(kv_cache, b.block_table[r])
     g = global_blocks(cfg.global_tokens, B)
     decodes = []  # (request index, request id, token, DecodeRow): the decode way, after the loop
     for r, first, stop, seq_len, rid in plan.chunks:
@@ -159,8 +176,7 @@ def run(plan: Plan, layer: LayerMath, query, key, value, kv_cache, output: torch
             q_last = query[stop - 1].float()  # rotated to C by the last span's last matrix
             q_cap = torch.matmul(q_last, spans[-1].q_cap[-1])
             chosen = select_stored(plan.store, rid, layer_key, q_cap, g, f, cfg, layer.scale)
-            at_zero, values, keys = plan.store.gather_far(rid, layer_key, chosen, with_keys=True)
-            store_kv = (keys, values, at_zero)
+            store_kv = plan.store.gather_far(rid, layer_key, chosen)
             plan.chosen[(layer_key, r)] = chosen
         out = attend_chunk(query[first:stop], spans, kv_cache, LAYOUT, chosen, store_kv, cfg, layer.scale, layer.rotary)
         output[first:stop] = out.to(output.dtype)
@@ -224,7 +240,7 @@ def _decode(plan: Plan, layer: LayerMath, rows: list, query, kv_cache, output) -
     pool (_decode_in_pool); else one call for every row's window, joined by log-sum-exps with
     the store keys in PyTorch. Without the op, the PyTorch math."""
     cfg, B = plan.shape.cfg, plan.shape.block_size
-    layer_key, with_keys = kv_cache.data_ptr(), cfg.distance_cap > cfg.local_tokens
+    layer_key = _layer_key(layer, kv_cache)
     rot = angles.key(layer.rotary)
     step = plan.steps.get(rot)
     if step is None:
@@ -241,13 +257,15 @@ def _decode(plan: Plan, layer: LayerMath, rows: list, query, kv_cache, output) -
         chosen = select_stored(plan.store, rid, layer_key, q_cap, g, dec.fa, cfg, layer.scale)
         plan.chosen[(layer_key, r)] = chosen
         blocks = torch.cat((dec.far_blocks, chosen), dim=1)
-        far = plan.store.gather_far(rid, layer_key, blocks, with_keys=with_keys)
+        far = plan.store.gather_far(rid, layer_key, blocks)
         if plan.window_op:
-            o_f, lse_f = far_part(far_scores(q, q_cap, dec, far, blocks, cfg, B)[None], far[1][None], layer.scale)
+            o_f, lse_f = far_part(far_scores(q, q_cap, dec, far, blocks, cfg, B, layer.rotary)[None], far[1][None],
+                                  layer.scale)  # fmt: skip
             far_outs.append(o_f[0])
             far_lses.append(lse_f[0])
         else:
-            output[t] = attend_decode(q, q_cap, dec, kv_cache, far, blocks, cfg, layer.scale).to(output.dtype)
+            output[t] = attend_decode(q, q_cap, dec, kv_cache, far, blocks, cfg, layer.scale,
+                                      layer.rotary).to(output.dtype)  # fmt: skip
     if plan.window_op:
         o_w, lse_w = step.window_call(qs, *token_views(kv_cache), step.windows, layer.scale)  # [R, H, Dv], [R, H]
         out = merge_two(o_w, lse_w, torch.stack(far_outs), torch.stack(far_lses))
@@ -258,14 +276,16 @@ def _decode_in_pool(plan: Plan, step: DecodeStep, layer: LayerMath, rows: list, 
     """Decode rows whose keys past the window all sit at distance C (topk_in_pool): each selects,
     its picks and the rest of its far keys go into the pool rotated to i - C, and one call of
     vLLM's op reads every row's keys with its query as it is."""
-    cfg, B, layer_key = plan.shape.cfg, plan.shape.block_size, kv_cache.data_ptr()
+    cfg, B, layer_key = plan.shape.cfg, plan.shape.block_size, _layer_key(layer, kv_cache)
     g = global_blocks(cfg.global_tokens, B)
     neox = layer.rotary.is_neox_style
     turn = lambda keys, row: ops.rotate_rows(keys, row.turn, neox)  # noqa: E731
     for (r, rid, _, dec), q_cap, prow in zip(rows, q_caps, step.pool):
         chosen = select_stored(plan.store, rid, layer_key, q_cap, g, dec.fa, cfg, layer.scale)
         plan.chosen[(layer_key, r)] = chosen
-        copy_far_blocks(kv_cache, prow, chosen, plan.store.block_heads(rid, layer_key), turn)
+        kept = plan.saved.setdefault(rid, {}).setdefault(layer_key, SavedKeys())
+        kept.save(kv_cache, plan.batch.block_table[r], g, dec.fa, dec.start)  # before they are turned
+        copy_far_blocks(kv_cache, prow, chosen, functools.partial(plan.store.block_heads, rid, layer_key), turn)
     if step.lead and output.dtype == qs.dtype and output[: len(rows)].is_contiguous():  # the op writes in place
         step.pool_call.output(qs, *token_views(kv_cache), step.pool_tokens, layer.scale, output[: len(rows)])
         return
@@ -273,7 +293,13 @@ def _decode_in_pool(plan: Plan, step: DecodeStep, layer: LayerMath, rows: list, 
     output[step.tokens] = out.to(output.dtype)
 
 
-def _store_completed(store: HostStore, rid: str, layer_key: int, kv_cache, row, s: int, e: int, B: int,
+def _layer_key(layer: LayerMath, kv_cache: torch.Tensor):
+    """The store's key of a layer: vLLM's layer name (its cache's address where a caller made
+    LayerMath without one)."""
+    return layer.name if layer.name is not None else kv_cache.data_ptr()
+
+
+def _store_completed(store: HostStore, rid: str, layer_key, kv_cache, row, s: int, e: int, B: int,
                      layer: LayerMath) -> None:  # fmt: skip
     """Copy the blocks this chunk completed to the store, with their summaries (the global
     blocks too: decode reads them from there, rotated back to position 0)."""
@@ -285,4 +311,4 @@ def _store_completed(store: HostStore, rid: str, layer_key: int, kv_cache, row, 
     n = b1 - b0
     keys, values = keys.view(n, B, *keys.shape[1:]), values.view(n, B, *values.shape[1:])
     lo, hi, at_zero = block_summaries(keys, b0, layer.rotary)
-    store.put(rid, layer_key, b0, keys, values, lo, hi, at_zero)
+    store.put(rid, layer_key, b0, at_zero, values, lo, hi)
