@@ -118,7 +118,10 @@ def main(argv=None):
           f"{wall:.2f} s ({profiled:.2f} s under cProfile)")  # fmt: skip
     for label, s in rows.items():
         print(f"  {label:58s} {s:7.2f} s  {s / profiled:6.1%}")
-    recorded = {"preset": args.preset, "mode": args.mode, "args": {k: str(v) for k, v in vars(args).items()},
+    from lminf_vllm.cpu_isa import describe
+
+    recorded = {"cpu": describe(), "preset": args.preset, "mode": args.mode,
+                "args": {k: str(v) for k, v in vars(args).items()},
                 "engine": {k: preset[k] for k in ("model", "dtype", "block_size", "compile", "kv_mib", "lminf")},
                 "wall_s": round(wall, 2), "profiled_s": round(profiled, 2),
                 "seconds_under_profile": {k: round(v, 3) for k, v in rows.items()},
