@@ -108,7 +108,6 @@ class KernelCall:
     kind: Rows
     isa: str
     head_size: int  # the scratch's (Dx)
-    globals_per_piece: int  # keys between a piece's older window keys and its queries
     query_rows: torch.Tensor  # [Tq] the queries' rows in the step
     source: tuple[torch.Tensor, torch.Tensor]  # (cache blocks, slots) [N] of each scratch row
     virtual: torch.Tensor  # scratch rows holding the virtual key (capped calls; else empty)
@@ -117,7 +116,7 @@ class KernelCall:
     block_table: torch.Tensor  # [pieces, width] scratch blocks
     window: int
     metadata: object
-    # Capped calls, the global branch: each query's position and request (an index into global_blocks)
+    # Capped calls, for the global branch: each query's position, and each request's run of them
     positions: torch.Tensor | None = None
     segments: list[tuple[int, int]] = field(default_factory=list)  # [t0, t1) of the call's queries per request
     global_blocks: torch.Tensor | None = None  # [R, G] cache block of each request's global keys
@@ -190,7 +189,7 @@ def _plan_call(kind, pieces, block_table, cfg, B, H, Hkv, D, dtype) -> KernelCal
     seq = torch.tensor(lens, dtype=torch.int32)
     window = -1 if kind is Rows.ALL_KEYS else W + G
     rows = torch.from_numpy(np.concatenate([np.arange(p.t, p.t + p.b - p.a) for p in pieces]))
-    call = KernelCall(kind, isa, Dx, G, rows, (blocks, pos % B), torch.tensor(virtual, dtype=torch.long), qsl, seq,
+    call = KernelCall(kind, isa, Dx, rows, (blocks, pos % B), torch.tensor(virtual, dtype=torch.long), qsl, seq,
                       table, window, scheduler_metadata(qsl, seq, window, isa, H, Hkv, Dx, dtype))  # fmt: skip
     if capped:
         reqs, t = [], 0  # a request's pieces are consecutive (one run of a kind per step)
