@@ -44,7 +44,7 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from soak import wait_ready  # noqa: E402
+from soak import ServeProcess  # noqa: E402
 from lminf_vllm.cpu_isa import describe  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,36 +93,13 @@ def snapshot_package(work: Path, root: Path = ROOT) -> tuple[Path, str]:
     return code, digest.hexdigest()[:12]
 
 
-class Server:
-    def __init__(self, args, port: int, extra: list[str], log_path: Path, code: Path):
-        self.url = f"http://127.0.0.1:{port}"
-        self.log_path = log_path
-        self.argv = [
-            vllm_bin(), "serve", args.model, "--served-model-name", args.served_model_name,
-            "--attention-backend", "lminf", "--additional-config", json.dumps({"lminf": json.loads(args.lminf)}),
-            "--max-model-len", str(MAX_MODEL_LEN), "--host", "127.0.0.1", "--port", str(port), *extra,
-        ]  # fmt: skip
-        env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
-        env["VLLM_CPU_KVCACHE_SPACE"] = str(args.kv_cache_gib)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(code), env.get("PYTHONPATH")]))
-        self.proc = subprocess.Popen(self.argv, env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
-                                     start_new_session=True)  # fmt: skip
-
-    def wait_ready(self, timeout: float = 600) -> None:
-        wait_ready(self.proc, self.url, self.log_path, timeout)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.proc.poll() is not None:
-            return
-        self.proc.terminate()  # vllm serve stops its engine core and workers
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, 9)  # its own session: only what this script started
-            self.proc.wait()
+def start_server(args, port: int, extra: list[str], log_path: Path, code: Path) -> ServeProcess:
+    argv = [
+        vllm_bin(), "serve", args.model, "--served-model-name", args.served_model_name,
+        "--attention-backend", "lminf", "--additional-config", json.dumps({"lminf": json.loads(args.lminf)}),
+        "--max-model-len", str(MAX_MODEL_LEN), "--host", "127.0.0.1", "--port", str(port), *extra,
+    ]  # fmt: skip
+    return ServeProcess(argv, port, log_path, code, {"VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_gib)})
 
 
 def bench_argv(args, url: str, result_dir: Path, name: str, input_len: int, range_ratio: float, output_len: int,
@@ -146,7 +123,7 @@ def shown(argv: list[str], args) -> str:
     return text.replace(str(Path.home()), "~")
 
 
-def warm_up(server: Server, args) -> None:
+def warm_up(server: ServeProcess, args) -> None:
     """One prompt of two full steps and one short one, so that neither run pays first-call costs."""
     body = {"model": args.served_model_name, "max_tokens": 2, "temperature": 0, "ignore_eos": True}
     requests.post(f"{server.url}/v1/completions", json={**body, "prompt": [100 + i % 1000 for i in range(4200)]},
@@ -155,7 +132,7 @@ def warm_up(server: Server, args) -> None:
 
 
 def run_variant(args, name: str, extra: list[str], port: int, work: Path, code: Path) -> dict:
-    server = Server(args, port, extra, work / f"server-{name}.log", code)
+    server = start_server(args, port, extra, work / f"server-{name}.log", code)
     try:
         started = time.time()
         server.wait_ready()

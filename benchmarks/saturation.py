@@ -101,32 +101,6 @@ def shown(argv: list[str]) -> str:
     return shlex.join([Path(argv[0]).name, *argv[1:]]).replace(str(Path.home()), "~")
 
 
-class Server:
-    def __init__(self, argv: list[str], port: int, log_path: Path, code: Path):
-        self.argv, self.url, self.log_path = argv, f"http://127.0.0.1:{port}", log_path
-        env = {k: v for k, v in os.environ.items() if k not in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_KVCACHE_SPACE")}
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(code), env.get("PYTHONPATH")]))  # this run's code
-        env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")  # as make serve on <= 4 cores
-        self.proc = subprocess.Popen(argv, env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
-                                     start_new_session=True)  # fmt: skip
-
-    def wait_ready(self, timeout: float = 900) -> None:
-        sys.path.insert(0, str(Path(__file__).parent))
-        from soak import wait_ready
-
-        wait_ready(self.proc, self.url, self.log_path, timeout)
-
-    def stop(self) -> None:
-        if self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, 9)  # its own session: only what this script started
-            self.proc.wait()
-
-
 class Scraper(threading.Thread):
     """Polls /metrics: requests running (max, mean while any), waiting (max), preemptions (delta), KV use (max)."""
 
@@ -218,7 +192,13 @@ def run_mode(args, preset, model, mode, scenarios, work: Path, port: int) -> lis
     max_len = int(1.25 * max(int(n * (1 + r)) + out for n, r, out, *_ in scenarios.values())) + 64
     argv = serve_argv(args, preset, model, mode, port, max_len)
     print("$", shown(argv), file=sys.stderr, flush=True)
-    server = Server(argv, port, work / f"server-{mode}.log", args.code_dir)
+    sys.path.insert(0, str(Path(__file__).parent))
+    from soak import ServeProcess
+
+    # The budget is --kv-cache-memory-bytes; no CPU reserved, as make serve on <= 4 cores.
+    env = {"VLLM_CPU_KVCACHE_SPACE": None,
+           "VLLM_CPU_NUM_OF_RESERVED_CPU": os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")}  # fmt: skip
+    server = ServeProcess(argv, port, work / f"server-{mode}.log", args.code_dir, env)
     rows = []
     try:
         t0 = time.time()

@@ -75,6 +75,41 @@ def wait_ready(proc, url: str, log_path: Path, timeout: float = 300) -> None:
     raise RuntimeError(f"vllm serve not ready after {timeout}s:\n{log_path.read_text()[-3000:]}")
 
 
+class ServeProcess:
+    """A `vllm serve` command line in its own session (stop() takes all it started), importing
+    `code`'s lminf_vllm before the installed one (None: the installed one); env: variables to
+    set, None to remove. The benchmarks that compare configurations share it."""
+
+    def __init__(self, argv: list[str], port: int, log_path: Path, code: Path | None = None, env=None):
+        self.argv, self.url, self.log_path = argv, f"http://127.0.0.1:{port}", log_path
+        environ = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+        if code is not None:
+            environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(code), environ.get("PYTHONPATH")]))
+        for key, value in (env or {}).items():
+            if value is None:
+                environ.pop(key, None)
+            else:
+                environ[key] = value
+        self.proc = subprocess.Popen(argv, env=environ, stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
+                                     start_new_session=True)  # fmt: skip
+
+    def wait_ready(self, timeout: float = 600) -> None:
+        wait_ready(self.proc, self.url, self.log_path, timeout)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is not None:
+            return
+        self.proc.terminate()  # vllm serve stops its engine core and workers
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, 9)  # its own session: only what this process started
+            self.proc.wait()
+
+
 class Server:
     """`vllm serve` with lminf, on a free port of 127.0.0.1."""
 
