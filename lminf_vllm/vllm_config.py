@@ -123,9 +123,9 @@ def lminf_config_from_vllm(vllm_config: Any) -> LminfConfig:
 
 def topk_store_bytes(vllm_config: Any, tokens: int) -> int:
     """Host bytes the top-k store holds on one rank for a request of `tokens` tokens
-    (topk_store.request_bytes with this engine's shape: its layers and KV heads per rank,
+    (paths/topk/store.request_bytes with this engine's shape: its layers and KV heads per rank,
     block size and cache dtype)."""
-    from lminf_vllm.topk_store import request_bytes
+    from lminf_vllm.paths.topk.store import request_bytes
 
     model, parallel = vllm_config.model_config, vllm_config.parallel_config
     return request_bytes(tokens, model.get_num_layers(parallel), vllm_config.cache_config.block_size,

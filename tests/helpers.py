@@ -7,14 +7,15 @@ import logging
 
 import torch
 
-from lminf_vllm import topk_store, versions
+from lminf_vllm import versions
+from lminf_vllm.paths.topk import store as topk_store
 from lminf_vllm.block_policy import freeable_blocks
 from lminf_vllm.kv_layout import token_views
 from lminf_vllm.paths.topk.ops import ListedCall
 from lminf_vllm.rope import rotate
 from lminf_vllm.runtime_patches._util import _MARK, _lookup, _unwrap
-from lminf_vllm.topk_attention import select_from_bounds
-from lminf_vllm.topk_in_pool import PoolRow
+from lminf_vllm.paths.topk.attention import select_from_bounds
+from lminf_vllm.paths.topk.pool import PoolRow
 
 
 # ---------------------------------------------------------------- block_policy
@@ -70,7 +71,7 @@ class HostStore(topk_store.HostStore):
 
 
 def select_blocks(q_cap: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, first: int, k: int) -> torch.Tensor:
-    """topk_attention.select_from_bounds with the summaries apart: q_cap [H, D] float32, the last
+    """attention.select_from_bounds with the summaries apart: q_cap [H, D] float32, the last
     row's query rotated to position C; lo, hi [nc, Hkv, D] the summaries of the candidate blocks
     first .. first + nc - 1. -> [Hkv, min(k, nc)] block numbers, ascending per KV head."""
     return select_from_bounds(q_cap, torch.cat((hi, lo), dim=-1).permute(1, 2, 0), first, k)
@@ -91,7 +92,7 @@ def window(q: torch.Tensor, kv_cache: torch.Tensor, tokens: torch.Tensor, scale:
 
 
 def rotate_rows(keys: torch.Tensor, row: PoolRow, rotary) -> None:
-    """topk_in_pool.copy_far_blocks' turn in PyTorch: keys [N, D] rotated in place by row.turn
+    """pool.copy_far_blocks' turn in PyTorch: keys [N, D] rotated in place by row.turn
     (rope.rotate, float32); the engine's is vLLM's rotary op (paths/topk/ops.rotate_rows)."""
     cos, sin = row.turn.float().chunk(2)
     keys.copy_(rotate(keys.float(), cos, sin, rotary))

@@ -328,7 +328,7 @@ def test_bfloat16_decode_reads_windows_and_store_keys_through_vllms_op(tiny_llam
             runs.append(([o.outputs[0] for o in outs], rows, in_pool))
     (op, op_rows, op_in_pool), (pt, pt_rows, pt_in_pool) = runs
     assert op_rows.get("topk decode op", 0) == 12 and "topk decode" not in op_rows, op_rows
-    assert (op_in_pool, pt_in_pool) == (12, 0)  # C = W: one call over the pool (topk_in_pool) each
+    assert (op_in_pool, pt_in_pool) == (12, 0)  # C = W: one call over the pool (paths/topk/pool.py) each
     assert pt_rows.get("topk decode", 0) == 12 and "topk decode op" not in pt_rows, pt_rows
     ref = DenseLlama(tiny_llama)
     ref.w = {name: w.to(torch.bfloat16).double() for name, w in ref.w.items()}
@@ -353,7 +353,7 @@ def test_bfloat16_one_row_chunks_mid_prompt_then_longer_ones_read_the_keys_as_st
                                                                                      monkeypatch):  # fmt: skip
     """A step budget of 4 tokens, four requests (lminf's scheduling default prefills one row a
     step while others wait): the long prompt is computed one row a step, and past its first middle
-    block such a row takes the one-call way (topk_in_pool), which leaves the global keys rotated in
+    block such a row takes the one-call way (paths/topk/pool.py), which leaves the global keys rotated in
     the pool. Once the short requests end, the long prompt's chunks grow past one row and read those
     keys as stored: they are put back first. Every request has a fixed length (ignore_eos), so the
     engine with the PyTorch decode way (which turns nothing) schedules the same chunks (the

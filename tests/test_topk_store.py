@@ -1,4 +1,4 @@
-"""The top-k engine path's parts below the engine: the host store (topk_store.HostStore), block
+"""The top-k engine path's parts below the engine: the host store (paths/topk/store.HostStore), block
 summaries and the per-chunk selection (topk_attention), held to the dense reference of
 docs/topk-contract.md (testing/topk_reference.py). No engine, no vLLM."""
 
@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from helpers import HostStore, select_blocks
-from lminf_vllm import topk_store
+from lminf_vllm.paths.topk import store as topk_store
 from lminf_vllm.config import LminfConfig
 from lminf_vllm.rope import RotarySpec, cos_sin, default_inv_freq, rotate
 from lminf_vllm.testing import topk_reference as ref
-from lminf_vllm.topk_attention import block_summaries, rotations, select_from_bounds, select_from_mass, select_stored
+from lminf_vllm.paths.topk.attention import block_summaries, rotations, select_from_bounds, select_from_mass, select_stored
 
 B, HKV, D = 4, 2, 8
 
@@ -350,7 +350,7 @@ def decode_case(dtype, G, W, C, blk, k, i, with_table=False):
     arguments of the decode way: q, q_cap, DecodeRow, cache, far, far_blocks, cfg; the store;
     with_table: the row's block table too)."""
     from lminf_vllm.kv_layout import OWN_LAYOUT
-    from lminf_vllm.topk_attention import attend_chunk, decodes_fast, plan_chunk, plan_decode
+    from lminf_vllm.paths.topk.attention import attend_chunk, decodes_fast, plan_chunk, plan_decode
 
     rotary, H, n = ROPES[1], 4, i + 1
     cfg = LminfConfig(G, W, C, k)
@@ -388,7 +388,7 @@ def test_attend_decode_equals_attend_chunk(dtype, atol, G, W, C, blk, k, i):
     """A decode row the short way (window from the pool, everything else from the store at position 0,
     one softmax) against the chunk way (two branches merged), on the same pool, store and selection,
     physical blocks shuffled. bfloat16: P meets V in bfloat16 in the short way only."""
-    from lminf_vllm.topk_attention import attend_decode
+    from lminf_vllm.paths.topk.attention import attend_decode
 
     want, args, _ = decode_case(dtype, G, W, C, blk, k, i)
     got = attend_decode(*args, D**-0.5, ROPES[1])
@@ -404,7 +404,7 @@ def merge_parts(outs: torch.Tensor, lses: torch.Tensor) -> torch.Tensor:
 def test_far_part_and_merge_equal_attend_chunk(G, W, C, blk, k, i):
     """The decode way in two parts, as the engine runs it with vLLM's op for the window: the window
     (here in float64) and the store's keys normalised apart, joined by their log-sum-exps."""
-    from lminf_vllm.topk_attention import far_part, far_scores, merge_two
+    from lminf_vllm.paths.topk.attention import far_part, far_scores, merge_two
 
     want, (q, q_cap, dec, cache, far, far_blocks, cfg), _ = decode_case(torch.float32, G, W, C, blk, k, i)
     window = cache.view(-1, blk, 2 * D)[dec.window_rows].view(HKV, -1, 2 * D)[:, dec.start : dec.start + W]

@@ -12,7 +12,7 @@ from vllm import SamplingParams
 from vllm.exceptions import VLLMValidationError  # a client error: HTTP 400 in `vllm serve`
 
 from engine import engine, page_bytes, random_prompt
-from lminf_vllm.topk_store import CHUNK_TOKENS
+from lminf_vllm.paths.topk.store import CHUNK_TOKENS
 
 LAYERS, HKV, D, FLOAT32 = 2, 2, 32, 4  # the tiny Llama (conftest), float32
 

@@ -1,8 +1,8 @@
 """vLLM's CPU decode op as the top-k path calls it (paths/topk/ops.py): where C > W, the windows of
 decode rows, read in place from the paged cache through a table of rows, each part's float32 output
 and log-sum-exp left for the merge; where C = W, one call over the pool after each row's keys past
-its window are copied in (topk_in_pool.py). Held to float64 attention, to the PyTorch parts and to
-the chunk way (topk_attention.attend_chunk), on awkward sizes."""
+its window are copied in (paths/topk/pool.py). Held to float64 attention, to the PyTorch parts and to
+the chunk way (attention.attend_chunk), on awkward sizes."""
 
 import dataclasses
 import functools
@@ -13,7 +13,7 @@ import torch
 import helpers
 from lminf_vllm.kv_layout import token_numbers, token_views
 from lminf_vllm.paths.topk import ops
-from lminf_vllm.topk_attention import far_part, far_scores, merge_two
+from lminf_vllm.paths.topk.attention import far_part, far_scores, merge_two
 from test_topk_store import DECODE_CASES, D, HKV, ROPES, decode_case
 
 
@@ -84,7 +84,7 @@ POOL_CASES = [c for c in DECODE_CASES if c[2] <= c[1]] + [(5, 12, 12, 4, 3, 70),
 
 @pytest.mark.parametrize("G, W, C, blk, k, i", POOL_CASES)
 def test_one_call_over_the_pool_equals_attend_chunk(G, W, C, blk, k, i):
-    """The engine's decode way in a bfloat16 engine where C = W (topk_in_pool): the row's keys past
+    """The engine's decode way in a bfloat16 engine where C = W (paths/topk/pool.py): the row's keys past
     its window go into the pool rotated to i - C (the global blocks and block fa's rows before the
     window in place, the selected blocks into the k blocks behind the window), and one call of the
     op reads them with the window, the query as it is. Equal to the chunk way on the same pool,
@@ -92,8 +92,8 @@ def test_one_call_over_the_pool_equals_attend_chunk(G, W, C, blk, k, i):
     Putting back the keys saved before they were turned (SavedKeys) restores every pool row but
     the buffer's, exactly."""
     from helpers import rotate_rows
-    from lminf_vllm.topk_in_pool import SavedKeys, copy_far_blocks, plan_pool_row
-    from lminf_vllm.topk_attention import angles
+    from lminf_vllm.paths.topk.pool import SavedKeys, copy_far_blocks, plan_pool_row
+    from lminf_vllm.paths.topk.attention import angles
 
     want, (q, _, dec, cache, _, far_blocks, cfg), store, table = decode_case(torch.bfloat16, G, W, C, blk, k, i,
                                                                             with_table=True)  # fmt: skip
@@ -126,8 +126,8 @@ def test_one_call_over_the_pool_equals_attend_chunk(G, W, C, blk, k, i):
 
 
 def test_one_call_over_the_pool_needs_c_within_w_and_the_buffer_held():
-    from lminf_vllm.topk_in_pool import plan_pool_row
-    from lminf_vllm.topk_attention import angles
+    from lminf_vllm.paths.topk.pool import plan_pool_row
+    from lminf_vllm.paths.topk.attention import angles
     from test_topk_store import ROPES
 
     G, W, C, blk, k, i = DECODE_CASES[0]

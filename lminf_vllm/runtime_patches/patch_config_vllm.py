@@ -116,7 +116,7 @@ def _topk_defaults(config, cfg) -> None:
             "lminf top-k: prefix caching is off (a block's keys depend on how the request that "
             "wrote it was chunked, and the host store only holds blocks this engine computed)"
         )
-    from lminf_vllm.topk_store import CHUNK_TOKENS
+    from lminf_vllm.paths.topk.store import CHUNK_TOKENS
     from lminf_vllm.vllm_config import topk_store_bytes
 
     size = (f"{topk_store_bytes(config, CHUNK_TOKENS) / 2**20:.0f} MiB per {CHUNK_TOKENS} tokens"

@@ -39,7 +39,7 @@ Remove when: vLLM does so.
 Target 3: Scheduler.schedule (admission to the top-k host store)
 Why: with topk_blocks > 0 and `topk_store_max_bytes` set, the worker's host
     store must stay within the cap; what a request holds there is a pure
-    function of its length (topk_store.request_bytes), so the scheduler can
+    function of its length (paths/topk/store.request_bytes), so the scheduler can
     account it without asking the worker.
 How: while vLLM schedules, the KV manager's allocate_slots is wrapped for a
     request that is not running yet (new, or preempted and resuming): if the

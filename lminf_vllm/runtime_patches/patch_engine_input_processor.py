@@ -3,7 +3,7 @@
 Target: vllm.v1.engine.input_processor.InputProcessor.process_inputs
 Why: with topk_blocks > 0 every complete block of a request is kept in a host
     store, whose size for a request is a pure function of its length
-    (topk_store.request_bytes). With `topk_store_max_bytes` set, a request whose
+    (paths/topk/store.request_bytes). With `topk_store_max_bytes` set, a request whose
     prompt plus max_tokens would alone hold more can never be served; vLLM's
     scheduler would hold it back for ever. vLLM checks a prompt against
     max_model_len in this method, before the request reaches the engine core, so

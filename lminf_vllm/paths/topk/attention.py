@@ -154,7 +154,7 @@ def _top_k(score: torch.Tensor, first: int, k: int) -> torch.Tensor:
 def select_stored(store, request: str, layer: int, q_cap: torch.Tensor, first: int, stop: int, cfg: LminfConfig,
                   scale: float) -> torch.Tensor:  # fmt: skip
     """A chunk's selection among the stored blocks [first, stop) by cfg.topk_score, read from the
-    host store (topk_store.HostStore): the bound from its summaries, the mass from its keys at
+    host store (store.HostStore): the bound from its summaries, the mass from its keys at
     position 0. -> [Hkv, min(k, stop - first)], ascending."""
     if cfg.topk_score == "bound":
         return select_from_bounds(q_cap, store.bounds(request, layer, first, stop), first, cfg.topk_blocks)
