@@ -15,7 +15,6 @@ from lminf_vllm.paths.topk.ops import ListedCall
 from lminf_vllm.rope import rotate
 from lminf_vllm.runtime_patches._util import _MARK, _lookup, _unwrap
 from lminf_vllm.paths.topk.attention import select_from_bounds
-from lminf_vllm.paths.topk.pool import PoolRow
 
 
 # ---------------------------------------------------------------- block_policy
@@ -91,10 +90,11 @@ def window(q: torch.Tensor, kv_cache: torch.Tensor, tokens: torch.Tensor, scale:
     return attend_listed(q, *token_views(kv_cache), tokens, scale, splits)
 
 
-def rotate_rows(keys: torch.Tensor, row: PoolRow, rotary) -> None:
-    """pool.copy_far_blocks' turn in PyTorch: keys [N, D] rotated in place by row.turn
-    (rope.rotate, float32); the engine's is vLLM's rotary op (paths/topk/ops.rotate_rows)."""
-    cos, sin = row.turn.float().chunk(2)
+def rotate_rows(keys: torch.Tensor, table: torch.Tensor, positions: torch.Tensor, rotary) -> None:
+    """pool.copy_far_blocks' turn in PyTorch: keys [N, D] rotated in place, key n by the angles
+    table[positions[n]] (rope.rotate, float32); the engine's is vLLM's rotary op
+    (paths/topk/ops.rotate_rows)."""
+    cos, sin = table.float()[positions].chunk(2, dim=-1)
     keys.copy_(rotate(keys.float(), cos, sin, rotary))
 
 

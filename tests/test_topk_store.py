@@ -10,7 +10,14 @@ from lminf_vllm.paths.topk import store as topk_store
 from lminf_vllm.config import LminfConfig
 from lminf_vllm.rope import RotarySpec, cos_sin, default_inv_freq, rotate
 from lminf_vllm.testing import topk_reference as ref
-from lminf_vllm.paths.topk.attention import block_summaries, rotations, select_from_bounds, select_from_mass, select_stored
+from lminf_vllm.paths.topk.attention import (
+    block_summaries,
+    rotations,
+    select_from_bounds,
+    select_from_mass,
+    select_stored,
+    select_stored_rows,
+)
 
 B, HKV, D = 4, 2, 8
 
@@ -320,6 +327,30 @@ def test_mass_ties_go_to_the_lower_block():
     z2[2, 0, :, 0] = 1.0  # KV head 0: block 2 matches head 0 a little
     z2[1, 1, :, 1] = 1.0  # KV head 1: block 1 matches head 2 a lot
     assert select_from_mass(q2, z2, 10, 1, 1.0).tolist() == [[12], [11]]
+
+
+@pytest.mark.parametrize("score", ["mass", "bound"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_steps_rows_select_as_each_row_alone(score, dtype, monkeypatch):
+    """select_stored_rows (a decode step's rows of one layer, one ranking for all) chooses what
+    select_stored chooses for each row alone: rows of different lengths, across the store's
+    chunks, one with no more candidates than k, one whose blocks all tie."""
+    monkeypatch.setattr(topk_store, "CHUNK_TOKENS", 5 * B)  # chunks of 5 blocks
+    cfg, first = LminfConfig(0, 8, 8, topk_blocks=3, topk_score=score), 2
+    store = HostStore()
+    stops = {"long": 41, "short": 9, "few": first + 2, "ties": 12}
+    for n, (rid, stop) in enumerate(stops.items()):
+        keys, values, lo, hi = blocks(stop, n, dtype)
+        if rid == "ties":  # every block the same: the lowest blocks win
+            keys, values, lo, hi = (t[:1].expand_as(t).clone() for t in (keys, values, lo, hi))
+        store.put(rid, "layer", 0, keys, values, lo, hi)
+    rows = list(stops.items())
+    q_caps = torch.randn(len(rows), 2 * HKV, D, generator=torch.Generator().manual_seed(5))
+    got = select_stored_rows(store, rows, "layer", q_caps, first, cfg, SCALE)
+    for (rid, stop), q_cap, picks in zip(rows, q_caps, got):
+        want = select_stored(store, rid, "layer", q_cap, first, stop, cfg, SCALE)
+        assert torch.equal(picks, want), (rid, picks.tolist(), want.tolist())
+    assert got[2].tolist() == [[2, 3]] * HKV and got[3].tolist() == [[2, 3, 4]] * HKV
 
 
 def test_bounds_and_gather_far_lay_out_what_was_stored():

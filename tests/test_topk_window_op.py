@@ -92,7 +92,7 @@ def test_one_call_over_the_pool_equals_attend_chunk(G, W, C, blk, k, i):
     Putting back the keys saved before they were turned (SavedKeys) restores every pool row but
     the buffer's, exactly."""
     from helpers import rotate_rows
-    from lminf_vllm.paths.topk.pool import SavedKeys, copy_far_blocks, plan_pool_row
+    from lminf_vllm.paths.topk.pool import SavedKeys, copy_far_blocks, plan_copies, plan_pool_row
     from lminf_vllm.paths.topk.attention import angles
 
     want, (q, _, dec, cache, _, far_blocks, cfg), store, table = decode_case(torch.bfloat16, G, W, C, blk, k, i,
@@ -103,12 +103,13 @@ def test_one_call_over_the_pool_equals_attend_chunk(G, W, C, blk, k, i):
     before = cache.clone()
     by_op = cache.clone()
     low = dataclasses.replace(row, turn=row.turn.to(torch.bfloat16))
-    by_vllm = lambda k, r: ops.rotate_rows(k, r.turn, rotary.is_neox_style)  # noqa: E731
-    heads = functools.partial(store.block_heads, "r", 0)
+    by_vllm = lambda k, t, p: ops.rotate_rows(k, t, p, rotary.is_neox_style)  # noqa: E731
+    heads = [functools.partial(store.block_heads, "r", 0)]
     saved = SavedKeys()
     saved.save(cache, table, -(-G // blk), dec.fa, dec.start)
-    copy_far_blocks(by_op, low, chosen, heads, by_vllm)
-    copy_far_blocks(cache, row, chosen, heads, lambda k, r: rotate_rows(k, r, rotary))
+    copy_far_blocks(by_op, [low], plan_copies([low], [chosen.shape[1]], HKV, blk), [chosen], heads, by_vllm)
+    copy_far_blocks(cache, [row], plan_copies([row], [chosen.shape[1]], HKV, blk), [chosen], heads,
+                    lambda k, t, p: rotate_rows(k, t, p, rotary))  # fmt: skip
     # vLLM's rotary op (the engine's) turns the keys as rope.rotate does, to bfloat16 rounding
     torch.testing.assert_close(by_op.float(), cache.float(), atol=0.05, rtol=0.02)
     for pool in (cache, by_op):
@@ -139,3 +140,41 @@ def test_one_call_over_the_pool_needs_c_within_w_and_the_buffer_held():
     freed = table.clone()
     freed[dec.fa - 1] = 0  # the null block: the manager did not keep it
     assert plan_pool_row(dec, freed, cfg, blk, HKV, turn) is None
+
+
+@pytest.mark.parametrize("by_op", [False, True], ids=["pytorch-rotation", "vllm-rotary-op"])
+def test_a_steps_copies_into_the_pool_equal_each_row_alone(by_op):
+    """copy_far_blocks for a step's decode rows together (one rotation, each row by its own angle,
+    one copy of the whole pieces, one of the edge keys) writes the pool exactly as the rows one by
+    one do: two requests of different lengths, one whose window starts inside block fa (its edge
+    keys are turned in place), one whose window starts on a block edge."""
+    from lminf_vllm.config import LminfConfig
+    from lminf_vllm.paths.topk.attention import angles, plan_decode
+    from lminf_vllm.paths.topk.pool import copy_far_blocks, plan_copies, plan_pool_row
+    from test_topk_store import HostStore
+
+    G, W, C, blk, k = 3, 8, 8, 4, 2
+    rotary, cfg, gen = ROPES[1], LminfConfig(G, W, C, k), torch.Generator().manual_seed(3)
+    cache = torch.randn(20, HKV, blk, 2 * D, generator=gen).to(torch.bfloat16)
+    store, rows, picks, heads = HostStore(), [], [], []
+    for rid, i, table in (("a", 29, torch.arange(1, 9)), ("b", 27, torch.arange(11, 19))):
+        done = (i + 1) // blk
+        at_zero, values = (torch.randn(done, blk, HKV, D, generator=gen).to(torch.bfloat16) for _ in range(2))
+        store.put(rid, 0, 0, at_zero, values, at_zero.float().amin(1), at_zero.float().amax(1))
+        dec = plan_decode(i, table, cfg, blk, HKV, rotary, D)
+        row = plan_pool_row(dec, table, cfg, blk, HKV, lambda p: angles(p, rotary))
+        rows.append(dataclasses.replace(row, turn=row.turn.to(torch.bfloat16)))
+        picks.append(torch.stack([torch.randperm(dec.fa - 1, generator=gen)[:k].sort().values + 1 for _ in range(HKV)]))
+        heads.append(functools.partial(store.block_heads, rid, 0))
+    assert rows[0].edge > 0 and rows[1].edge == 0
+    if by_op:
+        assert ops.rotary_op_ok(torch.bfloat16, D)  # (loads vLLM's ops)
+        turn = lambda keys, t, p: ops.rotate_rows(keys, t, p, rotary.is_neox_style)  # noqa: E731
+    else:
+        turn = lambda keys, t, p: helpers.rotate_rows(keys, t, p, rotary)  # noqa: E731
+    together, alone = cache.clone(), cache.clone()
+    copy_far_blocks(together, rows, plan_copies(rows, [k, k], HKV, blk), picks, heads, turn)
+    for row, chosen, h in zip(rows, picks, heads):
+        copy_far_blocks(alone, [row], plan_copies([row], [k], HKV, blk), [chosen], [h], turn)
+    assert torch.equal(together, alone)
+    assert not torch.equal(together, cache)

@@ -45,9 +45,10 @@ from lminf_vllm.paths.topk.attention import (
     plan_chunk,
     plan_decode,
     select_stored,
+    select_stored_rows,
 )
 from lminf_vllm.paths.topk import ops
-from lminf_vllm.paths.topk.pool import SavedKeys, copy_far_blocks, plan_pool_row, turned_positions
+from lminf_vllm.paths.topk.pool import PoolCopies, SavedKeys, copy_far_blocks, plan_copies, plan_pool_row, turned_positions
 from lminf_vllm.paths.topk.store import HostStore
 
 LAYOUT = OWN_LAYOUT
@@ -207,6 +208,7 @@ class DecodeStep:
     pool: list | None = None  # per row: pool.PoolRow, where every row reads all in one call
     pool_tokens: torch.Tensor | None = None  # [R, n] int32: their PoolRow.tokens, padded
     pool_call: ops.ListedCall | None = None  # the op over them
+    copies: PoolCopies | None = None  # where their keys past the window go in the pool
 
     @classmethod
     def make(cls, plan: Plan, rows: list, query: torch.Tensor, kv_cache: torch.Tensor,
@@ -222,6 +224,9 @@ class DecodeStep:
             if all(p is not None for p in pool):  # one call per layer reads all: the window and the far keys
                 for p in pool:
                     p.turn = p.turn.to(query.dtype)  # (vLLM's rotary op takes its angles in the keys' dtype)
+                g = global_blocks(shape.cfg.global_tokens, shape.block_size)
+                picks = [min(shape.cfg.topk_blocks, d.fa - g) for *_, d in rows]
+                step.copies = plan_copies(pool, picks, Hkv, shape.block_size)
                 lengths = torch.tensor([len(p.tokens) for p in pool])
                 step.pool, step.pool_tokens = pool, torch.nn.utils.rnn.pad_sequence([p.tokens for p in pool], True)
                 step.pool_call = ops.ListedCall(len(rows), int(lengths.max()), H, Hkv, D, query.dtype,
@@ -252,9 +257,10 @@ def _decode(plan: Plan, layer: LayerMath, rows: list, query, kv_cache, output) -
         _decode_in_pool(plan, step, layer, rows, qs, q_caps, kv_cache, output)
         return
     far_outs, far_lses = [], []
-    for (r, rid, t, dec), q, q_cap in zip(rows, qf, q_caps):
-        g = dec.far_blocks.shape[1] - 1
-        chosen = select_stored(plan.store, rid, layer_key, q_cap, g, dec.fa, cfg, layer.scale)
+    g = global_blocks(cfg.global_tokens, B)
+    picks = select_stored_rows(plan.store, [(rid, dec.fa) for _, rid, _, dec in rows], layer_key, q_caps, g, cfg,
+                               layer.scale)  # fmt: skip
+    for (r, rid, t, dec), q, q_cap, chosen in zip(rows, qf, q_caps, picks):
         plan.chosen[(layer_key, r)] = chosen
         blocks = torch.cat((dec.far_blocks, chosen), dim=1)
         far = plan.store.gather_far(rid, layer_key, blocks)
@@ -273,19 +279,22 @@ def _decode(plan: Plan, layer: LayerMath, rows: list, query, kv_cache, output) -
 
 
 def _decode_in_pool(plan: Plan, step: DecodeStep, layer: LayerMath, rows: list, qs, q_caps, kv_cache, output) -> None:
-    """Decode rows whose keys past the window all sit at distance C (paths/topk/pool.py): each selects,
-    its picks and the rest of its far keys go into the pool rotated to i - C, and one call of
-    vLLM's op reads every row's keys with its query as it is."""
+    """Decode rows whose keys past the window all sit at distance C (paths/topk/pool.py): every row
+    selects (one ranking for all), their picks and the rest of their far keys go into the pool
+    rotated to i - C (one rotation and one copy for all), and one call of vLLM's op reads every
+    row's keys with its query as it is."""
     cfg, B, layer_key = plan.shape.cfg, plan.shape.block_size, _layer_key(layer, kv_cache)
     g = global_blocks(cfg.global_tokens, B)
     neox = layer.rotary.is_neox_style
-    turn = lambda keys, row: ops.rotate_rows(keys, row.turn, neox)  # noqa: E731
-    for (r, rid, _, dec), q_cap, prow in zip(rows, q_caps, step.pool):
-        chosen = select_stored(plan.store, rid, layer_key, q_cap, g, dec.fa, cfg, layer.scale)
+    picks = select_stored_rows(plan.store, [(rid, dec.fa) for _, rid, _, dec in rows], layer_key, q_caps, g, cfg,
+                               layer.scale)  # fmt: skip
+    for (r, rid, _, dec), chosen in zip(rows, picks):
         plan.chosen[(layer_key, r)] = chosen
         kept = plan.saved.setdefault(rid, {}).setdefault(layer_key, SavedKeys())
         kept.save(kv_cache, plan.batch.block_table[r], g, dec.fa, dec.start)  # before they are turned
-        copy_far_blocks(kv_cache, prow, chosen, functools.partial(plan.store.block_heads, rid, layer_key), turn)
+    heads = [functools.partial(plan.store.block_heads, rid, layer_key) for _, rid, _, _ in rows]
+    turn = lambda keys, table, positions: ops.rotate_rows(keys, table, positions, neox)  # noqa: E731
+    copy_far_blocks(kv_cache, step.pool, step.copies, picks, heads, turn)
     if step.lead and output.dtype == qs.dtype and output[: len(rows)].is_contiguous():  # the op writes in place
         step.pool_call.output(qs, *token_views(kv_cache), step.pool_tokens, layer.scale, output[: len(rows)])
         return

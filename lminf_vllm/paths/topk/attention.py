@@ -97,14 +97,20 @@ def select_from_bounds(q_cap: torch.Tensor, bounds, first: int, k: int) -> torch
     of [q+, q-] per KV head; or a list of such pieces in block order (the store's chunks).
     -> [Hkv, min(k, nc)] block numbers, ascending per KV head."""
     pieces = bounds if isinstance(bounds, (list, tuple)) else [bounds]
-    Hkv, D, dev = pieces[0].shape[0], q_cap.shape[-1], pieces[0].device
+    Hkv, dev = pieces[0].shape[0], pieces[0].device
     nc = sum(p.shape[-1] for p in pieces)
     if nc <= k:  # every candidate
         return torch.arange(first, first + nc, device=dev).expand(Hkv, -1)
+    return _top_k(bound_scores(q_cap, pieces), first, k)
+
+
+def bound_scores(q_cap: torch.Tensor, pieces: list[torch.Tensor]) -> torch.Tensor:
+    """select_from_bounds' score of each candidate: [Hkv, nc], the group's max of Quest's bound."""
+    Hkv, D = pieces[0].shape[0], q_cap.shape[-1]
     q = q_cap.view(Hkv, -1, D)
     qq = torch.cat((q.clamp(min=0), q.clamp(max=0)), dim=-1)
     bound = _joined([torch.bmm(qq, p) for p in pieces], -1)  # [Hkv, g, nc]
-    return _top_k(bound.amax(dim=1), first, k)  # a block matters if it matters to any head of the group
+    return bound.amax(dim=1)  # a block matters if it matters to any head of the group
 
 
 def _joined(pieces: list[torch.Tensor], dim: int) -> torch.Tensor:
@@ -124,11 +130,18 @@ def select_from_mass(q_cap: torch.Tensor, at_zero, first: int, k: int, scale: fl
     as shares, not as raw scores): the k best, the lower block on ties.
     -> [Hkv, min(k, nc)] block numbers, ascending per KV head."""
     pieces = at_zero if isinstance(at_zero, (list, tuple)) else [at_zero]
-    _, Hkv, B, D = pieces[0].shape
-    nc, dev = sum(p.shape[0] for p in pieces), pieces[0].device
+    Hkv, dev = pieces[0].shape[1], pieces[0].device
+    nc = sum(p.shape[0] for p in pieces)
     if nc <= k:  # every candidate
         return torch.arange(first, first + nc, device=dev).expand(Hkv, -1)
-    keys = torch.empty(Hkv, nc, B, D, device=dev)
+    return _top_k(mass_scores(q_cap, pieces, scale), first, k)
+
+
+def mass_scores(q_cap: torch.Tensor, pieces: list[torch.Tensor], scale: float) -> torch.Tensor:
+    """select_from_mass' score of each candidate: [Hkv, nc], the group's max of the log shares."""
+    _, Hkv, B, D = pieces[0].shape
+    nc = sum(p.shape[0] for p in pieces)
+    keys = _WORKSPACE.take(Hkv * nc * B * D, pieces[0].device).view(Hkv, nc, B, D)
     a = 0
     for p in pieces:  # per KV head, float32: one pass over the keys
         keys[:, a : a + p.shape[0]].copy_(p.transpose(0, 1))
@@ -137,7 +150,26 @@ def select_from_mass(q_cap: torch.Tensor, at_zero, first: int, k: int, scale: fl
     s = torch.bmm(q_cap.view(Hkv, -1, D), keys.transpose(1, 2)).mul_(scale)  # [Hkv, g, nc * B]
     block = torch.logsumexp(s.view(Hkv, -1, nc, B), dim=-1)  # [Hkv, g, nc]
     share = block - torch.logsumexp(block, dim=-1, keepdim=True)  # log of each block's share, per query head
-    return _top_k(share.amax(dim=1), first, k)
+    return share.amax(dim=1)
+
+
+class _Workspace:
+    """One float32 buffer for the mass score's keys, kept across layers and steps: a new tensor of
+    a row's middle keys per call (MBs at 16k) is mapped afresh by the allocator, and its page
+    faults cost more than the copy into it (3.6 against 1.2 ms a row and layer at 16k, B = 128)."""
+
+    def __init__(self) -> None:
+        self.buf = torch.empty(0)
+
+    def take(self, n: int, device) -> torch.Tensor:
+        # (a buffer made under inference mode, as the engine runs, cannot be written outside it)
+        if (self.buf.numel() < n or self.buf.device != torch.device(device)
+                or self.buf.is_inference() != torch.is_inference_mode_enabled()):  # fmt: skip
+            self.buf = torch.empty(n, device=device)
+        return self.buf[:n]
+
+
+_WORKSPACE = _Workspace()
 
 
 def _top_k(score: torch.Tensor, first: int, k: int) -> torch.Tensor:
@@ -149,6 +181,50 @@ def _top_k(score: torch.Tensor, first: int, k: int) -> torch.Tensor:
         # a tie at the k-th place: topk may take either block, the contract the lower one
         order = torch.sort(score, dim=-1, descending=True, stable=True).indices
     return torch.from_numpy(np.sort(order.cpu().numpy()[:, :k], axis=-1) + first).to(score.device)
+
+
+def _top_k_rows(score: torch.Tensor, counts: list[int], first: int, k: int) -> list[torch.Tensor]:
+    """_top_k for many rows at once: score [R, Hkv, n] (row r's candidates in its first counts[r]
+    columns) -> per row [Hkv, min(k, counts[r])] block numbers, ascending; the lower block on ties."""
+    R, Hkv, n = score.shape
+    picks: list = [None] * R
+    ranked = [r for r in range(R) if counts[r] > k]
+    if ranked:
+        sc = score[ranked]  # [R', Hkv, n]: columns past a row's count are -inf, never among its k + 1 best
+        best, order = torch.topk(sc, k + 1, dim=-1)
+        if bool((best[..., k - 1] == best[..., k]).any()):  # a tie at the k-th place: the lower block
+            order = torch.sort(sc, dim=-1, descending=True, stable=True).indices
+        chosen = order[..., :k].sort(dim=-1).values + first
+        for j, r in enumerate(ranked):
+            picks[r] = chosen[j]
+    for r in range(R):
+        if picks[r] is None:  # every candidate
+            picks[r] = torch.arange(first, first + counts[r], device=score.device).expand(Hkv, -1)
+    return picks
+
+
+def select_stored_rows(store, rows: list[tuple[str, int]], layer, q_caps: torch.Tensor, first: int,
+                       cfg: LminfConfig, scale: float) -> list[torch.Tensor]:  # fmt: skip
+    """select_stored for every decode row of a step in one layer: rows [(request, stop)], q_caps
+    [R, H, D]. Each row's score reads its own candidates (the mass: its keys, through one reused
+    buffer; the bound: its summaries); the ranking (top-k, ties, order) is one op for all rows.
+    -> per row [Hkv, min(k, stop - first)], ascending, as select_stored gives it."""
+    k, counts = cfg.topk_blocks, [stop - first for _, stop in rows]
+    score = None
+    for r, ((request, stop), q_cap) in enumerate(zip(rows, q_caps)):
+        if counts[r] <= k:  # (every candidate: nothing to score)
+            continue
+        if cfg.topk_score == "bound":
+            s = bound_scores(q_cap, store.bounds(request, layer, first, stop))
+        else:
+            s = mass_scores(q_cap, store.keys_at_zero(request, layer, first, stop), scale)
+        if score is None:
+            score = torch.full((len(rows), s.shape[0], max(counts)), float("-inf"), device=s.device)
+        score[r, :, : counts[r]] = s
+    if score is None:
+        Hkv = store.bounds(rows[0][0], layer, first, first + 1)[0].shape[0]  # (a decode row has >= 1 candidate)
+        score = torch.empty(len(rows), Hkv, 0)
+    return _top_k_rows(score, counts, first, k)
 
 
 def select_stored(store, request: str, layer: int, q_cap: torch.Tensor, first: int, stop: int, cfg: LminfConfig,

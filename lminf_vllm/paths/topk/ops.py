@@ -39,24 +39,19 @@ def usable(dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_size: int
     return window_op_ok(dtype, num_heads, num_kv_heads, head_size, block_size) and rotary_op_ok(dtype, head_size)
 
 
-_ZEROS = torch.zeros(4096, dtype=torch.long)  # positions for rotate_rows: every row by the one angle given
-
-
-def rotate_rows(keys: torch.Tensor, turn: torch.Tensor, is_neox_style: bool) -> torch.Tensor:
+def rotate_rows(keys: torch.Tensor, table: torch.Tensor, positions: torch.Tensor, is_neox_style: bool) -> torch.Tensor:
     """keys [N, D] (rows may be strided, the last dim contiguous; the cache dtype) rotated in
-    place by one angle set, turn [rotary_dim] (cos then sin, the keys' dtype), with vLLM's rotary
-    op (the model's own)."""
-    global _ZEROS
-    if keys.shape[0] > _ZEROS.shape[0]:
-        _ZEROS = torch.zeros(2 * keys.shape[0], dtype=torch.long)
-    torch.ops._C.rotary_embedding(_ZEROS[: keys.shape[0]], keys, None, keys.shape[-1], turn[None], is_neox_style)
+    place, key n by the angle set table[positions[n]] (table [R, rotary_dim]: cos then sin, the
+    keys' dtype; positions [N] long), with vLLM's rotary op (the model's own)."""
+    torch.ops._C.rotary_embedding(positions, keys, None, keys.shape[-1], table, is_neox_style)
     return keys
 
 
 @functools.lru_cache(maxsize=None)
 def rotary_op_ok(dtype: torch.dtype, head_size: int) -> bool:
-    """Does vLLM's rotary op rotate rows as rope.rotate does (both styles, a partial rotary dim),
-    to the cache dtype's rounding, strided rows in place (the keys of a pool's rows) too?"""
+    """Does vLLM's rotary op rotate rows as rope.rotate does (both styles, a partial rotary dim,
+    each row by its own angles), to the cache dtype's rounding, strided rows in place (the keys
+    of a pool's rows) too?"""
     from lminf_vllm.rope import RotarySpec, rotate
 
     try:
@@ -65,12 +60,13 @@ def rotary_op_ok(dtype: torch.dtype, head_size: int) -> bool:
         g = torch.Generator().manual_seed(1)
         for neox, dim in ((True, head_size), (False, head_size), (True, head_size // 2)):
             spec = RotarySpec(torch.rand(dim // 2, generator=g, dtype=torch.float64), dim, neox)
-            angle = 1234.0 * spec.inv_freq
+            angle = torch.tensor([[1234.0], [77.0]], dtype=torch.float64) * spec.inv_freq  # two rows' angles
             cos, sin = torch.cos(angle).float(), torch.sin(angle).float()
+            which = torch.tensor([1, 0, 0, 1, 1, 0, 1])
             rows = torch.randn(7, 2 * head_size, generator=g).to(dtype)  # a key, then a value, per row
-            want = rotate(rows[:, :head_size].float(), cos, sin, spec)
+            want = rotate(rows[:, :head_size].float(), cos[which], sin[which], spec)
             got = rows.clone()
-            rotate_rows(got[:, :head_size], torch.cat((cos, sin)).to(dtype), neox)
+            rotate_rows(got[:, :head_size], torch.cat((cos, sin), -1).to(dtype), which, neox)
             if not (torch.allclose(got[:, :head_size].float(), want, atol=0.05, rtol=0.02)
                     and torch.equal(got[:, head_size:], rows[:, head_size:])):  # fmt: skip
                 return False

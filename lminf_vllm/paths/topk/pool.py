@@ -71,21 +71,61 @@ def plan_pool_row(dec, block_row: torch.Tensor, cfg: LminfConfig, B: int, num_kv
     return PoolRow(tokens.to(torch.int32), src, dst, dec.start, int(block_row[fa]), torch.cat((cos, sin), -1)[0])
 
 
-def copy_far_blocks(kv_cache: torch.Tensor, row: PoolRow, chosen: torch.Tensor, block_heads, turn) -> None:
-    """Write a row's keys past its window into the pool, rotated to i - C, in whole blocks: the
-    global blocks' and the picks' (chosen [Hkv, k], with their values) to PoolRow.dst, block fa's
-    rows before the window in place. block_heads(rows) -> those (block, KV head) pieces of the
-    store, a copy (HostStore.block_heads for the row's request and layer);
-    turn(keys [N, D], row) rotates the keys (a strided view) by row.turn in place, in the cache
-    dtype (vLLM's rotary op: paths/topk/ops.rotate_rows)."""
+@dataclass
+class PoolCopies:
+    """Where a step's decode rows' copies go, the same for every layer (`plan_copies`): the store's
+    pieces of row r, gathered in order (its PoolRow.src, then per KV head its picks) and joined,
+    fill rows [offsets[r], offsets[r + 1]) of one tensor of block-heads."""
+
+    offsets: list[int]
+    positions: torch.Tensor  # [N * B] long: each gathered key's row (its angles in `table`)
+    table: torch.Tensor  # [R, rotary_dim] the rows' turns (PoolRow.turn), cos then sin
+    keep: torch.Tensor  # [M] long: the gathered block-heads written whole ...
+    dst: torch.Tensor  # [M] long: ... to these pool block-heads (each row's PoolRow.dst)
+    edge_src: torch.Tensor  # [E] long: gathered key rows (block-head * B + slot) of the rows' block fa, ...
+    edge_dst: torch.Tensor  # [E] long: ... written to these pool key rows, its rows before the window
+
+
+def plan_copies(rows: list[PoolRow], picks: list[int], num_kv_heads: int, B: int) -> PoolCopies:
+    """The copies of decode rows `rows` that pick picks[r] blocks per KV head."""
+    Hkv = num_kv_heads
+    offsets, keep, dst, edge_src, edge_dst = [0], [], [], [], []
+    slots = torch.arange(B)
+    for row, k in zip(rows, picks):
+        a, e = offsets[-1], Hkv if row.edge else 0
+        n = len(row.src) + k * Hkv
+        keep.append(torch.arange(a + e, a + n))
+        dst.append(row.dst)
+        if e:  # block fa's keys before the window: rows [0, edge) of each KV head's piece
+            heads = torch.arange(Hkv)[:, None]
+            edge_src.append(((a + heads) * B + slots[: row.edge]).flatten())
+            edge_dst.append(((row.edge_block * Hkv + heads) * B + slots[: row.edge]).flatten())
+        offsets.append(a + n)
+    sizes = torch.tensor([(b - a) * B for a, b in zip(offsets, offsets[1:])])
+    join = lambda parts: torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)  # noqa: E731
+    return PoolCopies(offsets, torch.repeat_interleave(torch.arange(len(rows)), sizes),
+                      torch.stack([row.turn for row in rows]), join(keep), join(dst), join(edge_src), join(edge_dst))  # fmt: skip
+
+
+def copy_far_blocks(kv_cache: torch.Tensor, rows: list[PoolRow], plan: PoolCopies, chosen: list[torch.Tensor],
+                    block_heads: list, turn) -> None:  # fmt: skip
+    """Write decode rows' keys past their windows into the pool, rotated to i - C, in whole blocks:
+    the global blocks' and the picks' (chosen[r] [Hkv, k], with their values) to PoolRow.dst,
+    block fa's rows before the window in place. block_heads[r](ids) -> those (block, KV head)
+    pieces of row r's store, a copy (HostStore.block_heads for its request and layer). One gather
+    per row (its own store), then for all rows together one rotation, one copy of the whole pieces
+    and one of the edge keys. turn(keys [N, D], table, positions [N]) rotates keys (a strided view)
+    in place, key n by the angles table[positions[n]], in the cache dtype (vLLM's rotary op:
+    paths/topk/ops.rotate_rows)."""
     Hkv, D = kv_cache.shape[1], kv_cache.shape[-1] // 2
-    picked = block_head_numbers(chosen, Hkv).flatten()  # per KV head, its picks
-    blocks = block_heads(torch.cat((row.src, picked)))  # [(e + g + k) Hkv, B, 2 D]
-    turn(blocks.view(-1, blocks.shape[-1])[:, :D], row)
-    e = Hkv if row.edge else 0
-    kv_cache.view(-1, *blocks.shape[1:]).index_copy_(0, row.dst, blocks[e:])
-    if e:
-        kv_cache[row.edge_block, :, : row.edge, :D] = blocks[:e, : row.edge, :D]
+    pieces = [heads(torch.cat((row.src, block_head_numbers(c, Hkv).flatten())))
+              for row, c, heads in zip(rows, chosen, block_heads)]  # fmt: skip
+    blocks = pieces[0] if len(pieces) == 1 else torch.cat(pieces)  # [N, B, 2 D]
+    turn(blocks.view(-1, blocks.shape[-1])[:, :D], plan.table, plan.positions)
+    kv_cache.view(-1, *blocks.shape[1:]).index_copy_(0, plan.dst, blocks.index_select(0, plan.keep))
+    if len(plan.edge_dst):
+        keys = kv_cache.view(-1, kv_cache.shape[-1])[:, :D]
+        keys.index_copy_(0, plan.edge_dst, blocks.view(-1, blocks.shape[-1])[plan.edge_src, :D])
 
 
 def turned_positions(i: int, cfg: LminfConfig, B: int, fa: int, start: int) -> torch.Tensor:
