@@ -27,7 +27,6 @@ implement. No vLLM import.
 
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from lminf_vllm.kv_layout import block_head_numbers
@@ -187,16 +186,13 @@ def _runs(start: int, stop: int, per: int):
 
 
 def _take(chunks: list[torch.Tensor], rows: torch.Tensor, per: int) -> torch.Tensor:
-    """Rows of the chunks' concatenation (each chunk `per` rows): one index_select per chunk touched."""
+    """Rows of the chunks' concatenation (each chunk `per` rows), in order: one index_select where
+    they lie in one chunk; else one stack of the rows (a decode step's picks: tens of rows, where an
+    index_select and an indexed write per chunk touched cost several times more)."""
     if len(chunks) == 1:
         return chunks[0].index_select(0, rows)
-    r = rows.numpy()
-    which = r // per
-    first = int(which[0])
-    if (which == first).all():  # (a decode step's picks often lie in one chunk)
-        return chunks[first].index_select(0, torch.from_numpy(r - first * per))
-    out = torch.empty(len(r), *chunks[0].shape[1:], dtype=chunks[0].dtype, device=chunks[0].device)
-    for c in np.unique(which):
-        at = np.flatnonzero(which == c)
-        out[torch.from_numpy(at)] = chunks[c].index_select(0, torch.from_numpy(r[at] - c * per))
-    return out
+    r = rows.tolist()
+    first = r[0] // per
+    if all(x // per == first for x in r):
+        return chunks[first].index_select(0, rows - first * per)
+    return torch.stack([chunks[x // per][x % per] for x in r])
