@@ -11,6 +11,7 @@ from helpers import HostStore
 from lminf_vllm.config import LminfConfig
 from lminf_vllm.kv_layout import OWN_LAYOUT
 from lminf_vllm.paths.topk.attention import attend_chunk, block_summaries, plan_chunk
+from lminf_vllm.paths.topk.window import plan_window
 from lminf_vllm.rope import RotarySpec, cos_sin, default_inv_freq, rotate
 from lminf_vllm.testing.topk_reference import dense_topk_attention
 
@@ -23,10 +24,11 @@ def at_positions(x, rotary, first=0):
     return rotate(x, cos[:, None], sin[:, None], rotary)
 
 
-def chunk_case(dtype, G, W, C, blk, k, s, e, rotary, seed=0):
+def chunk_case(dtype, G, W, C, blk, k, s, e, rotary, kernel, seed=0):
     """Rows [s, e) of a sequence of e tokens, as the engine runs them: the pool holds every block
     (shuffled physical ids), the store every block complete at e, a random selection among the
-    chunk's middle blocks. -> (attend_chunk's output [T, H, D], the reference's, in float64)."""
+    chunk's middle blocks; the window branch through vLLM's kernel or PyTorch's attention.
+    -> (attend_chunk's output [T, H, D], the reference's in float64, the spans)."""
     cfg = LminfConfig(G, W, C, k)
     gen = torch.Generator().manual_seed(seed)
     q0, k0, v = (torch.randn(e, n, D, generator=gen, dtype=torch.float64) for n in (H, HKV, HKV))
@@ -45,7 +47,9 @@ def chunk_case(dtype, G, W, C, blk, k, s, e, rotary, seed=0):
     chosen = torch.stack([torch.randperm(f - g, generator=gen)[:k].sort().values + g for _ in range(HKV)])
     spans = plan_chunk(s, e, table, cfg, blk, rotary, D)
     q = at_positions(q0[s:e], rotary, s).to(dtype)
-    got = attend_chunk(q, spans, cache, OWN_LAYOUT, chosen, store.gather("r", 0, chosen), cfg, D**-0.5, rotary)
+    window = plan_window(s, e, table, W, blk, H, HKV, D, dtype) if kernel else None
+    assert (window is not None) == kernel, "vLLM's kernel serves these sizes"
+    got = attend_chunk(q, spans, cache, OWN_LAYOUT, chosen, store.gather("r", 0, chosen), cfg, D**-0.5, rotary, window)
     selection = [(0, s, [[] for _ in range(HKV)]), (s, e, [c.tolist() for c in chosen])]
     want = dense_topk_attention(q0, k0, v.to(dtype).double(), cfg, rotary, D**-0.5, topk=k, block_size=blk,
                                 selection=selection)[s:e]  # fmt: skip
@@ -62,15 +66,17 @@ CASES = [  # G, W, C, B, k, s, e: C = W takes the short far branch past the glob
 ]
 
 
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel-window", "pytorch-window"])
 @pytest.mark.parametrize("rotary", ROPES, ids=["neox", "partial-interleaved-scaled"])
 @pytest.mark.parametrize("G, W, C, blk, k, s, e", CASES)
-def test_a_chunk_equals_the_dense_reference(rotary, G, W, C, blk, k, s, e):
-    got, want, spans = chunk_case(torch.float32, G, W, C, blk, k, s, e, rotary)
+def test_a_chunk_equals_the_dense_reference(rotary, G, W, C, blk, k, s, e, kernel):
+    got, want, spans = chunk_case(torch.float32, G, W, C, blk, k, s, e, rotary, kernel)
     torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=0)
     assert any(sp.short for sp in spans) == (C == W)
 
 
-@pytest.mark.parametrize("G, W, C, blk, k, s, e", CASES[:2])
-def test_a_bfloat16_chunk_equals_the_dense_reference_to_its_rounding(G, W, C, blk, k, s, e):
-    got, want, _ = chunk_case(torch.bfloat16, G, W, C, blk, k, s, e, ROPES[0])
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel-window", "pytorch-window"])
+@pytest.mark.parametrize("G, W, C, blk, k, s, e", CASES[:2] + CASES[-1:])
+def test_a_bfloat16_chunk_equals_the_dense_reference_to_its_rounding(G, W, C, blk, k, s, e, kernel):
+    got, want, _ = chunk_case(torch.bfloat16, G, W, C, blk, k, s, e, ROPES[0], kernel)
     torch.testing.assert_close(got.double(), want, atol=3e-2, rtol=0)

@@ -21,7 +21,7 @@ rotation angles) is the same for every layer: `plan_chunk` does it once per
 step, `attend_chunk` runs per layer.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -31,6 +31,7 @@ from lminf_vllm.config import LminfConfig
 from lminf_vllm.kv_layout import block_head_numbers, read_blocks, token_numbers
 from lminf_vllm.lambda_attention import _local_mask
 from lminf_vllm.rope import RotarySpec, cos_sin, rotate
+from lminf_vllm.paths.topk.window import WindowCall, attend_window
 
 # Rows of a prefill chunk attended at once: O(span x (G + W + span)) scores.
 QUERY_SPAN = 256
@@ -194,6 +195,7 @@ class Span:
     edge: int = 0
     edge_zero: torch.Tensor | None = None  # [edge, D, D]: the edge slots rotated back to position 0
     glob_zero: torch.Tensor | None = None  # [gB, D, D]: the global slots likewise (one tensor, every span)
+    masks: dict = field(default_factory=dict)  # the short far branch's row masks, made by the first layer
 
 
 def plan_chunk(s: int, e: int, block_row: torch.Tensor, cfg: LminfConfig, B: int, rotary: RotarySpec,
@@ -260,6 +262,7 @@ def attend_chunk(
     cfg: LminfConfig,
     scale: float,
     rotary: RotarySpec,
+    window: WindowCall | None = None,  # the window branch through vLLM's kernel (window.plan_window), else PyTorch's
 ) -> torch.Tensor:
     """Top-k attention of one chunk. -> [T, H, Dv] float32."""
     T, H, D = q.shape
@@ -267,6 +270,20 @@ def attend_chunk(
     Hkv, g = kv_cache.shape[1], H // kv_cache.shape[1]
     s = spans[0].a
     chunk = _ChunkKeys(chosen, store_kv, B)
+    if window is not None:  # the far branch of every span first: the kernel's window call takes its log-sum-exps
+        o_far = torch.zeros(T, Hkv, g, kv_cache.shape[-1] // 2)
+        lse_far = torch.full((T, Hkv, g, 1), float("-inf"))
+        for sp in spans:
+            if not (sp.far_end or chosen.numel()):
+                continue
+            # only the blocks the far branch reads: the global blocks and fa, or those of the far slots
+            blocks = sp.blocks[: sp.glob_zero.shape[0] // B + 1] if sp.short else sp.blocks[: -(-sp.far_end // B)]
+            kv = read_blocks(kv_cache, blocks, layout).reshape(-1, Hkv, kv_cache.shape[-1])
+            qf = q[sp.a - s : sp.b - s].float().view(sp.b - sp.a, Hkv, g, D)
+            rows = slice(sp.a - s, sp.b - s)
+            o_far[rows], lse_far[rows] = (_far_short(qf, sp, kv, chunk, scale) if sp.short
+                                          else _far_general(qf, sp, kv, chunk, cfg, scale, rotary))  # fmt: skip
+        return attend_window(window, q, kv_cache, layout, o_far.view(T, H, -1), lse_far.view(T, H), scale)
     out = torch.empty(T, H, kv_cache.shape[-1] // 2)
     for sp in spans:
         t = sp.b - sp.a
@@ -321,49 +338,55 @@ class _ChunkKeys:
 
 
 def _far_short(qf: torch.Tensor, sp: Span, kv: torch.Tensor, chunk: _ChunkKeys, scale: float):
-    """The far branch of a short span (Span.short): every far key at distance C, so scored by
-    the rows' queries rotated to C against keys at position 0. Two parts joined by their
-    log-sum-exps: the global slots and the selected blocks before fa, which every row sees
-    (PyTorch's fused attention, a mask per KV head at most), and the edge (a small causal
-    softmax in float32). -> outputs [t, Hkv, g, Dv] float32, log-sum-exps [t, Hkv, g, 1]."""
+    """The far branch of a short span (Span.short): every far key at distance C, so scored by the
+    rows' queries rotated to C against keys at position 0, in one call of PyTorch's fused
+    attention: the global slots and the selected blocks before fa, which every row sees, then
+    the edge, of which row a + t sees the first edge_from + t (a row mask made once per step).
+    -> outputs [t, Hkv, g, Dv] float32, log-sum-exps [t, Hkv, g, 1] (-inf where a row sees none)."""
     t, Hkv, g, D = qf.shape
-    q_cap = torch.matmul(qf.view(t, -1, D), sp.q_cap).view(t, Hkv, g, D)
-    parts = []
-    n_glob = sp.glob_zero.shape[0]
-    if n_glob or chunk.chosen.numel():
-        dtype = kv.dtype
-        keys, values = chunk.uniform_keys(sp, kv, dtype)
-        mask, seen = None, None
-        if chunk.chosen.numel():
-            late = chunk.pos_st >= sp.fa * chunk.B  # picks at or past fa: inside the window or the edge
-            if late.any():
-                seen = torch.cat((torch.ones(Hkv, n_glob, dtype=torch.bool), ~late), dim=1)  # [Hkv, L]
-                mask = torch.zeros(seen.shape, dtype=dtype).masked_fill_(~seen, float("-inf"))[None, :, None]
-        rows = q_cap.to(dtype).permute(1, 2, 0, 3).reshape(1, Hkv, g * t, D)
-        o_u, lse_u = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            rows, keys, values, 0.0, False, attn_mask=None if mask is None else mask.expand(1, Hkv, g * t, -1),
-            scale=scale,
-        )[:2]  # fmt: skip
-        o_u = o_u.view(Hkv, g, t, -1).permute(2, 0, 1, 3).float()
-        lse_u = lse_u.view(Hkv, g, t).permute(2, 0, 1)[..., None]
-        if seen is not None and not seen.all(1).all():  # a head that sees no key: its log-sum-exp is -inf
-            lse_u = lse_u.masked_fill(~seen.any(1)[None, :, None, None], float("-inf"))
-        parts.append((o_u, lse_u))
+    dtype, n_glob = kv.dtype, sp.glob_zero.shape[0]
+    keys, values = chunk.uniform_keys(sp, kv, dtype)  # [1, Hkv, Lu, D]
+    n_uniform = keys.shape[2]
     if sp.edge:
-        edge = kv[n_glob : n_glob + sp.edge].float()
-        k_e = torch.matmul(edge[..., :D], sp.edge_zero)  # [edge, Hkv, D] at position 0
-        s_e = torch.einsum("tkgd,lkd->tkgl", q_cap, k_e) * scale
-        sees = torch.arange(sp.edge)[None, :] < (sp.edge_from + torch.arange(t))[:, None]  # [t, edge]
-        s_e = s_e.masked_fill_(~sees[:, None, None, :], float("-inf"))
-        lse_e = torch.logsumexp(s_e, dim=-1, keepdim=True)
-        o_e = torch.einsum("tkgl,lkd->tkgd", torch.exp(s_e - lse_e.clamp(min=-1e30)), edge[..., D:])
-        parts.append((o_e, lse_e))
-    if len(parts) == 1:
-        return parts[0]
-    (o_u, lse_u), (o_e, lse_e) = parts
-    lse = torch.logaddexp(lse_u, lse_e)
-    top = lse.clamp(min=-1e30)
-    return o_u * torch.exp(lse_u - top) + o_e * torch.exp(lse_e - top), lse
+        edge = kv[n_glob : n_glob + sp.edge]
+        k_e = torch.matmul(edge[..., :D].float(), sp.edge_zero).to(dtype)  # [edge, Hkv, D] at position 0
+        keys = torch.cat((keys, k_e.transpose(0, 1)[None]), dim=2)
+        values = torch.cat((values, edge[..., D:].transpose(0, 1)[None]), dim=2)
+    if not keys.shape[2]:
+        return qf.new_zeros(t, Hkv, g, values.shape[-1]), qf.new_full((t, Hkv, g, 1), float("-inf"))
+    mask = None
+    if sp.edge:
+        mask = sp.masks.get((g, n_uniform, dtype))
+        if mask is None:  # [g t, L]: every row sees the uniform keys, row t the first edge_from + t edge keys
+            sees = torch.arange(sp.edge)[None, :] < (sp.edge_from + torch.arange(t))[:, None]
+            mask = torch.zeros(t, n_uniform + sp.edge, dtype=dtype)
+            mask[:, n_uniform:].masked_fill_(~sees, float("-inf"))
+            mask = sp.masks[(g, n_uniform, dtype)] = mask.repeat(g, 1)
+        mask = mask[None, None]
+    sees_any = None  # [Hkv, t] where some row of a head sees no far key
+    if chunk.chosen.numel():
+        late = chunk.pos_st >= sp.fa * chunk.B  # picks at or past fa: in the rows' windows or edges, not here
+        if late.any():
+            per_head = torch.zeros(Hkv, keys.shape[2], dtype=dtype)
+            per_head[:, n_glob:n_uniform].masked_fill_(late, float("-inf"))
+            mask = per_head[None, :, None] if mask is None else mask + per_head[None, :, None]
+            if not n_glob:
+                edges = (sp.edge_from + torch.arange(t)) > 0
+                sees_any = (~late).any(1)[:, None] | edges[None, :]
+    elif not n_glob:
+        sees_any = ((sp.edge_from + torch.arange(t)) > 0)[None, :].expand(Hkv, -1)
+    q_cap = torch.matmul(qf.view(t, -1, D), sp.q_cap).view(t, Hkv, g, D)
+    rows = q_cap.to(dtype).permute(1, 2, 0, 3).reshape(1, Hkv, g * t, D)
+    if mask is not None:
+        mask = mask.expand(1, Hkv, g * t, -1)
+    o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        rows, keys, values, 0.0, False, attn_mask=mask, scale=scale
+    )[:2]
+    o = o.view(Hkv, g, t, -1).permute(2, 0, 1, 3).float()
+    lse = lse.view(Hkv, g, t).permute(2, 0, 1)[..., None]
+    if sees_any is not None and not sees_any.all():  # (the fused attention gives such a row 0, not -inf)
+        lse = lse.masked_fill(~sees_any.t()[:, :, None, None], float("-inf"))
+    return o, lse
 
 
 def _far_general(qf: torch.Tensor, sp: Span, kv: torch.Tensor, chunk: _ChunkKeys, cfg: LminfConfig, scale: float,
