@@ -9,7 +9,9 @@ testing/topk_reference.py. Three jobs, no vLLM import:
     lower block first on ties);
   * the chunk's attention: one softmax over what the pool still holds (whole
     global blocks, whole window blocks) and the selected blocks from the store,
-    in two branches merged by their log-sum-exps (Span says which).
+    in two branches merged by their log-sum-exps (Span says which): the window
+    through vLLM's CPU kernel (window.py, the far branch entering as one virtual
+    key) or PyTorch's fused attention; the far branch in PyTorch.
 
 Scores: a key at i - j <= C is read as stored, <q_i, k_j>; one further back is
 seen at distance C, <R(C - i) q_i, R(-j) k_j> (rotations compose), the same
@@ -33,7 +35,7 @@ from lminf_vllm.lambda_attention import _local_mask
 from lminf_vllm.rope import RotarySpec, cos_sin, rotate
 from lminf_vllm.paths.topk.window import WindowCall, attend_window
 
-# Rows of a prefill chunk attended at once: O(span x (G + W + span)) scores.
+# Rows of a prefill chunk attended at once (at most; spans also end where the first window block moves).
 QUERY_SPAN = 256
 
 
@@ -168,8 +170,9 @@ class Span:
 
     The slots read are the global blocks before the window blocks, then the window blocks
     from fa on, positions ascending. Two branches share one softmax (merged by their
-    log-sum-exps): the window branch, Λ's local keys (0 <= i - j < W) through PyTorch's
-    fused CPU attention, is the slots from `win` on; the far branch, every other visible key
+    log-sum-exps): the window branch, Λ's local keys (0 <= i - j < W) through vLLM's CPU
+    kernel (window.py) or PyTorch's fused CPU attention, is the slots from `win` on; the far
+    branch, every other visible key
     (i - j >= W: whole global blocks, the old edge of the first window block, selected
     blocks), is the slots before `far_end`, plus the selected blocks from the store."""
 
@@ -193,8 +196,12 @@ class Span:
     short: bool = False
     edge_from: int = 0
     edge: int = 0
-    edge_zero: torch.Tensor | None = None  # [edge, D, D]: the edge slots rotated back to position 0
-    glob_zero: torch.Tensor | None = None  # [gB, D, D]: the global slots likewise (one tensor, every span)
+    n_glob: int = 0  # gB: the global slots
+    # cos, sin that rotate the rows to C, the edge slots and the global slots back to position 0
+    # (elementwise: cheaper than q_cap's matrices over a long chunk; q_cap keeps the last row's)
+    cap_angles: tuple | None = None
+    edge_angles: tuple | None = None
+    glob_angles: tuple | None = None  # (one pair for every span of the chunk)
     masks: dict = field(default_factory=dict)  # the short far branch's row masks, made by the first layer
 
 
@@ -205,7 +212,7 @@ def plan_chunk(s: int, e: int, block_row: torch.Tensor, cfg: LminfConfig, B: int
     dev = block_row.device
     selects = first_window_block(e - 1, W, B) > g  # the chunk has middle blocks: its store keys are seen at C
     spans = []
-    glob_zero = rotations(-torch.arange(g * B, device=dev), rotary, head_size) if C == W else None
+    glob_angles = angles(-torch.arange(g * B, device=dev), rotary) if C == W else None
     for a, b in span_bounds(s, e, W, B):
         fa = first_window_block(a, W, B)
         blocks = torch.cat((torch.arange(min(g, fa), device=dev), torch.arange(fa, (b - 1) // B + 1, device=dev)))
@@ -221,12 +228,14 @@ def plan_chunk(s: int, e: int, block_row: torch.Tensor, cfg: LminfConfig, B: int
         short = C == W and fa >= g and a - W + 1 >= g * B  # (spans never straddle a change of fa)
         sp = Span(a, b, rows, block_row[blocks].long(), pos, logical, int((pos < max(0, a - W + 1)).sum()),
                   far_end, far_seen, fa, n_far,
-                  rotations(C - rows, rotary, head_size) if n_far or selects or short else None,
+                  rotations(C - (rows[-1:] if short else rows), rotary, head_size)
+                  if n_far or selects or short else None,
                   rotations(-pos[:n_far], rotary, head_size) if not short else None)  # fmt: skip
         if short:
-            sp.short, sp.edge_from, sp.glob_zero = True, a - W + 1 - fa * B, glob_zero
+            sp.short, sp.edge_from, sp.n_glob, sp.glob_angles = True, a - W + 1 - fa * B, g * B, glob_angles
             sp.edge = sp.edge_from + b - a - 1
-            sp.edge_zero = rotations(-pos[g * B : g * B + sp.edge], rotary, head_size)
+            sp.cap_angles = angles(C - rows, rotary)
+            sp.edge_angles = angles(-pos[g * B : g * B + sp.edge], rotary)
         spans.append(sp)
     return spans
 
@@ -277,11 +286,11 @@ def attend_chunk(
             if not (sp.far_end or chosen.numel()):
                 continue
             # only the blocks the far branch reads: the global blocks and fa, or those of the far slots
-            blocks = sp.blocks[: sp.glob_zero.shape[0] // B + 1] if sp.short else sp.blocks[: -(-sp.far_end // B)]
+            blocks = sp.blocks[: sp.n_glob // B + 1] if sp.short else sp.blocks[: -(-sp.far_end // B)]
             kv = read_blocks(kv_cache, blocks, layout).reshape(-1, Hkv, kv_cache.shape[-1])
             qf = q[sp.a - s : sp.b - s].float().view(sp.b - sp.a, Hkv, g, D)
             rows = slice(sp.a - s, sp.b - s)
-            o_far[rows], lse_far[rows] = (_far_short(qf, sp, kv, chunk, scale) if sp.short
+            o_far[rows], lse_far[rows] = (_far_short(qf, sp, kv, chunk, scale, rotary) if sp.short
                                           else _far_general(qf, sp, kv, chunk, cfg, scale, rotary))  # fmt: skip
         return attend_window(window, q, kv_cache, layout, o_far.view(T, H, -1), lse_far.view(T, H), scale)
     out = torch.empty(T, H, kv_cache.shape[-1] // 2)
@@ -302,7 +311,8 @@ def attend_chunk(
             out[sp.a - s : sp.b - s] = o_w.reshape(t, H, -1)
             continue
         qf = q_span.float().view(t, Hkv, g, D)
-        far = _far_short(qf, sp, kv, chunk, scale) if sp.short else _far_general(qf, sp, kv, chunk, cfg, scale, rotary)
+        far = (_far_short(qf, sp, kv, chunk, scale, rotary) if sp.short
+               else _far_general(qf, sp, kv, chunk, cfg, scale, rotary))  # fmt: skip
         o_f, lse_f = far
         top = torch.maximum(lse_w, lse_f)  # finite: every row sees its own key
         w_w, w_f = torch.exp(lse_w - top), torch.exp(lse_f - top)
@@ -323,13 +333,13 @@ class _ChunkKeys:
         self.k_st = None  # the keys as stored, rotated from st_zero where some row reads them so
         self.uniform = None  # (keys [1, Hkv, L, D], values [1, Hkv, L, Dv]) of the short way: global slots, picks
 
-    def uniform_keys(self, sp: Span, kv: torch.Tensor, dtype: torch.dtype):
+    def uniform_keys(self, sp: Span, kv: torch.Tensor, dtype: torch.dtype, rotary: RotarySpec):
         """The short way's keys every row of a span sees alike (the same for every short span of
         the chunk): the global slots rotated back to position 0, then the selected blocks."""
         if self.uniform is None:
-            D = sp.glob_zero.shape[-1]
-            n = sp.glob_zero.shape[0]
-            keys = torch.matmul(kv[:n, :, :D].float(), sp.glob_zero).transpose(0, 1)  # [Hkv, gB, D]
+            n, D = sp.n_glob, kv.shape[-1] // 2
+            cos, sin = sp.glob_angles
+            keys = rotate(kv[:n, :, :D].float(), cos[:, None], sin[:, None], rotary).transpose(0, 1)  # [Hkv, gB, D]
             values = kv[:n, :, D:].transpose(0, 1).float()
             if self.chosen.numel():
                 keys, values = torch.cat((keys, self.st_zero), dim=1), torch.cat((values, self.v_st), dim=1)
@@ -337,19 +347,20 @@ class _ChunkKeys:
         return self.uniform
 
 
-def _far_short(qf: torch.Tensor, sp: Span, kv: torch.Tensor, chunk: _ChunkKeys, scale: float):
+def _far_short(qf: torch.Tensor, sp: Span, kv: torch.Tensor, chunk: _ChunkKeys, scale: float, rotary: RotarySpec):
     """The far branch of a short span (Span.short): every far key at distance C, so scored by the
     rows' queries rotated to C against keys at position 0, in one call of PyTorch's fused
     attention: the global slots and the selected blocks before fa, which every row sees, then
     the edge, of which row a + t sees the first edge_from + t (a row mask made once per step).
     -> outputs [t, Hkv, g, Dv] float32, log-sum-exps [t, Hkv, g, 1] (-inf where a row sees none)."""
     t, Hkv, g, D = qf.shape
-    dtype, n_glob = kv.dtype, sp.glob_zero.shape[0]
-    keys, values = chunk.uniform_keys(sp, kv, dtype)  # [1, Hkv, Lu, D]
+    dtype, n_glob = kv.dtype, sp.n_glob
+    keys, values = chunk.uniform_keys(sp, kv, dtype, rotary)  # [1, Hkv, Lu, D]
     n_uniform = keys.shape[2]
     if sp.edge:
         edge = kv[n_glob : n_glob + sp.edge]
-        k_e = torch.matmul(edge[..., :D].float(), sp.edge_zero).to(dtype)  # [edge, Hkv, D] at position 0
+        cos, sin = sp.edge_angles
+        k_e = rotate(edge[..., :D].float(), cos[:, None], sin[:, None], rotary).to(dtype)  # [edge, Hkv, D] at 0
         keys = torch.cat((keys, k_e.transpose(0, 1)[None]), dim=2)
         values = torch.cat((values, edge[..., D:].transpose(0, 1)[None]), dim=2)
     if not keys.shape[2]:
@@ -375,8 +386,9 @@ def _far_short(qf: torch.Tensor, sp: Span, kv: torch.Tensor, chunk: _ChunkKeys, 
                 sees_any = (~late).any(1)[:, None] | edges[None, :]
     elif not n_glob:
         sees_any = ((sp.edge_from + torch.arange(t)) > 0)[None, :].expand(Hkv, -1)
-    q_cap = torch.matmul(qf.view(t, -1, D), sp.q_cap).view(t, Hkv, g, D)
-    rows = q_cap.to(dtype).permute(1, 2, 0, 3).reshape(1, Hkv, g * t, D)
+    cos, sin = sp.cap_angles
+    q_cap = rotate(qf.view(t, -1, D), cos[:, None], sin[:, None], rotary)
+    rows = q_cap.to(dtype).view(t, Hkv, g, D).permute(1, 2, 0, 3).reshape(1, Hkv, g * t, D)
     if mask is not None:
         mask = mask.expand(1, Hkv, g * t, -1)
     o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(

