@@ -23,7 +23,7 @@ rotation angles) is the same for every layer: `plan_chunk` does it once per
 step, `attend_chunk` runs per layer.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -202,7 +202,6 @@ class Span:
     cap_angles: tuple | None = None
     edge_angles: tuple | None = None
     glob_angles: tuple | None = None  # (one pair for every span of the chunk)
-    masks: dict = field(default_factory=dict)  # the short far branch's row masks, made by the first layer
 
 
 def plan_chunk(s: int, e: int, block_row: torch.Tensor, cfg: LminfConfig, B: int, rotary: RotarySpec,
@@ -349,56 +348,49 @@ class _ChunkKeys:
 
 def _far_short(qf: torch.Tensor, sp: Span, kv: torch.Tensor, chunk: _ChunkKeys, scale: float, rotary: RotarySpec):
     """The far branch of a short span (Span.short): every far key at distance C, so scored by the
-    rows' queries rotated to C against keys at position 0, in one call of PyTorch's fused
-    attention: the global slots and the selected blocks before fa, which every row sees, then
-    the edge, of which row a + t sees the first edge_from + t (a row mask made once per step).
-    -> outputs [t, Hkv, g, Dv] float32, log-sum-exps [t, Hkv, g, 1] (-inf where a row sees none)."""
+    rows' queries rotated to C against keys at position 0. Two parts joined by their log-sum-exps:
+    the global slots and the selected blocks before fa, which every row sees (PyTorch's fused
+    attention with no row mask: a mask per KV head at most), and the edge, of which row a + t
+    sees the first edge_from + t (a small float32 softmax; as a row mask in the fused call it
+    cost more). -> outputs [t, Hkv, g, Dv] float32, log-sum-exps [t, Hkv, g, 1] (-inf where a
+    row sees none)."""
     t, Hkv, g, D = qf.shape
     dtype, n_glob = kv.dtype, sp.n_glob
-    keys, values = chunk.uniform_keys(sp, kv, dtype, rotary)  # [1, Hkv, Lu, D]
-    n_uniform = keys.shape[2]
-    if sp.edge:
-        edge = kv[n_glob : n_glob + sp.edge]
-        cos, sin = sp.edge_angles
-        k_e = rotate(edge[..., :D].float(), cos[:, None], sin[:, None], rotary).to(dtype)  # [edge, Hkv, D] at 0
-        keys = torch.cat((keys, k_e.transpose(0, 1)[None]), dim=2)
-        values = torch.cat((values, edge[..., D:].transpose(0, 1)[None]), dim=2)
-    if not keys.shape[2]:
-        return qf.new_zeros(t, Hkv, g, values.shape[-1]), qf.new_full((t, Hkv, g, 1), float("-inf"))
-    mask = None
-    if sp.edge:
-        mask = sp.masks.get((g, n_uniform, dtype))
-        if mask is None:  # [g t, L]: every row sees the uniform keys, row t the first edge_from + t edge keys
-            sees = torch.arange(sp.edge)[None, :] < (sp.edge_from + torch.arange(t))[:, None]
-            mask = torch.zeros(t, n_uniform + sp.edge, dtype=dtype)
-            mask[:, n_uniform:].masked_fill_(~sees, float("-inf"))
-            mask = sp.masks[(g, n_uniform, dtype)] = mask.repeat(g, 1)
-        mask = mask[None, None]
-    sees_any = None  # [Hkv, t] where some row of a head sees no far key
-    if chunk.chosen.numel():
-        late = chunk.pos_st >= sp.fa * chunk.B  # picks at or past fa: in the rows' windows or edges, not here
-        if late.any():
-            per_head = torch.zeros(Hkv, keys.shape[2], dtype=dtype)
-            per_head[:, n_glob:n_uniform].masked_fill_(late, float("-inf"))
-            mask = per_head[None, :, None] if mask is None else mask + per_head[None, :, None]
-            if not n_glob:
-                edges = (sp.edge_from + torch.arange(t)) > 0
-                sees_any = (~late).any(1)[:, None] | edges[None, :]
-    elif not n_glob:
-        sees_any = ((sp.edge_from + torch.arange(t)) > 0)[None, :].expand(Hkv, -1)
     cos, sin = sp.cap_angles
-    q_cap = rotate(qf.view(t, -1, D), cos[:, None], sin[:, None], rotary)
-    rows = q_cap.to(dtype).view(t, Hkv, g, D).permute(1, 2, 0, 3).reshape(1, Hkv, g * t, D)
-    if mask is not None:
-        mask = mask.expand(1, Hkv, g * t, -1)
-    o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        rows, keys, values, 0.0, False, attn_mask=mask, scale=scale
-    )[:2]
-    o = o.view(Hkv, g, t, -1).permute(2, 0, 1, 3).float()
-    lse = lse.view(Hkv, g, t).permute(2, 0, 1)[..., None]
-    if sees_any is not None and not sees_any.all():  # (the fused attention gives such a row 0, not -inf)
-        lse = lse.masked_fill(~sees_any.t()[:, :, None, None], float("-inf"))
-    return o, lse
+    q_cap = rotate(qf.view(t, -1, D), cos[:, None], sin[:, None], rotary).view(t, Hkv, g, D)
+    o = qf.new_zeros(t, Hkv, g, kv.shape[-1] - D)
+    lse = qf.new_full((t, Hkv, g, 1), float("-inf"))
+    if n_glob or chunk.chosen.numel():
+        keys, values = chunk.uniform_keys(sp, kv, dtype, rotary)  # [1, Hkv, Lu, D]
+        mask, sees = None, None
+        if chunk.chosen.numel():
+            late = chunk.pos_st >= sp.fa * chunk.B  # picks at or past fa: in the rows' windows or edges, not here
+            if late.any():
+                mask = torch.zeros(Hkv, keys.shape[2], dtype=dtype)
+                mask[:, n_glob:].masked_fill_(late, float("-inf"))
+                mask = mask[None, :, None].expand(1, Hkv, g * t, -1)
+                sees = n_glob > 0 or (~late).any(1)[None, :, None, None]  # (a head that sees none: lse 0, not -inf)
+        rows = q_cap.to(dtype).permute(1, 2, 0, 3).reshape(1, Hkv, g * t, D)
+        o_u, lse_u = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            rows, keys, values, 0.0, False, attn_mask=mask, scale=scale
+        )[:2]
+        o = o_u.view(Hkv, g, t, -1).permute(2, 0, 1, 3).float()
+        lse = lse_u.view(Hkv, g, t).permute(2, 0, 1)[..., None]
+        if sees is not None and sees is not True:
+            lse = lse.masked_fill(~sees, float("-inf"))
+    if not sp.edge:
+        return o, lse
+    edge = kv[n_glob : n_glob + sp.edge].float()
+    cos, sin = sp.edge_angles
+    k_e = rotate(edge[..., :D], cos[:, None], sin[:, None], rotary)  # [edge, Hkv, D] at position 0
+    s_e = torch.einsum("tkgd,lkd->tkgl", q_cap, k_e) * scale
+    seen = torch.arange(sp.edge)[None, :] < (sp.edge_from + torch.arange(t))[:, None]  # [t, edge]
+    s_e = s_e.masked_fill_(~seen[:, None, None, :], float("-inf"))
+    lse_e = torch.logsumexp(s_e, dim=-1, keepdim=True)
+    o_e = torch.einsum("tkgl,lkd->tkgd", torch.exp(s_e - lse_e.clamp(min=-1e30)), edge[..., D:])
+    both = torch.logaddexp(lse, lse_e)
+    top = both.clamp(min=-1e30)
+    return o * torch.exp(lse - top) + o_e * torch.exp(lse_e - top), both
 
 
 def _far_general(qf: torch.Tensor, sp: Span, kv: torch.Tensor, chunk: _ChunkKeys, cfg: LminfConfig, scale: float,
