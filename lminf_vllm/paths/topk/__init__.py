@@ -50,6 +50,7 @@ from lminf_vllm.paths.topk.attention import (
 from lminf_vllm.paths.topk import ops
 from lminf_vllm.paths.topk.pool import PoolCopies, SavedKeys, copy_far_blocks, plan_copies, plan_pool_row, turned_positions
 from lminf_vllm.paths.topk.store import HostStore
+from lminf_vllm.paths.topk.window import plan_window
 
 LAYOUT = OWN_LAYOUT
 CUDAGRAPH = "never"
@@ -90,6 +91,7 @@ class Plan:
     store: HostStore
     chunks: list[tuple[int, int, int, int, str | None]]  # (request, first token, stop, seq_len, request id)
     spans: dict = field(default_factory=dict)  # (request, rotary) -> attention.plan_chunk's spans, made once
+    windows: dict = field(default_factory=dict)  # request -> window.plan_window's call (or None), made once
     decodes: dict = field(default_factory=dict)  # (request, rotary) -> plan_decode's row (or None), made once
     # What the step chose, per (layer, request index): [Hkv, k] blocks (tests, metrics).
     chosen: dict = field(default_factory=dict)
@@ -179,7 +181,11 @@ def run(plan: Plan, layer: LayerMath, query, key, value, kv_cache, output: torch
             chosen = select_stored(plan.store, rid, layer_key, q_cap, g, f, cfg, layer.scale)
             store_kv = plan.store.gather_far(rid, layer_key, chosen)
             plan.chosen[(layer_key, r)] = chosen
-        out = attend_chunk(query[first:stop], spans, kv_cache, LAYOUT, chosen, store_kv, cfg, layer.scale, layer.rotary)
+        if r not in plan.windows:  # the window branch's kernel call, once per chunk and step (None: PyTorch's)
+            plan.windows[r] = plan_window(s, e, row, cfg.local_tokens, B, shape.num_heads, shape.num_kv_heads,
+                                          kv_cache.shape[-1] // 2, kv_cache.dtype)  # fmt: skip
+        out = attend_chunk(query[first:stop], spans, kv_cache, LAYOUT, chosen, store_kv, cfg, layer.scale, layer.rotary,
+                           plan.windows[r])  # fmt: skip
         output[first:stop] = out.to(output.dtype)
     if decodes:
         _decode(plan, layer, decodes, query, kv_cache, output)

@@ -9,7 +9,9 @@ testing/topk_reference.py. Three jobs, no vLLM import:
     lower block first on ties);
   * the chunk's attention: one softmax over what the pool still holds (whole
     global blocks, whole window blocks) and the selected blocks from the store,
-    in two branches merged by their log-sum-exps (Span says which).
+    in two branches merged by their log-sum-exps (Span says which): the window
+    through vLLM's CPU kernel (window.py, the far branch entering as one virtual
+    key) or PyTorch's fused attention; the far branch in PyTorch.
 
 Scores: a key at i - j <= C is read as stored, <q_i, k_j>; one further back is
 seen at distance C, <R(C - i) q_i, R(-j) k_j> (rotations compose), the same
@@ -31,8 +33,9 @@ from lminf_vllm.config import LminfConfig
 from lminf_vllm.kv_layout import block_head_numbers, read_blocks, token_numbers
 from lminf_vllm.lambda_attention import _local_mask
 from lminf_vllm.rope import RotarySpec, cos_sin, rotate
+from lminf_vllm.paths.topk.window import WindowCall, attend_window
 
-# Rows of a prefill chunk attended at once: O(span x (G + W + span)) scores.
+# Rows of a prefill chunk attended at once (at most; spans also end where the first window block moves).
 QUERY_SPAN = 256
 
 
@@ -243,8 +246,9 @@ class Span:
 
     The slots read are the global blocks before the window blocks, then the window blocks
     from fa on, positions ascending. Two branches share one softmax (merged by their
-    log-sum-exps): the window branch, Λ's local keys (0 <= i - j < W) through PyTorch's
-    fused CPU attention, is the slots from `win` on; the far branch, every other visible key
+    log-sum-exps): the window branch, Λ's local keys (0 <= i - j < W) through vLLM's CPU
+    kernel (window.py) or PyTorch's fused CPU attention, is the slots from `win` on; the far
+    branch, every other visible key
     (i - j >= W: whole global blocks, the old edge of the first window block, selected
     blocks), is the slots before `far_end`, plus the selected blocks from the store."""
 
@@ -260,7 +264,20 @@ class Span:
     fa: int  # first window block of row a: selected blocks before it come from the store
     n_far: int  # the first n_far slots are read past the cap (i - j > C) by some row
     q_cap: torch.Tensor | None  # [T', D, D]: row t rotated to position C is q_t @ q_cap[t] (None: no row needs it)
-    k_zero: torch.Tensor  # [n_far, D, D]: the far slots rotated back to position 0, likewise
+    k_zero: torch.Tensor | None  # [n_far, D, D]: the far slots rotated back to position 0, likewise
+    # The short far branch (`_far_short`), where C = W and every row sees the whole global blocks
+    # and has the same first window block fa: its far keys are the global slots and the selected
+    # blocks before fa (seen by every row: no row mask) and the edge, slots gB .. gB + edge - 1 of
+    # block fa, of which row a + t sees the first edge_from + t.
+    short: bool = False
+    edge_from: int = 0
+    edge: int = 0
+    n_glob: int = 0  # gB: the global slots
+    # cos, sin that rotate the rows to C, the edge slots and the global slots back to position 0
+    # (elementwise: cheaper than q_cap's matrices over a long chunk; q_cap keeps the last row's)
+    cap_angles: tuple | None = None
+    edge_angles: tuple | None = None
+    glob_angles: tuple | None = None  # (one pair for every span of the chunk)
 
 
 def plan_chunk(s: int, e: int, block_row: torch.Tensor, cfg: LminfConfig, B: int, rotary: RotarySpec,
@@ -270,8 +287,8 @@ def plan_chunk(s: int, e: int, block_row: torch.Tensor, cfg: LminfConfig, B: int
     dev = block_row.device
     selects = first_window_block(e - 1, W, B) > g  # the chunk has middle blocks: its store keys are seen at C
     spans = []
-    for a in range(s, e, QUERY_SPAN):
-        b = min(a + QUERY_SPAN, e)
+    glob_angles = angles(-torch.arange(g * B, device=dev), rotary) if C == W else None
+    for a, b in span_bounds(s, e, W, B):
         fa = first_window_block(a, W, B)
         blocks = torch.cat((torch.arange(min(g, fa), device=dev), torch.arange(fa, (b - 1) // B + 1, device=dev)))
         tail = (b - 1) // B * B + B - b  # unwritten slots of the last block
@@ -283,11 +300,32 @@ def plan_chunk(s: int, e: int, block_row: torch.Tensor, cfg: LminfConfig, B: int
         p, lg = pos[None, :far_end], logical[None, :far_end]
         far_seen = (p <= rows[:, None] - W) & ((lg < g) | (lg >= fwb[:, None]))
         n_far = int((pos < b - 1 - C).sum())
-        spans.append(Span(a, b, rows, block_row[blocks].long(), pos, logical, int((pos < max(0, a - W + 1)).sum()),
-                          far_end, far_seen, fa, n_far,
-                          rotations(C - rows, rotary, head_size) if n_far or selects else None,
-                          rotations(-pos[:n_far], rotary, head_size)))  # fmt: skip
+        short = C == W and fa >= g and a - W + 1 >= g * B  # (spans never straddle a change of fa)
+        sp = Span(a, b, rows, block_row[blocks].long(), pos, logical, int((pos < max(0, a - W + 1)).sum()),
+                  far_end, far_seen, fa, n_far,
+                  rotations(C - (rows[-1:] if short else rows), rotary, head_size)
+                  if n_far or selects or short else None,
+                  rotations(-pos[:n_far], rotary, head_size) if not short else None)  # fmt: skip
+        if short:
+            sp.short, sp.edge_from, sp.n_glob, sp.glob_angles = True, a - W + 1 - fa * B, g * B, glob_angles
+            sp.edge = sp.edge_from + b - a - 1
+            sp.cap_angles = angles(C - rows, rotary)
+            sp.edge_angles = angles(-pos[g * B : g * B + sp.edge], rotary)
+        spans.append(sp)
     return spans
+
+
+def span_bounds(s: int, e: int, W: int, B: int) -> list[tuple[int, int]]:
+    """Rows [s, e) in spans of at most QUERY_SPAN rows that never straddle a change of the
+    first window block (rows i with (i - W + 1) % B = 0 start one): a span's rows then share
+    their global and window blocks, and its edge is less than one block."""
+    bounds, a = [], s
+    while a < e:
+        change = W - 1 + (max(0, a - W + 1) // B + 1) * B  # the next row whose first window block moves
+        b = min(e, a + QUERY_SPAN, change)
+        bounds.append((a, b))
+        a = b
+    return bounds
 
 
 def rotations(positions: torch.Tensor, rotary: RotarySpec, head_size: int) -> torch.Tensor:
@@ -308,16 +346,28 @@ def attend_chunk(
     cfg: LminfConfig,
     scale: float,
     rotary: RotarySpec,
+    window: WindowCall | None = None,  # the window branch through vLLM's kernel (window.plan_window), else PyTorch's
 ) -> torch.Tensor:
     """Top-k attention of one chunk. -> [T, H, Dv] float32."""
     T, H, D = q.shape
-    B, W, C = kv_cache.shape[2], cfg.local_tokens, cfg.distance_cap
+    B, W = kv_cache.shape[2], cfg.local_tokens
     Hkv, g = kv_cache.shape[1], H // kv_cache.shape[1]
     s = spans[0].a
-    if chosen.numel():
-        st_zero, v_st = (t.float() for t in store_kv)
-        pos_st = (chosen[:, :, None] * B + torch.arange(B, device=chosen.device)).flatten(1)  # [Hkv, k * B]
-        k_st = None  # the keys as stored, rotated from st_zero where some row reads them so
+    chunk = _ChunkKeys(chosen, store_kv, B)
+    if window is not None:  # the far branch of every span first: the kernel's window call takes its log-sum-exps
+        o_far = torch.zeros(T, Hkv, g, kv_cache.shape[-1] // 2)
+        lse_far = torch.full((T, Hkv, g, 1), float("-inf"))
+        for sp in spans:
+            if not (sp.far_end or chosen.numel()):
+                continue
+            # only the blocks the far branch reads: the global blocks and fa, or those of the far slots
+            blocks = sp.blocks[: sp.n_glob // B + 1] if sp.short else sp.blocks[: -(-sp.far_end // B)]
+            kv = read_blocks(kv_cache, blocks, layout).reshape(-1, Hkv, kv_cache.shape[-1])
+            qf = q[sp.a - s : sp.b - s].float().view(sp.b - sp.a, Hkv, g, D)
+            rows = slice(sp.a - s, sp.b - s)
+            o_far[rows], lse_far[rows] = (_far_short(qf, sp, kv, chunk, scale, rotary) if sp.short
+                                          else _far_general(qf, sp, kv, chunk, cfg, scale, rotary))  # fmt: skip
+        return attend_window(window, q, kv_cache, layout, o_far.view(T, H, -1), lse_far.view(T, H), scale)
     out = torch.empty(T, H, kv_cache.shape[-1] // 2)
     for sp in spans:
         t = sp.b - sp.a
@@ -332,41 +382,130 @@ def attend_chunk(
         )[:2]
         o_w = o_w.view(Hkv, g, t, -1).permute(2, 0, 1, 3).float()  # [t, Hkv, g, Dv]
         lse_w = lse_w.view(Hkv, g, t).permute(2, 0, 1)[..., None]
-        # Far branch: every visible key at i - j >= W, at distance min(i - j, C).
-        qf = q_span.float().view(t, Hkv, g, D)
-        far = kv[: sp.far_end].float()
-        k_far, values = far[..., :D], far[..., D:].transpose(0, 1)  # values per head: [Hkv, Lf, Dv]
         if not (sp.far_end or chosen.numel()):
             out[sp.a - s : sp.b - s] = o_w.reshape(t, H, -1)
             continue
-        q_cap = None if sp.q_cap is None else torch.matmul(qf.view(t, H, D), sp.q_cap).view(qf.shape)
-        scores = torch.einsum("tkgd,lkd->tkgl", qf, k_far)
-        if sp.n_far:  # slots some row sees past the cap: <R(C - i) q_i, R(-j) k_j> there
-            past = (sp.rows[:, None] - sp.pos[None, : sp.n_far]) > C
-            capped = torch.einsum("tkgd,lkd->tkgl", q_cap, torch.matmul(k_far[: sp.n_far], sp.k_zero))
-            scores[..., : sp.n_far] = torch.where(past[:, None, None, :], capped, scores[..., : sp.n_far])
-        seen = sp.far_seen[:, None, :]
-        if chosen.numel():
-            # selected blocks the pool still holds (a long chunk's own past), beyond each row's window
-            picked = (sp.logical[None, : sp.far_end, None] == chosen[:, None, :]).any(-1)  # [Hkv, Lf]
-            seen = seen | (picked[None] & (sp.pos[None, None, : sp.far_end] <= sp.rows[:, None, None] - W))
-            # the others come from the store: all before the rows' windows, all at i - j >= W
-            s_st = torch.einsum("tkgd,kld->tkgl", q_cap, st_zero)
-            if sp.a - int(pos_st.max()) <= C:  # some pair within the cap (C > W): read as stored there
-                k_st = rotated_to(st_zero, pos_st, rotary) if k_st is None else k_st
-                near = (sp.rows[:, None, None] - pos_st[None]) <= C  # [T', Hkv, kB]
-                s_st = torch.where(near[:, :, None, :], torch.einsum("tkgd,kld->tkgl", qf, k_st), s_st)
-            from_store = (pos_st < sp.fa * B)[None].expand(t, -1, -1)  # [T', Hkv, kB]
-            scores = torch.cat((scores, s_st), dim=-1)
-            seen = torch.cat((seen.expand(-1, Hkv, -1), from_store), dim=-1)
-            values = torch.cat((values, v_st), dim=1)
-        scores = (scores * scale).masked_fill(~seen[:, :, None, :], float("-inf"))
-        lse_f = torch.logsumexp(scores, dim=-1, keepdim=True)  # -inf where a row sees no far key
-        o_f = torch.einsum("tkgl,kld->tkgd", torch.exp(scores - lse_f.clamp(min=-1e30)), values)
+        qf = q_span.float().view(t, Hkv, g, D)
+        far = (_far_short(qf, sp, kv, chunk, scale, rotary) if sp.short
+               else _far_general(qf, sp, kv, chunk, cfg, scale, rotary))  # fmt: skip
+        o_f, lse_f = far
         top = torch.maximum(lse_w, lse_f)  # finite: every row sees its own key
         w_w, w_f = torch.exp(lse_w - top), torch.exp(lse_f - top)
         out[sp.a - s : sp.b - s] = ((o_w * w_w + o_f * w_f) / (w_w + w_f)).reshape(t, H, -1)
     return out
+
+
+class _ChunkKeys:
+    """What every span of a chunk reads alike: its selected blocks from the store (keys at
+    position 0, values, positions) and, for the short way, the global slots at position 0."""
+
+    def __init__(self, chosen: torch.Tensor, store_kv: tuple | None, B: int):
+        self.chosen, self.B = chosen, B
+        if chosen.numel():
+            self.st_zero, self.v_st = (t.float() for t in store_kv)
+            self.pos_st = (chosen[:, :, None] * B + torch.arange(B, device=chosen.device)).flatten(1)  # [Hkv, k * B]
+            self.store_dtype = store_kv[0].dtype
+        self.k_st = None  # the keys as stored, rotated from st_zero where some row reads them so
+        self.uniform = None  # (keys [1, Hkv, L, D], values [1, Hkv, L, Dv]) of the short way: global slots, picks
+
+    def uniform_keys(self, sp: Span, kv: torch.Tensor, dtype: torch.dtype, rotary: RotarySpec):
+        """The short way's keys every row of a span sees alike (the same for every short span of
+        the chunk): the global slots rotated back to position 0, then the selected blocks."""
+        if self.uniform is None:
+            n, D = sp.n_glob, kv.shape[-1] // 2
+            cos, sin = sp.glob_angles
+            keys = rotate(kv[:n, :, :D].float(), cos[:, None], sin[:, None], rotary).transpose(0, 1)  # [Hkv, gB, D]
+            values = kv[:n, :, D:].transpose(0, 1).float()
+            if self.chosen.numel():
+                keys, values = torch.cat((keys, self.st_zero), dim=1), torch.cat((values, self.v_st), dim=1)
+            self.uniform = (keys.to(dtype)[None], values.to(dtype)[None])
+        return self.uniform
+
+
+def _far_short(qf: torch.Tensor, sp: Span, kv: torch.Tensor, chunk: _ChunkKeys, scale: float, rotary: RotarySpec):
+    """The far branch of a short span (Span.short): every far key at distance C, so scored by the
+    rows' queries rotated to C against keys at position 0. Two parts joined by their log-sum-exps:
+    the global slots and the selected blocks before fa, which every row sees (PyTorch's fused
+    attention with no row mask: a mask per KV head at most), and the edge, of which row a + t
+    sees the first edge_from + t (a small float32 softmax; as a row mask in the fused call it
+    cost more). -> outputs [t, Hkv, g, Dv] float32, log-sum-exps [t, Hkv, g, 1] (-inf where a
+    row sees none)."""
+    t, Hkv, g, D = qf.shape
+    dtype, n_glob = kv.dtype, sp.n_glob
+    cos, sin = sp.cap_angles
+    q_cap = rotate(qf.view(t, -1, D), cos[:, None], sin[:, None], rotary).view(t, Hkv, g, D)
+    o = qf.new_zeros(t, Hkv, g, kv.shape[-1] - D)
+    lse = qf.new_full((t, Hkv, g, 1), float("-inf"))
+    if n_glob or chunk.chosen.numel():
+        keys, values = chunk.uniform_keys(sp, kv, dtype, rotary)  # [1, Hkv, Lu, D]
+        mask, sees = None, None
+        if chunk.chosen.numel():
+            late = chunk.pos_st >= sp.fa * chunk.B  # picks at or past fa: in the rows' windows or edges, not here
+            if late.any():
+                mask = torch.zeros(Hkv, keys.shape[2], dtype=dtype)
+                mask[:, n_glob:].masked_fill_(late, float("-inf"))
+                mask = mask[None, :, None].expand(1, Hkv, g * t, -1)
+                sees = n_glob > 0 or (~late).any(1)[None, :, None, None]  # (a head that sees none: lse 0, not -inf)
+        rows = q_cap.to(dtype).permute(1, 2, 0, 3).reshape(1, Hkv, g * t, D)
+        o_u, lse_u = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            rows, keys, values, 0.0, False, attn_mask=mask, scale=scale
+        )[:2]
+        o = o_u.view(Hkv, g, t, -1).permute(2, 0, 1, 3).float()
+        lse = lse_u.view(Hkv, g, t).permute(2, 0, 1)[..., None]
+        if sees is not None and sees is not True:
+            lse = lse.masked_fill(~sees, float("-inf"))
+    if not sp.edge:
+        return o, lse
+    edge = kv[n_glob : n_glob + sp.edge].float()
+    cos, sin = sp.edge_angles
+    k_e = rotate(edge[..., :D], cos[:, None], sin[:, None], rotary)  # [edge, Hkv, D] at position 0
+    s_e = torch.einsum("tkgd,lkd->tkgl", q_cap, k_e) * scale
+    seen = torch.arange(sp.edge)[None, :] < (sp.edge_from + torch.arange(t))[:, None]  # [t, edge]
+    s_e = s_e.masked_fill_(~seen[:, None, None, :], float("-inf"))
+    lse_e = torch.logsumexp(s_e, dim=-1, keepdim=True)
+    o_e = torch.einsum("tkgl,lkd->tkgd", torch.exp(s_e - lse_e.clamp(min=-1e30)), edge[..., D:])
+    both = torch.logaddexp(lse, lse_e)
+    top = both.clamp(min=-1e30)
+    return o * torch.exp(lse - top) + o_e * torch.exp(lse_e - top), both
+
+
+def _far_general(qf: torch.Tensor, sp: Span, kv: torch.Tensor, chunk: _ChunkKeys, cfg: LminfConfig, scale: float,
+                 rotary: RotarySpec):  # fmt: skip
+    """The far branch of any span: every visible key at i - j >= W, at distance min(i - j, C),
+    one float32 softmax. -> outputs [t, Hkv, g, Dv] float32, log-sum-exps [t, Hkv, g, 1] (-inf
+    where a row sees no far key)."""
+    t, Hkv, g, D = qf.shape
+    B, W, C = chunk.B, cfg.local_tokens, cfg.distance_cap
+    chosen = chunk.chosen
+    far = kv[: sp.far_end].float()
+    k_far, values = far[..., :D], far[..., D:].transpose(0, 1)  # values per head: [Hkv, Lf, Dv]
+    q_cap = None if sp.q_cap is None else torch.matmul(qf.view(t, -1, D), sp.q_cap).view(qf.shape)
+    scores = torch.einsum("tkgd,lkd->tkgl", qf, k_far)
+    if sp.n_far:  # slots some row sees past the cap: <R(C - i) q_i, R(-j) k_j> there
+        past = (sp.rows[:, None] - sp.pos[None, : sp.n_far]) > C
+        capped = torch.einsum("tkgd,lkd->tkgl", q_cap, torch.matmul(k_far[: sp.n_far], sp.k_zero))
+        scores[..., : sp.n_far] = torch.where(past[:, None, None, :], capped, scores[..., : sp.n_far])
+    seen = sp.far_seen[:, None, :]
+    if chosen.numel():
+        pos_st = chunk.pos_st
+        # selected blocks the pool still holds (a long chunk's own past), beyond each row's window
+        picked = (sp.logical[None, : sp.far_end, None] == chosen[:, None, :]).any(-1)  # [Hkv, Lf]
+        seen = seen | (picked[None] & (sp.pos[None, None, : sp.far_end] <= sp.rows[:, None, None] - W))
+        # the others come from the store: all before the rows' windows, all at i - j >= W
+        s_st = torch.einsum("tkgd,kld->tkgl", q_cap, chunk.st_zero)
+        if sp.a - int(pos_st.max()) <= C:  # some pair within the cap (C > W): read as stored there
+            if chunk.k_st is None:
+                chunk.k_st = rotated_to(chunk.st_zero, pos_st, rotary)
+            near = (sp.rows[:, None, None] - pos_st[None]) <= C  # [T', Hkv, kB]
+            s_st = torch.where(near[:, :, None, :], torch.einsum("tkgd,kld->tkgl", qf, chunk.k_st), s_st)
+        from_store = (pos_st < sp.fa * B)[None].expand(t, -1, -1)  # [T', Hkv, kB]
+        scores = torch.cat((scores, s_st), dim=-1)
+        seen = torch.cat((seen.expand(-1, Hkv, -1), from_store), dim=-1)
+        values = torch.cat((values, chunk.v_st), dim=1)
+    scores = (scores * scale).masked_fill(~seen[:, :, None, :], float("-inf"))
+    lse_f = torch.logsumexp(scores, dim=-1, keepdim=True)  # -inf where a row sees no far key
+    o_f = torch.einsum("tkgl,kld->tkgd", torch.exp(scores - lse_f.clamp(min=-1e30)), values)
+    return o_f, lse_f
 
 
 @dataclass
