@@ -33,7 +33,8 @@ def test_nothing_outside_the_testing_package_imports_the_oracles():
 
 def test_paths_and_the_math_below_them_see_no_vllm():
     """vLLM's types stop at backend.py; only a path's `ops` module calls vLLM's C++ ops (the
-    CPU-kernel path's and the top-k path's)."""
+    CPU-kernel path's and the top-k path's), through cpu_attention_kernel where both call the
+    same kernel."""
     vllm_free = [m for m in MODULES if m.startswith("lminf_vllm.paths") or m in (
         "lminf_vllm.step", "lminf_vllm.routing", "lminf_vllm.kv_layout", "lminf_vllm.lambda_attention",
         "lminf_vllm.rope", "lminf_vllm.config", "lminf_vllm.block_policy", "lminf_vllm.model_support",
@@ -51,7 +52,7 @@ def test_no_import_climbs_back_up_or_across_paths():
     the backend, the patches, the paths package's chooser or another path."""
     upward = ("lminf_vllm.backend", "lminf_vllm.runtime_patches", "lminf_vllm.vllm_config")
     below = ("lminf_vllm.step", "lminf_vllm.routing", "lminf_vllm.kv_layout", "lminf_vllm.lambda_attention",
-             "lminf_vllm.rope", "lminf_vllm.config")  # fmt: skip
+             "lminf_vllm.rope", "lminf_vllm.config", "lminf_vllm.cpu_attention_kernel")  # fmt: skip
     for m, deps in MODULES.items():
         if not m.startswith("lminf_vllm.paths.") and m not in below:
             continue

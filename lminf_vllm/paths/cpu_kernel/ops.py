@@ -1,4 +1,5 @@
-"""vLLM's CPU attention ops, as this path calls them (the only vLLM calls in the path).
+"""vLLM's CPU attention ops, as this path calls them (the only vLLM calls in the path; the
+wrappers it shares with the top-k path are in lminf_vllm/cpu_attention_kernel.py).
 
 `cpu_attention_with_kv_cache` does causal attention over a paged cache with a
 sliding window, reading keys in place; `cpu_attn_reshape_and_cache` writes a
@@ -13,6 +14,14 @@ import os
 
 import torch
 
+from lminf_vllm.cpu_attention_kernel import (  # noqa: F401 (the path's callers import them from here)
+    attend,
+    isa_for_head_size,
+    kernel_cache_views,
+    kernel_head_sizes,
+    scheduler_metadata,
+    write_kv_kernel,
+)
 from lminf_vllm.kv_layout import CPU_KERNEL_LAYOUT, read_rows
 
 # LMINF_CPU_KERNEL=0 keeps every row on the PyTorch path (tests, benchmarks).
@@ -38,24 +47,6 @@ def _kernel_mode(dtype: torch.dtype, block_size: int, num_kv_heads: int, head_si
     return isa if kernel_layout_ok(isa, dtype, num_kv_heads, head_size, block_size) else None
 
 
-@functools.lru_cache(maxsize=None)
-def isa_for_head_size(dtype: torch.dtype, block_size: int, head_size: int) -> str | None:
-    """The kernel's ISA for caches of this head size (scratch caches may be wider
-    than the model's), or None if the kernel has no such head size."""
-    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
-
-    if head_size not in kernel_head_sizes():
-        return None
-    return _get_attn_isa(dtype, block_size, head_size)
-
-
-@functools.lru_cache(maxsize=None)
-def kernel_head_sizes() -> tuple[int, ...]:
-    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
-
-    return tuple(sorted(CPUAttentionBackend.get_supported_head_sizes()))
-
-
 def kernel_layout_ok(isa: str, dtype: torch.dtype, num_kv_heads: int, head_size: int, block_size: int) -> bool:
     """Does the kernel's cache writer store rows where kv_layout.read_rows reads them?"""
     g = torch.Generator().manual_seed(0)
@@ -66,41 +57,3 @@ def kernel_layout_ok(isa: str, dtype: torch.dtype, num_kv_heads: int, head_size:
     write_kv_kernel(cache, k, v, slots, isa)
     k2, v2 = read_rows(cache, slots // block_size, slots % block_size, head_size, CPU_KERNEL_LAYOUT)
     return torch.equal(k2, k) and torch.equal(v2, v)
-
-
-def kernel_cache_views(kv_cache: torch.Tensor):
-    """The (key_cache, value_cache) views vLLM's CPU backend passes to its ops."""
-    nb, Hkv, B, twoD = kv_cache.shape
-    return kv_cache.view(nb, Hkv, 2 * B, twoD // 2).chunk(2, dim=2)
-
-
-def write_kv_kernel(kv_cache, key, value, slots, isa: str) -> None:
-    """Store key/value [T, Hkv, D] at flat slots [T] with the kernel's own writer (slot < 0 skipped)."""
-    from vllm import _custom_ops as ops
-
-    kc, vc = kernel_cache_views(kv_cache)
-    ops.cpu_attn_reshape_and_cache(key, value, kc, vc, slots, isa)
-
-
-def scheduler_metadata(qsl, seq, window, isa, num_heads, num_kv_heads, head_size, dtype):
-    """The kernel's work split for a call over these virtual sequences."""
-    from vllm import _custom_ops as ops
-    from vllm import envs
-
-    return ops.cpu_attn_get_scheduler_metadata(
-        num_reqs=len(seq), num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_size,
-        seq_lens=seq, dtype=dtype, query_start_loc=qsl, causal=True, sliding_window_size=window,
-        isa=isa, enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
-    )  # fmt: skip
-
-
-def attend(q, key_cache, value_cache, out, query_start_loc, seq_lens, block_table, window, metadata, scale) -> None:
-    """One call of vLLM's kernel: causal attention of q over virtual sequences of
-    the cache views, keys older than `window` (-1: none) masked; writes out."""
-    from vllm import _custom_ops as ops
-
-    ops.cpu_attention_with_kv_cache(
-        query=q, key_cache=key_cache, value_cache=value_cache, output=out, query_start_loc=query_start_loc,
-        seq_lens=seq_lens, scale=scale, causal=True, alibi_slopes=None, sliding_window=window,
-        block_table=block_table, softcap=0.0, scheduler_metadata=metadata, s_aux=None,
-    )  # fmt: skip

