@@ -14,7 +14,7 @@ is kept. Decode tokens/s = N / the median of those steps. Every request asks for
 enough tokens that at least --steps such steps happen before the first finishes.
 Prefill: prompt tokens / seconds until the last request's first token.
 
-    python benchmarks/topk_concurrency.py --concurrency 1 8        # ~25 min on 2 cores
+    python benchmarks/topk_concurrency.py --concurrency 1 8        # ~16 min on 2 cores
 """
 
 import argparse
@@ -112,8 +112,9 @@ def main(argv=None):
         cfg = llm.llm_engine.vllm_config
         for n in args.concurrency:
             row = {"mode": mode, **measure(llm, args, tokens, n)}
-            row.update(dtype=str(cfg.model_config.dtype).removeprefix("torch."), block_size=cfg.cache_config.block_size,
-                       compiled=not cfg.model_config.enforce_eager, lminf=cfg.additional_config.get("lminf_resolved"))  # fmt: skip
+            row.update(dtype=str(cfg.model_config.dtype).removeprefix("torch."),
+                       block_size=cfg.cache_config.block_size, compiled=not cfg.model_config.enforce_eager,
+                       lminf=cfg.additional_config.get("lminf_resolved"))  # fmt: skip
             rows.append(row)
             print(row, flush=True)
         llm.llm_engine.engine_core.shutdown()
@@ -133,7 +134,8 @@ def main(argv=None):
     args.out.write_text(json.dumps(doc, indent=2) + "\n")
     print("| mode | requests | decode ms/step | decode tok/s | prefill tok/s |\n|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['mode']} | {r['concurrency']} | {r['decode_step_ms']} | {r['decode_tok_s']} | {r['prefill_tok_s']} |")
+        cells = (r["mode"], r["concurrency"], r["decode_step_ms"], r["decode_tok_s"], r["prefill_tok_s"])
+        print("| " + " | ".join(map(str, cells)) + " |")
     print(json.dumps(ratios, indent=2))
     print(f"\nwrote {args.out}")
 

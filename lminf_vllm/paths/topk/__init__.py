@@ -48,7 +48,14 @@ from lminf_vllm.paths.topk.attention import (
     select_stored_rows,
 )
 from lminf_vllm.paths.topk import ops
-from lminf_vllm.paths.topk.pool import PoolCopies, SavedKeys, copy_far_blocks, plan_copies, plan_pool_row, turned_positions
+from lminf_vllm.paths.topk.pool import (
+    PoolCopies,
+    SavedKeys,
+    copy_far_blocks,
+    plan_copies,
+    plan_pool_row,
+    turned_positions,
+)
 from lminf_vllm.paths.topk.store import HostStore
 from lminf_vllm.paths.topk.window import plan_window
 

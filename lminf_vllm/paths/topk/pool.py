@@ -103,8 +103,9 @@ def plan_copies(rows: list[PoolRow], picks: list[int], num_kv_heads: int, B: int
         offsets.append(a + n)
     sizes = torch.tensor([(b - a) * B for a, b in zip(offsets, offsets[1:])])
     join = lambda parts: torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)  # noqa: E731
-    return PoolCopies(offsets, torch.repeat_interleave(torch.arange(len(rows)), sizes),
-                      torch.stack([row.turn for row in rows]), join(keep), join(dst), join(edge_src), join(edge_dst))  # fmt: skip
+    positions = torch.repeat_interleave(torch.arange(len(rows)), sizes)
+    table = torch.stack([row.turn for row in rows])
+    return PoolCopies(offsets, positions, table, join(keep), join(dst), join(edge_src), join(edge_dst))
 
 
 def copy_far_blocks(kv_cache: torch.Tensor, rows: list[PoolRow], plan: PoolCopies, chosen: list[torch.Tensor],
