@@ -76,10 +76,10 @@ def share(stats: pstats.Stats, suffix: str, name: str, cumulative: bool) -> floa
 
 
 def kernel_by_caller(stats: pstats.Stats) -> dict:
-    """The kernel's time split by who called ops.attend (its one wrapper)."""
+    """The kernel's time split by who called cpu_attention_kernel.attend (its one wrapper)."""
     out = dict.fromkeys(KERNEL_CALLERS, 0.0)
     for (file, _, func), (*_, callers) in stats.stats.items():
-        if func == "attend" and file.endswith("paths/cpu_kernel/ops.py"):
+        if func == "attend" and file.endswith("lminf_vllm/cpu_attention_kernel.py"):
             for (cfile, _, _), (_, _, _, ct) in callers.items():
                 for label, suffix in KERNEL_CALLERS.items():
                     out[label] += ct if cfile.endswith(suffix) else 0.0
