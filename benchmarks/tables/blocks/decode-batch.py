@@ -35,6 +35,22 @@ def render(doc) -> str:
             f"{ratio(a2['lminf-past']['per_row_b16_up_x_stock'])}), {num(a2['lminf-past']['points'][-1]['ms_per_step'], 2)} "
             f"ms at b={a2['lminf-past']['points'][-1]['batch']} against stock's "
             f"{num(a2['stock']['points'][-1]['ms_per_step'], 2)}.")  # fmt: skip
+    more = [f"{RESULTS}/decode-batch-rerun-{n}.json" for n in (2, 3)]
+    if all((ROOT / rel).exists() for rel in more):  # two later runs of the whole command, one after the other
+        runs = [{m["mode"]: m for m in load(rel)["modes"]} for rel in more]
+        files = ", ".join(f"[`{rel}`]({doc.link(rel)})" for rel in more)
+        past = lambda key: " and ".join(ratio(r["lminf-past"][key]) for r in runs)  # noqa: E731
+        every = [now["lminf-past"], *(r["lminf-past"] for r in runs)]
+        if (ROOT / again_rel).exists():
+            every.append(a2["lminf-past"])
+        spread = lambda key: f"{ratio(min(m[key] for m in every))}-{ratio(max(m[key] for m in every))}"  # noqa: E731
+        parts.append(
+            f"Two more runs of the whole command at 30aa28e, one after the other ({files}, made by "
+            f"`python benchmarks/decode_batch.py --out FILE`): lminf-past against stock {past('per_row_x_stock')} "
+            f"(fitted 1-64 rows), {past('per_row_b16_up_x_stock')} (fitted from 16 rows up). Over the {len(every)} runs "
+            f"the slope fitted from 1 to 64 rows is {spread('per_row_x_stock')} stock's, from 16 rows up "
+            f"{spread('per_row_b16_up_x_stock')}: the 1.1x line holds for the large batches it is about, not for "
+            "every fit.")  # fmt: skip
     # the same benchmark on the code before two changes to the decode step, same machine
     for name, change, rev, modes in (
         ("decode-batch-before.json", "gathers the front rows' copies once per layer", "5568fd8", " `--modes stock lminf-past`"),
