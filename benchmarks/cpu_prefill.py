@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lminf_vllm.config import LminfConfig  # noqa: E402
 from lminf_vllm.kv_layout import CPU_KERNEL_LAYOUT  # noqa: E402
 from lminf_vllm.lambda_attention import paged_lambda_attention  # noqa: E402
-from lminf_vllm.paths.cpu_kernel.ops import attend, kernel_cache_views, kernel_mode, scheduler_metadata  # noqa: E402
+from lminf_vllm.cpu_attention_kernel import attend, kernel_cache_views, scheduler_metadata  # noqa: E402
+from lminf_vllm.paths.cpu_kernel.ops import kernel_mode  # noqa: E402
 from lminf_vllm.paths.cpu_kernel.prefill import prefill_attention  # noqa: E402
 from lminf_vllm.rope import RotarySpec, default_inv_freq  # noqa: E402
 from shape_args import add_head_args, add_lminf_args  # noqa: E402

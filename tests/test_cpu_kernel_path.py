@@ -15,7 +15,8 @@ from lminf_vllm.config import LminfConfig
 from lminf_vllm.paths import cpu_kernel
 from lminf_vllm.paths.cpu_kernel import prefill
 from lminf_vllm.paths.cpu_kernel.decode import Copies, placement, plan_calls
-from lminf_vllm.paths.cpu_kernel.ops import kernel_mode, write_kv_kernel
+from lminf_vllm.cpu_attention_kernel import write_kv_kernel
+from lminf_vllm.paths.cpu_kernel.ops import kernel_mode
 from lminf_vllm.rope import RotarySpec, cos_sin, default_inv_freq, rotate
 from lminf_vllm.routing import Rows
 from lminf_vllm.step import EngineShape, LayerMath, StepBatch

@@ -19,7 +19,8 @@ from lminf_vllm.kv_layout import CPU_KERNEL_LAYOUT
 from lminf_vllm.lambda_attention import RowsPlan, attend_rows, plan_rows
 from lminf_vllm.step import EngineShape, LayerMath, StepBatch
 from lminf_vllm.paths.cpu_kernel.decode import Copies, KernelCall, placement, plain_call, plan_calls, run_calls
-from lminf_vllm.paths.cpu_kernel.ops import kernel_mode, write_kv_kernel
+from lminf_vllm.cpu_attention_kernel import write_kv_kernel
+from lminf_vllm.paths.cpu_kernel.ops import kernel_mode
 from lminf_vllm.paths.cpu_kernel.prefill import PrefillPlan, kernel_isa, plan_prefills, run_prefills
 from lminf_vllm.routing import Rows, is_plain, row_kind, row_runs
 

@@ -41,7 +41,7 @@ import torch
 
 from lminf_vllm.config import LminfConfig
 from lminf_vllm.kv_layout import NULL_BLOCK
-from lminf_vllm.paths.cpu_kernel.ops import attend, kernel_cache_views, scheduler_metadata, write_kv_kernel
+from lminf_vllm.cpu_attention_kernel import attend, kernel_cache_views, scheduler_metadata, write_kv_kernel
 from lminf_vllm.rope import RotarySpec, cos_sin, rotate
 from lminf_vllm.routing import plain_stop
 

@@ -14,14 +14,7 @@ import os
 
 import torch
 
-from lminf_vllm.cpu_attention_kernel import (  # noqa: F401 (the path's callers import them from here)
-    attend,
-    isa_for_head_size,
-    kernel_cache_views,
-    kernel_head_sizes,
-    scheduler_metadata,
-    write_kv_kernel,
-)
+from lminf_vllm.cpu_attention_kernel import write_kv_kernel
 from lminf_vllm.kv_layout import CPU_KERNEL_LAYOUT, read_rows
 
 # LMINF_CPU_KERNEL=0 keeps every row on the PyTorch path (tests, benchmarks).

@@ -55,9 +55,7 @@ import numpy as np
 import torch
 
 from lminf_vllm.config import LminfConfig
-from lminf_vllm.kv_layout import read_rows
-from lminf_vllm.lambda_attention import paged_lambda_attention
-from lminf_vllm.paths.cpu_kernel.ops import (
+from lminf_vllm.cpu_attention_kernel import (
     attend,
     isa_for_head_size,
     kernel_cache_views,
@@ -65,6 +63,8 @@ from lminf_vllm.paths.cpu_kernel.ops import (
     scheduler_metadata,
     write_kv_kernel,
 )
+from lminf_vllm.kv_layout import read_rows
+from lminf_vllm.lambda_attention import paged_lambda_attention
 from lminf_vllm.rope import RotarySpec, cos_sin, rotate
 from lminf_vllm.routing import Rows, row_runs
 

@@ -25,7 +25,6 @@ step, `attend_chunk` runs per layer.
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from lminf_vllm.block_policy import first_window_block, global_blocks
@@ -104,7 +103,7 @@ def select_from_bounds(q_cap: torch.Tensor, bounds, first: int, k: int) -> torch
     nc = sum(p.shape[-1] for p in pieces)
     if nc <= k:  # every candidate
         return torch.arange(first, first + nc, device=dev).expand(Hkv, -1)
-    return _top_k(bound_scores(q_cap, pieces), first, k)
+    return _top_k_rows(bound_scores(q_cap, pieces)[None], [nc], first, k)[0]
 
 
 def bound_scores(q_cap: torch.Tensor, pieces: list[torch.Tensor]) -> torch.Tensor:
@@ -137,7 +136,7 @@ def select_from_mass(q_cap: torch.Tensor, at_zero, first: int, k: int, scale: fl
     nc = sum(p.shape[0] for p in pieces)
     if nc <= k:  # every candidate
         return torch.arange(first, first + nc, device=dev).expand(Hkv, -1)
-    return _top_k(mass_scores(q_cap, pieces, scale), first, k)
+    return _top_k_rows(mass_scores(q_cap, pieces, scale)[None], [nc], first, k)[0]
 
 
 def mass_scores(q_cap: torch.Tensor, pieces: list[torch.Tensor], scale: float) -> torch.Tensor:
@@ -175,20 +174,10 @@ class _Workspace:
 _WORKSPACE = _Workspace()
 
 
-def _top_k(score: torch.Tensor, first: int, k: int) -> torch.Tensor:
-    """score [Hkv, nc] (nc > k) -> the k best per KV head, the lower block on ties, as block
-    numbers first + index, ascending."""
-    best, order = torch.topk(score, k + 1, dim=-1)
-    b = best.cpu().numpy()  # (a few small host ops: numpy's are cheaper than torch's here)
-    if (b[:, k - 1] == b[:, k]).any():
-        # a tie at the k-th place: topk may take either block, the contract the lower one
-        order = torch.sort(score, dim=-1, descending=True, stable=True).indices
-    return torch.from_numpy(np.sort(order.cpu().numpy()[:, :k], axis=-1) + first).to(score.device)
-
-
 def _top_k_rows(score: torch.Tensor, counts: list[int], first: int, k: int) -> list[torch.Tensor]:
-    """_top_k for many rows at once: score [R, Hkv, n] (row r's candidates in its first counts[r]
-    columns) -> per row [Hkv, min(k, counts[r])] block numbers, ascending; the lower block on ties."""
+    """The k best candidates of each row and KV head: score [R, Hkv, n] (row r's candidates in its
+    first counts[r] columns, block numbers first + column) -> per row [Hkv, min(k, counts[r])] block
+    numbers, ascending; the lower block on ties (the contract's rule; topk alone may take either)."""
     R, Hkv, n = score.shape
     picks: list = [None] * R
     ranked = [r for r in range(R) if counts[r] > k]

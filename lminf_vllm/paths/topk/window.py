@@ -1,6 +1,6 @@
 """The window branch of a top-k prefill chunk through vLLM's CPU kernel, joined with the far branch.
 
-vLLM's CPU kernel (`cpu_attention_with_kv_cache`, paths/topk/ops.py) reads keys
+vLLM's CPU kernel (`cpu_attention_with_kv_cache`, cpu_attention_kernel.py) reads keys
 faster than PyTorch's fused CPU attention but returns no log-sum-exp, so the far
 branch (attention.py: every key a row sees at i - j >= W) cannot be merged into
 its output afterwards. It goes in as one more key, as the CPU-kernel path does
@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lminf_vllm.cpu_attention_kernel import attend, kernel_cache_views, scheduler_metadata, write_kv_kernel
 from lminf_vllm.kv_layout import read_rows
 from lminf_vllm.paths.topk import ops
 
@@ -74,7 +75,7 @@ def plan_window(s: int, e: int, block_row: torch.Tensor, W: int, B: int, num_hea
         table[n, : (b - a) // SB] = torch.arange(a // SB, b // SB, dtype=torch.int32)
     qsl = torch.tensor(np.cumsum([0] + [min(a + W, e) - a for a in range(s, e, W)]), dtype=torch.int32)
     seq = torch.tensor(lens, dtype=torch.int32)
-    metadata = ops.scheduler_metadata(qsl, seq, W + 1, isa, num_heads, num_kv_heads, Dx, dtype)
+    metadata = scheduler_metadata(qsl, seq, W + 1, isa, num_heads, num_kv_heads, Dx, dtype)
     return WindowCall(isa, Dx, (block_row[pos // B].long(), pos % B), torch.tensor(virtual), qsl, seq, table, W + 1,
                       metadata)  # fmt: skip
 
@@ -93,10 +94,10 @@ def attend_window(call: WindowCall, q: torch.Tensor, kv_cache: torch.Tensor, lay
     lam = (lse / scale).to(q.dtype)
     q = torch.cat((q, lam[..., None], q.new_zeros(*q.shape[:2], Dx - D - 1)), dim=-1)
     scratch = kv_cache.new_empty(keys.shape[0] // ops.SCRATCH_BLOCK, keys.shape[1], ops.SCRATCH_BLOCK, 2 * Dx)
-    ops.write_kv_kernel(scratch, keys, values, torch.arange(keys.shape[0]), call.isa)
+    write_kv_kernel(scratch, keys, values, torch.arange(keys.shape[0]), call.isa)
     out = torch.empty_like(q)
-    ops.attend(q, *ops.kernel_cache_views(scratch), out, call.qsl, call.seq_lens, call.table, call.window,
-               call.metadata, scale)  # fmt: skip
+    attend(q, *kernel_cache_views(scratch), out, call.qsl, call.seq_lens, call.table, call.window, call.metadata,
+           scale)  # fmt: skip
     window, m = out[..., :D].float(), out[..., D].float()
     mr = (m / torch.exp(lam.float() * scale - lse))[..., None]  # m / r: the virtual key's weight, made exact
     return (window + mr * o_far) / (1 - m[..., None] + mr)
