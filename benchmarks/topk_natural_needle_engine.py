@@ -34,14 +34,15 @@ from topk_natural_needle import ANSWER_START, NEEDLE, QUESTION, build_trials  # 
 
 from lminf_vllm.cpu_isa import describe  # noqa: E402
 
-# name -> (attention backend, topk_blocks, topk_score)
+# name -> (attention backend, topk_blocks, topk_score, topk_refresh: None leaves the default)
 VARIANTS = {
-    "full attention (stock CPU_ATTN)": ("CPU_ATTN", 0, None),
-    "lambda (k=0)": ("lminf", 0, None),
-    "topk bound k=4": ("lminf", 4, "bound"),
-    "topk mass k=4": ("lminf", 4, "mass"),
-    "topk mass k=6": ("lminf", 6, "mass"),
-    "topk mass k=12": ("lminf", 12, "mass"),
+    "full attention (stock CPU_ATTN)": ("CPU_ATTN", 0, None, None),
+    "lambda (k=0)": ("lminf", 0, None, None),
+    "topk bound k=4": ("lminf", 4, "bound", None),
+    "topk mass k=4": ("lminf", 4, "mass", None),
+    "topk mass k=4 refresh=1": ("lminf", 4, "mass", 1),
+    "topk mass k=6": ("lminf", 6, "mass", None),
+    "topk mass k=12": ("lminf", 12, "mass", None),
 }
 
 
@@ -100,7 +101,7 @@ class Chosen:
 def run_variant(args, model_dir, name, trials) -> dict:
     from vllm import LLM, SamplingParams
 
-    backend, k, score = VARIANTS[name]
+    backend, k, score, refresh = VARIANTS[name]
     options = dict(model=str(model_dir), dtype=args.dtype, enforce_eager=True, block_size=args.block_size, seed=0,
                    max_model_len=args.length + 256, kv_cache_memory_bytes=int(args.kv_gib * 2**30),
                    enable_prefix_caching=False, max_num_batched_tokens=args.step_tokens, max_num_seqs=1,
@@ -110,6 +111,8 @@ def run_variant(args, model_dir, name, trials) -> dict:
                  "distance_cap": args.distance_cap, "topk_blocks": k}  # fmt: skip
         if score is not None:
             lminf["topk_score"] = score
+        if refresh is not None:
+            lminf["topk_refresh"] = refresh
         options["additional_config"] = {"lminf": lminf}
     t0 = time.time()
     llm = LLM(**options)
@@ -143,7 +146,7 @@ def run_variant(args, model_dir, name, trials) -> dict:
                 "lminf": cfg.additional_config.get("lminf_resolved") if backend == "lminf" else None}  # fmt: skip
     llm.llm_engine.engine_core.shutdown()
     del llm
-    return {"backend": backend, "topk_blocks": k, "topk_score": score, "engine": resolved,
+    return {"backend": backend, "topk_blocks": k, "topk_score": score, "topk_refresh": refresh, "engine": resolved,
             "engine_start_s": round(start_s, 1), "seconds": round(time.time() - t0, 1),
             "found": sum(r["hit"] for r in rows), "of": len(rows), "trials": rows}  # fmt: skip
 

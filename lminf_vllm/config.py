@@ -9,11 +9,16 @@ from typing import Any, Mapping
 
 CONFIG_KEY = "lminf"  # additional_config["lminf"]
 DEFAULT_GLOBAL_TOKENS = 10  # the paper's setting for generation
-KNOWN_KEYS = ("global_tokens", "local_tokens", "distance_cap", "topk_blocks", "topk_score", "topk_store_max_bytes")
+KNOWN_KEYS = ("global_tokens", "local_tokens", "distance_cap", "topk_blocks", "topk_score", "topk_store_max_bytes",
+              "topk_refresh")
 # How top-k scores a middle block (docs/topk-contract.md, "Scoring a middle block"): its attention
 # mass for the chunk's last row (the default), or Quest's bound from per-channel key summaries.
 TOPK_SCORES = ("mass", "bound")
 DEFAULT_TOPK_SCORE = "mass"
+# A decode row keeps its request's last selection while it is younger than this many positions
+# (docs/topk-contract.md, "Chunks, decode and prefill"): scoring reads every middle key, so
+# scoring at every decode step would cost more than the attention it feeds. 1: every step.
+DEFAULT_TOPK_REFRESH = 16
 
 
 class LminfConfigError(ValueError):
@@ -33,6 +38,8 @@ class LminfConfig:
     # host bytes the top-k store may hold per rank, all requests together (None: no cap); the
     # scheduler admits requests within it (docs/topk-contract.md, "The store's size")
     topk_store_max_bytes: int | None = None
+    # a decode row reuses the selection made at position p (same request, layer) while i - p < this
+    topk_refresh: int = DEFAULT_TOPK_REFRESH
 
     def describe(self) -> str:
         text = (
@@ -42,7 +49,8 @@ class LminfConfig:
         if not self.topk_blocks:
             return text
         cap = "none" if self.topk_store_max_bytes is None else f"{self.topk_store_max_bytes}"
-        return text + f" topk_blocks={self.topk_blocks} topk_score={self.topk_score} topk_store_max_bytes={cap}"
+        return text + (f" topk_blocks={self.topk_blocks} topk_score={self.topk_score} topk_refresh={self.topk_refresh}"
+                       f" topk_store_max_bytes={cap}")
 
 
 # The keys vLLM reads a model's length from, in its order; the smallest present
@@ -194,6 +202,12 @@ def parse_lminf_config(raw: Any, hf_config: Any) -> LminfConfig:
             f"additional_config.lminf.topk_score = {score!r} is invalid: it must be one of "
             f"{', '.join(map(repr, TOPK_SCORES))} (default {DEFAULT_TOPK_SCORE!r})"
         )
+    refresh = _int_field(raw, "topk_refresh", DEFAULT_TOPK_REFRESH)
+    if refresh < 1:
+        raise LminfConfigError(
+            f"additional_config.lminf.topk_refresh = {refresh} is invalid: it must be >= 1 (decode positions a "
+            "selection is kept for; 1 scores at every step)"
+        )
     store_cap = raw.get("topk_store_max_bytes")
     if store_cap is not None:
         store_cap = _int_field(raw, "topk_store_max_bytes", 0)
@@ -203,7 +217,7 @@ def parse_lminf_config(raw: Any, hf_config: Any) -> LminfConfig:
                 f">= 1 (host bytes per rank) and needs topk_blocks > 0 (topk_blocks = {topk}); leave it out for no cap"
             )
     return LminfConfig(global_tokens=glob, local_tokens=local, distance_cap=cap, topk_blocks=topk, topk_score=score,
-                       topk_store_max_bytes=store_cap)  # fmt: skip
+                       topk_store_max_bytes=store_cap, topk_refresh=refresh)  # fmt: skip
 
 
 def check_topk_device(topk_blocks: int, device_type: str) -> None:

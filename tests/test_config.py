@@ -114,7 +114,9 @@ def test_topk_blocks_defaults_to_off_and_takes_any_integer_from_zero():
     assert LminfConfig(4, 64, 96).topk_blocks == 0
     # the start-up line names k only when it is on
     assert "topk_blocks" not in LminfConfig(4, 64, 96).describe()
-    assert LminfConfig(4, 64, 96, 3).describe().endswith(" topk_blocks=3 topk_score=mass topk_store_max_bytes=none")
+    assert LminfConfig(4, 64, 96, 3).describe().endswith(
+        " topk_blocks=3 topk_score=mass topk_refresh=16 topk_store_max_bytes=none"
+    )
 
 
 def test_topk_store_max_bytes_defaults_to_no_cap_and_is_logged():
@@ -140,8 +142,16 @@ def test_topk_score_defaults_to_mass_and_takes_bound():
     assert parse_lminf_config({"topk_blocks": 4}, hf()).topk_score == "mass"
     assert LminfConfig(4, 64, 96, 3).topk_score == "mass"
     cfg = parse_lminf_config({"topk_blocks": 4, "topk_score": "bound"}, hf())
-    assert cfg.topk_score == "bound" and cfg.describe().endswith(" topk_score=bound topk_store_max_bytes=none")
+    assert cfg.topk_score == "bound" and cfg.describe().endswith(" topk_score=bound topk_refresh=16 topk_store_max_bytes=none")
     assert parse_lminf_config({"topk_score": "mass"}, hf()) == parse_lminf_config({}, hf())
+
+
+def test_topk_refresh_defaults_to_16_and_takes_any_integer_from_one():
+    """docs/topk-contract.md, "Chunks, decode and prefill": a decode row keeps its request's last
+    selection while the row that scored it is fewer than topk_refresh positions back."""
+    assert parse_lminf_config({"topk_blocks": 4}, hf()).topk_refresh == 16 == LminfConfig(4, 64, 96, 3).topk_refresh
+    assert parse_lminf_config({"topk_blocks": 4, "topk_refresh": 1}, hf()).topk_refresh == 1
+    assert parse_lminf_config({"topk_blocks": 4, "topk_refresh": 1000}, hf()).topk_refresh == 1000
 
 
 def test_sliding_window_baseline_and_ablation_cap_are_allowed():
@@ -170,6 +180,8 @@ def test_sliding_window_baseline_and_ablation_cap_are_allowed():
          r"additional_config\.lminf\.topk_score = 'quest' is invalid: it must be one of 'mass', 'bound'"),
         ({"topk_score": None}, r"additional_config\.lminf\.topk_score = None is invalid: it must be one of"),
         ({"topk_score": ["mass"]}, r"additional_config\.lminf\.topk_score = \['mass'\] is invalid"),
+        ({"topk_refresh": 0}, r"additional_config\.lminf\.topk_refresh = 0 is invalid: it must be >= 1"),
+        ({"topk_refresh": 2.5}, r"additional_config\.lminf\.topk_refresh = 2\.5 is invalid: it must be an integer"),
         ([1, 2], r"additional_config.lminf = \[1, 2\] is invalid: it must be an object"),
     ],
 )

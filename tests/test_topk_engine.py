@@ -32,6 +32,7 @@ from lminf_vllm.testing.topk_reference import (
     block_bounds,
     block_mass_shares,
     dense_topk_attention,
+    kept_for,
     key_summaries,
     middle_blocks,
     query_at_cap,
@@ -162,6 +163,7 @@ def check_request(reference, tokens, cfg: LminfConfig, B: int, k: int, spans, ch
         ref_sel = {(s, e): heads for s, e, heads
                    in topk_selections(q0, k0, cfg, rotary, k, B, chunks, score=score, scale=scale)}  # fmt: skip
         layer_sel = []
+        scored = None  # (row, picks) of the last chunk that scored: a decode row may keep its picks
         for s, e in spans:
             cand = middle_blocks(e - 1, cfg, B)
             picked = chosen.get((s, e, layer))
@@ -171,6 +173,12 @@ def check_request(reference, tokens, cfg: LminfConfig, B: int, k: int, spans, ch
                 continue
             assert picked is not None, f"chunk {(s, e)} has middle blocks {cand} but layer {layer} picked none"
             assert picked.shape == (Hkv, min(k, len(cand))), (picked.shape, len(cand))
+            if e - s == 1 and scored and kept_for(s, scored[0], scored[1].shape[1], min(k, len(cand)), cfg):
+                assert torch.equal(picked, scored[1]), (s, e, layer, picked, scored)  # kept, not scored
+                assert ref_sel[(s, e)] == ref_sel[scored[2]], (s, e, layer)  # the reference kept its own too
+                layer_sel.append((s, e, picked.tolist()))
+                continue
+            scored = (e - 1, picked, (s, e))
             q_cap = query_at_cap(q0[e - 1 : e], cfg, rotary)
             if score == "bound":
                 per_head = block_bounds(q_cap, kmin, kmax)[0]  # [H, nb]
@@ -254,16 +262,20 @@ def test_prompt_logprobs_match_the_topk_oracle(tiny_llama, reference, recorder, 
 # ---------------------------------------------------------------- decode past the table
 
 
-@pytest.mark.parametrize("score", [None, "bound"])
-def test_greedy_decode_past_the_table_matches_the_topk_oracle(tiny_llama, reference, recorder, score):
+@pytest.mark.parametrize("score, refresh", [(None, None), ("bound", None), (None, 1), (None, 3)])
+def test_greedy_decode_past_the_table_matches_the_topk_oracle(tiny_llama, reference, recorder, score, refresh):
     """Two prompts share the steps: one's prefill chunks interleave with the other's decode steps,
     each a chunk of one row; 100 greedy tokens, far past the 128-position table. The host store
-    drops each request once it has ended. Both scores (None: the default, "mass")."""
+    drops each request once it has ended. Both scores (None: the default, "mass"); decode rows
+    keeping selections for topk_refresh positions (None: the default, 16), 1 (every row scores), 3."""
     G, W, C, B, k = 10, 48, 80, 16, 3
-    cfg = LminfConfig(G, W, C, k, score or DEFAULT_SCORE)
+    cfg = LminfConfig(G, W, C, k, score or DEFAULT_SCORE, **({} if refresh is None else {"topk_refresh": refresh}))
     prompts = [random_prompt(200, seed=21), random_prompt(40, seed=22)]
     params = SamplingParams(max_tokens=100, temperature=0.0, logprobs=0, ignore_eos=True)
-    with engine(tiny_llama, lminf=topk_options(G, W, C, k, score), block_size=B, max_model_len=1024,
+    options = topk_options(G, W, C, k, score)
+    if refresh is not None:
+        options["lminf"]["topk_refresh"] = refresh
+    with engine(tiny_llama, lminf=options, block_size=B, max_model_len=1024,
                 max_num_batched_tokens=64, max_num_seqs=4) as llm:  # fmt: skip
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         # The host store forgets a request at the step after it ends (request ids are never reused,

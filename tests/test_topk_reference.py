@@ -92,6 +92,42 @@ def test_dense_equals_the_contracts_wording(group_reduce, chunk_rule, score):
     torch.testing.assert_close(dense, loop, atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("score", SCORES)
+def test_dense_equals_the_contracts_wording_with_decode_rows_keeping_selections(score):
+    """Decode rows past the prompt keep the last selection for topk_refresh = 3 positions (and score
+    again where the kept one has fewer blocks than they may read)."""
+    q, k, v = qkv(30, seed=6)
+    cfg, rotary = LminfConfig(2, 5, 7, topk_refresh=3), rope()
+    kw = dict(topk=3, block_size=2, chunks=[9] + [1] * 21, score=score)
+    dense = dense_topk_attention(q, k, v, cfg, rotary, 8**-0.5, **kw)
+    loop = brute_force_topk_attention(q, k, v, cfg, rotary, 8**-0.5, **kw)
+    torch.testing.assert_close(dense, loop, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("score", SCORES)
+def test_decode_rows_score_every_topk_refresh_positions_and_keep_the_selection_between(score):
+    """G = 2, W = 6, B = 2, k = 2: M(i) = [1, (i - 5) // 2). The prompt's last row (12) scores
+    4 candidates; decode rows keep its selection for R - 1 positions, then one scores again. At the
+    start, a row whose kept selection holds fewer blocks than it may read scores anyway."""
+    q, k, _ = qkv(60, seed=7)
+    R = 4
+    every = topk_selections(q, k, LminfConfig(2, 6, 6, topk_refresh=1), rope(), 2, 2, [13] + [1] * 47, score=score)
+    kept = topk_selections(q, k, LminfConfig(2, 6, 6, topk_refresh=R), rope(), 2, 2, [13] + [1] * 47, score=score)
+    by_row = {e - 1: heads for _, e, heads in kept}
+    own = {e - 1: heads for _, e, heads in every}
+    for i in range(13, 60):
+        scorer = 12 + (i - 12) // R * R  # the last row that scored: the prompt's last, then every R rows
+        assert by_row[i] == own[scorer], i
+    assert any(by_row[i] != own[i] for i in range(13, 60))  # keeping is not scoring at every row
+    # A short prompt: row 9 scores its only candidate; row 10 keeps it (M = [1]); row 11 has two
+    # candidates, more than the kept selection holds, so it scores although 11 - 9 < R.
+    short = topk_selections(q[:20], k[:20], LminfConfig(2, 6, 6, topk_refresh=R), rope(), 2, 2, [10] + [1] * 10, score=score)
+    sizes = {e - 1: len(heads[0]) for _, e, heads in short}
+    assert sizes[9] == sizes[10] == 1 and sizes[11] == 2
+    per_step = topk_selections(q[:20], k[:20], LminfConfig(2, 6, 6, topk_refresh=1), rope(), 2, 2, [10] + [1] * 10, score=score)
+    assert {e - 1: h for _, e, h in short}[11] == {e - 1: h for _, e, h in per_step}[11]
+
+
 @pytest.mark.parametrize("cfg,B,chunks,rotary,rule", [
     (LminfConfig(3, 9, 12), 4, [25, 1, 1, 1, 20], rope(), ("max", "last")),
     (LminfConfig(8, 16, 16), 8, 17, rope(neox=False, rotary_dim=6, scaling=1.3), ("sum", "max")),
@@ -137,7 +173,7 @@ def test_one_token_blocks_select_the_best_true_scores(group_reduce, score):
     mass its share of the head's softmax over the candidates (the group's max or sum of those)."""
     n, H, Hkv, topk = 30, 4, 2, 3
     q, k, _ = qkv(n, H, Hkv, seed=5)
-    cfg, rotary = LminfConfig(2, 6, 6), rope()
+    cfg, rotary = LminfConfig(2, 6, 6, topk_refresh=1), rope()  # every row scores its own
     sel = topk_selections(q, k, cfg, rotary, topk, 1, 1, group_reduce, "last", score=score, scale=0.3)
     for s, e, per_head in sel:
         cand = list(middle_blocks(e - 1, cfg, 1))

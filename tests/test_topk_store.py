@@ -15,6 +15,7 @@ from lminf_vllm.paths.topk.attention import (
     rotations,
     select_from_bounds,
     select_from_mass,
+    select_decode_rows,
     select_stored,
     select_stored_rows,
 )
@@ -351,6 +352,39 @@ def test_a_steps_rows_select_as_each_row_alone(score, dtype, monkeypatch):
         want = select_stored(store, rid, "layer", q_cap, first, stop, cfg, SCALE)
         assert torch.equal(picks, want), (rid, picks.tolist(), want.tolist())
     assert got[2].tolist() == [[2, 3]] * HKV and got[3].tolist() == [[2, 3, 4]] * HKV
+
+
+def test_decode_rows_keep_a_selection_for_topk_refresh_positions_and_forget_it_when_computed_again():
+    """select_decode_rows: a row scores, the rows up to R - 1 positions after it read its picks
+    (whatever their own query), the row R positions after scores again; a row with more middle
+    blocks than the kept picks hold scores at once; a request computed again keeps nothing."""
+    cfg, first = LminfConfig(0, 8, 8, topk_blocks=2, topk_refresh=4), 2
+    store = HostStore()
+    keys, values, lo, hi = blocks(20, 0)
+    store.put("r", "layer", 0, keys, values, lo, hi)
+    g = torch.Generator().manual_seed(9)
+    q = lambda: torch.randn(1, 2 * HKV, D, generator=g)  # noqa: E731
+    own = lambda i, stop, q_cap: select_stored(store, "r", "layer", q_cap[0], first, stop, cfg, SCALE)  # noqa: E731
+    q_cap = q()
+    scored = select_decode_rows(store, [("r", 12, 100)], "layer", q_cap, first, cfg, SCALE)[0]
+    assert torch.equal(scored, own(100, 12, q_cap)) and store.kept("r", "layer")[0] == 100
+    differs = False
+    for i in (101, 102, 103):
+        q_cap = q()
+        got = select_decode_rows(store, [("r", 12, i)], "layer", q_cap, first, cfg, SCALE)[0]
+        assert got is scored  # kept, not scored
+        differs |= not torch.equal(got, own(i, 12, q_cap))
+    assert differs  # the later queries would have chosen otherwise: keeping is not scoring
+    q_cap = q()
+    again = select_decode_rows(store, [("r", 12, 104)], "layer", q_cap, first, cfg, SCALE)[0]
+    assert torch.equal(again, own(104, 12, q_cap)) and store.kept("r", "layer")[0] == 104
+    # a selection of one block (one candidate) is scored again once a second block may be read
+    store.keep("r", "layer", 105, torch.tensor([[2]] * HKV))
+    q_cap = q()
+    grown = select_decode_rows(store, [("r", 4, 106)], "layer", q_cap, first, cfg, SCALE)[0]
+    assert grown.shape == (HKV, 2) and torch.equal(grown, own(106, 4, q_cap))
+    store.put("r", "layer", 0, keys[:3], values[:3], lo[:3], hi[:3])  # computed again from its first block
+    assert store.kept("r", "layer") is None
 
 
 def test_bounds_and_gather_far_lay_out_what_was_stored():

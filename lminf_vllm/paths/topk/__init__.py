@@ -43,9 +43,10 @@ from lminf_vllm.paths.topk.attention import (
     far_scores,
     merge_two,
     plan_chunk,
+    kept_selection,
     plan_decode,
+    select_decode_rows,
     select_stored,
-    select_stored_rows,
 )
 from lminf_vllm.paths.topk import ops
 from lminf_vllm.paths.topk.pool import (
@@ -183,9 +184,16 @@ def run(plan: Plan, layer: LayerMath, query, key, value, kv_cache, output: torch
         chosen, store_kv = torch.zeros(shape.num_kv_heads, 0, dtype=torch.long), None
         f = first_window_block(e - 1, cfg.local_tokens, B)
         if rid is not None and f > g:  # the chunk has middle blocks: choose among them
-            q_last = query[stop - 1].float()  # rotated to C by the last span's last matrix
-            q_cap = torch.matmul(q_last, spans[-1].q_cap[-1])
-            chosen = select_stored(plan.store, rid, layer_key, q_cap, g, f, cfg, layer.scale)
+            kept = None
+            if stop - first == 1:  # a decode row may keep its request's last selection
+                kept = kept_selection(plan.store, rid, layer_key, e - 1, min(cfg.topk_blocks, f - g), cfg)
+            if kept is None:
+                q_last = query[stop - 1].float()  # rotated to C by the last span's last matrix
+                q_cap = torch.matmul(q_last, spans[-1].q_cap[-1])
+                chosen = select_stored(plan.store, rid, layer_key, q_cap, g, f, cfg, layer.scale)
+                plan.store.keep(rid, layer_key, e - 1, chosen)
+            else:
+                chosen = kept
             store_kv = plan.store.gather_far(rid, layer_key, chosen)
             plan.chosen[(layer_key, r)] = chosen
         if r not in plan.windows:  # the window branch's kernel call, once per chunk and step (None: PyTorch's)
@@ -271,8 +279,8 @@ def _decode(plan: Plan, layer: LayerMath, rows: list, query, kv_cache, output) -
         return
     far_outs, far_lses = [], []
     g = global_blocks(cfg.global_tokens, B)
-    picks = select_stored_rows(plan.store, [(rid, dec.fa) for _, rid, _, dec in rows], layer_key, q_caps, g, cfg,
-                               layer.scale)  # fmt: skip
+    picks = select_decode_rows(plan.store, [(rid, dec.fa, dec.i) for _, rid, _, dec in rows], layer_key, q_caps, g,
+                               cfg, layer.scale)  # fmt: skip
     for (r, rid, t, dec), q, q_cap, chosen in zip(rows, qf, q_caps, picks):
         plan.chosen[(layer_key, r)] = chosen
         blocks = torch.cat((dec.far_blocks, chosen), dim=1)
@@ -299,8 +307,8 @@ def _decode_in_pool(plan: Plan, step: DecodeStep, layer: LayerMath, rows: list, 
     cfg, B, layer_key = plan.shape.cfg, plan.shape.block_size, _layer_key(layer, kv_cache)
     g = global_blocks(cfg.global_tokens, B)
     neox = layer.rotary.is_neox_style
-    picks = select_stored_rows(plan.store, [(rid, dec.fa) for _, rid, _, dec in rows], layer_key, q_caps, g, cfg,
-                               layer.scale)  # fmt: skip
+    picks = select_decode_rows(plan.store, [(rid, dec.fa, dec.i) for _, rid, _, dec in rows], layer_key, q_caps, g,
+                               cfg, layer.scale)  # fmt: skip
     for (r, rid, _, dec), chosen in zip(rows, picks):
         plan.chosen[(layer_key, r)] = chosen
         kept = plan.saved.setdefault(rid, {}).setdefault(layer_key, SavedKeys())

@@ -219,6 +219,33 @@ def select_stored_rows(store, rows: list[tuple[str, int]], layer, q_caps: torch.
     return _top_k_rows(score, counts, first, k)
 
 
+def select_decode_rows(store, rows: list[tuple[str, int, int]], layer, q_caps: torch.Tensor, first: int,
+                       cfg: LminfConfig, scale: float) -> list[torch.Tensor]:  # fmt: skip
+    """The selections of a step's decode rows [(request, stop, i)] in one layer: a row keeps its
+    request's last selection where the contract's topk_refresh rule lets it (kept_selection), the
+    others score anew (select_stored_rows, together) and are kept for the rows after them."""
+    picks = [kept_selection(store, request, layer, i, min(cfg.topk_blocks, stop - first), cfg)
+             for request, stop, i in rows]  # fmt: skip
+    fresh = [r for r, p in enumerate(picks) if p is None]
+    if fresh:
+        got = select_stored_rows(store, [rows[r][:2] for r in fresh], layer, q_caps[fresh], first, cfg, scale)
+        for r, chosen in zip(fresh, got):
+            picks[r] = chosen
+            store.keep(rows[r][0], layer, rows[r][2], chosen)
+    return picks
+
+
+def kept_selection(store, request: str, layer, i: int, need: int, cfg: LminfConfig) -> torch.Tensor | None:
+    """The selection a decode row at i reads without scoring: its request's last one (store.kept)
+    while the row that scored it is fewer than topk_refresh positions back and it holds every block
+    i may read, need = min(k, |M(i)|); else None (the row scores)."""
+    kept = store.kept(request, layer)
+    if kept is None:
+        return None
+    row, chosen = kept
+    return chosen if 0 < i - row < cfg.topk_refresh and chosen.shape[1] >= need else None
+
+
 def select_stored(store, request: str, layer: int, q_cap: torch.Tensor, first: int, stop: int, cfg: LminfConfig,
                   scale: float) -> torch.Tensor:  # fmt: skip
     """A chunk's selection among the stored blocks [first, stop) by cfg.topk_score, read from the

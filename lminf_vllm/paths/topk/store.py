@@ -62,6 +62,7 @@ class _Entry:
     blocks: int = 0  # blocks [first put, blocks) are valid (zeros before the first put)
     nbytes: int = 0
     flat: list = field(default_factory=list)  # pairs' chunks viewed [N * Hkv, B, D + Dv] (block-heads)
+    kept: tuple[int, torch.Tensor] | None = None  # (the row that scored it, [Hkv, k']): the last selection
 
     @property
     def per_chunk(self) -> int:
@@ -90,6 +91,8 @@ class HostStore:
         if entry.blocks and first_block > entry.blocks:  # (a request's first put may start past block 0)
             raise RuntimeError(f"top-k host store: block {first_block} of {request} follows block {entry.blocks - 1}")
         stop = first_block + n
+        if first_block < entry.blocks:  # computed again: a selection among the old blocks is stale
+            entry.kept = None
         self._resize(entry, stop, B, Hkv, D, values.shape[-1], values.dtype, request)
         N = entry.per_chunk
         for c, i, j in _runs(first_block, stop, N):  # per chunk touched: a run of blocks
@@ -159,6 +162,15 @@ class HostStore:
         A copy."""
         entry = self._entries[(request, layer)]
         return _take(entry.flat, rows, entry.flat[0].shape[0])
+
+    def keep(self, request: str, layer, row: int, chosen: torch.Tensor) -> None:
+        """The selection [Hkv, k'] the query of position `row` scored, for decode rows after it."""
+        self._entries[(request, layer)].kept = (row, chosen)
+
+    def kept(self, request: str, layer) -> tuple[int, torch.Tensor] | None:
+        """(row, selection) of the last keep, None before one (or after the request was computed again)."""
+        entry = self._entries.get((request, layer))
+        return None if entry is None else entry.kept
 
     def drop(self, requests) -> None:
         """Forget requests that ended or were preempted."""
