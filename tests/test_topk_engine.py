@@ -178,7 +178,8 @@ def check_request(reference, tokens, cfg: LminfConfig, B: int, k: int, spans, ch
                 assert ref_sel[(s, e)] == ref_sel[scored[2]], (s, e, layer)  # the reference kept its own too
                 layer_sel.append((s, e, picked.tolist()))
                 continue
-            scored = (e - 1, picked, (s, e))
+            if e - s == 1:  # (only a decode row's selection is kept)
+                scored = (e - 1, picked, (s, e))
             q_cap = query_at_cap(q0[e - 1 : e], cfg, rotary)
             if score == "bound":
                 per_head = block_bounds(q_cap, kmin, kmax)[0]  # [H, nb]

@@ -106,9 +106,10 @@ def test_dense_equals_the_contracts_wording_with_decode_rows_keeping_selections(
 
 @pytest.mark.parametrize("score", SCORES)
 def test_decode_rows_score_every_topk_refresh_positions_and_keep_the_selection_between(score):
-    """G = 2, W = 6, B = 2, k = 2: M(i) = [1, (i - 5) // 2). The prompt's last row (12) scores
-    4 candidates; decode rows keep its selection for R - 1 positions, then one scores again. At the
-    start, a row whose kept selection holds fewer blocks than it may read scores anyway."""
+    """G = 2, W = 6, B = 2, k = 2: M(i) = [1, (i - 5) // 2). The prompt's last row (12) scores for
+    the prompt only; the first decode row (13) scores, the next R - 1 keep its selection, then one
+    scores again. At the start, a row whose kept selection holds fewer blocks than it may read
+    scores anyway."""
     q, k, _ = qkv(60, seed=7)
     R = 4
     every = topk_selections(q, k, LminfConfig(2, 6, 6, topk_refresh=1), rope(), 2, 2, [13] + [1] * 47, score=score)
@@ -116,11 +117,11 @@ def test_decode_rows_score_every_topk_refresh_positions_and_keep_the_selection_b
     by_row = {e - 1: heads for _, e, heads in kept}
     own = {e - 1: heads for _, e, heads in every}
     for i in range(13, 60):
-        scorer = 12 + (i - 12) // R * R  # the last row that scored: the prompt's last, then every R rows
+        scorer = 13 + (i - 13) // R * R  # the last row that scored: the first decode row, then every R rows
         assert by_row[i] == own[scorer], i
     assert any(by_row[i] != own[i] for i in range(13, 60))  # keeping is not scoring at every row
-    # A short prompt: row 9 scores its only candidate; row 10 keeps it (M = [1]); row 11 has two
-    # candidates, more than the kept selection holds, so it scores although 11 - 9 < R.
+    # A short prompt (rows 0-9): row 10 scores its only candidate (M = [1]); row 11 has two
+    # candidates, more than the kept selection holds, so it scores although 11 - 10 < R.
     short = topk_selections(q[:20], k[:20], LminfConfig(2, 6, 6, topk_refresh=R), rope(), 2, 2, [10] + [1] * 10, score=score)
     sizes = {e - 1: len(heads[0]) for _, e, heads in short}
     assert sizes[9] == sizes[10] == 1 and sizes[11] == 2

@@ -207,7 +207,7 @@ def topk_selections(
     scale = D**-0.5 if scale is None else scale
     kmin, kmax = key_summaries(k0, B, rotary) if score == "bound" else (None, None)
     out = []
-    kept = None  # (the row that scored it, its selection): the last selection scored
+    kept = None  # (the row that scored it, its selection): the last selection a decode row scored
     for s, e in chunk_spans(n, chunks):
         cand = middle_blocks(e - 1, cfg, B)
         if topk == 0 or not cand:
@@ -224,15 +224,17 @@ def topk_selections(
             bounds = block_mass_shares(q_cap, k0, B, middle_blocks(e - 1, cfg, B), rotary, scale)
         if chunk_rule == "last":  # only the last row is read: pad the others
             bounds = torch.cat((bounds.new_zeros(e - 1 - s, *bounds.shape[1:]), bounds))
-        kept = (e - 1, select_blocks(bounds, s, cfg, B, topk, n_kv, group_reduce, chunk_rule))
-        out.append((s, e, kept[1]))
+        selection = select_blocks(bounds, s, cfg, B, topk, n_kv, group_reduce, chunk_rule)
+        if e - s == 1:  # a decode row's, kept for the next ones (a longer chunk's serves its own rows)
+            kept = (e - 1, selection)
+        out.append((s, e, selection))
     return out
 
 
 def kept_for(i: int, scored_at: int, size: int, need: int, cfg: LminfConfig) -> bool:
-    """Does a decode row at i read the selection its request's row scored_at scored (size blocks
-    per KV head) instead of scoring its own? While that row is fewer than topk_refresh positions
-    back and the selection has all the blocks i may read, min(k, |M(i)|)."""
+    """Does a decode row at i read the selection its request's decode row scored_at scored (size
+    blocks per KV head) instead of scoring its own? While that row is fewer than topk_refresh
+    positions back and the selection has all the blocks i may read, min(k, |M(i)|)."""
     return 0 < i - scored_at < cfg.topk_refresh and size >= need
 
 
@@ -330,13 +332,13 @@ def brute_force_topk_attention(
         return float(torch.exp(block_lse(i, h, blk) - torch.logsumexp(torch.stack([block_lse(i, h, c) for c in cand]), 0)))
 
     out = torch.zeros(n, H, v.shape[-1], dtype=q0.dtype)
-    last = None  # (row, chosen): the last selection scored, with the row whose query scored it
+    last = None  # (row, chosen): the last selection a decode row scored, with that row
     for s, e in chunk_spans(n, chunks):
         g = _cdiv(G, B)
         cand = list(range(g, max(g, max(0, e - 1 - W + 1) // B)))
         chosen = []
-        # a decode row keeps the last selection while its row is under topk_refresh positions back
-        # and it holds min(k, |candidates|) blocks
+        # a decode row keeps the last decode row's selection while that row is under topk_refresh
+        # positions back and the selection holds min(k, |candidates|) blocks
         keep = (e - s == 1 and cand and last is not None and s - last[0] < cfg.topk_refresh
                 and len(last[1][0]) >= min(topk, len(cand)))  # fmt: skip
         if keep:
@@ -354,7 +356,7 @@ def brute_force_topk_attention(
             chosen.append({blk for _, blk in sorted(scores)[:topk]})
         if keep:
             chosen = last[1]
-        elif cand:
+        elif cand and e - s == 1:
             last = (e - 1, chosen)
         for i in range(s, e):
             for h in range(H):

@@ -191,7 +191,8 @@ def run(plan: Plan, layer: LayerMath, query, key, value, kv_cache, output: torch
                 q_last = query[stop - 1].float()  # rotated to C by the last span's last matrix
                 q_cap = torch.matmul(q_last, spans[-1].q_cap[-1])
                 chosen = select_stored(plan.store, rid, layer_key, q_cap, g, f, cfg, layer.scale)
-                plan.store.keep(rid, layer_key, e - 1, chosen)
+                if stop - first == 1:  # (a longer chunk's selection serves its own rows only)
+                    plan.store.keep(rid, layer_key, e - 1, chosen)
             else:
                 chosen = kept
             store_kv = plan.store.gather_far(rid, layer_key, chosen)
