@@ -92,7 +92,7 @@ def test_one_call_over_the_pool_equals_attend_chunk(G, W, C, blk, k, i):
     Putting back the keys saved before they were turned (SavedKeys) restores every pool row but
     the buffer's, exactly."""
     from helpers import rotate_rows
-    from lminf_vllm.paths.topk.pool import SavedKeys, copy_far_blocks, plan_copies, plan_pool_row
+    from lminf_vllm.paths.topk.pool import FarKeys, SavedKeys, copy_far_blocks, plan_copies, plan_pool_row
     from lminf_vllm.paths.topk.attention import angles
 
     want, (q, _, dec, cache, _, far_blocks, cfg), store, table = decode_case(torch.bfloat16, G, W, C, blk, k, i,
@@ -107,9 +107,10 @@ def test_one_call_over_the_pool_equals_attend_chunk(G, W, C, blk, k, i):
     heads = [functools.partial(store.block_heads, "r", 0)]
     saved = SavedKeys()
     saved.save(cache, table, -(-G // blk), dec.fa, dec.start)
-    copy_far_blocks(by_op, [low], plan_copies([low], [chosen.shape[1]], HKV, blk), [chosen], heads, by_vllm)
+    copy_far_blocks(by_op, [low], plan_copies([low], [chosen.shape[1]], HKV, blk), [chosen], heads, by_vllm,
+                    [FarKeys()])  # fmt: skip
     copy_far_blocks(cache, [row], plan_copies([row], [chosen.shape[1]], HKV, blk), [chosen], heads,
-                    lambda k, t, p: rotate_rows(k, t, p, rotary))  # fmt: skip
+                    lambda k, t, p: rotate_rows(k, t, p, rotary), [FarKeys()])  # fmt: skip
     # vLLM's rotary op (the engine's) turns the keys as rope.rotate does, to bfloat16 rounding
     torch.testing.assert_close(by_op.float(), cache.float(), atol=0.05, rtol=0.02)
     for pool in (cache, by_op):
@@ -150,7 +151,7 @@ def test_a_steps_copies_into_the_pool_equal_each_row_alone(by_op):
     keys are turned in place), one whose window starts on a block edge."""
     from lminf_vllm.config import LminfConfig
     from lminf_vllm.paths.topk.attention import angles, plan_decode
-    from lminf_vllm.paths.topk.pool import copy_far_blocks, plan_copies, plan_pool_row
+    from lminf_vllm.paths.topk.pool import FarKeys, copy_far_blocks, plan_copies, plan_pool_row
     from test_topk_store import HostStore
 
     G, W, C, blk, k = 3, 8, 8, 4, 2
@@ -173,8 +174,55 @@ def test_a_steps_copies_into_the_pool_equal_each_row_alone(by_op):
     else:
         turn = lambda keys, t, p: helpers.rotate_rows(keys, t, p, rotary)  # noqa: E731
     together, alone = cache.clone(), cache.clone()
-    copy_far_blocks(together, rows, plan_copies(rows, [k, k], HKV, blk), picks, heads, turn)
+    copy_far_blocks(together, rows, plan_copies(rows, [k, k], HKV, blk), picks, heads, turn, [FarKeys(), FarKeys()])
     for row, chosen, h in zip(rows, picks, heads):
-        copy_far_blocks(alone, [row], plan_copies([row], [k], HKV, blk), [chosen], [h], turn)
+        copy_far_blocks(alone, [row], plan_copies([row], [k], HKV, blk), [chosen], [h], turn, [FarKeys()])
     assert torch.equal(together, alone)
     assert not torch.equal(together, cache)
+
+
+@pytest.mark.parametrize("by_op", [False, True], ids=["pytorch-rotation", "vllm-rotary-op"])
+def test_a_rows_far_keys_kept_across_steps_write_what_a_fresh_gather_writes(by_op):
+    """copy_far_blocks with a row's FarKeys from earlier steps (the engine's case: a selection kept
+    over several decode rows, block fa unchanged) writes the pool exactly as with nothing held, and
+    reads the store only when the pieces change: the next row (i + 1: the same picks, a new angle),
+    then new picks, then block fa moved on (the buffer shifts: the picks' values move with it)."""
+    from lminf_vllm.config import LminfConfig
+    from lminf_vllm.paths.topk.attention import angles, plan_decode
+    from lminf_vllm.paths.topk.pool import FarKeys, copy_far_blocks, plan_copies, plan_pool_row
+    from test_topk_store import HostStore
+
+    G, W, C, blk, k = 3, 8, 8, 4, 2
+    rotary, cfg, gen = ROPES[1], LminfConfig(G, W, C, k), torch.Generator().manual_seed(4)
+    cache = torch.randn(12, HKV, blk, 2 * D, generator=gen).to(torch.bfloat16)
+    table = torch.arange(1, 10)
+    store = HostStore()
+    at_zero, values = (torch.randn(8, blk, HKV, D, generator=gen).to(torch.bfloat16) for _ in range(2))
+    store.put("r", 0, 0, at_zero, values, at_zero.float().amin(1), at_zero.float().amax(1))
+    reads = []
+
+    def heads(ids):
+        reads.append(len(ids))
+        return store.block_heads("r", 0, ids)
+
+    if by_op:
+        assert ops.rotary_op_ok(torch.bfloat16, D)
+        turn = lambda keys, t, p: ops.rotate_rows(keys, t, p, rotary.is_neox_style)  # noqa: E731
+    else:
+        turn = lambda keys, t, p: helpers.rotate_rows(keys, t, p, rotary)  # noqa: E731
+    held, kept, fresh = FarKeys(), cache.clone(), cache.clone()
+    plain = functools.partial(store.block_heads, "r", 0)
+    first, other = torch.tensor([[1, 2]] * HKV), torch.tensor([[1, 3]] * HKV)
+    # (i, picks, store reads expected): block fa is 5 up to i = 30, then 6; at i = 31 the window
+    # starts on its first row (no edge rows to turn), from i = 32 inside it
+    steps = [(29, first, 1), (30, first, 0), (30, other, 1), (31, other, 1), (32, other, 1), (33, other, 0)]
+    for i, chosen, expected in steps:
+        dec = plan_decode(i, table, cfg, blk, HKV, rotary, D)
+        row = plan_pool_row(dec, table, cfg, blk, HKV, lambda p: angles(p, rotary))
+        row = dataclasses.replace(row, turn=row.turn.to(torch.bfloat16))
+        plan = plan_copies([row], [k], HKV, blk)
+        before = len(reads)
+        copy_far_blocks(kept, [row], plan, [chosen], [heads], turn, [held])
+        copy_far_blocks(fresh, [row], plan, [chosen], [plain], turn, [FarKeys()])
+        assert torch.equal(kept, fresh), i
+        assert len(reads) - before == expected, (i, chosen.tolist())

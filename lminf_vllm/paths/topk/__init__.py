@@ -310,13 +310,15 @@ def _decode_in_pool(plan: Plan, step: DecodeStep, layer: LayerMath, rows: list, 
     neox = layer.rotary.is_neox_style
     picks = select_decode_rows(plan.store, [(rid, dec.fa, dec.i) for _, rid, _, dec in rows], layer_key, q_caps, g,
                                cfg, layer.scale)  # fmt: skip
+    held = []
     for (r, rid, _, dec), chosen in zip(rows, picks):
         plan.chosen[(layer_key, r)] = chosen
         kept = plan.saved.setdefault(rid, {}).setdefault(layer_key, SavedKeys())
         kept.save(kv_cache, plan.batch.block_table[r], g, dec.fa, dec.start)  # before they are turned
+        held.append(kept.far)
     heads = [functools.partial(plan.store.block_heads, rid, layer_key) for _, rid, _, _ in rows]
     turn = lambda keys, table, positions: ops.rotate_rows(keys, table, positions, neox)  # noqa: E731
-    copy_far_blocks(kv_cache, step.pool, step.copies, picks, heads, turn)
+    copy_far_blocks(kv_cache, step.pool, step.copies, picks, heads, turn, held)
     if step.lead and output.dtype == qs.dtype and output[: len(rows)].is_contiguous():  # the op writes in place
         step.pool_call.output(qs, *token_views(kv_cache), step.pool_tokens, layer.scale, output[: len(rows)])
         return

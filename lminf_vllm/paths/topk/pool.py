@@ -20,7 +20,7 @@ so that a row's copy is one gather, one rotation and one scatter. No vLLM
 import; paths/topk runs it with vLLM's decode op and rotary op.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -108,25 +108,56 @@ def plan_copies(rows: list[PoolRow], picks: list[int], num_kv_heads: int, B: int
     return PoolCopies(offsets, positions, table, join(keep), join(dst), join(edge_src), join(edge_dst))
 
 
+@dataclass
+class FarKeys:
+    """One request's and layer's keys past the window at position 0, as its one-call decode last
+    gathered them from the store (its PoolRow.src, then its picks), and the buffer block-heads that
+    hold its picks' values. A selection is kept over several decode rows (topk_refresh) and block
+    fa moves once in B rows, so most steps gather nothing: they rotate these keys again, to the
+    row's new i - C, and leave the values where they are."""
+
+    row_src: torch.Tensor | None = None  # the PoolRow.src and ...
+    chosen: torch.Tensor | None = None  # ... the picks [Hkv, k] they were gathered for
+    keys: torch.Tensor | None = None  # [n, B, D] their keys at position 0, the cache dtype
+    values_in: torch.Tensor | None = None  # [k Hkv] the pool block-heads holding the picks' values
+
+    def holds(self, row_src: torch.Tensor, chosen: torch.Tensor) -> bool:
+        if self.keys is None or not torch.equal(self.row_src, row_src):
+            return False
+        return chosen is self.chosen or torch.equal(chosen, self.chosen)  # (a kept selection: the same tensor)
+
+
 def copy_far_blocks(kv_cache: torch.Tensor, rows: list[PoolRow], plan: PoolCopies, chosen: list[torch.Tensor],
-                    block_heads: list, turn) -> None:  # fmt: skip
+                    block_heads: list, turn, held: list[FarKeys]) -> None:  # fmt: skip
     """Write decode rows' keys past their windows into the pool, rotated to i - C, in whole blocks:
-    the global blocks' and the picks' (chosen[r] [Hkv, k], with their values) to PoolRow.dst,
-    block fa's rows before the window in place. block_heads[r](ids) -> those (block, KV head)
-    pieces of row r's store, a copy (HostStore.block_heads for its request and layer). One gather
-    per row (its own store), then for all rows together one rotation, one copy of the whole pieces
-    and one of the edge keys. turn(keys [N, D], table, positions [N]) rotates keys (a strided view)
-    in place, key n by the angles table[positions[n]], in the cache dtype (vLLM's rotary op:
-    paths/topk/ops.rotate_rows)."""
-    Hkv, D = kv_cache.shape[1], kv_cache.shape[-1] // 2
-    pieces = [heads(torch.cat((row.src, block_head_numbers(c, Hkv).flatten())))
-              for row, c, heads in zip(rows, chosen, block_heads)]  # fmt: skip
-    blocks = pieces[0] if len(pieces) == 1 else torch.cat(pieces)  # [N, B, 2 D]
-    turn(blocks.view(-1, blocks.shape[-1])[:, :D], plan.table, plan.positions)
-    kv_cache.view(-1, *blocks.shape[1:]).index_copy_(0, plan.dst, blocks.index_select(0, plan.keep))
+    the global blocks' and the picks' (chosen[r] [Hkv, k]) keys to PoolRow.dst, block fa's rows
+    before the window in place; the picks' values to the buffer, where it does not hold them yet.
+    block_heads[r](ids) -> those (block, KV head) pieces of row r's store, a copy
+    (HostStore.block_heads for its request and layer), read only when row r's pieces differ from
+    what held[r] (its FarKeys, updated here) keeps. Then for all rows together one rotation, one
+    copy of the whole pieces' keys and one of the edge keys. turn(keys [N, D], table, positions [N])
+    rotates keys in place, key n by the angles table[positions[n]], in the cache dtype (vLLM's
+    rotary op: paths/topk/ops.rotate_rows)."""
+    Hkv, B, D = kv_cache.shape[1], kv_cache.shape[2], kv_cache.shape[-1] // 2
+    pieces = kv_cache.view(-1, B, kv_cache.shape[-1])
+    parts = []
+    for row, c, heads, far in zip(rows, chosen, block_heads, held):
+        buffer = row.dst[len(row.dst) - c.numel() :]  # (dst: the global blocks', then the buffer's)
+        got = None
+        if not far.holds(row.src, c):
+            got = heads(torch.cat((row.src, block_head_numbers(c, Hkv).flatten())))  # [n, B, 2 D]
+            far.row_src, far.chosen, far.keys, far.values_in = row.src, c, got[..., :D].clone(), None
+        if far.values_in is None or not torch.equal(far.values_in, buffer):
+            if got is None:
+                got = heads(block_head_numbers(c, Hkv).flatten())
+            pieces[buffer, :, D:] = got[len(got) - c.numel() :, :, D:]
+            far.values_in = buffer
+        parts.append(far.keys)
+    keys = torch.cat(parts)  # [N, B, D]: a copy, turned in place (each row's own stay at position 0)
+    turn(keys.view(-1, D), plan.table, plan.positions)
+    pieces[..., :D].index_copy_(0, plan.dst, keys.index_select(0, plan.keep))
     if len(plan.edge_dst):
-        keys = kv_cache.view(-1, kv_cache.shape[-1])[:, :D]
-        keys.index_copy_(0, plan.edge_dst, blocks.view(-1, blocks.shape[-1])[plan.edge_src, :D])
+        kv_cache.view(-1, kv_cache.shape[-1])[:, :D].index_copy_(0, plan.edge_dst, keys.view(-1, D)[plan.edge_src])
 
 
 def turned_positions(i: int, cfg: LminfConfig, B: int, fa: int, start: int) -> torch.Tensor:
@@ -142,12 +173,15 @@ class SavedKeys:
     blocks' (saved the first time) and the rows of its first window block fa before the window
     (each saved as the window leaves it). A chunk of the request reads them as stored: `restore`
     puts them back exactly (the store's one copy is at position 0: rotated forward it would be a
-    rounding off in bfloat16). At most ceil(G/B) + 1 blocks' keys per request and layer."""
+    rounding off in bfloat16). At most ceil(G/B) + 1 blocks' keys per request and layer. With them,
+    the keys it turns as last gathered at position 0 (FarKeys, at most ceil(G/B) + 1 + k blocks').
+    Both go when the request is computed again from its first token."""
 
     globals: torch.Tensor | None = None  # [g, Hkv, B, D]
     fa: int = -1  # the logical block whose rows `edge` holds
     edge: torch.Tensor | None = None  # [Hkv, B, D]: its first `count` rows as stored
     count: int = 0
+    far: FarKeys = field(default_factory=FarKeys)
 
     def save(self, kv_cache: torch.Tensor, block_row: torch.Tensor, g: int, fa: int, start: int) -> None:
         """Before a decode row turns them: the global blocks, block fa's rows [0, start)."""
