@@ -46,7 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--distance-cap", type=int, default=2048)
     p.add_argument("--block-size", type=int, default=128, help="vLLM's CPU default, make serve's")
     p.add_argument("--topk-blocks", type=int, default=4)
-    p.add_argument("--topk-refresh", type=int, default=None, help="topk_refresh (None: the plugin's default)")
+    p.add_argument("--topk-refresh", type=int, nargs="+", default=[None],
+                   help="topk_refresh, an engine each (None: the plugin's default)")
     p.add_argument("--step-tokens", type=int, default=2048, help="max_num_batched_tokens (vllm serve's on CPU)")
     p.add_argument("--kv-gib", type=float, default=3)
     p.add_argument("--modes", nargs="+", default=["lambda", "topk"], choices=("lambda", "topk"))
@@ -54,14 +55,14 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def engine(args, model, mode):
+def engine(args, model, mode, refresh=None):
     from vllm import LLM
 
     lminf = {"global_tokens": args.global_tokens, "local_tokens": args.local_tokens, "distance_cap": args.distance_cap}
     if mode == "topk":
         lminf["topk_blocks"] = args.topk_blocks
-        if args.topk_refresh is not None:
-            lminf["topk_refresh"] = args.topk_refresh
+        if refresh is not None:
+            lminf["topk_refresh"] = refresh
     return LLM(
         model=str(model), attention_backend="lminf", max_model_len=args.length + 4096, seed=0,
         block_size=args.block_size, max_num_batched_tokens=args.step_tokens, enable_prefix_caching=False,
@@ -111,14 +112,16 @@ def main(argv=None):
     model, tokens = model_and_tokens(args.model)
     started = time.time()
     rows = []
-    for mode in args.modes:
-        llm = engine(args, model, mode)
+    engines = [(mode, r) for mode in args.modes for r in (args.topk_refresh if mode == "topk" else [None])]
+    for mode, refresh in engines:
+        llm = engine(args, model, mode, refresh)
         from vllm import SamplingParams
 
         llm.generate([prompt(tokens, 256)], SamplingParams(max_tokens=4, temperature=0.0), use_tqdm=False)  # warm-up
         cfg = llm.llm_engine.vllm_config
         for n in args.concurrency:
-            row = {"mode": mode, **measure(llm, args, tokens, n)}
+            row = {"mode": mode if mode == "lambda" else f"topk R={cfg.additional_config['lminf_resolved']['topk_refresh']}",
+                   **measure(llm, args, tokens, n)}  # fmt: skip
             row.update(dtype=str(cfg.model_config.dtype).removeprefix("torch."),
                        block_size=cfg.cache_config.block_size, compiled=not cfg.model_config.enforce_eager,
                        lminf=cfg.additional_config.get("lminf_resolved"))  # fmt: skip
@@ -129,10 +132,10 @@ def main(argv=None):
     ratios = {}
     for n in args.concurrency:
         by = {r["mode"]: r for r in rows if r["concurrency"] == n}
-        if {"lambda", "topk"} <= set(by):
-            ratios[str(n)] = {
-                "decode_topk_x_lambda": round(by["topk"]["decode_tok_s"] / by["lambda"]["decode_tok_s"], 3),
-                "prefill_topk_x_lambda": round(by["topk"]["prefill_tok_s"] / by["lambda"]["prefill_tok_s"], 3),
+        for mode in [m for m in by if m != "lambda" and "lambda" in by]:
+            ratios.setdefault(mode, {})[str(n)] = {
+                "decode_topk_x_lambda": round(by[mode]["decode_tok_s"] / by["lambda"]["decode_tok_s"], 3),
+                "prefill_topk_x_lambda": round(by[mode]["prefill_tok_s"] / by["lambda"]["prefill_tok_s"], 3),
             }
     doc = {"args": {k: str(v) for k, v in vars(args).items()}, "corpus": corpus_info(),
            "command": "python benchmarks/topk_concurrency.py " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -15,10 +15,10 @@ KNOWN_KEYS = ("global_tokens", "local_tokens", "distance_cap", "topk_blocks", "t
 # mass for the chunk's last row (the default), or Quest's bound from per-channel key summaries.
 TOPK_SCORES = ("mass", "bound")
 DEFAULT_TOPK_SCORE = "mass"
-# A decode row keeps its request's last selection while it is younger than this many positions
-# (docs/topk-contract.md, "Chunks, decode and prefill"): scoring reads every middle key, so
-# scoring at every decode step would cost more than the attention it feeds. 1: every step.
-DEFAULT_TOPK_REFRESH = 16
+# A decode row keeps the selection its request's last scoring decode row made while that row is
+# fewer than this many positions back (docs/topk-contract.md, "Decode rows keep a selection"):
+# fewer scorings, faster decode, but retrieval suffers. 1 (the default): every decode row scores.
+DEFAULT_TOPK_REFRESH = 1
 
 
 class LminfConfigError(ValueError):

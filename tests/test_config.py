@@ -115,7 +115,7 @@ def test_topk_blocks_defaults_to_off_and_takes_any_integer_from_zero():
     # the start-up line names k only when it is on
     assert "topk_blocks" not in LminfConfig(4, 64, 96).describe()
     assert LminfConfig(4, 64, 96, 3).describe().endswith(
-        " topk_blocks=3 topk_score=mass topk_refresh=16 topk_store_max_bytes=none"
+        " topk_blocks=3 topk_score=mass topk_refresh=1 topk_store_max_bytes=none"
     )
 
 
@@ -142,14 +142,15 @@ def test_topk_score_defaults_to_mass_and_takes_bound():
     assert parse_lminf_config({"topk_blocks": 4}, hf()).topk_score == "mass"
     assert LminfConfig(4, 64, 96, 3).topk_score == "mass"
     cfg = parse_lminf_config({"topk_blocks": 4, "topk_score": "bound"}, hf())
-    assert cfg.topk_score == "bound" and cfg.describe().endswith(" topk_score=bound topk_refresh=16 topk_store_max_bytes=none")
+    assert cfg.topk_score == "bound" and cfg.describe().endswith(" topk_score=bound topk_refresh=1 topk_store_max_bytes=none")
     assert parse_lminf_config({"topk_score": "mass"}, hf()) == parse_lminf_config({}, hf())
 
 
-def test_topk_refresh_defaults_to_16_and_takes_any_integer_from_one():
+def test_topk_refresh_defaults_to_1_and_takes_any_integer_from_one():
     """docs/topk-contract.md, "Chunks, decode and prefill": a decode row keeps its request's last
-    selection while the row that scored it is fewer than topk_refresh positions back."""
-    assert parse_lminf_config({"topk_blocks": 4}, hf()).topk_refresh == 16 == LminfConfig(4, 64, 96, 3).topk_refresh
+    decode row's selection while that row is fewer than topk_refresh positions back; 1 scores at every row."""
+    assert parse_lminf_config({"topk_blocks": 4}, hf()).topk_refresh == 1 == LminfConfig(4, 64, 96, 3).topk_refresh
+    assert parse_lminf_config({"topk_blocks": 4, "topk_refresh": 16}, hf()).topk_refresh == 16
     assert parse_lminf_config({"topk_blocks": 4, "topk_refresh": 1}, hf()).topk_refresh == 1
     assert parse_lminf_config({"topk_blocks": 4, "topk_refresh": 1000}, hf()).topk_refresh == 1000
 

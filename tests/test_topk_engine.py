@@ -263,12 +263,12 @@ def test_prompt_logprobs_match_the_topk_oracle(tiny_llama, reference, recorder, 
 # ---------------------------------------------------------------- decode past the table
 
 
-@pytest.mark.parametrize("score, refresh", [(None, None), ("bound", None), (None, 1), (None, 3)])
+@pytest.mark.parametrize("score, refresh", [(None, None), ("bound", None), (None, 3), ("bound", 16)])
 def test_greedy_decode_past_the_table_matches_the_topk_oracle(tiny_llama, reference, recorder, score, refresh):
     """Two prompts share the steps: one's prefill chunks interleave with the other's decode steps,
     each a chunk of one row; 100 greedy tokens, far past the 128-position table. The host store
-    drops each request once it has ended. Both scores (None: the default, "mass"); decode rows
-    keeping selections for topk_refresh positions (None: the default, 16), 1 (every row scores), 3."""
+    drops each request once it has ended. Both scores (None: the default, "mass"); topk_refresh
+    None (the default, 1: every decode row scores), 3 and 16 (decode rows keep a selection)."""
     G, W, C, B, k = 10, 48, 80, 16, 3
     cfg = LminfConfig(G, W, C, k, score or DEFAULT_SCORE, **({} if refresh is None else {"topk_refresh": refresh}))
     prompts = [random_prompt(200, seed=21), random_prompt(40, seed=22)]

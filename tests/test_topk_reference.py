@@ -131,6 +131,7 @@ def test_decode_rows_score_every_topk_refresh_positions_and_keep_the_selection_b
 
 @pytest.mark.parametrize("cfg,B,chunks,rotary,rule", [
     (LminfConfig(3, 9, 12), 4, [25, 1, 1, 1, 20], rope(), ("max", "last")),
+    (LminfConfig(3, 9, 12, topk_refresh=2), 4, [25] + [1] * 23, rope(), ("max", "last")),
     (LminfConfig(8, 16, 16), 8, 17, rope(neox=False, rotary_dim=6, scaling=1.3), ("sum", "max")),
     (LminfConfig(0, 5, 30), 2, None, rope(), ("sum", "last")),
     (LminfConfig(5, 6, 6), 1, 9, rope(neox=False, rotary_dim=6, scaling=1.3), ("max", "max")),
@@ -174,7 +175,7 @@ def test_one_token_blocks_select_the_best_true_scores(group_reduce, score):
     mass its share of the head's softmax over the candidates (the group's max or sum of those)."""
     n, H, Hkv, topk = 30, 4, 2, 3
     q, k, _ = qkv(n, H, Hkv, seed=5)
-    cfg, rotary = LminfConfig(2, 6, 6, topk_refresh=1), rope()  # every row scores its own
+    cfg, rotary = LminfConfig(2, 6, 6), rope()  # every row scores its own (topk_refresh 1)
     sel = topk_selections(q, k, cfg, rotary, topk, 1, 1, group_reduce, "last", score=score, scale=0.3)
     for s, e, per_head in sel:
         cand = list(middle_blocks(e - 1, cfg, 1))
