@@ -40,9 +40,10 @@ VARIANTS = {
     "lambda (k=0)": ("lminf", 0, None, None),
     "topk bound k=4": ("lminf", 4, "bound", None),
     "topk mass k=4": ("lminf", 4, "mass", None),
-    "topk mass k=4 refresh=1": ("lminf", 4, "mass", 1),
     "topk mass k=6": ("lminf", 6, "mass", None),
     "topk mass k=12": ("lminf", 12, "mass", None),
+    "topk mass k=4 refresh=16": ("lminf", 4, "mass", 16),
+    "topk mass k=12 refresh=16": ("lminf", 12, "mass", 16),
 }
 
 

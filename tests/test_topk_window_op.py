@@ -95,6 +95,7 @@ def test_one_call_over_the_pool_equals_attend_chunk(G, W, C, blk, k, i):
     from lminf_vllm.paths.topk.pool import FarKeys, SavedKeys, copy_far_blocks, plan_copies, plan_pool_row
     from lminf_vllm.paths.topk.attention import angles
 
+    assert ops.rotary_op_ok(torch.bfloat16, D)  # (loads vLLM's ops: the test may run alone)
     want, (q, _, dec, cache, _, far_blocks, cfg), store, table = decode_case(torch.bfloat16, G, W, C, blk, k, i,
                                                                             with_table=True)  # fmt: skip
     chosen = far_blocks[:, dec.far_blocks.shape[1] :]
