@@ -38,7 +38,7 @@ class LminfConfig:
     # host bytes the top-k store may hold per rank, all requests together (None: no cap); the
     # scheduler admits requests within it (docs/topk-contract.md, "The store's size")
     topk_store_max_bytes: int | None = None
-    # a decode row reuses the selection made at position p (same request, layer) while i - p < this
+    # a decode row at i reuses the selection its request's last scoring decode row p made while i - p < this
     topk_refresh: int = DEFAULT_TOPK_REFRESH
 
     def describe(self) -> str:
