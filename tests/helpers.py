@@ -66,7 +66,7 @@ class HostStore(topk_store.HostStore):
     def chunks(self, request: str, layer: int) -> int:
         """Chunks held for (request, layer)."""
         entry = self._entries.get((request, layer))
-        return 0 if entry is None else len(entry.pairs)
+        return 0 if entry is None else len(entry.keys)
 
 
 def select_blocks(q_cap: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, first: int, k: int) -> torch.Tensor:

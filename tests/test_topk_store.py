@@ -72,7 +72,8 @@ def test_put_then_append_keeps_blocks_in_order():
     store.put("r", 0, 0, z, v, lo, hi)
     [view] = store.keys_at_zero("r", 0, 1, 5)  # one chunk: one piece
     assert view.shape == (4, HKV, B, D) and torch.equal(view, z[1:5].transpose(1, 2))
-    assert view.data_ptr() == store._entries[("r", 0)].pairs[0][1].data_ptr()  # in place: a view, no copy
+    assert view.data_ptr() == store._entries[("r", 0)].keys[0][1].data_ptr()  # in place: a view, no copy
+    assert view.is_contiguous()  # the keys apart from the values: one piece per block
     with pytest.raises(RuntimeError, match="never stored"):
         store.keys_at_zero("r", 0, 1, 7)
     q3 = torch.randn(4, D, generator=torch.Generator().manual_seed(3))
@@ -92,10 +93,10 @@ def test_growth_in_chunks_keeps_what_was_stored_and_reads_across_chunks(monkeypa
     for b in range(40):
         store.put("r", 0, 3 + b, z[b : b + 1], v[b : b + 1], lo[b : b + 1], hi[b : b + 1])
         if b == 0:
-            first = store._entries[("r", 0)].pairs[0]
+            first = store._entries[("r", 0)].keys[0]
         held.append(store.nbytes())
     assert store.blocks("r", 0) == 43 and store.chunks("r", 0) == 15  # ceil(43 / 3)
-    assert store._entries[("r", 0)].pairs[0] is first  # never copied
+    assert store._entries[("r", 0)].keys[0] is first  # never copied
     assert held[-1] == topk_store.request_bytes(43 * B, 1, B, HKV, D, 4)  # float32 here
     assert held == [topk_store.request_bytes((4 + b) * B, 1, B, HKV, D, 4) for b in range(40)]
     s_lo, s_hi = store.summaries("r", 0, 3, 43)
@@ -114,8 +115,9 @@ def test_growth_in_chunks_keeps_what_was_stored_and_reads_across_chunks(monkeypa
     assert torch.equal(values[1, :B], v[17, :, 1]) and torch.equal(values[1, 2 * B :], v[19, :, 1])
     one_chunk = store.gather("r", 0, torch.tensor([[6], [7]]))[0]
     assert torch.equal(one_chunk[1], z[4, :, 1])
-    heads = store.block_heads("r", 0, torch.tensor([42 * HKV + 1, 3 * HKV, 8 * HKV]))  # across chunks
-    assert torch.equal(heads[:, :, :D], torch.stack((z[39, :, 1], z[0, :, 0], z[5, :, 0])))
+    keys, values = store.block_heads("r", 0, torch.tensor([42 * HKV + 1, 3 * HKV, 8 * HKV]))  # across chunks
+    assert torch.equal(keys, torch.stack((z[39, :, 1], z[0, :, 0], z[5, :, 0])))
+    assert torch.equal(values, torch.stack((v[39, :, 1], v[0, :, 0], v[5, :, 0])))
 
 
 def test_the_cache_dtype_is_kept():
@@ -399,8 +401,8 @@ def test_bounds_and_gather_far_lay_out_what_was_stored():
     chosen = torch.tensor([[0, 5, 2], [4, 4, 1]])
     at_zero, values = store.gather_far("r", 0, chosen)
     assert torch.equal(at_zero[1, B : 2 * B], z[4, :, 1]) and torch.equal(values[0, 2 * B :], v[2, :, 0])
-    pieces = store.block_heads("r", 0, torch.tensor([4 * HKV + 1]))  # a (block, KV head): keys at 0, then values
-    assert torch.equal(pieces[0], torch.cat((z[4, :, 1], v[4, :, 1]), dim=-1))
+    keys, values = store.block_heads("r", 0, torch.tensor([4 * HKV + 1]))  # a (block, KV head): keys at 0, values
+    assert torch.equal(keys[0], z[4, :, 1]) and torch.equal(values[0], v[4, :, 1])
 
 
 # ---------------------------------------------------------------- the decode way

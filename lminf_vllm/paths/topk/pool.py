@@ -13,10 +13,10 @@ so, and one call reads them with the window, the query as it is:
     a top-k sequence keeps as its selection buffer (block_policy.freeable_blocks,
     kept_behind = k); their own keys and values are in the host store.
 
-The keys come from the store's copies at position 0 (one rotation per row and
-step), the values as stored, in whole pieces of one block and KV head (the
-store keeps them as the pool does: HostStore.block_heads, block * Hkv + head),
-so that a row's copy is one gather, one rotation and one scatter. No vLLM
+The keys come from the store's copies at position 0, gathered once while a row's
+pieces stay the same (FarKeys) and rotated at every step; the picks' values as
+stored, written once per selection; in pieces of one block and KV head (the
+store keeps them so: HostStore.block_heads, block * Hkv + head). No vLLM
 import; paths/topk runs it with vLLM's decode op and rotary op.
 """
 
@@ -136,7 +136,7 @@ def copy_far_blocks(kv_cache: torch.Tensor, rows: list[PoolRow], plan: PoolCopie
     """Write decode rows' keys past their windows into the pool, rotated to i - C, in whole blocks:
     the global blocks' and the picks' (chosen[r] [Hkv, k]) keys to PoolRow.dst, block fa's rows
     before the window in place; the picks' values to the buffer, where it does not hold them yet.
-    block_heads[r](ids) -> those (block, KV head) pieces of row r's store, a copy
+    block_heads[r](ids) -> those (block, KV head) pieces of row r's store, keys and values, copies
     (HostStore.block_heads for its request and layer), read only when row r's pieces differ from
     what held[r] (its FarKeys, updated here) keeps. Then for all rows together one rotation, one
     copy of the whole pieces' keys and one of the edge keys. turn(keys [N, D], table, positions [N])
@@ -147,14 +147,14 @@ def copy_far_blocks(kv_cache: torch.Tensor, rows: list[PoolRow], plan: PoolCopie
     parts = []
     for row, c, heads, far in zip(rows, chosen, block_heads, held):
         buffer = row.dst[len(row.dst) - c.numel() :]  # (dst: the global blocks', then the buffer's)
-        got = None
+        values = None
         if not far.holds(row.src, c):
-            got = heads(torch.cat((row.src, block_head_numbers(c, Hkv).flatten())))  # [n, B, 2 D]
-            far.row_src, far.chosen, far.keys, far.values_in = row.src, c, got[..., :D].clone(), None
+            keys, values = heads(torch.cat((row.src, block_head_numbers(c, Hkv).flatten())))  # [n, B, D], [n, B, Dv]
+            far.row_src, far.chosen, far.keys, far.values_in = row.src, c, keys, None
         if far.values_in is None or not torch.equal(far.values_in, buffer):
-            if got is None:
-                got = heads(block_head_numbers(c, Hkv).flatten())
-            pieces[buffer, :, D:] = got[len(got) - c.numel() :, :, D:]
+            if values is None:
+                values = heads(block_head_numbers(c, Hkv).flatten())[1]
+            pieces[buffer, :, D:] = values[len(values) - c.numel() :]
             far.values_in = buffer
         parts.append(far.keys)
     keys = torch.cat(parts)  # [N, B, D]: a copy, turned in place (each row's own stay at position 0)

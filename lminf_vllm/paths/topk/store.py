@@ -54,19 +54,21 @@ def request_bytes(tokens: int, num_layers: int, block_size: int, num_kv_heads: i
 
 @dataclass
 class _Entry:
-    # chunks [N, Hkv, B, D + Dv] in the cache dtype: per row the key rotated back to position 0, then
-    # the value. Head-major, so a head's slice of a block is one contiguous piece, as in the pool
-    pairs: list[torch.Tensor]
+    # chunks [N, Hkv, B, D] in the cache dtype: the keys rotated back to position 0, apart from the
+    # values (chunks [N, Hkv, B, Dv]): the mass score reads every key and no value, and reads a
+    # block's keys as one contiguous piece several times faster than as the halves of key-value rows
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
     bounds: list[torch.Tensor]  # chunks [Hkv, 2 D, N] float32: hi then lo, a column per block
-    key_size: int  # D
     blocks: int = 0  # blocks [first put, blocks) are valid (zeros before the first put)
     nbytes: int = 0
-    flat: list = field(default_factory=list)  # pairs' chunks viewed [N * Hkv, B, D + Dv] (block-heads)
+    flat_keys: list = field(default_factory=list)  # keys' chunks viewed [N * Hkv, B, D] (block-heads)
+    flat_values: list = field(default_factory=list)  # values' likewise, [N * Hkv, B, Dv]
     kept: tuple[int, torch.Tensor] | None = None  # (the row that scored it, [Hkv, k']): the last selection
 
     @property
     def per_chunk(self) -> int:
-        return self.pairs[0].shape[0]
+        return self.keys[0].shape[0]
 
 
 class HostStore:
@@ -87,7 +89,7 @@ class HostStore:
         n, B, Hkv, D = at_zero.shape
         entry = self._entries.get((request, layer))
         if entry is None:
-            entry = self._entries[(request, layer)] = _Entry([], [], D)
+            entry = self._entries[(request, layer)] = _Entry([], [], [])
         if entry.blocks and first_block > entry.blocks:  # (a request's first put may start past block 0)
             raise RuntimeError(f"top-k host store: block {first_block} of {request} follows block {entry.blocks - 1}")
         stop = first_block + n
@@ -97,9 +99,8 @@ class HostStore:
         N = entry.per_chunk
         for c, i, j in _runs(first_block, stop, N):  # per chunk touched: a run of blocks
             rows = slice(c * N + i - first_block, c * N + j - first_block)
-            pairs = entry.pairs[c]
-            pairs[i:j, ..., :D] = at_zero[rows].transpose(1, 2).to(self.device, pairs.dtype)
-            pairs[i:j, ..., D:] = values[rows].transpose(1, 2).to(self.device)
+            entry.keys[c][i:j] = at_zero[rows].transpose(1, 2).to(self.device, values.dtype)
+            entry.values[c][i:j] = values[rows].transpose(1, 2).to(self.device)
             entry.bounds[c][:, :D, i:j] = hi[rows].permute(1, 2, 0).to(self.device)
             entry.bounds[c][:, D:, i:j] = lo[rows].permute(1, 2, 0).to(self.device)
         entry.blocks = stop
@@ -109,21 +110,23 @@ class HostStore:
         N = chunk_blocks(B)
         need = -(-blocks // N)
         per_chunk = N * (B * Hkv * (D + Dv) * dtype.itemsize + Hkv * 2 * D * 4)
-        grow = (need - len(entry.pairs)) * per_chunk
+        grow = (need - len(entry.keys)) * per_chunk
         if grow > 0 and self.limit is not None and self._nbytes + grow > self.limit:
             raise RuntimeError(
                 f"lminf top-k host store: {request} needs {self._nbytes + grow} bytes, more than "
                 f"additional_config.lminf.topk_store_max_bytes = {self.limit}; the scheduler admits requests "
                 "by this cap, so this is a bug or a request longer than it announced"
             )
-        while len(entry.pairs) < need:
-            pairs = torch.zeros(N, Hkv, B, D + Dv, dtype=dtype, device=self.device)
-            entry.pairs.append(pairs)
-            entry.flat.append(pairs.view(N * Hkv, B, D + Dv))
+        while len(entry.keys) < need:
+            keys = torch.zeros(N, Hkv, B, D, dtype=dtype, device=self.device)
+            values = torch.zeros(N, Hkv, B, Dv, dtype=dtype, device=self.device)
+            entry.keys.append(keys), entry.values.append(values)
+            entry.flat_keys.append(keys.view(N * Hkv, B, D)), entry.flat_values.append(values.view(N * Hkv, B, Dv))
             entry.bounds.append(torch.zeros(Hkv, 2 * D, N, dtype=torch.float32, device=self.device))
-        del entry.pairs[need:], entry.flat[need:], entry.bounds[need:]
-        self._nbytes += len(entry.pairs) * per_chunk - entry.nbytes
-        entry.nbytes = len(entry.pairs) * per_chunk
+        del entry.keys[need:], entry.values[need:], entry.flat_keys[need:], entry.flat_values[need:]
+        del entry.bounds[need:]
+        self._nbytes += len(entry.keys) * per_chunk - entry.nbytes
+        entry.nbytes = len(entry.keys) * per_chunk
 
     def _stored(self, request: str, layer, stop: int) -> _Entry:
         entry = self._entries[(request, layer)]
@@ -143,25 +146,23 @@ class HostStore:
         no copy), one per chunk in order: [n_c, Hkv, B, D] in the cache dtype, sum n_c = stop - start
         (attention.select_from_mass)."""
         entry = self._stored(request, layer, stop)
-        D = entry.key_size
-        return [entry.pairs[c][i:j, ..., :D] for c, i, j in _runs(start, stop, entry.per_chunk)]
+        return [entry.keys[c][i:j] for c, i, j in _runs(start, stop, entry.per_chunk)]
 
     def gather_far(self, request: str, layer, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys at position 0 and values of blocks [Hkv, n], one list per KV head, each
         [Hkv, n * B, D] in the cache dtype (views of one gathered copy). Head h reads only its
         own slice of each of its blocks."""
-        entry = self._entries[(request, layer)]
         Hkv, n = blocks.shape
-        got = self.block_heads(request, layer, block_head_numbers(blocks.to(self.device), Hkv).flatten())
-        got = got.view(Hkv, n * got.shape[1], got.shape[2])
-        return got[..., : entry.key_size], got[..., entry.key_size :]
+        keys, values = self.block_heads(request, layer, block_head_numbers(blocks.to(self.device), Hkv).flatten())
+        return keys.view(Hkv, n * keys.shape[1], keys.shape[2]), values.view(Hkv, n * values.shape[1], values.shape[2])
 
-    def block_heads(self, request: str, layer, rows: torch.Tensor) -> torch.Tensor:
-        """Rows block * Hkv + head of the (block, KV head) pieces, [len(rows), B, D + Dv]: the keys
-        at position 0, then the values, as the pool's block-heads (pool.py copies whole ones).
-        A copy."""
+    def block_heads(self, request: str, layer, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows block * Hkv + head of the (block, KV head) pieces: their keys at position 0
+        [len(rows), B, D] and values [len(rows), B, Dv], as the pool's block-heads hold them
+        (pool.py copies them there). Copies."""
         entry = self._entries[(request, layer)]
-        return _take(entry.flat, rows, entry.flat[0].shape[0])
+        per = entry.flat_keys[0].shape[0]
+        return _take(entry.flat_keys, rows, per), _take(entry.flat_values, rows, per)
 
     def keep(self, request: str, layer, row: int, chosen: torch.Tensor) -> None:
         """The selection [Hkv, k'] the query of position `row` scored, for decode rows after it."""
