@@ -16,7 +16,7 @@ Per top-k trial the script also reads which blocks the engine chose (paths.topk'
 Plan.chosen, in-process) and records the share of (step, layer, KV head) selections
 of that request that hold a block of the needle sentence.
 
-    python benchmarks/topk_natural_needle_engine.py               # ~20 min on 2 shared cores
+    python benchmarks/topk_natural_needle_engine.py               # ~30 min on 2 shared cores
     python benchmarks/topk_natural_needle_engine.py --variants 'topk mass k=4' --trial-index 0 1
 """
 
