@@ -184,14 +184,14 @@ def run(plan: Plan, layer: LayerMath, query, key, value, kv_cache, output: torch
         chosen, store_kv = torch.zeros(shape.num_kv_heads, 0, dtype=torch.long), None
         f = first_window_block(e - 1, cfg.local_tokens, B)
         if rid is not None and f > g:  # the chunk has middle blocks: choose among them
-            kept = None
-            if stop - first == 1:  # a decode row may keep its request's last selection
+            kept, decode_row = None, stop - first == 1 and cfg.topk_refresh > 1
+            if decode_row:  # a decode row may keep its request's last selection
                 kept = kept_selection(plan.store, rid, layer_key, e - 1, min(cfg.topk_blocks, f - g), cfg)
             if kept is None:
                 q_last = query[stop - 1].float()  # rotated to C by the last span's last matrix
                 q_cap = torch.matmul(q_last, spans[-1].q_cap[-1])
                 chosen = select_stored(plan.store, rid, layer_key, q_cap, g, f, cfg, layer.scale)
-                if stop - first == 1:  # (a longer chunk's selection serves its own rows only)
+                if decode_row:  # (a longer chunk's selection serves its own rows only)
                     plan.store.keep(rid, layer_key, e - 1, chosen)
             else:
                 chosen = kept

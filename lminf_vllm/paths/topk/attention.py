@@ -224,6 +224,8 @@ def select_decode_rows(store, rows: list[tuple[str, int, int]], layer, q_caps: t
     """The selections of a step's decode rows [(request, stop, i)] in one layer: a row keeps its
     request's last selection where the contract's topk_refresh rule lets it (kept_selection), the
     others score anew (select_stored_rows, together) and are kept for the rows after them."""
+    if cfg.topk_refresh == 1:  # (the default: every row scores, nothing to keep)
+        return select_stored_rows(store, [row[:2] for row in rows], layer, q_caps, first, cfg, scale)
     picks = [kept_selection(store, request, layer, i, min(cfg.topk_blocks, stop - first), cfg)
              for request, stop, i in rows]  # fmt: skip
     fresh = [r for r, p in enumerate(picks) if p is None]

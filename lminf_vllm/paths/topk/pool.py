@@ -80,10 +80,10 @@ class PoolCopies:
     offsets: list[int]
     positions: torch.Tensor  # [N * B] long: each gathered key's row (its angles in `table`)
     table: torch.Tensor  # [R, rotary_dim] the rows' turns (PoolRow.turn), cos then sin
-    keep: torch.Tensor  # [M] long: the gathered block-heads written whole ...
-    dst: torch.Tensor  # [M] long: ... to these pool block-heads (each row's PoolRow.dst)
-    dst_rows: torch.Tensor  # [M * B] long: their key rows (block-head * B + slot): an indexed write of
-    # rows of the cache viewed [rows, 2 D] is faster than one of block-heads' strided key halves
+    keep: torch.Tensor  # [M] long: the gathered block-heads whose keys are written whole ...
+    dst_rows: torch.Tensor  # [M * B] long: ... to these key rows (block-head * B + slot) of each row's
+    # PoolRow.dst: an indexed write of rows of the cache viewed [rows, 2 D] is faster than one of
+    # block-heads' strided key halves
     edge_src: torch.Tensor  # [E] long: gathered key rows (block-head * B + slot) of the rows' block fa, ...
     edge_dst: torch.Tensor  # [E] long: ... written to these pool key rows, its rows before the window
 
@@ -107,9 +107,8 @@ def plan_copies(rows: list[PoolRow], picks: list[int], num_kv_heads: int, B: int
     join = lambda parts: torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)  # noqa: E731
     positions = torch.repeat_interleave(torch.arange(len(rows)), sizes)
     table = torch.stack([row.turn for row in rows])
-    dst = join(dst)
-    return PoolCopies(offsets, positions, table, join(keep), dst, (dst[:, None] * B + slots).flatten(), join(edge_src),
-                      join(edge_dst))  # fmt: skip
+    dst_rows = (join(dst)[:, None] * B + slots).flatten()
+    return PoolCopies(offsets, positions, table, join(keep), dst_rows, join(edge_src), join(edge_dst))
 
 
 @dataclass
