@@ -48,7 +48,7 @@ from lminf_vllm.paths.topk.attention import (
     select_decode_rows,
     select_stored,
 )
-from lminf_vllm.paths.topk import ops
+from lminf_vllm.paths.topk import mass_kernel, ops
 from lminf_vllm.paths.topk.pool import (
     PoolCopies,
     SavedKeys,
@@ -85,6 +85,9 @@ def store_of(shape: EngineShape) -> HostStore:
         store.limit = shape.cfg.topk_store_max_bytes  # (the scheduler admits within it: past it is a bug)
         _TURNED[id(shape)], _SAVED[id(shape)] = {}, {}
         weakref.finalize(shape, _forget, id(shape))  # (the id cannot be reused before that)
+        if shape.cfg.topk_score == "mass":  # compile the score's pass now, not in a request's first step
+            mass_kernel.compiled(shape.dtype, shape.num_kv_heads, shape.num_heads // shape.num_kv_heads,
+                                 shape.block_size, shape.head_size)  # fmt: skip
     return store
 
 

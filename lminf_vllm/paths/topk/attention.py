@@ -33,6 +33,7 @@ from lminf_vllm.kv_layout import block_head_numbers, read_blocks, token_numbers
 from lminf_vllm.lambda_attention import _local_mask
 from lminf_vllm.rope import RotarySpec, cos_sin, rotate
 from lminf_vllm.paths.topk.window import WindowCall, attend_window
+from lminf_vllm.paths.topk import mass_kernel
 
 # Rows of a prefill chunk attended at once (at most; spans also end where the first window block moves).
 QUERY_SPAN = 256
@@ -142,6 +143,10 @@ def select_from_mass(q_cap: torch.Tensor, at_zero, first: int, k: int, scale: fl
 def mass_scores(q_cap: torch.Tensor, pieces: list[torch.Tensor], scale: float) -> torch.Tensor:
     """select_from_mass' score of each candidate: [Hkv, nc], the group's max of the log shares."""
     _, Hkv, B, D = pieces[0].shape
+    fused = mass_kernel.compiled(pieces[0].dtype, Hkv, q_cap.shape[0] // Hkv, B, D)
+    if fused is not None:  # one pass over the keys (mass_kernel.py)
+        block = torch.cat([fused(p, q_cap.view(Hkv, -1, D), scale) for p in pieces]).permute(1, 2, 0)
+        return (block - torch.logsumexp(block, dim=-1, keepdim=True)).amax(dim=1)
     nc = sum(p.shape[0] for p in pieces)
     keys = _WORKSPACE.take(Hkv * nc * B * D, pieces[0].device).view(Hkv, nc, B, D)
     a = 0

@@ -1,0 +1,76 @@
+r"""The top-k mass score of one decode row and layer: eager ops against the compiled pass.
+
+attention.mass_scores reads every middle key of a row and layer (paths/topk/mass_kernel.py). This
+times it both ways on SmolLM2-135M's shape (3 KV heads of 64 channels, 9 query heads, blocks of
+128, bfloat16 keys in the host store's chunks of 16 blocks) at several context lengths, with as
+many rows' keys as it takes to leave every cache (as in an engine, where a row's keys at 16k are
+5.5 MB and eight rows' are 44 MB): each call scores the next row's keys. Random keys; the two ways
+agree to float32 rounding (checked). Prints ms per call (the fastest of --rounds rounds, the
+ways in alternation) and writes JSON.
+
+    python benchmarks/topk_mass_score.py --out benchmarks/results/topk-mass-score.json
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lminf_vllm.cpu_isa import describe  # noqa: E402
+from lminf_vllm.paths.topk import attention, mass_kernel  # noqa: E402
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 65536], help="middle tokens per row")
+    p.add_argument("--cache-mb", type=int, default=256, help="keys cycled through, MB (more than the caches)")
+    p.add_argument("--calls", type=int, default=200, help="timed calls per round")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/topk-mass-score.json"))
+    args = p.parse_args(argv)
+    Hkv, g, D, B, N, scale = 3, 3, 64, 128, 16, 0.125
+    rows_out = []
+    with torch.inference_mode():
+        for length in args.lengths:
+            blocks = length // B
+            per_row = blocks * Hkv * B * D * 2
+            nrows = max(2, args.cache_mb * 2**20 // per_row)
+            gen = torch.Generator().manual_seed(length)
+            rows = [[torch.randn(min(N, blocks - a), Hkv, B, D, generator=gen).bfloat16() for a in range(0, blocks, N)]
+                    for _ in range(nrows)]  # fmt: skip
+            q = torch.randn(Hkv * g, D, generator=gen)
+            times = {"eager": [], "compiled": []}
+            for _ in range(args.rounds):  # in alternation: the machine's drift falls on both
+                for way, switch in (("eager", "0"), ("compiled", "1")):
+                    os.environ[mass_kernel.ENV_SWITCH] = switch
+                    for r in rows[:2]:
+                        attention.mass_scores(q, r, scale)  # warm (and compile)
+                    t0 = time.perf_counter()
+                    for c in range(args.calls):
+                        attention.mass_scores(q, rows[c % nrows], scale)
+                    times[way].append((time.perf_counter() - t0) / args.calls * 1e3)
+            times = {way: min(t) for way, t in times.items()}  # the fastest round of each
+            os.environ[mass_kernel.ENV_SWITCH] = "0"
+            eager = attention.mass_scores(q, rows[0], scale)
+            os.environ[mass_kernel.ENV_SWITCH] = "1"
+            diff = (attention.mass_scores(q, rows[0], scale) - eager).abs().max().item()
+            row = {"middle_tokens": blocks * B, "key_mb_per_row": round(per_row / 2**20, 2), "rows_cycled": nrows,
+                   "eager_ms": round(times["eager"], 3), "compiled_ms": round(times["compiled"], 3),
+                   "eager_x_compiled": round(times["eager"] / times["compiled"], 2), "max_abs_diff": diff}  # fmt: skip
+            rows_out.append(row)
+            print(row, flush=True)
+    doc = {"cpu": describe(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+           "command": "python benchmarks/topk_mass_score.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+           "shape": {"Hkv": Hkv, "g": g, "D": D, "B": B, "chunk_blocks": N, "dtype": "bfloat16"}, "rows": rows_out}  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
