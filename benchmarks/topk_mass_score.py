@@ -1,10 +1,10 @@
-r"""The top-k mass score of one decode row and layer: eager ops against the compiled pass.
+r"""The top-k mass score of decode rows in one layer: PyTorch's eager ops against the C++ pass.
 
-attention.mass_scores reads every middle key of a row and layer (paths/topk/mass_kernel.py). This
-times it both ways on SmolLM2-135M's shape (3 KV heads of 64 channels, 9 query heads, blocks of
+attention.mass_scores_rows reads every middle key of each row (paths/topk/mass_kernel.py). This
+times it both ways, for one row and for 8 rows at once (as a step of 8 requests scores them), on SmolLM2-135M's shape (3 KV heads of 64 channels, 9 query heads, blocks of
 128, bfloat16 keys in the host store's chunks of 16 blocks) at several context lengths, with as
 many rows' keys as it takes to leave every cache (as in an engine, where a row's keys at 16k are
-5.5 MB and eight rows' are 44 MB): each call scores the next row's keys. Random keys; the two ways
+6 MB and eight rows' are 48 MB): each call scores the next rows' keys. Times are per row. Random keys; the two ways
 agree to float32 rounding (checked). Prints ms per call (the fastest of --rounds rounds, the
 ways in alternation) and writes JSON.
 
@@ -39,29 +39,34 @@ def main(argv=None):
         for length in args.lengths:
             blocks = length // B
             per_row = blocks * Hkv * B * D * 2
-            nrows = max(2, args.cache_mb * 2**20 // per_row)
+            nrows = max(16, args.cache_mb * 2**20 // per_row)
             gen = torch.Generator().manual_seed(length)
             rows = [[torch.randn(min(N, blocks - a), Hkv, B, D, generator=gen).bfloat16() for a in range(0, blocks, N)]
                     for _ in range(nrows)]  # fmt: skip
-            q = torch.randn(Hkv * g, D, generator=gen)
-            times = {"eager": [], "compiled": []}
+            qs = torch.randn(8, Hkv * g, D, generator=gen)
+            calls = {1: lambda c: attention.mass_scores_rows(qs[:1], [rows[c % nrows]], scale),
+                     8: lambda c: attention.mass_scores_rows(qs, [rows[(8 * c + j) % nrows] for j in range(8)], scale)}
+            times = {}
             for _ in range(args.rounds):  # in alternation: the machine's drift falls on both
-                for way, switch in (("eager", "0"), ("compiled", "1")):
+                for way, switch in (("eager", "0"), ("cpp", "1")):
                     os.environ[mass_kernel.ENV_SWITCH] = switch
-                    for r in rows[:2]:
-                        attention.mass_scores(q, r, scale)  # warm (and compile)
-                    t0 = time.perf_counter()
-                    for c in range(args.calls):
-                        attention.mass_scores(q, rows[c % nrows], scale)
-                    times[way].append((time.perf_counter() - t0) / args.calls * 1e3)
-            times = {way: min(t) for way, t in times.items()}  # the fastest round of each
+                    for batch, call in calls.items():
+                        call(0)  # (warm)
+                        t0 = time.perf_counter()
+                        for c in range(args.calls // batch):
+                            call(c)
+                        ms = (time.perf_counter() - t0) / (args.calls // batch * batch) * 1e3
+                        times[way, batch] = min(times.get((way, batch), ms), ms)  # the fastest round
             os.environ[mass_kernel.ENV_SWITCH] = "0"
-            eager = attention.mass_scores(q, rows[0], scale)
+            eager = calls[8](0)
             os.environ[mass_kernel.ENV_SWITCH] = "1"
-            diff = (attention.mass_scores(q, rows[0], scale) - eager).abs().max().item()
+            diff = (calls[8](0) - eager).abs().max().item()
             row = {"middle_tokens": blocks * B, "key_mb_per_row": round(per_row / 2**20, 2), "rows_cycled": nrows,
-                   "eager_ms": round(times["eager"], 3), "compiled_ms": round(times["compiled"], 3),
-                   "eager_x_compiled": round(times["eager"] / times["compiled"], 2), "max_abs_diff": diff}  # fmt: skip
+                   "max_abs_diff": diff}  # fmt: skip
+            for batch in calls:
+                e, c = times["eager", batch], times["cpp", batch]
+                row[f"rows_{batch}"] = {"eager_ms_per_row": round(e, 3), "cpp_ms_per_row": round(c, 3),
+                                        "eager_x_cpp": round(e / c, 2)}  # fmt: skip
             rows_out.append(row)
             print(row, flush=True)
     doc = {"cpu": describe(), "threads": torch.get_num_threads(), "torch": torch.__version__,

@@ -85,9 +85,8 @@ def store_of(shape: EngineShape) -> HostStore:
         store.limit = shape.cfg.topk_store_max_bytes  # (the scheduler admits within it: past it is a bug)
         _TURNED[id(shape)], _SAVED[id(shape)] = {}, {}
         weakref.finalize(shape, _forget, id(shape))  # (the id cannot be reused before that)
-        if shape.cfg.topk_score == "mass":  # compile the score's pass now, not in a request's first step
-            mass_kernel.compiled(shape.dtype, shape.num_kv_heads, shape.num_heads // shape.num_kv_heads,
-                                 shape.block_size, shape.head_size)  # fmt: skip
+        if shape.cfg.topk_score == "mass":  # build the score's pass now, not in a request's first step
+            mass_kernel.usable(shape.dtype)
     return store
 
 

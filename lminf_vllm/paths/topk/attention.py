@@ -142,11 +142,28 @@ def select_from_mass(q_cap: torch.Tensor, at_zero, first: int, k: int, scale: fl
 
 def mass_scores(q_cap: torch.Tensor, pieces: list[torch.Tensor], scale: float) -> torch.Tensor:
     """select_from_mass' score of each candidate: [Hkv, nc], the group's max of the log shares."""
+    return mass_scores_rows(q_cap[None], [pieces], scale)[0]
+
+
+def mass_scores_rows(q_caps: torch.Tensor, rows: list[list[torch.Tensor]], scale: float) -> torch.Tensor:
+    """mass_scores of several rows at once: q_caps [R, H, D], rows[r] row r's pieces (at least one)
+    -> [R, Hkv, C], C the most candidates of a row, -inf past a row's own."""
+    R, H, D = q_caps.shape
+    _, Hkv, B, _ = rows[0][0].shape
+    if mass_kernel.usable(rows[0][0].dtype) and q_caps.device.type == "cpu":  # one C++ pass (mass_kernel.py)
+        block = mass_kernel.block_lse(rows, q_caps.view(R, Hkv, -1, D), scale)  # [R, Hkv, g, C]
+    else:
+        counts = [sum(p.shape[0] for p in pieces) for pieces in rows]
+        block = torch.full((R, Hkv, H // Hkv, max(counts)), float("-inf"), device=q_caps.device)
+        for r, pieces in enumerate(rows):
+            block[r, ..., : counts[r]] = _block_lse_eager(q_caps[r], pieces, scale)
+    share = block - torch.logsumexp(block, dim=-1, keepdim=True)  # log of each block's share, per query head
+    return share.amax(dim=2)
+
+
+def _block_lse_eager(q_cap: torch.Tensor, pieces: list[torch.Tensor], scale: float) -> torch.Tensor:
+    """[Hkv, g, nc]: each candidate block's log-sum-exp per query head, by PyTorch's eager ops."""
     _, Hkv, B, D = pieces[0].shape
-    fused = mass_kernel.compiled(pieces[0].dtype, Hkv, q_cap.shape[0] // Hkv, B, D)
-    if fused is not None:  # one pass over the keys (mass_kernel.py)
-        block = torch.cat([fused(p, q_cap.view(Hkv, -1, D), scale) for p in pieces]).permute(1, 2, 0)
-        return (block - torch.logsumexp(block, dim=-1, keepdim=True)).amax(dim=1)
     nc = sum(p.shape[0] for p in pieces)
     keys = _WORKSPACE.take(Hkv * nc * B * D, pieces[0].device).view(Hkv, nc, B, D)
     a = 0
@@ -155,9 +172,7 @@ def mass_scores(q_cap: torch.Tensor, pieces: list[torch.Tensor], scale: float) -
         a += p.shape[0]
     keys = keys.view(Hkv, nc * B, D)
     s = torch.bmm(q_cap.view(Hkv, -1, D), keys.transpose(1, 2)).mul_(scale)  # [Hkv, g, nc * B]
-    block = torch.logsumexp(s.view(Hkv, -1, nc, B), dim=-1)  # [Hkv, g, nc]
-    share = block - torch.logsumexp(block, dim=-1, keepdim=True)  # log of each block's share, per query head
-    return share.amax(dim=1)
+    return torch.logsumexp(s.view(Hkv, -1, nc, B), dim=-1)
 
 
 class _Workspace:
@@ -207,20 +222,17 @@ def select_stored_rows(store, rows: list[tuple[str, int]], layer, q_caps: torch.
     buffer; the bound: its summaries); the ranking (top-k, ties, order) is one op for all rows.
     -> per row [Hkv, min(k, stop - first)], ascending, as select_stored gives it."""
     k, counts = cfg.topk_blocks, [stop - first for _, stop in rows]
-    score = None
-    for r, ((request, stop), q_cap) in enumerate(zip(rows, q_caps)):
-        if counts[r] <= k:  # (every candidate: nothing to score)
-            continue
-        if cfg.topk_score == "bound":
-            s = bound_scores(q_cap, store.bounds(request, layer, first, stop))
-        else:
-            s = mass_scores(q_cap, store.keys_at_zero(request, layer, first, stop), scale)
-        if score is None:
-            score = torch.full((len(rows), s.shape[0], max(counts)), float("-inf"), device=s.device)
-        score[r, :, : counts[r]] = s
-    if score is None:
-        Hkv = store.bounds(rows[0][0], layer, first, first + 1)[0].shape[0]  # (a decode row has >= 1 candidate)
-        score = torch.empty(len(rows), Hkv, 0)
+    scoring = [r for r in range(len(rows)) if counts[r] > k]  # (the others read every candidate)
+    Hkv = store.bounds(rows[0][0], layer, first, first + 1)[0].shape[0]  # (a decode row has >= 1 candidate)
+    score = torch.full((len(rows), Hkv, max(counts)), float("-inf"), device=q_caps.device)
+    if scoring and cfg.topk_score == "bound":
+        for r in scoring:
+            score[r, :, : counts[r]] = bound_scores(q_caps[r], store.bounds(rows[r][0], layer, first, rows[r][1]))
+    elif scoring:  # every scoring row's keys in one pass
+        keys = [store.keys_at_zero(rows[r][0], layer, first, rows[r][1]) for r in scoring]
+        s = mass_scores_rows(q_caps[scoring], keys, scale)
+        for j, r in enumerate(scoring):
+            score[r, :, : counts[r]] = s[j, :, : counts[r]]
     return _top_k_rows(score, counts, first, k)
 
 

