@@ -6,10 +6,10 @@ every middle key of the row and layer (at 16k in SmolLM2-135M, 14k keys x 3 KV h
 channels in bfloat16, 5.5 MB, from memory rather than a cache). PyTorch's eager ops take three
 passes (a float32 copy, a batched matmul, a log-sum-exp) and one call per row and store chunk;
 `block_lse` is one call per layer for every row of a step: a C++ loop (OpenMP over the blocks)
-that reads each key once, converts it to float32, and takes its dot products with the g query
-heads of its KV head in float32 a tile of keys at a time (the tile transposed, so that one vector
-holds a dot product per key and no key needs a horizontal sum), then each block's log-sum-exp
-(max, then the sum of exponentials, vectorized).
+that converts each key to float32 as it reads it, takes its dot products with the g query heads
+of its KV head in float32, and each block's log-sum-exp (max, then the sum of exponentials, both
+vectorized). (A form that transposes a tile of keys so that no key needs a horizontal sum ran no
+faster: benchmarks/topk_mass_score.py gave 0.55-0.70 ms a row at 16k for either, run to run.)
 
 It is compiled at first use by the C++ toolchain torch.compile's CPU code generator already
 needs (vLLM's CPU engine compiles the model with it), through inductor's loader for C++ with
@@ -50,62 +50,35 @@ static inline Vec2 load_keys(const at::Half* p) {
 }
 static inline Vec2 load_keys(const float* p) { return Vec2::loadu(p); }
 
-// s[i * B + b] = scale * q_i . key_b for the g query heads i of one KV head, B keys [B, D].
-// Whole tiles of W1 keys go to float32, are transposed to [D, W1] (kf -> kt), and each channel
-// adds (its W1 values) x (q_i's channel): W1 dot products at once, no horizontal sum per key.
-static inline void dot_products(const KT* keys, const float* q, float* s, float* kf, float* kt, int64_t G,
-                                int64_t B, int64_t D, float scale) {
-    constexpr int64_t W1 = Vec::size();
-    constexpr int64_t W2 = Vec2::size();
-    int64_t b = 0;
-    for (; b + W1 <= B; b += W1) {
-        for (int64_t j = 0; j < W1; ++j) {
-            const KT* key = keys + (b + j) * D;
-            int64_t d = 0;
-            for (; d + W2 <= D; d += W2) load_keys(key + d).store(kf + j * D + d);
-            for (; d < D; ++d) kf[j * D + d] = static_cast<float>(key[d]);
-        }
-        at::vec::transpose_mxn<float>(kf, D, kt, W1, W1, D);
-        for (int64_t i = 0; i < G; ++i) {
-            const float* qi = q + i * D;
-            Vec a0(0.f), a1(0.f), a2(0.f), a3(0.f);  // (four chains: an FMA's latency)
-            int64_t d = 0;
-            for (; d + 4 <= D; d += 4) {
-                a0 = at::vec::fmadd(Vec::loadu(kt + d * W1), Vec(qi[d]), a0);
-                a1 = at::vec::fmadd(Vec::loadu(kt + (d + 1) * W1), Vec(qi[d + 1]), a1);
-                a2 = at::vec::fmadd(Vec::loadu(kt + (d + 2) * W1), Vec(qi[d + 2]), a2);
-                a3 = at::vec::fmadd(Vec::loadu(kt + (d + 3) * W1), Vec(qi[d + 3]), a3);
-            }
-            for (; d < D; ++d) a0 = at::vec::fmadd(Vec::loadu(kt + d * W1), Vec(qi[d]), a0);
-            (((a0 + a1) + (a2 + a3)) * Vec(scale)).store(s + i * B + b);
-        }
-    }
-    for (; b < B; ++b) {  // keys past the last whole tile, one by one
-        const KT* key = keys + b * D;
-        for (int64_t i = 0; i < G; ++i) {
-            float dot = 0.f;
-            for (int64_t d = 0; d < D; ++d) dot += static_cast<float>(key[d]) * q[i * D + d];
-            s[i * B + b] = scale * dot;
-        }
-    }
-}
-
 // Per block t (its keys [Hkv, B, D] at block_addr[t]), KV head h and query head i of h's group:
 // out[block_row[t], h, i, block_col[t]] = log sum_b exp(scale * q[block_row[t], h, i] . key[h, b]).
 extern "C" void kernel(const int64_t* block_addr, const int64_t* block_row, const int64_t* block_col,
                        const float* q, float* out, const int64_t T, const int64_t Hkv, const int64_t G,
                        const int64_t B, const int64_t D, const int64_t C, const float scale) {
+    constexpr int64_t W2 = Vec2::size();
     constexpr int64_t W1 = Vec::size();
     #pragma omp parallel
     {
-        std::vector<float> s(G * B), kf(W1 * D), kt(W1 * D);
+        std::vector<float> s(G * B);
         #pragma omp for schedule(static)
         for (int64_t t = 0; t < T; ++t) {
             const KT* block = reinterpret_cast<const KT*>(block_addr[t]);
             const int64_t r = block_row[t];
             for (int64_t h = 0; h < Hkv; ++h) {
-                dot_products(block + h * B * D, q + (r * Hkv + h) * G * D, s.data(), kf.data(), kt.data(), G, B, D,
-                             scale);
+                const float* qh = q + (r * Hkv + h) * G * D;
+                for (int64_t b = 0; b < B; ++b) {
+                    const KT* key = block + (h * B + b) * D;
+                    for (int64_t i = 0; i < G; ++i) {
+                        const float* qi = qh + i * D;
+                        Vec2 acc(0.f);
+                        int64_t d = 0;
+                        for (; d + W2 <= D; d += W2) acc = acc + load_keys(key + d) * Vec2::loadu(qi + d);
+                        float tail = 0.f;  // channels past the last whole vector, one by one
+                        for (; d < D; ++d) tail += static_cast<float>(key[d]) * qi[d];
+                        s[i * B + b] = scale * (at::vec::vec_reduce_all<float, 2>(
+                            [](Vec& x, Vec& y) { return x + y; }, acc) + tail);
+                    }
+                }
                 for (int64_t i = 0; i < G; ++i) {
                     const float* si = s.data() + i * B;
                     int64_t b = 0;
