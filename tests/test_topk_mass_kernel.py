@@ -52,3 +52,16 @@ def test_mass_scores_and_the_selection_are_the_same_either_way(monkeypatch):
     torch.testing.assert_close(fast, attention.mass_scores_rows(q, rows, 0.125), atol=2e-5, rtol=2e-6)
     assert torch.equal(picks, attention.select_from_mass(q[0], rows[0], 10, 4, 0.125))
     assert 10 + 7 in picks[2].tolist()
+
+
+def test_a_pass_that_cannot_be_built_says_so_and_leaves_the_eager_ops(monkeypatch, caplog):
+    """No compiler, another torch: kernel_ok warns and usable says no (attention.py then scores
+    with the eager ops), instead of failing the engine's step."""
+    monkeypatch.setattr(mass_kernel, "_SOURCE", "this is not C++")
+    mass_kernel._kernel.cache_clear(), mass_kernel.kernel_ok.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger="vllm.lminf"):
+            assert not mass_kernel.usable(torch.float16)
+        assert "C++ pass is unavailable" in caplog.text
+    finally:
+        mass_kernel._kernel.cache_clear(), mass_kernel.kernel_ok.cache_clear()
