@@ -127,8 +127,9 @@ def block_lse(rows: list[list[torch.Tensor]], q: torch.Tensor, scale: float) -> 
     row = np.repeat(np.arange(R, dtype=np.int64), counts)
     col0 = np.concatenate([np.cumsum([0] + [p.shape[0] for p in ps])[:-1] for ps in rows if ps])  # each piece's
     col = np.repeat(col0, n) + within
-    _kernel(pieces[0].dtype)(torch.from_numpy(addr), torch.from_numpy(row), torch.from_numpy(col), q.float().contiguous(),
-                             out, len(addr), Hkv, g, B, D, out.shape[-1], scale)  # fmt: skip
+    q = q.float().contiguous()
+    _kernel(pieces[0].dtype)(torch.from_numpy(addr), torch.from_numpy(row), torch.from_numpy(col), q, out, len(addr),
+                             Hkv, g, B, D, out.shape[-1], scale)  # fmt: skip
     return out
 
 
