@@ -1,12 +1,13 @@
 r"""The top-k mass score of decode rows in one layer: PyTorch's eager ops against the C++ pass.
 
 attention.mass_scores_rows reads every middle key of each row (paths/topk/mass_kernel.py). This
-times it both ways, for one row and for 8 rows at once (as a step of 8 requests scores them), on SmolLM2-135M's shape (3 KV heads of 64 channels, 9 query heads, blocks of
-128, bfloat16 keys in the host store's chunks of 16 blocks) at several context lengths, with as
-many rows' keys as it takes to leave every cache (as in an engine, where a row's keys at 16k are
-6 MB and eight rows' are 48 MB): each call scores the next rows' keys. Times are per row. Random keys; the two ways
-agree to float32 rounding (checked). Prints ms per call (the fastest of --rounds rounds, the
-ways in alternation) and writes JSON.
+times it both ways, for one row and for 8 rows at once (as a step of 8 requests scores them), on
+SmolLM2-135M's shape (3 KV heads of 64 channels, 9 query heads, blocks of 128, bfloat16 keys in
+the host store's chunks of 16 blocks) at several context lengths, with as many rows' keys as it
+takes to leave every cache (as in an engine, where a row's keys at 16k are 6 MB and eight rows'
+are 48 MB): each call scores the next rows' keys. Random keys; the two ways agree to float32
+rounding (checked). Prints ms per row (the fastest of --rounds rounds, the ways in alternation)
+and writes JSON.
 
     python benchmarks/topk_mass_score.py --out benchmarks/results/topk-mass-score.json
 """
