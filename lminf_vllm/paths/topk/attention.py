@@ -223,16 +223,17 @@ def select_stored_rows(store, rows: list[tuple[str, int]], layer, q_caps: torch.
     -> per row [Hkv, min(k, stop - first)], ascending, as select_stored gives it."""
     k, counts = cfg.topk_blocks, [stop - first for _, stop in rows]
     scoring = [r for r in range(len(rows)) if counts[r] > k]  # (the others read every candidate)
-    Hkv = store.bounds(rows[0][0], layer, first, first + 1)[0].shape[0]  # (a decode row has >= 1 candidate)
-    score = torch.full((len(rows), Hkv, max(counts)), float("-inf"), device=q_caps.device)
-    if scoring and cfg.topk_score == "bound":
-        for r in scoring:
-            score[r, :, : counts[r]] = bound_scores(q_caps[r], store.bounds(rows[r][0], layer, first, rows[r][1]))
-    elif scoring:  # every scoring row's keys in one pass
+    if not scoring:
+        Hkv = store.bounds(rows[0][0], layer, first, first + 1)[0].shape[0]  # (a decode row has >= 1 candidate)
+        return _top_k_rows(torch.empty(len(rows), Hkv, 0), counts, first, k)
+    if cfg.topk_score == "bound":
+        s = [bound_scores(q_caps[r], store.bounds(rows[r][0], layer, first, rows[r][1])) for r in scoring]
+    else:  # every scoring row's keys in one pass
         keys = [store.keys_at_zero(rows[r][0], layer, first, rows[r][1]) for r in scoring]
         s = mass_scores_rows(q_caps[scoring], keys, scale)
-        for j, r in enumerate(scoring):
-            score[r, :, : counts[r]] = s[j, :, : counts[r]]
+    score = torch.full((len(rows), s[0].shape[0], max(counts)), float("-inf"), device=q_caps.device)
+    for j, r in enumerate(scoring):
+        score[r, :, : counts[r]] = s[j][:, : counts[r]]
     return _top_k_rows(score, counts, first, k)
 
 
