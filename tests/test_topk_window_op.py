@@ -227,3 +227,29 @@ def test_a_rows_far_keys_kept_across_steps_write_what_a_fresh_gather_writes(by_o
         copy_far_blocks(fresh, [row], plan, [chosen], [plain], turn, [FarKeys()])
         assert torch.equal(kept, fresh), i
         assert len(reads) - before == expected, (i, chosen.tolist())
+
+
+@pytest.mark.parametrize("G, W, C, blk, k, i", POOL_CASES)
+def test_the_far_kernel_way_equals_attend_chunk(G, W, C, blk, k, i):
+    """The engine's decode way in a bfloat16 engine where C = W and far_kernel serves: the window
+    through the op, every other key (global blocks, block fa's rows before the window, the picks)
+    by far_kernel from the store in place, joined. Its far part equals the PyTorch one (far_part)
+    to float32 rounding, and the whole the chunk way on the same pool, store and selection."""
+    from lminf_vllm.paths.topk import far_kernel
+    from lminf_vllm.paths.topk.store import chunk_blocks
+
+    assert far_kernel.usable(torch.bfloat16), "the far keys' C++ pass could not be built on this machine"
+    want, (q, q_cap, dec, cache, far, far_blocks, cfg), store, _ = decode_case(torch.bfloat16, G, W, C, blk, k, i,
+                                                                              with_table=True)  # fmt: skip
+    g, picks = dec.far_blocks.shape[1] - 1, far_blocks.shape[1] - dec.far_blocks.shape[1]
+    pad = 2  # two more listed blocks, read by nobody (count 0): a row with fewer picks than k
+    blocks = torch.cat((far_blocks, torch.zeros(HKV, pad, dtype=torch.long)), 1)
+    counts = torch.tensor([[blk] * g + [dec.start] + [blk] * picks + [0] * pad])
+    o_f, lse_f = far_kernel.attend([store.chunk_addresses("r", 0)], blocks[None], counts, q_cap.view(1, HKV, -1, D),
+                                   chunk_blocks(blk), blk, D, torch.bfloat16, D**-0.5)  # fmt: skip
+    pt_o, pt_lse = far_part(far_scores(q, q_cap, dec, far, far_blocks, cfg, blk, ROPES[1])[None], far[1][None],
+                            D**-0.5)  # fmt: skip
+    torch.testing.assert_close(o_f, pt_o, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse_f, pt_lse, atol=1e-5, rtol=1e-5)
+    o_w, lse_w = helpers.window(q.to(torch.bfloat16)[None], cache, dec.window_tokens[None], D**-0.5)
+    torch.testing.assert_close(merge_two(o_w, lse_w, o_f, lse_f)[0], want, atol=8e-3, rtol=0)

@@ -48,7 +48,7 @@ from lminf_vllm.paths.topk.attention import (
     select_decode_rows,
     select_stored,
 )
-from lminf_vllm.paths.topk import mass_kernel, ops
+from lminf_vllm.paths.topk import far_kernel, mass_kernel, ops
 from lminf_vllm.paths.topk.pool import (
     PoolCopies,
     SavedKeys,
@@ -57,7 +57,7 @@ from lminf_vllm.paths.topk.pool import (
     plan_pool_row,
     turned_positions,
 )
-from lminf_vllm.paths.topk.store import HostStore
+from lminf_vllm.paths.topk.store import HostStore, chunk_blocks
 from lminf_vllm.paths.topk.window import plan_window
 
 LAYOUT = OWN_LAYOUT
@@ -85,8 +85,10 @@ def store_of(shape: EngineShape) -> HostStore:
         store.limit = shape.cfg.topk_store_max_bytes  # (the scheduler admits within it: past it is a bug)
         _TURNED[id(shape)], _SAVED[id(shape)] = {}, {}
         weakref.finalize(shape, _forget, id(shape))  # (the id cannot be reused before that)
-        if shape.cfg.topk_score == "mass":  # build the score's pass now, not in a request's first step
+        if shape.cfg.topk_score == "mass":  # build the C++ passes now, not in a request's first step
             mass_kernel.usable(shape.dtype)
+        if shape.cfg.distance_cap == shape.cfg.local_tokens:
+            far_kernel.usable(shape.dtype)
     return store
 
 
@@ -233,6 +235,8 @@ class DecodeStep:
     pool_tokens: torch.Tensor | None = None  # [R, n] int32: their PoolRow.tokens, padded
     pool_call: ops.ListedCall | None = None  # the op over them
     copies: PoolCopies | None = None  # where their keys past the window go in the pool
+    far_blocks: torch.Tensor | None = None  # [R, Hkv, g + 1] with far_kernel: each row's global blocks, block fa
+    far_counts: torch.Tensor | None = None  # [R, g + 1 + k] the keys each reads of them and of its k picks
 
     @classmethod
     def make(cls, plan: Plan, rows: list, query: torch.Tensor, kv_cache: torch.Tensor,
@@ -242,6 +246,16 @@ class DecodeStep:
         if plan.window_op:
             shape = plan.shape
             H, Hkv, D = query.shape[1], kv_cache.shape[1], kv_cache.shape[-1] // 2
+            cfg, B = shape.cfg, shape.block_size
+            if cfg.distance_cap == cfg.local_tokens and far_kernel.usable(kv_cache.dtype):
+                # every key past a row's window is at distance C: read from the store by far_kernel
+                g, k = global_blocks(cfg.global_tokens, B), cfg.topk_blocks
+                step.far_blocks = torch.stack([d.far_blocks for *_, d in rows])
+                step.far_counts = torch.tensor([[B] * g + [d.start] + [B] * min(k, d.fa - g) + [0] * max(0, k - d.fa + g)
+                                                for *_, d in rows])  # fmt: skip
+                step.windows = torch.stack([d.window_tokens for *_, d in rows]).to(torch.int32)
+                step.window_call = ops.ListedCall(len(rows), step.windows.shape[1], H, Hkv, D, query.dtype)
+                return step
             at = lambda pos: angles(pos, rotary)  # noqa: E731
             pool = [plan_pool_row(d, plan.batch.block_table[r], shape.cfg, shape.block_size, Hkv, at)
                     for r, _, _, d in rows]  # fmt: skip
@@ -284,6 +298,9 @@ def _decode(plan: Plan, layer: LayerMath, rows: list, query, kv_cache, output) -
     g = global_blocks(cfg.global_tokens, B)
     picks = select_decode_rows(plan.store, [(rid, dec.fa, dec.i) for _, rid, _, dec in rows], layer_key, q_caps, g,
                                cfg, layer.scale)  # fmt: skip
+    if step.far_counts is not None:
+        _decode_far_kernel(plan, step, layer, rows, picks, qs, q_caps, kv_cache, output)
+        return
     for (r, rid, t, dec), q, q_cap, chosen in zip(rows, qf, q_caps, picks):
         plan.chosen[(layer_key, r)] = chosen
         blocks = torch.cat((dec.far_blocks, chosen), dim=1)
@@ -300,6 +317,27 @@ def _decode(plan: Plan, layer: LayerMath, rows: list, query, kv_cache, output) -
         o_w, lse_w = step.window_call(qs, *token_views(kv_cache), step.windows, layer.scale)  # [R, H, Dv], [R, H]
         out = merge_two(o_w, lse_w, torch.stack(far_outs), torch.stack(far_lses))
         output[step.tokens] = out.to(output.dtype)
+
+
+def _decode_far_kernel(plan: Plan, step: DecodeStep, layer: LayerMath, rows: list, picks: list, qs, q_caps, kv_cache,
+                       output) -> None:  # fmt: skip
+    """Decode rows whose keys past the window all sit at distance C, where far_kernel serves: one
+    call of vLLM's op over every row's window (its keys as stored, the query as it is), one pass of
+    far_kernel over every row's other keys in the store (at position 0, the query rotated to C),
+    joined by log-sum-exps."""
+    cfg, layer_key = plan.shape.cfg, _layer_key(layer, kv_cache)
+    R, Hkv, k = len(rows), kv_cache.shape[1], cfg.topk_blocks
+    chosen = torch.zeros(R, Hkv, k, dtype=torch.long)  # (a row with fewer picks reads none of the rest: counts 0)
+    for j, ((r, _, _, _), c) in enumerate(zip(rows, picks)):
+        plan.chosen[(layer_key, r)] = c
+        chosen[j, :, : c.shape[1]] = c
+    bases = [plan.store.chunk_addresses(rid, layer_key) for _, rid, _, _ in rows]
+    D = kv_cache.shape[-1] // 2
+    o_f, lse_f = far_kernel.attend(bases, torch.cat((step.far_blocks, chosen), dim=2), step.far_counts,
+                                   q_caps.view(R, Hkv, -1, D), chunk_blocks(plan.shape.block_size),
+                                   plan.shape.block_size, D, kv_cache.dtype, layer.scale)  # fmt: skip
+    o_w, lse_w = step.window_call(qs, *token_views(kv_cache), step.windows, layer.scale)  # [R, H, Dv], [R, H]
+    output[step.tokens] = merge_two(o_w, lse_w, o_f, lse_f).to(output.dtype)
 
 
 def _decode_in_pool(plan: Plan, step: DecodeStep, layer: LayerMath, rows: list, qs, q_caps, kv_cache, output) -> None:

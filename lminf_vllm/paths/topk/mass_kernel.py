@@ -29,9 +29,10 @@ import torch
 ENV_SWITCH = "LMINF_TOPK_FUSED_MASS"
 logger = logging.getLogger("vllm.lminf")
 
-_TYPES = {torch.bfloat16: "at::BFloat16", torch.float16: "at::Half", torch.float32: "float"}
+TYPES = {torch.bfloat16: "at::BFloat16", torch.float16: "at::Half", torch.float32: "float"}
 
-_SOURCE = r"""
+# What every C++ pass over the store begins with (far_kernel.py's too): KT, the key type, is filled in per build.
+LOADS = r"""
 #include <torch/csrc/inductor/cpp_prefix.h>
 #include <cmath>
 #include <limits>
@@ -49,6 +50,9 @@ static inline Vec2 load_keys(const at::Half* p) {
     return at::vec::convert<float, 2, at::Half, 1>(at::vec::Vectorized<at::Half>::loadu(p));
 }
 static inline Vec2 load_keys(const float* p) { return Vec2::loadu(p); }
+"""
+
+_SOURCE = LOADS + r"""
 
 // Per block t (its keys [Hkv, B, D] at block_addr[t]), KV head h and query head i of h's group:
 // out[block_row[t], h, i, block_col[t]] = log sum_b exp(scale * q[block_row[t], h, i] . key[h, b]).
@@ -139,11 +143,16 @@ def reference_lse(keys: torch.Tensor, q: torch.Tensor, scale: float) -> torch.Te
     return torch.logsumexp(torch.einsum("nhbd,hgd->nhgb", keys.double(), q.double()) * scale, dim=-1)
 
 
-@functools.cache
-def _kernel(dtype: torch.dtype):
+def load_pybinding(argtypes: list[str], source: str):
+    """The C++ function `kernel` of source, compiled (cached on disk) and callable from Python."""
     from torch._inductor.codecache import CppPythonBindingsCodeCache  # (torch 2.13's: see above)
 
-    return CppPythonBindingsCodeCache.load_pybinding(_ARGTYPES, _SOURCE.replace("KEY_TYPE", _TYPES[dtype]))
+    return CppPythonBindingsCodeCache.load_pybinding(argtypes, source)
+
+
+@functools.cache
+def _kernel(dtype: torch.dtype):
+    return load_pybinding(_ARGTYPES, _SOURCE.replace("KEY_TYPE", TYPES[dtype]))
 
 
 @functools.cache
@@ -151,7 +160,7 @@ def kernel_ok(dtype: torch.dtype) -> bool:
     """Build the kernel for keys of this dtype (seconds, the first time on a machine) and hold
     block_lse to the float64 reference: rows of uneven pieces, a piece of one block, sizes that are
     no multiple of the vector width."""
-    if dtype not in _TYPES:
+    if dtype not in TYPES:
         return False
     try:
         gen = torch.Generator().manual_seed(0)

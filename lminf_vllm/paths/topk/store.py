@@ -21,7 +21,7 @@ tokens): a new chunk is allocated when the last one is full, and nothing held is
 copied. What it holds is a pure function of the request's length
 (`request_bytes`), which the scheduler's admission reads (runtime_patches/
 patch_core_sched_scheduler.py). The interface (put, bounds, keys_at_zero,
-gather_far, block_heads, drop) is what a disk or LMCache tier would
+gather_far, block_heads, chunk_addresses, drop) is what a disk or LMCache tier would
 implement. No vLLM import.
 """
 
@@ -163,6 +163,12 @@ class HostStore:
         entry = self._entries[(request, layer)]
         per = entry.flat_keys[0].shape[0]
         return _take(entry.flat_keys, rows, per), _take(entry.flat_values, rows, per)
+
+    def chunk_addresses(self, request: str, layer) -> tuple[list[int], list[int]]:
+        """The addresses of the (request, layer)'s chunks, keys' then values', in order: a C++ pass
+        reads blocks in place through them (far_kernel.py; chunk_blocks(B) blocks a chunk)."""
+        entry = self._entries[(request, layer)]
+        return [t.data_ptr() for t in entry.keys], [t.data_ptr() for t in entry.values]
 
     def keep(self, request: str, layer, row: int, chosen: torch.Tensor) -> None:
         """The selection [Hkv, k'] the query of position `row` scored, for decode rows after it."""

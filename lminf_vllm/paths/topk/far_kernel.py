@@ -1,0 +1,173 @@
+"""A decode row's keys past its window, attended in one C++ pass per layer from the host store.
+
+Where C = W, every key a top-k decode row at i reads outside its window (the global blocks,
+the rows of its first window block fa before the window, the k picks) is seen at distance C,
+so its score is scale * q_C . u_j with u_j the key at position 0, which is what the host store
+holds (docs/topk-contract.md, "Scoring a middle block"). `attend` computes, for every decode row
+of a step at once, that part's softmax output and log-sum-exp per query head, reading the keys
+and values in place from the store's chunks (no gather, no rotation, no copy into the pool);
+paths/topk joins it with the window's part (vLLM's decode op) by log-sum-exps. Built and checked
+as mass_kernel.py builds its pass (the same loader, the same float64-reference check on awkward
+shapes, a warning and PyTorch's way where it cannot be built); LMINF_TOPK_FAR_KERNEL=0 keeps
+PyTorch's way.
+"""
+
+import functools
+import logging
+import os
+
+import torch
+
+from lminf_vllm.paths.topk.mass_kernel import LOADS, TYPES, load_pybinding
+
+ENV_SWITCH = "LMINF_TOPK_FAR_KERNEL"
+logger = logging.getLogger("vllm.lminf")
+
+_SOURCE = (
+    LOADS
+    + r"""
+// Pair p = (row r, KV head h) attends its listed blocks j < NB: block blocks[p * NB + j] of row r's
+// store (chunk c = block / N at key_base[r * MC + c], its head h at ((block % N) * Hkv + h) * B * D
+// elements; values likewise from val_base with Dv), its first counts[r * NB + j] keys. For query
+// head i of h's group: out[p, i, :] = softmax(scale * q[p, i] . keys) values, lse[p, i] its log-sum-exp.
+extern "C" void kernel(const int64_t* key_base, const int64_t* val_base, const int64_t* blocks,
+                       const int64_t* counts, const float* q, float* out, float* lse, const int64_t R,
+                       const int64_t Hkv, const int64_t G, const int64_t NB, const int64_t MC, const int64_t N,
+                       const int64_t B, const int64_t D, const int64_t Dv, const float scale) {
+    constexpr int64_t W2 = Vec2::size();
+    #pragma omp parallel
+    {
+        std::vector<float> s, acc(Dv);
+        #pragma omp for schedule(dynamic, 1)
+        for (int64_t p = 0; p < R * Hkv; ++p) {
+            const int64_t r = p / Hkv, h = p % Hkv;
+            const int64_t* cnt = counts + r * NB;
+            const int64_t* blk = blocks + p * NB;
+            int64_t total = 0;
+            for (int64_t j = 0; j < NB; ++j) total += cnt[j];
+            s.resize(G * total);
+            int64_t col = 0;
+            for (int64_t j = 0; j < NB; ++j) {
+                const KT* keys = reinterpret_cast<const KT*>(key_base[r * MC + blk[j] / N])
+                                 + ((blk[j] % N) * Hkv + h) * B * D;
+                for (int64_t b = 0; b < cnt[j]; ++b, ++col) {
+                    const KT* key = keys + b * D;
+                    for (int64_t i = 0; i < G; ++i) {
+                        const float* qi = q + (p * G + i) * D;
+                        Vec2 a(0.f);
+                        int64_t d = 0;
+                        for (; d + W2 <= D; d += W2) a = a + load_keys(key + d) * Vec2::loadu(qi + d);
+                        float tail = 0.f;
+                        for (; d < D; ++d) tail += static_cast<float>(key[d]) * qi[d];
+                        s[i * total + col] = scale * (at::vec::vec_reduce_all<float, 2>(
+                            [](Vec& x, Vec& y) { return x + y; }, a) + tail);
+                    }
+                }
+            }
+            for (int64_t i = 0; i < G; ++i) {
+                float* si = s.data() + i * total;
+                float m = -std::numeric_limits<float>::infinity();
+                for (int64_t t = 0; t < total; ++t) m = std::max(m, si[t]);
+                float sum = 0.f;
+                for (int64_t t = 0; t < total; ++t) sum += (si[t] = std::exp(si[t] - m));
+                std::fill(acc.begin(), acc.end(), 0.f);
+                col = 0;
+                for (int64_t j = 0; j < NB; ++j) {
+                    const KT* vals = reinterpret_cast<const KT*>(val_base[r * MC + blk[j] / N])
+                                     + ((blk[j] % N) * Hkv + h) * B * Dv;
+                    for (int64_t b = 0; b < cnt[j]; ++b, ++col) {
+                        const KT* v = vals + b * Dv;
+                        const Vec2 w(si[col]);
+                        int64_t d = 0;
+                        for (; d + W2 <= Dv; d += W2) (Vec2::loadu(acc.data() + d) + load_keys(v + d) * w).store(acc.data() + d);
+                        for (; d < Dv; ++d) acc[d] += si[col] * static_cast<float>(v[d]);
+                    }
+                }
+                float* o = out + (p * G + i) * Dv;
+                for (int64_t d = 0; d < Dv; ++d) o[d] = acc[d] / sum;
+                lse[p * G + i] = total ? m + std::log(sum) : -std::numeric_limits<float>::infinity();
+            }
+        }
+    }
+}
+"""
+)
+
+_ARGTYPES = ["const int64_t*"] * 4 + ["const float*", "float*", "float*"] + ["const int64_t"] * 9 + ["const float"]
+
+
+def usable(dtype: torch.dtype) -> bool:
+    """Does `attend` serve stores of this dtype here (built, checked, not switched off)?"""
+    return os.environ.get(ENV_SWITCH, "1") != "0" and kernel_ok(dtype)
+
+
+def attend(bases: list[tuple[list[int], list[int]]], blocks: torch.Tensor, counts: torch.Tensor, q: torch.Tensor,
+           per_chunk: int, block_size: int, value_size: int, dtype: torch.dtype,
+           scale: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Rows' attention over keys at position 0 in host-store chunks: bases[r] (its keys' chunk
+    addresses, its values'), chunks [per_chunk, Hkv, B, D] and [per_chunk, Hkv, B, Dv] of `dtype`;
+    blocks [R, Hkv, NB] long (row r's KV head h reads these blocks of its chunks), counts [R, NB]
+    (of block j, its first counts[r, j] keys; 0: none); q [R, Hkv, g, D] float32.
+    -> outputs [R, Hkv * g, Dv] float32, log-sum-exps [R, Hkv * g] (-inf where a row reads nothing)."""
+    R, Hkv, g, D = q.shape
+    MC = max(len(k) for k, _ in bases)
+    key_base = torch.tensor([k + [0] * (MC - len(k)) for k, _ in bases], dtype=torch.int64)
+    val_base = torch.tensor([v + [0] * (MC - len(v)) for _, v in bases], dtype=torch.int64)
+    out = torch.empty(R, Hkv * g, value_size)
+    lse = torch.empty(R, Hkv * g)
+    _kernel(dtype)(key_base, val_base, blocks.long().contiguous(), counts.long().contiguous(), q.float().contiguous(),
+                   out, lse, R, Hkv, g, blocks.shape[-1], MC, per_chunk, block_size, D, value_size, scale)  # fmt: skip
+    return out, lse
+
+
+def reference(keys: list[torch.Tensor], values: list[torch.Tensor], blocks: torch.Tensor, counts: torch.Tensor,
+              q: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """`attend` in float64 for one row: its chunks keys [c] [N, Hkv, B, D] and values, blocks [Hkv, NB],
+    counts [NB], q [Hkv, g, D] -> [Hkv * g, Dv], [Hkv * g]."""
+    Hkv, g, _ = q.shape
+    N = keys[0].shape[0]
+    outs, lses = [], []
+    for h in range(Hkv):
+        pick = lambda chunks, j: chunks[int(blocks[h, j]) // N][int(blocks[h, j]) % N, h, : int(counts[j])]  # noqa: E731
+        k = torch.cat([pick(keys, j) for j in range(blocks.shape[1])]).double()
+        v = torch.cat([pick(values, j) for j in range(blocks.shape[1])]).double()
+        s = q[h].double() @ k.T * scale  # [g, n]
+        outs.append(torch.softmax(s, -1) @ v)
+        lses.append(torch.logsumexp(s, -1))
+    return torch.cat(outs), torch.cat(lses)
+
+
+@functools.cache
+def _kernel(dtype: torch.dtype):
+    return load_pybinding(_ARGTYPES, _SOURCE.replace("KEY_TYPE", TYPES[dtype]))
+
+
+@functools.cache
+def kernel_ok(dtype: torch.dtype) -> bool:
+    """Build the pass for stores of this dtype and hold it to the float64 reference: two rows of
+    different chunk counts, a block read in part and one not at all, sizes that are no multiple of
+    the vector width."""
+    if dtype not in TYPES:
+        return False
+    try:
+        gen = torch.Generator().manual_seed(0)
+        for Hkv, g, B, D, Dv in ((3, 3, 16, 64, 64), (1, 4, 5, 40, 24), (2, 1, 32, 80, 80)):
+            N = 3
+            stores = [[torch.randn(N, Hkv, B, d, generator=gen).to(dtype) for _ in range(c)] for c in (2, 3)
+                      for d in (D, Dv)]  # fmt: skip
+            rows = [(stores[0], stores[1]), (stores[2], stores[3])]
+            blocks = torch.stack([torch.randint(0, 3 * c, (Hkv, 4), generator=gen) for c in (2, 3)])
+            counts = torch.tensor([[B, 3, 0, B], [1, B, B, B]])
+            q = torch.randn(2, Hkv, g, D, generator=gen)
+            bases = [([t.data_ptr() for t in k], [t.data_ptr() for t in v]) for k, v in rows]
+            out, lse = attend(bases, blocks, counts, q, N, B, Dv, dtype, 0.3)
+            for r, (k, v) in enumerate(rows):
+                want_out, want_lse = reference(k, v, blocks[r], counts[r], q[r], 0.3)
+                if not (torch.allclose(out[r].double(), want_out, atol=1e-4, rtol=1e-4)
+                        and torch.allclose(lse[r].double(), want_lse, atol=1e-4, rtol=1e-5)):  # fmt: skip
+                    logger.warning("lminf top-k: the far keys' C++ pass disagrees with its reference; using PyTorch's")
+                    return False
+        return True
+    except Exception as e:  # no compiler, another torch
+        logger.warning("lminf top-k: the far keys' C++ pass is unavailable (%s); using PyTorch's", e)
+        return False
