@@ -313,14 +313,16 @@ def test_greedy_decode_past_the_table_matches_the_topk_oracle(tiny_llama, refere
 def test_bfloat16_decode_reads_windows_and_store_keys_through_vllms_op(tiny_llama, reference, recorder, monkeypatch,
                                                                        score):  # fmt: skip
     """A bfloat16 engine (most models' dtype, so vLLM's default) reads its decode rows' windows in
-    place and their store keys through vLLM's decode op (paths/topk/ops.py); switched off, the
-    same engine takes the PyTorch math. Each of 12 requests decodes one row past its first
-    middle block (its second token: the first comes from the prompt's chunk, the same both
-    ways). The two ways agree to bfloat16 noise (the engine's logits are bfloat16: a few
-    0.01s), and the op's way is no farther from the float64 oracle (the model's weights
-    rounded to bfloat16 as the engine holds them) than the PyTorch way: seen 0.104 and 0.109
-    on average over the top-5 tokens (with the bound). Both scores (None: the default, "mass")."""
-    from lminf_vllm.paths.topk import ops
+    place through vLLM's decode op (paths/topk/ops.py) and, C being W, every other key from the
+    store by far_kernel's C++ pass (the default); with that pass switched off, by one op call over
+    the pool (paths/topk/pool.py); with the op switched off, the same engine takes the PyTorch
+    math. Each of 12 requests decodes one row past its first middle block (its second token: the
+    first comes from the prompt's chunk, the same every way). The pool way and PyTorch's agree to
+    bfloat16 noise (the engine's logits are bfloat16: a few 0.01s), and neither fast way is farther
+    from the float64 oracle (the model's weights rounded to bfloat16 as the engine holds them) than
+    the PyTorch way: seen 0.104 and 0.109 on average over the top-5 tokens (the pool way against
+    PyTorch's, with the bound). Both scores (None: the default, "mass")."""
+    from lminf_vllm.paths.topk import far_kernel, ops
 
     G, W, C, B, k = 4, 64, 64, 32, 2
     cfg = LminfConfig(G, W, C, k, score or DEFAULT_SCORE)
@@ -329,37 +331,44 @@ def test_bfloat16_decode_reads_windows_and_store_keys_through_vllms_op(tiny_llam
     runs = []
     with engine(tiny_llama, lminf=topk_options(G, W, C, k, score), block_size=B, dtype="bfloat16",
                 max_model_len=1024) as llm:  # fmt: skip
-        for switch in ("1", "0"):
-            monkeypatch.setenv(ops.ENV_SWITCH, switch)
+        for op_switch, far_switch in (("1", "0"), ("1", "1"), ("0", "1")):
+            monkeypatch.setenv(ops.ENV_SWITCH, op_switch)
+            monkeypatch.setenv(far_kernel.ENV_SWITCH, far_switch)
             first = len(recorder.plans)
             outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
             rows: dict[str, int] = {}
             for p in recorder.plans[first:]:
                 for way, n in p.rows_served.items():
                     rows[way] = rows.get(way, 0) + n
-            in_pool = sum(len(st.pool) for p in recorder.plans[first:] for st in p.steps.values() if st.pool)
-            runs.append(([o.outputs[0] for o in outs], rows, in_pool))
-    (op, op_rows, op_in_pool), (pt, pt_rows, pt_in_pool) = runs
-    assert op_rows.get("topk decode op", 0) == 12 and "topk decode" not in op_rows, op_rows
-    assert (op_in_pool, pt_in_pool) == (12, 0)  # C = W: one call over the pool (paths/topk/pool.py) each
+            steps = [st for p in recorder.plans[first:] for st in p.steps.values()]
+            in_pool = sum(len(st.pool) for st in steps if st.pool)
+            by_far = sum(len(st.rows) for st in steps if st.far_counts is not None)
+            runs.append(([o.outputs[0] for o in outs], rows, (in_pool, by_far)))
+    (op, op_rows, op_ways), (far, far_rows, far_ways), (pt, pt_rows, pt_ways) = runs
+    for fast_rows in (far_rows, op_rows):
+        assert fast_rows.get("topk decode op", 0) == 12 and "topk decode" not in fast_rows, fast_rows
+    assert (far_ways, op_ways, pt_ways) == ((0, 12), (12, 0), (0, 0))  # far_kernel, the pool, PyTorch's
     assert pt_rows.get("topk decode", 0) == 12 and "topk decode op" not in pt_rows, pt_rows
     ref = DenseLlama(tiny_llama)
     ref.w = {name: w.to(torch.bfloat16).double() for name, w in ref.w.items()}
-    err_op, err_pt = [], []
-    for prompt, a, b in zip(prompts, op, pt):
-        assert a.token_ids[0] == b.token_ids[0]  # the prompt's chunk: the same way both times
-        tokens = prompt + [a.token_ids[0]]
+    err = {"far": [], "op": [], "pt": []}
+    for prompt, *ways in zip(prompts, far, op, pt):
+        assert len({w.token_ids[0] for w in ways}) == 1  # the prompt's chunk: the same way every time
+        tokens = prompt + [ways[0].token_ids[0]]
         oracle = functools.partial(dense_topk_attention, topk=k, block_size=B, chunks=[len(prompt), 1],
                                    score=cfg.topk_score)  # fmt: skip
         logp = torch.log_softmax(ref.logits(tokens, cfg, attention=oracle)[-1], -1)
-        got_op = {t: e.logprob for t, e in a.logprobs[1].items()}
-        got_pt = {t: e.logprob for t, e in b.logprobs[1].items()}
-        for t in got_op.keys() & got_pt.keys():
-            assert abs(got_op[t] - got_pt[t]) < 0.15, (t, got_op[t], got_pt[t])  # bf16 logits: steps of ~0.03
-            err_op.append(abs(got_op[t] - float(logp[t])))
-            err_pt.append(abs(got_pt[t] - float(logp[t])))
-    assert len(err_op) >= 36
-    assert sum(err_op) <= sum(err_pt) * 1.1
+        got = {name: {t: e.logprob for t, e in w.logprobs[1].items()} for name, w in zip(err, ways)}
+        for t in got["far"].keys() & got["op"].keys() & got["pt"].keys():
+            assert abs(got["op"][t] - got["pt"][t]) < 0.15, (t, got["op"][t], got["pt"][t])  # bf16 logits: ~0.03 steps
+            for name in err:
+                err[name].append(abs(got[name][t] - float(logp[t])))
+    assert len(err["pt"]) >= 36
+    # far_kernel's way joins its two parts in float32 where the others round to bfloat16 first, so a
+    # near tie of the bound in a later layer may go the other way (seen once in 12 requests: 0.38 off
+    # the PyTorch way's logprob); held to the oracle instead: seen 5.15 / 5.77 / 5.95 summed (bound)
+    assert max(err["far"]) <= max(err["pt"]) + 0.05
+    assert sum(err["far"]) <= sum(err["pt"]) * 1.1 and sum(err["op"]) <= sum(err["pt"]) * 1.1
 
 
 def test_bfloat16_one_row_chunks_mid_prompt_then_longer_ones_read_the_keys_as_stored(tiny_llama, recorder,
@@ -371,9 +380,11 @@ def test_bfloat16_one_row_chunks_mid_prompt_then_longer_ones_read_the_keys_as_st
     keys as stored: they are put back first. Every request has a fixed length (ignore_eos), so the
     engine with the PyTorch decode way (which turns nothing) schedules the same chunks (the
     selection is per chunk), and its prompt logprobs agree to bfloat16 noise: with the keys not
-    put back they are off by up to 3."""
-    from lminf_vllm.paths.topk import ops
+    put back they are off by up to 3. (The one-call way is what a C = W engine takes where
+    far_kernel's C++ pass is not built, switched off here; that pass turns no pool key.)"""
+    from lminf_vllm.paths.topk import far_kernel, ops
 
+    monkeypatch.setenv(far_kernel.ENV_SWITCH, "0")
     G, W, C, B, k = 4, 64, 64, 32, 2
     short = [random_prompt(40, seed=90 + j) for j in range(3)]
     long = random_prompt(300, seed=93)

@@ -151,12 +151,11 @@ def mass_scores_rows(q_caps: torch.Tensor, rows: list[list[torch.Tensor]], scale
     R, H, D = q_caps.shape
     _, Hkv, B, _ = rows[0][0].shape
     if mass_kernel.usable(rows[0][0].dtype) and q_caps.device.type == "cpu":  # one C++ pass (mass_kernel.py)
-        block = mass_kernel.block_lse(rows, q_caps.view(R, Hkv, -1, D), scale)  # [R, Hkv, g, C]
-    else:
-        counts = [sum(p.shape[0] for p in pieces) for pieces in rows]
-        block = torch.full((R, Hkv, H // Hkv, max(counts)), float("-inf"), device=q_caps.device)
-        for r, pieces in enumerate(rows):
-            block[r, ..., : counts[r]] = _block_lse_eager(q_caps[r], pieces, scale)
+        return mass_kernel.block_shares(rows, q_caps.view(R, Hkv, -1, D), scale)
+    counts = [sum(p.shape[0] for p in pieces) for pieces in rows]
+    block = torch.full((R, Hkv, H // Hkv, max(counts)), float("-inf"), device=q_caps.device)
+    for r, pieces in enumerate(rows):
+        block[r, ..., : counts[r]] = _block_lse_eager(q_caps[r], pieces, scale)
     share = block - torch.logsumexp(block, dim=-1, keepdim=True)  # log of each block's share, per query head
     return share.amax(dim=2)
 
@@ -231,6 +230,8 @@ def select_stored_rows(store, rows: list[tuple[str, int]], layer, q_caps: torch.
     else:  # every scoring row's keys in one pass
         keys = [store.keys_at_zero(rows[r][0], layer, first, rows[r][1]) for r in scoring]
         s = mass_scores_rows(q_caps[scoring], keys, scale)
+    if len(scoring) == len(rows) and isinstance(s, torch.Tensor):  # (mass: -inf past each row's candidates)
+        return _top_k_rows(s, counts, first, k)
     score = torch.full((len(rows), s[0].shape[0], max(counts)), float("-inf"), device=q_caps.device)
     for j, r in enumerate(scoring):
         score[r, :, : counts[r]] = s[j][:, : counts[r]]

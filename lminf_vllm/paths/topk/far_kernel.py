@@ -35,6 +35,7 @@ extern "C" void kernel(const int64_t* key_base, const int64_t* val_base, const i
                        const int64_t Hkv, const int64_t G, const int64_t NB, const int64_t MC, const int64_t N,
                        const int64_t B, const int64_t D, const int64_t Dv, const float scale) {
     constexpr int64_t W2 = Vec2::size();
+    constexpr int64_t W1 = Vec::size();
     #pragma omp parallel
     {
         std::vector<float> s, acc(Dv);
@@ -65,11 +66,20 @@ extern "C" void kernel(const int64_t* key_base, const int64_t* val_base, const i
                 }
             }
             for (int64_t i = 0; i < G; ++i) {
-                float* si = s.data() + i * total;
-                float m = -std::numeric_limits<float>::infinity();
-                for (int64_t t = 0; t < total; ++t) m = std::max(m, si[t]);
-                float sum = 0.f;
-                for (int64_t t = 0; t < total; ++t) sum += (si[t] = std::exp(si[t] - m));
+                float* si = s.data() + i * total;  // scores -> exp(score - max), vectorized
+                int64_t t = 0;
+                Vec vm(-std::numeric_limits<float>::infinity());
+                for (; t + W1 <= total; t += W1) vm = at::vec::maximum(vm, Vec::loadu(si + t));
+                float m = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, vm);
+                for (; t < total; ++t) m = std::max(m, si[t]);
+                Vec vs(0.f), vmax(m);
+                for (t = 0; t + W1 <= total; t += W1) {
+                    const Vec e = (Vec::loadu(si + t) - vmax).exp();
+                    e.store(si + t);
+                    vs = vs + e;
+                }
+                float sum = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, vs);
+                for (; t < total; ++t) sum += (si[t] = std::exp(si[t] - m));
                 std::fill(acc.begin(), acc.end(), 0.f);
                 col = 0;
                 for (int64_t j = 0; j < NB; ++j) {
@@ -84,7 +94,7 @@ extern "C" void kernel(const int64_t* key_base, const int64_t* val_base, const i
                     }
                 }
                 float* o = out + (p * G + i) * Dv;
-                for (int64_t d = 0; d < Dv; ++d) o[d] = acc[d] / sum;
+                for (int64_t d = 0; d < Dv; ++d) o[d] = total ? acc[d] / sum : 0.f;
                 lse[p * G + i] = total ? m + std::log(sum) : -std::numeric_limits<float>::infinity();
             }
         }

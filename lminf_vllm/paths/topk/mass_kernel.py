@@ -34,6 +34,7 @@ TYPES = {torch.bfloat16: "at::BFloat16", torch.float16: "at::Half", torch.float3
 # What every C++ pass over the store begins with (far_kernel.py's too): KT, the key type, is filled in per build.
 LOADS = r"""
 #include <torch/csrc/inductor/cpp_prefix.h>
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -56,9 +57,12 @@ _SOURCE = LOADS + r"""
 
 // Per block t (its keys [Hkv, B, D] at block_addr[t]), KV head h and query head i of h's group:
 // out[block_row[t], h, i, block_col[t]] = log sum_b exp(scale * q[block_row[t], h, i] . key[h, b]).
+// Then per row r < R and KV head h: share[r, h, c] = max over i of out[r, h, i, c] minus the
+// log-sum-exp of out[r, h, i, :] (-inf columns, past a row's blocks, add nothing).
 extern "C" void kernel(const int64_t* block_addr, const int64_t* block_row, const int64_t* block_col,
-                       const float* q, float* out, const int64_t T, const int64_t Hkv, const int64_t G,
-                       const int64_t B, const int64_t D, const int64_t C, const float scale) {
+                       const float* q, float* out, float* share, const int64_t T, const int64_t R,
+                       const int64_t Hkv, const int64_t G, const int64_t B, const int64_t D, const int64_t C,
+                       const float scale) {
     constexpr int64_t W2 = Vec2::size();
     constexpr int64_t W1 = Vec::size();
     #pragma omp parallel
@@ -98,12 +102,25 @@ extern "C" void kernel(const int64_t* block_addr, const int64_t* block_row, cons
                 }
             }
         }
+        #pragma omp for schedule(static)
+        for (int64_t p = 0; p < R * Hkv; ++p) {
+            float* best = share + p * C;
+            std::fill(best, best + C, -std::numeric_limits<float>::infinity());
+            for (int64_t i = 0; i < G; ++i) {
+                const float* l = out + (p * G + i) * C;
+                const float m = *std::max_element(l, l + C);
+                if (m == -std::numeric_limits<float>::infinity()) continue;  // (a row with no blocks)
+                float sum = 0.f;
+                for (int64_t c = 0; c < C; ++c) sum += std::exp(l[c] - m);
+                const float lse = m + std::log(sum);
+                for (int64_t c = 0; c < C; ++c) best[c] = std::max(best[c], l[c] - lse);
+            }
+        }
     }
 }
 """
 
-_ARGTYPES = ["const int64_t*", "const int64_t*", "const int64_t*", "const float*", "float*", "const int64_t",
-             "const int64_t", "const int64_t", "const int64_t", "const int64_t", "const int64_t", "const float"]  # fmt: skip
+_ARGTYPES = ["const int64_t*"] * 3 + ["const float*", "float*", "float*"] + ["const int64_t"] * 7 + ["const float"]
 
 
 def usable(dtype: torch.dtype) -> bool:
@@ -117,12 +134,24 @@ def block_lse(rows: list[list[torch.Tensor]], q: torch.Tensor, scale: float) -> 
     head h's g query heads). -> [R, Hkv, g, C] float32, C the most blocks of a row: per row, block
     and query head, the log-sum-exp over the block's keys of scale * q . key; -inf past a row's
     blocks."""
+    return _run(rows, q, scale)[0]
+
+
+def block_shares(rows: list[list[torch.Tensor]], q: torch.Tensor, scale: float) -> torch.Tensor:
+    """As block_lse, the mass score from it (attention.mass_scores_rows): [R, Hkv, C], per row, KV
+    head and block, the largest over the head's query heads of the log of the block's share of
+    that head's softmax over the row's blocks; -inf past a row's blocks."""
+    return _run(rows, q, scale)[1]
+
+
+def _run(rows: list[list[torch.Tensor]], q: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     R, Hkv, g, D = q.shape
     counts = [sum(p.shape[0] for p in pieces) for pieces in rows]
     out = torch.full((R, Hkv, g, max(counts, default=0)), float("-inf"))
+    share = torch.full((R, Hkv, out.shape[-1]), float("-inf"))
     pieces = [p if p.is_contiguous() else p.contiguous() for ps in rows for p in ps]  # (the store's slices are)
     if not pieces:
-        return out
+        return out, share
     B = pieces[0].shape[2]
     n = np.array([p.shape[0] for p in pieces], dtype=np.int64)
     within = np.arange(int(n.sum()), dtype=np.int64) - np.repeat(np.cumsum(n) - n, n)  # a block's place in its piece
@@ -132,9 +161,9 @@ def block_lse(rows: list[list[torch.Tensor]], q: torch.Tensor, scale: float) -> 
     col0 = np.concatenate([np.cumsum([0] + [p.shape[0] for p in ps])[:-1] for ps in rows if ps])  # each piece's
     col = np.repeat(col0, n) + within
     q = q.float().contiguous()
-    _kernel(pieces[0].dtype)(torch.from_numpy(addr), torch.from_numpy(row), torch.from_numpy(col), q, out, len(addr),
-                             Hkv, g, B, D, out.shape[-1], scale)  # fmt: skip
-    return out
+    _kernel(pieces[0].dtype)(torch.from_numpy(addr), torch.from_numpy(row), torch.from_numpy(col), q, out, share,
+                             len(addr), R, Hkv, g, B, D, out.shape[-1], scale)  # fmt: skip
+    return out, share
 
 
 def reference_lse(keys: torch.Tensor, q: torch.Tensor, scale: float) -> torch.Tensor:
@@ -170,7 +199,9 @@ def kernel_ok(dtype: torch.dtype) -> bool:
             got = block_lse(rows, q, 0.3)
             want = torch.stack([torch.cat([reference_lse(p, q[r], 0.3) for p in ps]).permute(1, 2, 0)
                                 for r, ps in enumerate(rows)])  # fmt: skip
-            if not torch.allclose(got.double(), want, atol=1e-4, rtol=1e-5):
+            share = want - torch.logsumexp(want, dim=-1, keepdim=True)
+            if not (torch.allclose(got.double(), want, atol=1e-4, rtol=1e-5) and torch.allclose(
+                    block_shares(rows, q, 0.3).double(), share.amax(dim=2), atol=1e-4, rtol=1e-5)):  # fmt: skip
                 logger.warning("lminf top-k: the mass score's C++ pass disagrees with its reference; using eager ops")
                 return False
         return True
