@@ -6,8 +6,9 @@ SmolLM2-135M's shape (3 KV heads of 64 channels, 9 query heads, blocks of 128, b
 the host store's chunks of 16 blocks) at several context lengths, with as many rows' keys as it
 takes to leave every cache (as in an engine, where a row's keys at 16k are 6 MB and eight rows'
 are 48 MB): each call scores the next rows' keys. Random keys; the two ways agree to float32
-rounding (checked). Prints ms per row (the fastest of --rounds rounds, the ways in alternation)
-and writes JSON.
+rounding (checked). Beside them, the floor: a C++ loop that only reads the same keys (converted
+to float32 and summed, OpenMP over the pieces), which is what memory allows. Prints ms per row
+(the fastest of --rounds rounds, the ways in alternation) and GB/s of keys read, and writes JSON.
 
     python benchmarks/topk_mass_score.py --out benchmarks/results/topk-mass-score.json
 """
@@ -26,6 +27,33 @@ from lminf_vllm.cpu_isa import describe  # noqa: E402
 from lminf_vllm.paths.topk import attention, mass_kernel  # noqa: E402
 
 
+_READ = r"""
+// Every key of each piece t (counts[t] bfloat16 values at addr[t]), read and summed in float32.
+extern "C" void kernel(const int64_t* addr, const int64_t* counts, float* out, const int64_t T) {
+    #pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < T; ++t) {
+        const KT* p = reinterpret_cast<const KT*>(addr[t]);
+        Vec2 a(0.f);
+        for (int64_t x = 0; x + Vec2::size() <= counts[t]; x += Vec2::size()) a = a + load_keys(p + x);
+        out[t] = at::vec::vec_reduce_all<float, 2>([](Vec& x, Vec& y) { return x + y; }, a);
+    }
+}
+"""
+
+
+def read_floor():
+    """pieces -> None: the floor loop over them (every piece contiguous, bfloat16)."""
+    source = (mass_kernel.LOADS + _READ).replace("KEY_TYPE", mass_kernel.TYPES[torch.bfloat16])
+    kernel = mass_kernel.load_pybinding(["const int64_t*", "const int64_t*", "float*", "const int64_t"], source)
+    out = torch.empty(4096)
+
+    def read(pieces):
+        addr = torch.tensor([p.data_ptr() for p in pieces])
+        kernel(addr, torch.tensor([p.numel() for p in pieces]), out, len(pieces))
+
+    return read
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 65536], help="middle tokens per row")
@@ -35,6 +63,7 @@ def main(argv=None):
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/topk-mass-score.json"))
     args = p.parse_args(argv)
     Hkv, g, D, B, N, scale = 3, 3, 64, 128, 16, 0.125
+    read = read_floor()
     rows_out = []
     with torch.inference_mode():
         for length in args.lengths:
@@ -47,11 +76,13 @@ def main(argv=None):
             qs = torch.randn(8, Hkv * g, D, generator=gen)
             calls = {1: lambda c: attention.mass_scores_rows(qs[:1], [rows[c % nrows]], scale),
                      8: lambda c: attention.mass_scores_rows(qs, [rows[(8 * c + j) % nrows] for j in range(8)], scale)}
+            floor = {1: lambda c: read([p for p in rows[c % nrows]]),
+                     8: lambda c: read([p for j in range(8) for p in rows[(8 * c + j) % nrows]])}
             times = {}
             for _ in range(args.rounds):  # in alternation: the machine's drift falls on both
-                for way, switch in (("eager", "0"), ("cpp", "1")):
+                for way, switch in (("eager", "0"), ("cpp", "1"), ("floor", "1")):
                     os.environ[mass_kernel.ENV_SWITCH] = switch
-                    for batch, call in calls.items():
+                    for batch, call in (floor if way == "floor" else calls).items():
                         call(0)  # (warm)
                         t0 = time.perf_counter()
                         for c in range(args.calls // batch):
@@ -65,9 +96,11 @@ def main(argv=None):
             row = {"middle_tokens": blocks * B, "key_mb_per_row": round(per_row / 2**20, 2), "rows_cycled": nrows,
                    "max_abs_diff": diff}  # fmt: skip
             for batch in calls:
-                e, c = times["eager", batch], times["cpp", batch]
+                e, c, f = times["eager", batch], times["cpp", batch], times["floor", batch]
+                gbs = lambda ms: round(per_row / ms / 1e6, 1)  # noqa: E731 (GB/s of keys read)
                 row[f"rows_{batch}"] = {"eager_ms_per_row": round(e, 3), "cpp_ms_per_row": round(c, 3),
-                                        "eager_x_cpp": round(e / c, 2)}  # fmt: skip
+                                        "eager_x_cpp": round(e / c, 2), "floor_ms_per_row": round(f, 3),
+                                        "eager_gb_s": gbs(e), "cpp_gb_s": gbs(c), "floor_gb_s": gbs(f)}  # fmt: skip
             rows_out.append(row)
             print(row, flush=True)
     doc = {"cpu": describe(), "threads": torch.get_num_threads(), "torch": torch.__version__,

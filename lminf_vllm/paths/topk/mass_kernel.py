@@ -8,8 +8,12 @@ passes (a float32 copy, a batched matmul, a log-sum-exp) and one call per row an
 `block_lse` is one call per layer for every row of a step: a C++ loop (OpenMP over the blocks)
 that converts each key to float32 as it reads it, takes its dot products with the g query heads
 of its KV head in float32, and each block's log-sum-exp (max, then the sum of exponentials, both
-vectorized). (A form that transposes a tile of keys so that no key needs a horizontal sum ran no
-faster: benchmarks/topk_mass_score.py gave 0.55-0.70 ms a row at 16k for either, run to run.)
+vectorized); then, in the same call, the score itself (`block_shares`: per KV head, the largest
+of its query heads' log shares). (A form that transposes a tile of keys so that no key needs a
+horizontal sum ran no faster: benchmarks/topk_mass_score.py gave 0.55-0.70 ms a row at 16k for
+either, run to run; nor did keys stored channel-major, scored with no horizontal sum at all. The
+loop is bound by its arithmetic, not by memory: the benchmark's floor, a loop that only reads
+the same keys, runs several times faster.)
 
 It is compiled at first use by the C++ toolchain torch.compile's CPU code generator already
 needs (vLLM's CPU engine compiles the model with it), through inductor's loader for C++ with
