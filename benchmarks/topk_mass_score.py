@@ -42,7 +42,7 @@ extern "C" void kernel(const int64_t* addr, const int64_t* counts, float* out, c
 
 
 def read_floor():
-    """pieces -> None: the floor loop over them (every piece contiguous, bfloat16)."""
+    """A function that reads every key of a list of pieces (contiguous, bfloat16) with the floor loop."""
     source = (mass_kernel.LOADS + _READ).replace("KEY_TYPE", mass_kernel.TYPES[torch.bfloat16])
     kernel = mass_kernel.load_pybinding(["const int64_t*", "const int64_t*", "float*", "const int64_t"], source)
     out = torch.empty(4096)
@@ -76,7 +76,7 @@ def main(argv=None):
             qs = torch.randn(8, Hkv * g, D, generator=gen)
             calls = {1: lambda c: attention.mass_scores_rows(qs[:1], [rows[c % nrows]], scale),
                      8: lambda c: attention.mass_scores_rows(qs, [rows[(8 * c + j) % nrows] for j in range(8)], scale)}
-            floor = {1: lambda c: read([p for p in rows[c % nrows]]),
+            floor = {1: lambda c: read(rows[c % nrows]),
                      8: lambda c: read([p for j in range(8) for p in rows[(8 * c + j) % nrows]])}
             times = {}
             for _ in range(args.rounds):  # in alternation: the machine's drift falls on both
