@@ -129,3 +129,17 @@ def resident_bytes(array, row: int, cols: int) -> int:
         pagemap.seek(first * 8)
         entries = np.frombuffer(pagemap.read((last - first + 1) * 8), dtype=np.uint64)
     return int((entries >> np.uint64(63)).sum()) * mmap.PAGESIZE
+
+
+def unbuildable_pass_warns(module, monkeypatch, caplog, says: str) -> None:
+    """A C++ pass module of paths/topk (mass_kernel, far_kernel) whose source cannot be built:
+    kernel_ok warns (`says` in the log) and usable says no, instead of failing the engine's step.
+    Its cached build and check are cleared before and after."""
+    monkeypatch.setattr(module, "_SOURCE", "this is not C++")
+    module._kernel.cache_clear(), module.kernel_ok.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger="vllm.lminf"):
+            assert not module.usable(torch.float16)
+        assert says in caplog.text
+    finally:
+        module._kernel.cache_clear(), module.kernel_ok.cache_clear()

@@ -8,6 +8,8 @@ built on it to the chunk way; tests/test_topk_engine.py the engine to the oracle
 import pytest
 import torch
 
+import helpers
+
 from lminf_vllm.paths.topk import far_kernel
 
 
@@ -40,11 +42,4 @@ def test_attend_is_float64s_for_every_row_and_head(dtype, Hkv, g, B, D, Dv):
 def test_a_pass_that_cannot_be_built_says_so_and_leaves_the_pool_way(monkeypatch, caplog):
     """No compiler, another torch: kernel_ok warns and usable says no (paths/topk then takes the
     one-call way over the pool), instead of failing the engine's step."""
-    monkeypatch.setattr(far_kernel, "_SOURCE", "this is not C++")
-    far_kernel._kernel.cache_clear(), far_kernel.kernel_ok.cache_clear()
-    try:
-        with caplog.at_level("WARNING", logger="vllm.lminf"):
-            assert not far_kernel.usable(torch.float16)
-        assert "far keys' C++ pass is unavailable" in caplog.text
-    finally:
-        far_kernel._kernel.cache_clear(), far_kernel.kernel_ok.cache_clear()
+    helpers.unbuildable_pass_warns(far_kernel, monkeypatch, caplog, "far keys' C++ pass is unavailable")

@@ -7,6 +7,8 @@ in every cache dtype, the store's chunk slices (a storage offset)."""
 import pytest
 import torch
 
+import helpers
+
 from lminf_vllm.paths.topk import attention, mass_kernel
 
 
@@ -57,11 +59,4 @@ def test_mass_scores_and_the_selection_are_the_same_either_way(monkeypatch):
 def test_a_pass_that_cannot_be_built_says_so_and_leaves_the_eager_ops(monkeypatch, caplog):
     """No compiler, another torch: kernel_ok warns and usable says no (attention.py then scores
     with the eager ops), instead of failing the engine's step."""
-    monkeypatch.setattr(mass_kernel, "_SOURCE", "this is not C++")
-    mass_kernel._kernel.cache_clear(), mass_kernel.kernel_ok.cache_clear()
-    try:
-        with caplog.at_level("WARNING", logger="vllm.lminf"):
-            assert not mass_kernel.usable(torch.float16)
-        assert "C++ pass is unavailable" in caplog.text
-    finally:
-        mass_kernel._kernel.cache_clear(), mass_kernel.kernel_ok.cache_clear()
+    helpers.unbuildable_pass_warns(mass_kernel, monkeypatch, caplog, "C++ pass is unavailable")

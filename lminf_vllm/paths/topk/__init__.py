@@ -253,35 +253,41 @@ class DecodeStep:
                 step.far_blocks = torch.stack([d.far_blocks for *_, d in rows])
                 step.far_counts = torch.tensor([[B] * g + [d.start] + [B] * min(k, d.fa - g) + [0] * max(0, k - d.fa + g)
                                                 for *_, d in rows])  # fmt: skip
-                step.windows = torch.stack([d.window_tokens for *_, d in rows]).to(torch.int32)
-                step.window_call = ops.ListedCall(len(rows), step.windows.shape[1], H, Hkv, D, query.dtype)
-                return step
-            at = lambda pos: angles(pos, rotary)  # noqa: E731
-            pool = [plan_pool_row(d, plan.batch.block_table[r], shape.cfg, shape.block_size, Hkv, at)
-                    for r, _, _, d in rows]  # fmt: skip
-            if all(p is not None for p in pool):  # one call per layer reads all: the window and the far keys
-                for p in pool:
-                    p.turn = p.turn.to(query.dtype)  # (vLLM's rotary op takes its angles in the keys' dtype)
-                g = global_blocks(shape.cfg.global_tokens, shape.block_size)
-                picks = [min(shape.cfg.topk_blocks, d.fa - g) for *_, d in rows]
-                step.copies = plan_copies(pool, picks, Hkv, shape.block_size)
-                lengths = torch.tensor([len(p.tokens) for p in pool])
-                step.pool, step.pool_tokens = pool, torch.nn.utils.rnn.pad_sequence([p.tokens for p in pool], True)
-                step.pool_call = ops.ListedCall(len(rows), int(lengths.max()), H, Hkv, D, query.dtype,
-                                                lengths=lengths)  # fmt: skip
-                for _, rid, _, d in rows:  # what a chunk of these requests would have to put back
-                    plan.turned[rid] = turned_positions(d.i, shape.cfg, shape.block_size, d.fa, d.start)
+            elif step._plan_pool(plan, query, kv_cache, rotary):
                 return step
             step.windows = torch.stack([d.window_tokens for *_, d in rows]).to(torch.int32)
             step.window_call = ops.ListedCall(len(rows), step.windows.shape[1], H, Hkv, D, query.dtype)
         return step
 
+    def _plan_pool(self, plan: Plan, query: torch.Tensor, kv_cache: torch.Tensor, rotary) -> bool:
+        """The one-call way over the pool (pool.py) for these rows, where it applies to all of them."""
+        shape, rows = plan.shape, self.rows
+        H, Hkv, D = query.shape[1], kv_cache.shape[1], kv_cache.shape[-1] // 2
+        at = lambda pos: angles(pos, rotary)  # noqa: E731
+        pool = [plan_pool_row(d, plan.batch.block_table[r], shape.cfg, shape.block_size, Hkv, at)
+                for r, _, _, d in rows]  # fmt: skip
+        if not all(p is not None for p in pool):
+            return False
+        for p in pool:  # one call per layer reads all: the window and the far keys
+            p.turn = p.turn.to(query.dtype)  # (vLLM's rotary op takes its angles in the keys' dtype)
+        g = global_blocks(shape.cfg.global_tokens, shape.block_size)
+        picks = [min(shape.cfg.topk_blocks, d.fa - g) for *_, d in rows]
+        self.copies = plan_copies(pool, picks, Hkv, shape.block_size)
+        lengths = torch.tensor([len(p.tokens) for p in pool])
+        self.pool, self.pool_tokens = pool, torch.nn.utils.rnn.pad_sequence([p.tokens for p in pool], True)
+        self.pool_call = ops.ListedCall(len(rows), int(lengths.max()), H, Hkv, D, query.dtype,
+                                        lengths=lengths)  # fmt: skip
+        for _, rid, _, d in rows:  # what a chunk of these requests would have to put back
+            plan.turned[rid] = turned_positions(d.i, shape.cfg, shape.block_size, d.fa, d.start)
+        return True
+
 
 def _decode(plan: Plan, layer: LayerMath, rows: list, query, kv_cache, output) -> None:
-    """Decode rows the short way. Each selects (row by row: each has its own store entry). With
-    vLLM's op (ops.py): where every key past the window is seen at distance C, one call over the
-    pool (_decode_in_pool); else one call for every row's window, joined by log-sum-exps with
-    the store keys in PyTorch. Without the op, the PyTorch math."""
+    """Decode rows the short way; every row's selection in one ranking. With vLLM's op (ops.py):
+    where every key past the window is seen at distance C, far_kernel reads those keys
+    (_decode_far_kernel) or, where it cannot be built, one call over the pool does
+    (_decode_in_pool); else one call for every row's window, joined by log-sum-exps with the
+    store keys in PyTorch. Without the op, the PyTorch math."""
     cfg, B = plan.shape.cfg, plan.shape.block_size
     layer_key = _layer_key(layer, kv_cache)
     rot = angles.key(layer.rotary)

@@ -35,7 +35,6 @@ extern "C" void kernel(const int64_t* key_base, const int64_t* val_base, const i
                        const int64_t Hkv, const int64_t G, const int64_t NB, const int64_t MC, const int64_t N,
                        const int64_t B, const int64_t D, const int64_t Dv, const float scale) {
     constexpr int64_t W2 = Vec2::size();
-    constexpr int64_t W1 = Vec::size();
     #pragma omp parallel
     {
         std::vector<float> s, acc(Dv);
@@ -51,35 +50,13 @@ extern "C" void kernel(const int64_t* key_base, const int64_t* val_base, const i
             for (int64_t j = 0; j < NB; ++j) {
                 const KT* keys = reinterpret_cast<const KT*>(key_base[r * MC + blk[j] / N])
                                  + ((blk[j] % N) * Hkv + h) * B * D;
-                for (int64_t b = 0; b < cnt[j]; ++b, ++col) {
-                    const KT* key = keys + b * D;
-                    for (int64_t i = 0; i < G; ++i) {
-                        const float* qi = q + (p * G + i) * D;
-                        Vec2 a(0.f);
-                        int64_t d = 0;
-                        for (; d + W2 <= D; d += W2) a = a + load_keys(key + d) * Vec2::loadu(qi + d);
-                        float tail = 0.f;
-                        for (; d < D; ++d) tail += static_cast<float>(key[d]) * qi[d];
-                        s[i * total + col] = scale * (at::vec::vec_reduce_all<float, 2>(
-                            [](Vec& x, Vec& y) { return x + y; }, a) + tail);
-                    }
-                }
+                for (int64_t b = 0; b < cnt[j]; ++b, ++col)
+                    for (int64_t i = 0; i < G; ++i) s[i * total + col] = dot(keys + b * D, q + (p * G + i) * D, D, scale);
             }
             for (int64_t i = 0; i < G; ++i) {
-                float* si = s.data() + i * total;  // scores -> exp(score - max), vectorized
-                int64_t t = 0;
-                Vec vm(-std::numeric_limits<float>::infinity());
-                for (; t + W1 <= total; t += W1) vm = at::vec::maximum(vm, Vec::loadu(si + t));
-                float m = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, vm);
-                for (; t < total; ++t) m = std::max(m, si[t]);
-                Vec vs(0.f), vmax(m);
-                for (t = 0; t + W1 <= total; t += W1) {
-                    const Vec e = (Vec::loadu(si + t) - vmax).exp();
-                    e.store(si + t);
-                    vs = vs + e;
-                }
-                float sum = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, vs);
-                for (; t < total; ++t) sum += (si[t] = std::exp(si[t] - m));
+                float* si = s.data() + i * total;  // scores -> exp(score - max)
+                const float m = max_of(si, total);
+                const float sum = exp_sum(si, total, m, true);
                 std::fill(acc.begin(), acc.end(), 0.f);
                 col = 0;
                 for (int64_t j = 0; j < NB; ++j) {

@@ -55,6 +55,44 @@ static inline Vec2 load_keys(const at::Half* p) {
     return at::vec::convert<float, 2, at::Half, 1>(at::vec::Vectorized<at::Half>::loadu(p));
 }
 static inline Vec2 load_keys(const float* p) { return Vec2::loadu(p); }
+
+// scale * (q . key) over D channels in float32 (a vector at a time, the channels past the last one by one)
+static inline float dot(const KT* key, const float* q, int64_t D, float scale) {
+    Vec2 acc(0.f);
+    int64_t d = 0;
+    for (; d + Vec2::size() <= D; d += Vec2::size()) acc = acc + load_keys(key + d) * Vec2::loadu(q + d);
+    float tail = 0.f;
+    for (; d < D; ++d) tail += static_cast<float>(key[d]) * q[d];
+    return scale * (at::vec::vec_reduce_all<float, 2>([](Vec& x, Vec& y) { return x + y; }, acc) + tail);
+}
+
+// The largest of x[0, n), vectorized
+static inline float max_of(const float* x, int64_t n) {
+    int64_t t = 0;
+    Vec vm(-std::numeric_limits<float>::infinity());
+    for (; t + Vec::size() <= n; t += Vec::size()) vm = at::vec::maximum(vm, Vec::loadu(x + t));
+    float m = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vm);
+    for (; t < n; ++t) m = std::max(m, x[t]);
+    return m;
+}
+
+// The sum of exp(x[t] - m) over x[0, n), vectorized; with keep, x[t] becomes exp(x[t] - m)
+static inline float exp_sum(float* x, int64_t n, float m, bool keep) {
+    int64_t t = 0;
+    Vec vs(0.f), vmax(m);
+    for (; t + Vec::size() <= n; t += Vec::size()) {
+        const Vec e = (Vec::loadu(x + t) - vmax).exp();
+        if (keep) e.store(x + t);
+        vs = vs + e;
+    }
+    float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vs);
+    for (; t < n; ++t) {
+        const float e = std::exp(x[t] - m);
+        if (keep) x[t] = e;
+        sum += e;
+    }
+    return sum;
+}
 """
 
 _SOURCE = LOADS + r"""
@@ -67,8 +105,6 @@ extern "C" void kernel(const int64_t* block_addr, const int64_t* block_row, cons
                        const float* q, float* out, float* share, const int64_t T, const int64_t R,
                        const int64_t Hkv, const int64_t G, const int64_t B, const int64_t D, const int64_t C,
                        const float scale) {
-    constexpr int64_t W2 = Vec2::size();
-    constexpr int64_t W1 = Vec::size();
     #pragma omp parallel
     {
         std::vector<float> s(G * B);
@@ -78,31 +114,12 @@ extern "C" void kernel(const int64_t* block_addr, const int64_t* block_row, cons
             const int64_t r = block_row[t];
             for (int64_t h = 0; h < Hkv; ++h) {
                 const float* qh = q + (r * Hkv + h) * G * D;
-                for (int64_t b = 0; b < B; ++b) {
-                    const KT* key = block + (h * B + b) * D;
-                    for (int64_t i = 0; i < G; ++i) {
-                        const float* qi = qh + i * D;
-                        Vec2 acc(0.f);
-                        int64_t d = 0;
-                        for (; d + W2 <= D; d += W2) acc = acc + load_keys(key + d) * Vec2::loadu(qi + d);
-                        float tail = 0.f;  // channels past the last whole vector, one by one
-                        for (; d < D; ++d) tail += static_cast<float>(key[d]) * qi[d];
-                        s[i * B + b] = scale * (at::vec::vec_reduce_all<float, 2>(
-                            [](Vec& x, Vec& y) { return x + y; }, acc) + tail);
-                    }
-                }
+                for (int64_t b = 0; b < B; ++b)
+                    for (int64_t i = 0; i < G; ++i) s[i * B + b] = dot(block + (h * B + b) * D, qh + i * D, D, scale);
                 for (int64_t i = 0; i < G; ++i) {
-                    const float* si = s.data() + i * B;
-                    int64_t b = 0;
-                    Vec vm(-std::numeric_limits<float>::infinity());
-                    for (; b + W1 <= B; b += W1) vm = at::vec::maximum(vm, Vec::loadu(si + b));
-                    float m = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, vm);
-                    for (; b < B; ++b) m = std::max(m, si[b]);
-                    Vec vs(0.f), vmax(m);
-                    for (b = 0; b + W1 <= B; b += W1) vs = vs + (Vec::loadu(si + b) - vmax).exp();
-                    float sum = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, vs);
-                    for (; b < B; ++b) sum += std::exp(si[b] - m);
-                    out[((r * Hkv + h) * G + i) * C + block_col[t]] = m + std::log(sum);
+                    float* si = s.data() + i * B;
+                    const float m = max_of(si, B);
+                    out[((r * Hkv + h) * G + i) * C + block_col[t]] = m + std::log(exp_sum(si, B, m, false));
                 }
             }
         }
