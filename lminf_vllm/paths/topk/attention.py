@@ -302,19 +302,18 @@ class Span:
     n_far: int  # the first n_far slots are read past the cap (i - j > C) by some row
     q_cap: torch.Tensor | None  # [T', D, D]: row t rotated to position C is q_t @ q_cap[t] (None: no row needs it)
     k_zero: torch.Tensor | None  # [n_far, D, D]: the far slots rotated back to position 0, likewise
-    # The short far branch (`_far_short`), where C = W and every row sees the whole global blocks
-    # and has the same first window block fa: its far keys are the global slots and the selected
-    # blocks before fa (seen by every row: no row mask) and the edge, slots gB .. gB + edge - 1 of
-    # block fa, of which row a + t sees the first edge_from + t.
+    # The short far branch (`_far_short_spans`), where C = W and every row sees the whole global
+    # blocks and has the same first window block fa: its far keys are the global slots, the
+    # selected blocks before fa and the edge, the slots of block fa, of which row a + t sees the
+    # first edge_from + t.
     short: bool = False
     edge_from: int = 0
-    edge: int = 0
     n_glob: int = 0  # gB: the global slots
-    # cos, sin that rotate the rows to C, the edge slots and the global slots back to position 0
+    # cos, sin that rotate the rows to C and the global slots back to position 0
     # (elementwise: cheaper than q_cap's matrices over a long chunk; q_cap keeps the last row's)
     cap_angles: tuple | None = None
-    edge_angles: tuple | None = None
     glob_angles: tuple | None = None  # (one pair for every span of the chunk)
+    batch: "ShortSpans | None" = None  # on a chunk's first short span: what all of them read alike (once per step)
 
 
 def plan_chunk(s: int, e: int, block_row: torch.Tensor, cfg: LminfConfig, B: int, rotary: RotarySpec,
@@ -345,9 +344,7 @@ def plan_chunk(s: int, e: int, block_row: torch.Tensor, cfg: LminfConfig, B: int
                   rotations(-pos[:n_far], rotary, head_size) if not short else None)  # fmt: skip
         if short:
             sp.short, sp.edge_from, sp.n_glob, sp.glob_angles = True, a - W + 1 - fa * B, g * B, glob_angles
-            sp.edge = sp.edge_from + b - a - 1
             sp.cap_angles = angles(C - rows, rotary)
-            sp.edge_angles = angles(-pos[g * B : g * B + sp.edge], rotary)
         spans.append(sp)
     return spans
 
@@ -391,19 +388,23 @@ def attend_chunk(
     Hkv, g = kv_cache.shape[1], H // kv_cache.shape[1]
     s = spans[0].a
     chunk = _ChunkKeys(chosen, store_kv, B)
+    short = [sp for sp in spans if sp.short]  # (a suffix of the spans: fa only grows)
+    if short:  # their far branch in one call (_far_short_spans)
+        at = short[0].a - s
+        o_short, lse_short = _far_short_spans(q[at : short[-1].b - s], short, kv_cache, layout, chunk, scale, rotary)
     if window is not None:  # the far branch of every span first: the kernel's window call takes its log-sum-exps
         o_far = torch.zeros(T, Hkv, g, kv_cache.shape[-1] // 2)
         lse_far = torch.full((T, Hkv, g, 1), float("-inf"))
+        if short:
+            o_far[at:], lse_far[at:] = o_short, lse_short
         for sp in spans:
-            if not (sp.far_end or chosen.numel()):
+            if sp.short or not (sp.far_end or chosen.numel()):
                 continue
-            # only the blocks the far branch reads: the global blocks and fa, or those of the far slots
-            blocks = sp.blocks[: sp.n_glob // B + 1] if sp.short else sp.blocks[: -(-sp.far_end // B)]
-            kv = read_blocks(kv_cache, blocks, layout).reshape(-1, Hkv, kv_cache.shape[-1])
+            # only the blocks of the far slots
+            kv = read_blocks(kv_cache, sp.blocks[: -(-sp.far_end // B)], layout).reshape(-1, Hkv, kv_cache.shape[-1])
             qf = q[sp.a - s : sp.b - s].float().view(sp.b - sp.a, Hkv, g, D)
             rows = slice(sp.a - s, sp.b - s)
-            o_far[rows], lse_far[rows] = (_far_short(qf, sp, kv, chunk, scale, rotary) if sp.short
-                                          else _far_general(qf, sp, kv, chunk, cfg, scale, rotary))  # fmt: skip
+            o_far[rows], lse_far[rows] = _far_general(qf, sp, kv, chunk, cfg, scale, rotary)
         return attend_window(window, q, kv_cache, layout, o_far.view(T, H, -1), lse_far.view(T, H), scale)
     out = torch.empty(T, H, kv_cache.shape[-1] // 2)
     for sp in spans:
@@ -422,10 +423,10 @@ def attend_chunk(
         if not (sp.far_end or chosen.numel()):
             out[sp.a - s : sp.b - s] = o_w.reshape(t, H, -1)
             continue
-        qf = q_span.float().view(t, Hkv, g, D)
-        far = (_far_short(qf, sp, kv, chunk, scale, rotary) if sp.short
-               else _far_general(qf, sp, kv, chunk, cfg, scale, rotary))  # fmt: skip
-        o_f, lse_f = far
+        if sp.short:
+            o_f, lse_f = o_short[sp.a - s - at : sp.b - s - at], lse_short[sp.a - s - at : sp.b - s - at]
+        else:
+            o_f, lse_f = _far_general(q_span.float().view(t, Hkv, g, D), sp, kv, chunk, cfg, scale, rotary)
         top = torch.maximum(lse_w, lse_f)  # finite: every row sees its own key
         w_w, w_f = torch.exp(lse_w - top), torch.exp(lse_f - top)
         out[sp.a - s : sp.b - s] = ((o_w * w_w + o_f * w_f) / (w_w + w_f)).reshape(t, H, -1)
@@ -443,67 +444,109 @@ class _ChunkKeys:
             self.pos_st = (chosen[:, :, None] * B + torch.arange(B, device=chosen.device)).flatten(1)  # [Hkv, k * B]
             self.store_dtype = store_kv[0].dtype
         self.k_st = None  # the keys as stored, rotated from st_zero where some row reads them so
-        self.uniform = None  # (keys [1, Hkv, L, D], values [1, Hkv, L, Dv]) of the short way: global slots, picks
+        self.uniform = None  # (keys [Hkv, L, D], values [Hkv, L, Dv]) of the short way: global slots, picks
 
-    def uniform_keys(self, sp: Span, kv: torch.Tensor, dtype: torch.dtype, rotary: RotarySpec):
-        """The short way's keys every row of a span sees alike (the same for every short span of
-        the chunk): the global slots rotated back to position 0, then the selected blocks."""
+    def uniform_keys(self, sp: Span, kv_cache: torch.Tensor, layout: str, rotary: RotarySpec):
+        """The short way's keys every row of a chunk's short spans may see: the global slots
+        rotated back to position 0, then the selected blocks ([Hkv, Lu, D], [Hkv, Lu, Dv] in the
+        cache's dtype)."""
         if self.uniform is None:
-            n, D = sp.n_glob, kv.shape[-1] // 2
+            n, D = sp.n_glob, kv_cache.shape[-1] // 2
+            kv = read_blocks(kv_cache, sp.blocks[: n // self.B], layout).reshape(n, kv_cache.shape[1], kv_cache.shape[-1]).float()
             cos, sin = sp.glob_angles
-            keys = rotate(kv[:n, :, :D].float(), cos[:, None], sin[:, None], rotary).transpose(0, 1)  # [Hkv, gB, D]
-            values = kv[:n, :, D:].transpose(0, 1).float()
+            keys = rotate(kv[..., :D], cos[:, None], sin[:, None], rotary).transpose(0, 1)  # [Hkv, gB, D]
+            values = kv[..., D:].transpose(0, 1)
             if self.chosen.numel():
                 keys, values = torch.cat((keys, self.st_zero), dim=1), torch.cat((values, self.v_st), dim=1)
-            self.uniform = (keys.to(dtype)[None], values.to(dtype)[None])
+            self.uniform = (keys.to(kv_cache.dtype), values.to(kv_cache.dtype))
         return self.uniform
 
 
-def _far_short(qf: torch.Tensor, sp: Span, kv: torch.Tensor, chunk: _ChunkKeys, scale: float, rotary: RotarySpec):
-    """The far branch of a short span (Span.short): every far key at distance C, so scored by the
-    rows' queries rotated to C against keys at position 0. Two parts joined by their log-sum-exps:
-    the global slots and the selected blocks before fa, which every row sees (PyTorch's fused
-    attention with no row mask: a mask per KV head at most), and the edge, of which row a + t
-    sees the first edge_from + t (a small float32 softmax; as a row mask in the fused call it
-    cost more). -> outputs [t, Hkv, g, Dv] float32, log-sum-exps [t, Hkv, g, 1] (-inf where a
-    row sees none)."""
-    t, Hkv, g, D = qf.shape
-    dtype, n_glob = kv.dtype, sp.n_glob
-    cos, sin = sp.cap_angles
-    q_cap = rotate(qf.view(t, -1, D), cos[:, None], sin[:, None], rotary).view(t, Hkv, g, D)
-    o = qf.new_zeros(t, Hkv, g, kv.shape[-1] - D)
-    lse = qf.new_full((t, Hkv, g, 1), float("-inf"))
-    if n_glob or chunk.chosen.numel():
-        keys, values = chunk.uniform_keys(sp, kv, dtype, rotary)  # [1, Hkv, Lu, D]
+@dataclass
+class ShortSpans:
+    """What the far branch of a chunk's short spans reads alike in every layer (`_far_short_spans`):
+    for the edges, the spans are a batch of `ns` query sets padded to `tmax` rows each."""
+
+    take: torch.Tensor  # [ns * tmax] the short row each padded row copies (padding repeats a span's last)
+    keep: torch.Tensor  # [T'] the padded rows that are real, in order
+    cap_angles: tuple  # cos, sin [T'] that rotate the short rows to C
+    fa_blocks: torch.Tensor  # [ns] physical id of each span's first window block
+    fa_first: torch.Tensor  # [ns] its first position (picks from there on are late: in the rows' windows or edges)
+    edge_angles: tuple  # cos, sin [ns, B]: block fa's slots rotated back to position 0
+    edge_mask: torch.Tensor  # [ns, 1, g * tmax, B]: 0 where a row sees an edge slot, else -inf (slot 0 where it sees none)
+    edge_sees: torch.Tensor  # [ns, 1, g * tmax, 1] bool: the row sees some edge slot
+
+
+def plan_short_spans(spans: list[Span], B: int, g: int, rotary: RotarySpec, dtype: torch.dtype) -> ShortSpans:
+    """ShortSpans of a chunk's short spans (a run of them, rows ascending), g query heads per KV head."""
+    dev = spans[0].rows.device
+    t = torch.tensor([sp.b - sp.a for sp in spans], device=dev)
+    starts, tmax = torch.cumsum(t, 0) - t, int(t.max())
+    u = torch.arange(tmax, device=dev)
+    used = torch.minimum(u[None, :], (t - 1)[:, None])  # [ns, tmax]
+    fa = torch.tensor([sp.fa for sp in spans], device=dev)
+    sees = torch.arange(B, device=dev)[None, None, :] < (torch.tensor([sp.edge_from for sp in spans])[:, None] + used)[..., None]
+    edge_sees = sees.any(-1)  # [ns, tmax]
+    sees[..., 0] |= ~edge_sees
+    mask = torch.zeros(sees.shape, dtype=dtype).masked_fill_(~sees, float("-inf"))
+    return ShortSpans(
+        take=(starts[:, None] + used).flatten(),
+        keep=(torch.arange(len(spans), device=dev)[:, None] * tmax + u[None, :])[u[None, :] < t[:, None]],
+        cap_angles=tuple(torch.cat(x) for x in zip(*(sp.cap_angles for sp in spans))),
+        fa_blocks=torch.stack([sp.blocks[spans[0].n_glob // B] for sp in spans]),
+        fa_first=fa * B,
+        edge_angles=angles(-(fa[:, None] * B + torch.arange(B, device=dev)), rotary),
+        edge_mask=mask[:, None, None].expand(-1, -1, g, -1, -1).reshape(len(spans), 1, g * tmax, B),
+        edge_sees=edge_sees[:, None, None].expand(-1, -1, g, -1).reshape(len(spans), 1, g * tmax, 1),
+    )
+
+
+def _far_short_spans(q: torch.Tensor, spans: list[Span], kv_cache: torch.Tensor, layout: str, chunk: _ChunkKeys,
+                     scale: float, rotary: RotarySpec):  # fmt: skip
+    """The far branch of a chunk's short spans (Span.short: C = W, so every far key is at distance
+    C and is scored by the rows' queries rotated to C against keys at position 0), the spans a
+    batch of query sets (padded to the longest), in two calls of PyTorch's fused attention joined
+    by their log-sum-exps: the edges, where a span's rows read the slots of its block fa, row
+    a + t the first edge_from + t; and the chunk's uniform keys, the global slots and the selected
+    blocks, read alike by every row but the picks at or past its span's fa (in its window or edge:
+    masked per span). q [T', H, D]: the spans' rows, rotated at their positions. -> outputs
+    [T', Hkv, g, Dv] float32, log-sum-exps [T', Hkv, g, 1] (-inf where a row sees none)."""
+    T, H, D = q.shape
+    B, Hkv, dtype = kv_cache.shape[2], kv_cache.shape[1], kv_cache.dtype
+    g, ns = H // Hkv, len(spans)
+    plan = spans[0].batch
+    if plan is None:
+        plan = spans[0].batch = plan_short_spans(spans, B, g, rotary, dtype)
+    tmax = plan.edge_mask.shape[2] // g
+    cos, sin = plan.cap_angles
+    q_cap = rotate(q.float(), cos[:, None], sin[:, None], rotary).to(dtype)[plan.take]  # [ns * tmax, H, D]
+    rows = q_cap.view(ns, tmax, Hkv, g, D).permute(0, 2, 3, 1, 4).reshape(ns, Hkv, g * tmax, D)
+    sdpa = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+    edge = read_blocks(kv_cache, plan.fa_blocks, layout).float()  # [ns, B, Hkv, 2D]
+    cos, sin = plan.edge_angles
+    k_e = rotate(edge[..., :D], cos[:, :, None], sin[:, :, None], rotary).transpose(1, 2).to(dtype)
+    o, lse = sdpa(rows, k_e, edge[..., D:].transpose(1, 2).to(dtype), 0.0, False,
+                  attn_mask=plan.edge_mask.expand(-1, Hkv, -1, -1), scale=scale)[:2]  # fmt: skip
+    o, lse = o.float(), lse.view(ns, Hkv, g * tmax, 1).masked_fill(~plan.edge_sees, float("-inf"))
+    if spans[0].n_glob or chunk.chosen.numel():
+        keys, values = chunk.uniform_keys(spans[0], kv_cache, layout, rotary)  # [Hkv, Lu, D]
         mask, sees = None, None
         if chunk.chosen.numel():
-            late = chunk.pos_st >= sp.fa * chunk.B  # picks at or past fa: in the rows' windows or edges, not here
+            late = chunk.pos_st[None] >= plan.fa_first[:, None, None]  # [ns, Hkv, kB]
             if late.any():
-                mask = torch.zeros(Hkv, keys.shape[2], dtype=dtype)
-                mask[:, n_glob:].masked_fill_(late, float("-inf"))
-                mask = mask[None, :, None].expand(1, Hkv, g * t, -1)
-                sees = n_glob > 0 or (~late).any(1)[None, :, None, None]  # (a head that sees none: lse 0, not -inf)
-        rows = q_cap.to(dtype).permute(1, 2, 0, 3).reshape(1, Hkv, g * t, D)
-        o_u, lse_u = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            rows, keys, values, 0.0, False, attn_mask=mask, scale=scale
-        )[:2]
-        o = o_u.view(Hkv, g, t, -1).permute(2, 0, 1, 3).float()
-        lse = lse_u.view(Hkv, g, t).permute(2, 0, 1)[..., None]
-        if sees is not None and sees is not True:
-            lse = lse.masked_fill(~sees, float("-inf"))
-    if not sp.edge:
-        return o, lse
-    edge = kv[n_glob : n_glob + sp.edge].float()
-    cos, sin = sp.edge_angles
-    k_e = rotate(edge[..., :D], cos[:, None], sin[:, None], rotary)  # [edge, Hkv, D] at position 0
-    s_e = torch.einsum("tkgd,lkd->tkgl", q_cap, k_e) * scale
-    seen = torch.arange(sp.edge)[None, :] < (sp.edge_from + torch.arange(t))[:, None]  # [t, edge]
-    s_e = s_e.masked_fill_(~seen[:, None, None, :], float("-inf"))
-    lse_e = torch.logsumexp(s_e, dim=-1, keepdim=True)
-    o_e = torch.einsum("tkgl,lkd->tkgd", torch.exp(s_e - lse_e.clamp(min=-1e30)), edge[..., D:])
-    both = torch.logaddexp(lse, lse_e)
-    top = both.clamp(min=-1e30)
-    return o * torch.exp(lse - top) + o_e * torch.exp(lse_e - top), both
+                seen = torch.ones(ns, Hkv, 1, keys.shape[1], dtype=torch.bool)
+                seen[..., spans[0].n_glob :] = ~late[:, :, None]
+                sees = seen.any(-1, keepdim=True)  # [ns, Hkv, 1, 1]
+                seen[..., 0] |= ~sees[..., 0]  # (a head that sees none reads one key; its lse is set to -inf)
+                mask = torch.zeros(seen.shape, dtype=dtype).masked_fill_(~seen, float("-inf")).expand(-1, -1, g * tmax, -1)
+        o_u, lse_u = sdpa(rows, keys.expand(ns, -1, -1, -1), values.expand(ns, -1, -1, -1), 0.0, False,
+                          attn_mask=mask, scale=scale)[:2]  # fmt: skip
+        lse_u = lse_u[..., None] if sees is None else lse_u[..., None].masked_fill(~sees, float("-inf"))
+        both = torch.logaddexp(lse, lse_u)
+        o, lse = o_u.float().lerp_(o, torch.exp(lse - both.clamp(min=-1e30))), both  # (weights: the edge's share)
+    o = o.view(ns, Hkv, g, tmax, -1).permute(0, 3, 1, 2, 4).reshape(ns * tmax, Hkv, g, -1)[plan.keep]
+    return o, lse.view(ns, Hkv, g, tmax).permute(0, 3, 1, 2).reshape(ns * tmax, Hkv, g, 1)[plan.keep]
 
 
 def _far_general(qf: torch.Tensor, sp: Span, kv: torch.Tensor, chunk: _ChunkKeys, cfg: LminfConfig, scale: float,
