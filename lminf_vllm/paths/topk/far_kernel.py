@@ -51,7 +51,7 @@ extern "C" void kernel(const int64_t* key_base, const int64_t* val_base, const i
                 const KT* keys = reinterpret_cast<const KT*>(key_base[r * MC + blk[j] / N])
                                  + ((blk[j] % N) * Hkv + h) * B * D;
                 for (int64_t b = 0; b < cnt[j]; ++b, ++col)
-                    for (int64_t i = 0; i < G; ++i) s[i * total + col] = dot(keys + b * D, q + (p * G + i) * D, D, scale);
+                    dot_group(keys + b * D, q + p * G * D, G, D, scale, s.data() + col, total);
             }
             for (int64_t i = 0; i < G; ++i) {
                 float* si = s.data() + i * total;  // scores -> exp(score - max)
