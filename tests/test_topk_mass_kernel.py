@@ -15,7 +15,10 @@ from lminf_vllm.paths.topk import attention, mass_kernel
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize(("pieces", "Hkv", "g", "B", "D"), [([[1]], 3, 3, 128, 64), ([[5, 2], [1]], 1, 4, 16, 80),
                                                               ([[16], [3, 16, 1]], 2, 1, 20, 40),
-                                                              ([[7], [2]], 4, 2, 32, 130)])  # fmt: skip
+                                                              ([[7], [2]], 4, 2, 32, 130),
+                                                              # tiles of 16 keys and a tail, groups of 1, 2 and 4
+                                                              ([[2, 1]], 2, 2, 40, 64), ([[1], [3]], 1, 1, 48, 32),
+                                                              ([[2]], 2, 4, 35, 96)])  # fmt: skip
 def test_block_lse_is_float64s_for_every_row_and_block(dtype, pieces, Hkv, g, B, D):
     assert mass_kernel.usable(dtype), "the C++ pass could not be built on this machine"
     gen = torch.Generator().manual_seed(B * 1000 + D)
