@@ -389,7 +389,7 @@ def attend_chunk(
     s = spans[0].a
     chunk = _ChunkKeys(chosen, store_kv, B)
     short = [sp for sp in spans if sp.short]  # (a suffix of the spans: fa only grows)
-    if short:  # their far branch in one call (_far_short_spans)
+    if short:  # their far branch, all at once (_far_short_spans)
         at = short[0].a - s
         o_short, lse_short = _far_short_spans(q[at : short[-1].b - s], short, kv_cache, layout, chunk, scale, rotary)
     if window is not None:  # the far branch of every span first: the kernel's window call takes its log-sum-exps
@@ -452,7 +452,7 @@ class _ChunkKeys:
         cache's dtype)."""
         if self.uniform is None:
             n, D = sp.n_glob, kv_cache.shape[-1] // 2
-            kv = read_blocks(kv_cache, sp.blocks[: n // self.B], layout).reshape(n, kv_cache.shape[1], kv_cache.shape[-1]).float()
+            kv = read_blocks(kv_cache, sp.blocks[: n // self.B], layout).float().reshape(n, *kv_cache.shape[1::2])
             cos, sin = sp.glob_angles
             keys = rotate(kv[..., :D], cos[:, None], sin[:, None], rotary).transpose(0, 1)  # [Hkv, gB, D]
             values = kv[..., D:].transpose(0, 1)
@@ -465,7 +465,7 @@ class _ChunkKeys:
 @dataclass
 class ShortSpans:
     """What the far branch of a chunk's short spans reads alike in every layer (`_far_short_spans`):
-    for the edges, the spans are a batch of `ns` query sets padded to `tmax` rows each."""
+    the spans are a batch of `ns` query sets padded to `tmax` rows each."""
 
     take: torch.Tensor  # [ns * tmax] the short row each padded row copies (padding repeats a span's last)
     keep: torch.Tensor  # [T'] the padded rows that are real, in order
@@ -473,7 +473,7 @@ class ShortSpans:
     fa_blocks: torch.Tensor  # [ns] physical id of each span's first window block
     fa_first: torch.Tensor  # [ns] its first position (picks from there on are late: in the rows' windows or edges)
     edge_angles: tuple  # cos, sin [ns, B]: block fa's slots rotated back to position 0
-    edge_mask: torch.Tensor  # [ns, 1, g * tmax, B]: 0 where a row sees an edge slot, else -inf (slot 0 where it sees none)
+    edge_mask: torch.Tensor  # [ns, 1, g * tmax, B]: 0 where a row sees an edge slot, else -inf (slot 0 if none)
     edge_sees: torch.Tensor  # [ns, 1, g * tmax, 1] bool: the row sees some edge slot
 
 
@@ -485,7 +485,8 @@ def plan_short_spans(spans: list[Span], B: int, g: int, rotary: RotarySpec, dtyp
     u = torch.arange(tmax, device=dev)
     used = torch.minimum(u[None, :], (t - 1)[:, None])  # [ns, tmax]
     fa = torch.tensor([sp.fa for sp in spans], device=dev)
-    sees = torch.arange(B, device=dev)[None, None, :] < (torch.tensor([sp.edge_from for sp in spans])[:, None] + used)[..., None]
+    edge_from = torch.tensor([sp.edge_from for sp in spans], device=dev)
+    sees = torch.arange(B, device=dev)[None, None, :] < (edge_from[:, None] + used)[..., None]  # [ns, tmax, B]
     edge_sees = sees.any(-1)  # [ns, tmax]
     sees[..., 0] |= ~edge_sees
     mask = torch.zeros(sees.shape, dtype=dtype).masked_fill_(~sees, float("-inf"))
@@ -539,7 +540,8 @@ def _far_short_spans(q: torch.Tensor, spans: list[Span], kv_cache: torch.Tensor,
                 seen[..., spans[0].n_glob :] = ~late[:, :, None]
                 sees = seen.any(-1, keepdim=True)  # [ns, Hkv, 1, 1]
                 seen[..., 0] |= ~sees[..., 0]  # (a head that sees none reads one key; its lse is set to -inf)
-                mask = torch.zeros(seen.shape, dtype=dtype).masked_fill_(~seen, float("-inf")).expand(-1, -1, g * tmax, -1)
+                mask = torch.zeros(seen.shape, dtype=dtype).masked_fill_(~seen, float("-inf"))
+                mask = mask.expand(-1, -1, g * tmax, -1)
         o_u, lse_u = sdpa(rows, keys.expand(ns, -1, -1, -1), values.expand(ns, -1, -1, -1), 0.0, False,
                           attn_mask=mask, scale=scale)[:2]  # fmt: skip
         lse_u = lse_u[..., None] if sees is None else lse_u[..., None].masked_fill(~sees, float("-inf"))

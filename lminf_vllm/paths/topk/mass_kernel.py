@@ -81,7 +81,8 @@ static inline void dot_group_of(const KT* key, const float* q, int64_t D, float 
     for (int i = 0; i < NG; ++i) {
         float tail = 0.f;
         for (int64_t e = d; e < D; ++e) tail += static_cast<float>(key[e]) * q[i * D + e];
-        out[i * stride] = scale * (at::vec::vec_reduce_all<float, 2>([](Vec& x, Vec& y) { return x + y; }, acc[i]) + tail);
+        const float sum = at::vec::vec_reduce_all<float, 2>([](Vec& x, Vec& y) { return x + y; }, acc[i]);
+        out[i * stride] = scale * (sum + tail);
     }
 }
 
