@@ -134,7 +134,8 @@ static inline void dot_tile_of(const KT* keys, const float* q, int64_t D, float 
     for (int i = 0; i < NG; ++i) _mm512_storeu_ps(out + i * stride, _mm512_mul_ps(lane_sums16(part[i]), sc));
 }
 
-// The first keys of n (a multiple of 16) through dot_tile_of; -> how many
+// Keys [0, 16 * (n / 16)) of n through dot_tile_of (none where G > 4 or D is no multiple of Vec2::size());
+// -> how many, the rest for dot_group
 static inline int64_t dot_tiles(const KT* keys, const float* q, int64_t G, int64_t n, int64_t D, float scale,
                                 float* out, int64_t stride) {
     if (D % Vec2::size() != 0 || at::vec::Vectorized<float>::size() != 16) return 0;
