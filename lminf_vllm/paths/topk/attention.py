@@ -545,6 +545,8 @@ def _far_short_spans(q: torch.Tensor, spans: list[Span], kv_cache: torch.Tensor,
         o_u, lse_u = sdpa(rows, keys.expand(ns, -1, -1, -1), values.expand(ns, -1, -1, -1), 0.0, False,
                           attn_mask=mask, scale=scale)[:2]  # fmt: skip
         lse_u = lse_u[..., None] if sees is None else lse_u[..., None].masked_fill(~sees, float("-inf"))
+        # (merge_two's weight, a sigmoid of the difference, is NaN where neither part sees a key: G = 0,
+        # every pick late, an empty edge; the clamped share here is 0 there)
         both = torch.logaddexp(lse, lse_u)
         o, lse = o_u.float().lerp_(o, torch.exp(lse - both.clamp(min=-1e30))), both  # (weights: the edge's share)
     o = o.view(ns, Hkv, g, tmax, -1).permute(0, 3, 1, 2, 4).reshape(ns * tmax, Hkv, g, -1)[plan.keep]

@@ -69,15 +69,22 @@ static inline float dot(const KT* key, const float* q, int64_t D, float scale) {
 // dot for the G query heads q + i * D of one KV head, the key read and converted once: out[i * stride]
 // (the same products in the same order as dot, so the same floats). NG = G, known when compiled, keeps
 // the accumulators in registers.
+// acc[i]: the key's products with q + i * D over its whole vectors of channels; -> the channels done
 template <int NG>
-static inline void dot_group_of(const KT* key, const float* q, int64_t D, float scale, float* out, int64_t stride) {
-    Vec2 acc[NG];
+static inline int64_t group_products(const KT* key, const float* q, int64_t D, Vec2* acc) {
     for (int i = 0; i < NG; ++i) acc[i] = Vec2(0.f);
     int64_t d = 0;
     for (; d + Vec2::size() <= D; d += Vec2::size()) {
         const Vec2 k = load_keys(key + d);
         for (int i = 0; i < NG; ++i) acc[i] = acc[i] + k * Vec2::loadu(q + i * D + d);
     }
+    return d;
+}
+
+template <int NG>
+static inline void dot_group_of(const KT* key, const float* q, int64_t D, float scale, float* out, int64_t stride) {
+    Vec2 acc[NG];
+    const int64_t d = group_products<NG>(key, q, D, acc);
     for (int i = 0; i < NG; ++i) {
         float tail = 0.f;
         for (int64_t e = d; e < D; ++e) tail += static_cast<float>(key[e]) * q[i * D + e];
@@ -123,11 +130,7 @@ static inline void dot_tile_of(const KT* keys, const float* q, int64_t D, float 
     __m512 part[NG][16];
     for (int kk = 0; kk < 16; ++kk) {
         Vec2 acc[NG];
-        for (int i = 0; i < NG; ++i) acc[i] = Vec2(0.f);
-        for (int64_t d = 0; d < D; d += Vec2::size()) {
-            const Vec2 k = load_keys(keys + kk * D + d);
-            for (int i = 0; i < NG; ++i) acc[i] = acc[i] + k * Vec2::loadu(q + i * D + d);
-        }
+        group_products<NG>(keys + kk * D, q, D, acc);  // (D a multiple of Vec2::size(): no tail)
         for (int i = 0; i < NG; ++i) part[i][kk] = acc[i][0] + acc[i][1];
     }
     const __m512 sc = _mm512_set1_ps(scale);
