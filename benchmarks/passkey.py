@@ -11,10 +11,11 @@ Mode "topk" is lminf plus the k best middle blocks per (sequence, layer, KV
 head) read back from the host store (--topk-blocks k; docs/topk-contract.md).
 For every mode the JSON records the device KV blocks per sequence, measured
 from the engine: the most non-null blocks one request held in the KV pool
-after a scheduler step (decode steps and prefill chunks apart), the top-k
-selection buffer included (the k middle blocks the KV manager keeps behind the
-window), against the contract's bound ceil(G/B) + ceil(W/B) + 1 + k (decode; a
-prefill chunk of T tokens adds ceil((W - 1 + T)/B) - ceil(W/B)).
+after a scheduler step (decode steps and prefill chunks apart), against the
+contract's bound ceil(G/B) + ceil(W/B) + 1 (decode; a prefill chunk of T tokens
+adds ceil((W - 1 + T)/B) - ceil(W/B)), the same with top-k: its middle blocks
+are read from the host store. Results made before that counted k more blocks,
+a selection buffer (docs/topk-contract.md), in their bound.
 
     python benchmarks/passkey.py --help
     python benchmarks/passkey.py --lengths 2048 4096 8192 16384 --trials 4
@@ -92,8 +93,8 @@ class KvProbe:
     policy's frees applied), the non-null blocks each scheduled request holds
     in the KV pool's managers (one per KV cache group), kept as the maximum per
     request and phase (prefill chunk / decode step), with the largest chunk.
-    Top-k's selection buffer is k of those pool blocks (topk_buffer stays 0;
-    results from before it moved into the pool counted it apart).
+    (topk_buffer stays 0: results from before top-k's selection buffer moved into
+    the pool counted it apart; since then there is none.)
     """
 
     def __init__(self, llm):
@@ -164,8 +165,8 @@ def run_mode(model: Path, mode: str, cases: list[dict], **engine_kw) -> list[dic
     return out
 
 
-def device_blocks(trials: list[dict], *, global_tokens: int, local_tokens: int, block_size: int, k: int) -> dict:
-    """The most device KV blocks one sequence held (pool + top-k buffer), against the contract's bound."""
+def device_blocks(trials: list[dict], *, global_tokens: int, local_tokens: int, block_size: int) -> dict:
+    """The most device KV blocks one sequence held, against the contract's bound."""
     G, W, B = global_tokens, local_tokens, block_size
     kv = [t["kv"] for t in trials]
     pool_decode, pool_prefill = max(x["pool_decode"] for x in kv), max(x["pool_prefill"] for x in kv)
@@ -173,8 +174,8 @@ def device_blocks(trials: list[dict], *, global_tokens: int, local_tokens: int, 
     return {
         "pool_decode": pool_decode, "pool_prefill": pool_prefill, "topk_buffer": buffer, "largest_chunk": chunk,
         "device_decode": pool_decode + buffer, "device_prefill": pool_prefill + buffer,
-        "bound_decode": cdiv(G, B) + cdiv(W, B) + 1 + k,
-        "bound_prefill": cdiv(G, B) + cdiv(W - 1 + chunk, B) + 1 + k,
+        "bound_decode": cdiv(G, B) + cdiv(W, B) + 1,
+        "bound_prefill": cdiv(G, B) + cdiv(W - 1 + chunk, B) + 1,
     }  # fmt: skip
 
 
@@ -233,7 +234,7 @@ def main(argv=None):
         results.setdefault(mode, {})[n] = {
             "accuracy": sum(hits) / len(hits),
             "device_kv_blocks": device_blocks(rows, global_tokens=args.global_tokens, local_tokens=engine_kw["local_tokens"],
-                                              block_size=args.block_size, k=k),  # fmt: skip
+                                              block_size=args.block_size),  # fmt: skip
             "trials": rows,
         }
         # After every (mode, length): a long run keeps what it did.
@@ -243,12 +244,12 @@ def main(argv=None):
     print("|---" * (len(args.lengths) + 1) + "|")
     for mode, by_n in results.items():
         print(f"| {mode} | " + " | ".join(f"{by_n[n]['accuracy']:.0%}" for n in args.lengths) + " |")
-    print("\ndevice KV blocks per sequence (decode: pool + top-k buffer / bound; prefill likewise)")
+    print("\ndevice KV blocks per sequence (decode: device / bound; prefill likewise)")
     for mode, by_n in results.items():
         for n in args.lengths:
             d = by_n[n]["device_kv_blocks"]
-            print(f"  {mode} {n}: decode {d['pool_decode']} + {d['topk_buffer']} = {d['device_decode']} / "
-                  f"{d['bound_decode']}; prefill {d['device_prefill']} / {d['bound_prefill']}")
+            print(f"  {mode} {n}: decode {d['device_decode']} / {d['bound_decode']}; "
+                  f"prefill {d['device_prefill']} / {d['bound_prefill']}")
     print(f"\nwrote {args.out}")
 
 

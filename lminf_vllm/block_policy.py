@@ -21,18 +21,18 @@ def first_window_block(n: int, W: int, B: int) -> int:
     return max(0, n - W + 1) // B
 
 
-def freeable_blocks(n: int, G: int, W: int, B: int, kept_behind: int = 0) -> range:
-    """Logical blocks no query at position >= n will read: wholly between global and window,
-    but for the last kept_behind of them (top-k's selection buffer: topk_blocks)."""
+def freeable_blocks(n: int, G: int, W: int, B: int) -> range:
+    """Logical blocks no query at position >= n will read: wholly between global and window
+    (top-k reads its middle blocks from the host store, not from these)."""
     g = global_blocks(G, B)
-    return range(g, max(g, first_window_block(n, W, B) - kept_behind))
+    return range(g, max(g, first_window_block(n, W, B)))
 
 
-def max_blocks_per_sequence(G: int, W: int, B: int, in_flight_tokens: int = 1, kept_behind: int = 0) -> int:
+def max_blocks_per_sequence(G: int, W: int, B: int, in_flight_tokens: int = 1) -> int:
     """SPEC.md's bound: ceil(G/B) + ceil(W/B) + 1 while decoding one token a step;
-    a prefill chunk of T tokens in flight adds its own blocks (in_flight_tokens = T);
-    top-k's selection buffer adds its k blocks (kept_behind = k: docs/topk-contract.md)."""
-    return global_blocks(G, B) + cdiv(W - 1 + in_flight_tokens, B) + 1 + kept_behind
+    a prefill chunk of T tokens in flight adds its own blocks (in_flight_tokens = T).
+    The same with topk_blocks > 0 (docs/topk-contract.md)."""
+    return global_blocks(G, B) + cdiv(W - 1 + in_flight_tokens, B) + 1
 
 
 def topk_attended_tokens(G: int, W: int, B: int, k: int) -> int:

@@ -19,24 +19,21 @@ from lminf_vllm.vllm_compat import extra_retained_tokens
 
 @dataclass(frozen=True, kw_only=True)
 class LminfSpec(SlidingWindowSpec):
-    """sliding_window = W (local_tokens); global_tokens = G; kept_behind = topk_blocks (the
-    top-k selection buffer: that many middle blocks behind the window stay held)."""
+    """sliding_window = W (local_tokens); global_tokens = G."""
 
     global_tokens: int = 0
-    kept_behind: int = 0
 
     def max_admission_blocks_per_request(self, max_in_flight_tokens: int, max_model_len: int) -> int:
         bound = block_policy.max_blocks_per_sequence(
             self.global_tokens, self.sliding_window, self.block_size,
-            in_flight_tokens=max_in_flight_tokens + extra_retained_tokens(self), kept_behind=self.kept_behind,
+            in_flight_tokens=max_in_flight_tokens + extra_retained_tokens(self),
         )  # fmt: skip
         return min(bound, block_policy.cdiv(max_model_len, self.block_size))
 
     def is_uniform_with_collection(self, kv_cache_specs: dict[str, KVCacheSpec]) -> bool:
         return all(
             isinstance(s, LminfSpec)
-            and (s.sliding_window, s.global_tokens, s.kept_behind) == (self.sliding_window, self.global_tokens,
-                                                                      self.kept_behind)
+            and (s.sliding_window, s.global_tokens) == (self.sliding_window, self.global_tokens)
             for s in kv_cache_specs.values()
         )
 
@@ -49,7 +46,7 @@ class LminfManager(SlidingWindowManager):
 
     def __init__(self, kv_cache_spec: LminfSpec, **kwargs) -> None:
         super().__init__(kv_cache_spec, **kwargs)
-        self.global_tokens, self.kept_behind = kv_cache_spec.global_tokens, kv_cache_spec.kept_behind
+        self.global_tokens = kv_cache_spec.global_tokens
         self.num_freed_blocks = 0  # freed by the Λ policy, for observability
         # The CPU-kernel path writes scratch rows into the null block, by id.
         from lminf_vllm.kv_layout import NULL_BLOCK
@@ -62,7 +59,7 @@ class LminfManager(SlidingWindowManager):
 
     def remove_skipped_blocks(self, request_id: str, processed_computed_tokens: int, num_prompt_tokens=None) -> None:
         gap = block_policy.freeable_blocks(
-            processed_computed_tokens, self.global_tokens, self.sliding_window, self.block_size, self.kept_behind
+            processed_computed_tokens, self.global_tokens, self.sliding_window, self.block_size
         )
         blocks = self.req_to_blocks.get(request_id)
         if not gap or not blocks:

@@ -12,7 +12,6 @@ from lminf_vllm.paths.topk import store as topk_store
 from lminf_vllm.block_policy import freeable_blocks
 from lminf_vllm.kv_layout import token_views
 from lminf_vllm.paths.topk.ops import ListedCall
-from lminf_vllm.rope import rotate
 from lminf_vllm.runtime_patches._util import _MARK, _lookup, _unwrap
 from lminf_vllm.paths.topk.attention import select_from_bounds
 
@@ -20,9 +19,9 @@ from lminf_vllm.paths.topk.attention import select_from_bounds
 # ---------------------------------------------------------------- block_policy
 
 
-def kept_blocks(n: int, G: int, W: int, B: int, upto: int, kept_behind: int = 0) -> list[int]:
+def kept_blocks(n: int, G: int, W: int, B: int, upto: int) -> list[int]:
     """Logical blocks kept among [0, upto) once n tokens are computed."""
-    gone = freeable_blocks(n, G, W, B, kept_behind)
+    gone = freeable_blocks(n, G, W, B)
     return [b for b in range(upto) if b not in gone]
 
 
@@ -88,14 +87,6 @@ def window(q: torch.Tensor, kv_cache: torch.Tensor, tokens: torch.Tensor, scale:
     """Decode rows q [R, H, D] over their window slots tokens [R, W] (kv_layout.token_numbers) of
     an OWN_LAYOUT cache, read in place: attend_listed."""
     return attend_listed(q, *token_views(kv_cache), tokens, scale, splits)
-
-
-def rotate_rows(keys: torch.Tensor, table: torch.Tensor, positions: torch.Tensor, rotary) -> None:
-    """pool.copy_far_blocks' turn in PyTorch: keys [N, D] rotated in place, key n by the angles
-    table[positions[n]] (rope.rotate, float32); the engine's is vLLM's rotary op
-    (paths/topk/ops.rotate_rows)."""
-    cos, sin = table.float()[positions].chunk(2, dim=-1)
-    keys.copy_(rotate(keys.float(), cos, sin, rotary))
 
 
 @contextlib.contextmanager

@@ -38,7 +38,7 @@ def test_paths_and_the_math_below_them_see_no_vllm():
     vllm_free = [m for m in MODULES if m.startswith("lminf_vllm.paths") or m in (
         "lminf_vllm.step", "lminf_vllm.routing", "lminf_vllm.kv_layout", "lminf_vllm.lambda_attention",
         "lminf_vllm.rope", "lminf_vllm.config", "lminf_vllm.block_policy", "lminf_vllm.model_support",
-        "lminf_vllm.metrics", "lminf_vllm.paths.topk.attention", "lminf_vllm.paths.topk.store", "lminf_vllm.paths.topk.pool",
+        "lminf_vllm.metrics", "lminf_vllm.paths.topk.attention", "lminf_vllm.paths.topk.store",
     )]  # fmt: skip
     assert len(vllm_free) >= 12
     for m in vllm_free:

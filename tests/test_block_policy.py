@@ -24,14 +24,6 @@ def test_hand_worked_example():
     assert max_blocks_per_sequence(4, 64, 32) == 1 + 2 + 1
 
 
-def test_a_topk_sequence_keeps_k_blocks_behind_its_window():
-    # the same sequence with topk_blocks = 3: blocks 88..90 stay as the selection buffer
-    assert freeable_blocks(3000, 4, 64, 32, kept_behind=3) == range(1, 88)
-    assert kept_blocks(3000, 4, 64, 32, upto=94, kept_behind=3) == [0, 88, 89, 90, 91, 92, 93]
-    assert max_blocks_per_sequence(4, 64, 32, kept_behind=3) == 1 + 2 + 1 + 3
-    assert freeable_blocks(100, 4, 64, 32, kept_behind=3) == range(1, 1)  # fewer middle blocks than k
-
-
 def test_nothing_is_freed_while_the_window_covers_everything():
     assert list(freeable_blocks(64, 4, 64, 16)) == []
     assert list(freeable_blocks(100, 0, 200, 16)) == []
@@ -51,21 +43,6 @@ def test_kept_blocks_hold_every_key_the_next_query_reads(p, n):
     kept = set(kept_blocks(n, G, W, B, upto=cdiv(n + 1, B)))
     visible = [j for j in range(n + 1) if j < G or n - j < W]  # query at position n
     assert {j // B for j in visible} <= kept
-
-
-@settings(max_examples=300, deadline=None)
-@given(params, st.integers(0, 6), st.lists(st.integers(1, 700), min_size=1, max_size=20))
-def test_the_kept_blocks_behind_the_window_stay_within_the_bound(p, k, chunks):
-    """With kept_behind = k the k middle blocks just behind the next query's window are held
-    (as many as there are), and held <= the bound + k in any chunking."""
-    G, W, B = p
-    n = 0
-    for T in chunks + [1] * 40:
-        held = kept_blocks(n, G, W, B, upto=cdiv(n + T, B), kept_behind=k)
-        assert len(held) <= max_blocks_per_sequence(G, W, B, in_flight_tokens=T, kept_behind=k)
-        fa, g = first_window_block(n, W, B), global_blocks(G, B)
-        assert set(range(max(g, fa - k), min(fa, cdiv(n + T, B)))) <= set(held)
-        n += T
 
 
 @settings(max_examples=400, deadline=None)

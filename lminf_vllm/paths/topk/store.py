@@ -158,8 +158,8 @@ class HostStore:
 
     def block_heads(self, request: str, layer, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows block * Hkv + head of the (block, KV head) pieces: their keys at position 0
-        [len(rows), B, D] and values [len(rows), B, Dv], as the pool's block-heads hold them
-        (pool.py copies them there). Copies."""
+        [len(rows), B, D] and values [len(rows), B, Dv], as the pool's block-heads hold them.
+        Copies."""
         entry = self._entries[(request, layer)]
         per = entry.flat_keys[0].shape[0]
         return _take(entry.flat_keys, rows, per), _take(entry.flat_values, rows, per)
