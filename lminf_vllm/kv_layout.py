@@ -64,12 +64,6 @@ def block_head_numbers(blocks: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     return torch.add(torch.arange(num_kv_heads, device=blocks.device)[:, None], blocks.long(), alpha=num_kv_heads)
 
 
-def head_row_numbers(blocks: torch.Tensor, slots: torch.Tensor, num_kv_heads: int, block_size: int) -> torch.Tensor:
-    """[Hkv, N]: each KV head's row, (block * Hkv + head) * B + slot, of (block, slot) pairs [N] in a
-    tensor laid out [blocks, Hkv, B, ...] viewed as rows (an OWN_LAYOUT cache, the host store)."""
-    return block_head_numbers(blocks, num_kv_heads) * block_size + slots
-
-
 def write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
     """Store key/value [T, Hkv, D] at flat slots [T] (slot = block * B + row; < 0 = padding)."""
     write_kv_at(kv_cache, key, value, write_index(slots, kv_cache.shape[2]))

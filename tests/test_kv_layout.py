@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from lminf_vllm.kv_layout import block_head_numbers, head_row_numbers
+from lminf_vllm.kv_layout import block_head_numbers
 
 
 @pytest.mark.parametrize("Hkv, B", [(1, 4), (3, 16)])
 def test_block_head_numbers_name_each_heads_slice_of_a_block(Hkv, B):
     """Row h: head h's slice kv_cache[block, h] of each block, in the cache viewed [blocks * Hkv, B, 2D],
-    for blocks every head reads ([n]) and for each head's own ([Hkv, n]); head_row_numbers: their slots."""
+    for blocks every head reads ([n]) and for each head's own ([Hkv, n])."""
     g = torch.Generator().manual_seed(Hkv)
     nb, D = 7, 4
     cache = torch.randn(nb, Hkv, B, 2 * D, generator=g)
@@ -21,6 +21,3 @@ def test_block_head_numbers_name_each_heads_slice_of_a_block(Hkv, B):
         per_head = blocks.long().expand(Hkv, -1)
         want = torch.stack([cache[per_head[h], h] for h in range(Hkv)])
         assert torch.equal(cache.view(nb * Hkv, B, 2 * D)[rows], want)
-    slots = torch.tensor([1, B - 1, 0, 2])
-    want = torch.stack([cache[shared.long(), h, slots] for h in range(Hkv)])
-    assert torch.equal(cache.view(-1, 2 * D)[head_row_numbers(shared, slots, Hkv, B)], want)
