@@ -50,10 +50,8 @@ extern "C" void kernel(const int64_t* key_base, const int64_t* val_base, const i
             for (int64_t j = 0; j < NB; ++j) {
                 const KT* keys = reinterpret_cast<const KT*>(key_base[r * MC + blk[j] / N])
                                  + ((blk[j] % N) * Hkv + h) * B * D;
-                const int64_t tiled = dot_tiles(keys, q + p * G * D, G, cnt[j], D, scale, s.data() + col, total);
-                col += tiled;
-                for (int64_t b = tiled; b < cnt[j]; ++b, ++col)
-                    dot_group(keys + b * D, q + p * G * D, G, D, scale, s.data() + col, total);
+                dot_keys(keys, q + p * G * D, G, cnt[j], D, scale, s.data() + col, total);
+                col += cnt[j];
             }
             for (int64_t i = 0; i < G; ++i) {
                 float* si = s.data() + i * total;  // scores -> exp(score - max)

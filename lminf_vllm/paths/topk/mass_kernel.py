@@ -158,6 +158,13 @@ static inline int64_t dot_tiles(const KT* keys, const float* q, int64_t G, int64
 static inline int64_t dot_tiles(const KT*, const float*, int64_t, int64_t, int64_t, float, float*, int64_t) { return 0; }
 #endif
 
+// dot_group for keys [0, n): out[i * stride + b] for key b, in tiles of 16 where dot_tiles can
+static inline void dot_keys(const KT* keys, const float* q, int64_t G, int64_t n, int64_t D, float scale, float* out,
+                            int64_t stride) {
+    for (int64_t b = dot_tiles(keys, q, G, n, D, scale, out, stride); b < n; ++b)
+        dot_group(keys + b * D, q, G, D, scale, out + b, stride);
+}
+
 // The largest of x[0, n), vectorized
 static inline float max_of(const float* x, int64_t n) {
     int64_t t = 0;
@@ -206,9 +213,7 @@ extern "C" void kernel(const int64_t* block_addr, const int64_t* block_row, cons
             const int64_t r = block_row[t];
             for (int64_t h = 0; h < Hkv; ++h) {
                 const float* qh = q + (r * Hkv + h) * G * D;
-                const KT* keys = block + h * B * D;
-                for (int64_t b = dot_tiles(keys, qh, G, B, D, scale, s.data(), B); b < B; ++b)
-                    dot_group(keys + b * D, qh, G, D, scale, s.data() + b, B);
+                dot_keys(block + h * B * D, qh, G, B, D, scale, s.data(), B);
                 for (int64_t i = 0; i < G; ++i) {
                     float* si = s.data() + i * B;
                     const float m = max_of(si, B);
