@@ -10,7 +10,8 @@ vllm.LLM in this process: stock vLLM (attention_backend CPU_ATTN), Λ alone
 Same engine settings for all: the model's bfloat16, blocks of --block-size (128:
 vLLM's CPU default, which `make serve` keeps), enforce_eager, steps of --step-tokens,
 one request at a time, greedy, --max-new tokens; a hit is an answer that contains the
-number.
+number. The TRIED variants swap the engine's selection for a rule tried and not kept (a
+cheaper score: Quest's bound as a first pass, keys rounded to 8 or 4 bits), in-process.
 
 Per top-k trial the script also reads which blocks the engine chose (paths.topk's
 Plan.chosen, in-process) and records the share of (step, layer, KV head) selections
@@ -25,6 +26,8 @@ import json
 import sys
 import time
 from pathlib import Path
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -44,12 +47,20 @@ VARIANTS = {
     "topk mass k=12": ("lminf", 12, "mass", None),
     "topk mass k=4 refresh=16": ("lminf", 4, "mass", 16),
     "topk mass k=12 refresh=16": ("lminf", 12, "mass", 16),
+    "topk mass k=4 bound-prefilter=2": ("lminf", 4, "mass", None),
+    "topk mass k=4 bound-prefilter=4": ("lminf", 4, "mass", None),
+    "topk mass k=4 int8 keys": ("lminf", 4, "mass", None),
+    "topk mass k=4 int4 keys": ("lminf", 4, "mass", None),
 }
+# variants whose selection rule is one tried and not in the engine (TriedRule, below): the rule
+TRIED = {"topk mass k=4 bound-prefilter=2": lambda: BoundPrefilter(2),
+         "topk mass k=4 bound-prefilter=4": lambda: BoundPrefilter(4),
+         "topk mass k=4 int8 keys": lambda: SketchedMass(8), "topk mass k=4 int4 keys": lambda: SketchedMass(4)}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="default: all")
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="default: all but the tried rules (TRIED)")
     p.add_argument("--length", type=int, default=4096, help="prompt tokens (about)")
     p.add_argument("--documents", type=int, default=4)
     p.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.4, 0.7])
@@ -99,6 +110,76 @@ class Chosen:
         self._topk.plan = self._plan
 
 
+class TriedRule:
+    """Selection rules tried on this task and not kept (docs/topk-contract.md, "Natural text: what
+    was tried"), each cheaper to compute than the mass over every middle key. Patches the in-process
+    engine's two selection calls (a chunk's, the decode rows') with `scores`, then ranks as the
+    engine does (k best per KV head, the lower block on ties)."""
+
+    def __init__(self):
+        import lminf_vllm.paths.topk as topk
+        from lminf_vllm.paths.topk import attention as att
+
+        self._topk, self._att, self._saved = topk, att, (topk.select_stored, att.select_stored_rows)
+
+        def select_stored(store, request, layer, q_cap, first, stop, cfg, scale):
+            if stop - first <= cfg.topk_blocks:
+                return self._saved[0](store, request, layer, q_cap, first, stop, cfg, scale)
+            s = self.scores(store, request, layer, q_cap, first, stop, scale)
+            return att._top_k_rows(s[None], [stop - first], first, cfg.topk_blocks)[0]
+
+        def select_stored_rows(store, rows, layer, q_caps, first, cfg, scale):
+            per_row = [self.scores(store, request, layer, q_caps[r], first, stop, scale)
+                       for r, (request, stop) in enumerate(rows)]  # fmt: skip
+            counts = [s.shape[1] for s in per_row]
+            score = torch.full((len(rows), per_row[0].shape[0], max(counts)), float("-inf"))
+            for r, s in enumerate(per_row):
+                score[r, :, : counts[r]] = s
+            return att._top_k_rows(score, counts, first, cfg.topk_blocks)
+
+        topk.select_stored, att.select_stored_rows = select_stored, select_stored_rows
+
+    def scores(self, store, request, layer, q_cap, first, stop, scale) -> torch.Tensor:
+        """[Hkv, stop - first]: each candidate block's score, per KV head (-inf: never picked)."""
+        raise NotImplementedError
+
+    def close(self):
+        self._topk.select_stored, self._att.select_stored_rows = self._saved
+
+
+class BoundPrefilter(TriedRule):
+    """Quest's bound as a cheap first pass for the mass: per row and layer, each KV head's n best
+    candidates by the bound; the mass scores (shares over) their union over the KV heads only.
+    It would read n x Hkv blocks' keys a row instead of every middle block's."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.n = n
+
+    def scores(self, store, request, layer, q_cap, first, stop, scale):
+        bound = self._att.bound_scores(q_cap, store.bounds(request, layer, first, stop))
+        kept = torch.topk(bound, min(self.n, stop - first), dim=-1).indices.flatten().unique()
+        keys = torch.cat(store.keys_at_zero(request, layer, first, stop))[kept]
+        full = torch.full(bound.shape, float("-inf"))
+        full[:, kept] = self._att.mass_scores(q_cap, [keys], scale)
+        return full
+
+
+class SketchedMass(TriedRule):
+    """The mass from keys rounded to `bits`-bit integers (symmetric, one scale per key and KV head:
+    what a key sketch for scoring would store, 1/2 or 1/4 of bfloat16's bytes); the attention
+    still reads the exact keys."""
+
+    def __init__(self, bits: int):
+        super().__init__()
+        self.top = 2 ** (bits - 1) - 1
+
+    def scores(self, store, request, layer, q_cap, first, stop, scale):
+        keys = torch.cat(store.keys_at_zero(request, layer, first, stop)).float()  # [n, Hkv, B, D]
+        step = keys.abs().amax(dim=-1, keepdim=True).clamp(min=1e-30) / self.top
+        return self._att.mass_scores(q_cap, [torch.round(keys / step) * step], scale)
+
+
 def run_variant(args, model_dir, name, trials) -> dict:
     from vllm import LLM, SamplingParams
 
@@ -119,6 +200,7 @@ def run_variant(args, model_dir, name, trials) -> dict:
     llm = LLM(**options)
     start_s = time.time() - t0
     rec = Chosen() if k else None
+    tried = TRIED[name]() if name in TRIED else None
     params = SamplingParams(max_tokens=args.max_new, temperature=0.0)
     rows = []
     try:
@@ -141,13 +223,16 @@ def run_variant(args, model_dir, name, trials) -> dict:
     finally:
         if rec is not None:
             rec.close()
+        if tried is not None:
+            tried.close()
     cfg = llm.llm_engine.vllm_config
     resolved = {"dtype": str(cfg.model_config.dtype).removeprefix("torch."), "block_size": cfg.cache_config.block_size,
                 "enforce_eager": cfg.model_config.enforce_eager, "attention_backend": backend,
                 "lminf": cfg.additional_config.get("lminf_resolved") if backend == "lminf" else None}  # fmt: skip
     llm.llm_engine.engine_core.shutdown()
     del llm
-    return {"backend": backend, "topk_blocks": k, "topk_score": score, "topk_refresh": refresh, "engine": resolved,
+    return {"backend": backend, "topk_blocks": k, "topk_score": score, "topk_refresh": refresh,
+            "tried_rule": type(tried).__name__ if tried else None, "engine": resolved,
             "engine_start_s": round(start_s, 1), "seconds": round(time.time() - t0, 1),
             "found": sum(r["hit"] for r in rows), "of": len(rows), "trials": rows}  # fmt: skip
 
@@ -155,7 +240,7 @@ def run_variant(args, model_dir, name, trials) -> dict:
 def main(argv=None):
     in_process_engine_env()
     args = parse_args(argv)
-    args.variants = args.variants or list(VARIANTS)
+    args.variants = args.variants or [v for v in VARIANTS if v not in TRIED]  # (the engine's own rules)
     from transformers import AutoTokenizer
 
     from lminf_vllm.prepare_model import DEFAULT_OUT
