@@ -11,7 +11,8 @@ Same engine settings for all: the model's bfloat16, blocks of --block-size (128:
 vLLM's CPU default, which `make serve` keeps), enforce_eager, steps of --step-tokens,
 one request at a time, greedy, --max-new tokens; a hit is an answer that contains the
 number. The TRIED variants swap the engine's selection for a rule tried and not kept (a
-cheaper score: Quest's bound as a first pass, keys rounded to 8 or 4 bits), in-process.
+cheaper score: Quest's bound as a first pass, keys rounded to 8 or 4 bits, one query per KV
+head), in-process.
 
 Per top-k trial the script also reads which blocks the engine chose (paths.topk's
 Plan.chosen, in-process) and records the share of (step, layer, KV head) selections
@@ -51,11 +52,17 @@ VARIANTS = {
     "topk mass k=4 bound-prefilter=4": ("lminf", 4, "mass", None),
     "topk mass k=4 int8 keys": ("lminf", 4, "mass", None),
     "topk mass k=4 int4 keys": ("lminf", 4, "mass", None),
+    "topk mass k=4 int8 keys and query": ("lminf", 4, "mass", None),
+    "topk mass k=4 int4 keys, int8 query": ("lminf", 4, "mass", None),
+    "topk mass k=4 one query per KV head": ("lminf", 4, "mass", None),
 }
 # variants whose selection rule is one tried and not in the engine (TriedRule, below): the rule
 TRIED = {"topk mass k=4 bound-prefilter=2": lambda: BoundPrefilter(2),
          "topk mass k=4 bound-prefilter=4": lambda: BoundPrefilter(4),
-         "topk mass k=4 int8 keys": lambda: SketchedMass(8), "topk mass k=4 int4 keys": lambda: SketchedMass(4)}
+         "topk mass k=4 int8 keys": lambda: SketchedMass(8), "topk mass k=4 int4 keys": lambda: SketchedMass(4),
+         "topk mass k=4 int8 keys and query": lambda: SketchedMass(8, 8),
+         "topk mass k=4 int4 keys, int8 query": lambda: SketchedMass(4, 8),
+         "topk mass k=4 one query per KV head": lambda: GroupQueryMass()}
 
 
 def parse_args(argv=None):
@@ -167,17 +174,34 @@ class BoundPrefilter(TriedRule):
 
 class SketchedMass(TriedRule):
     """The mass from keys rounded to `bits`-bit integers (symmetric, one scale per key and KV head:
-    what a key sketch for scoring would store, 1/2 or 1/4 of bfloat16's bytes); the attention
-    still reads the exact keys."""
+    what a key sketch for scoring would store, 1/2 or 1/4 of bfloat16's bytes); with query_bits,
+    the query rotated to C rounded too (one scale per query head: what integer dot products
+    need). The attention still reads the exact keys."""
 
-    def __init__(self, bits: int):
+    def __init__(self, bits: int, query_bits: int | None = None):
         super().__init__()
-        self.top = 2 ** (bits - 1) - 1
+        self.bits, self.query_bits = bits, query_bits
 
     def scores(self, store, request, layer, q_cap, first, stop, scale):
         keys = torch.cat(store.keys_at_zero(request, layer, first, stop)).float()  # [n, Hkv, B, D]
-        step = keys.abs().amax(dim=-1, keepdim=True).clamp(min=1e-30) / self.top
-        return self._att.mass_scores(q_cap, [torch.round(keys / step) * step], scale)
+        q = q_cap if self.query_bits is None else rounded(q_cap, self.query_bits)
+        return self._att.mass_scores(q, [rounded(keys, self.bits)], scale)
+
+
+class GroupQueryMass(TriedRule):
+    """The mass scored with one query per KV head, the mean of its query heads' (rotated to C):
+    a third of the scores and exponentials for SmolLM2's 3 query heads a KV head. The attention
+    still reads with every head's own query."""
+
+    def scores(self, store, request, layer, q_cap, first, stop, scale):
+        keys = store.keys_at_zero(request, layer, first, stop)
+        return self._att.mass_scores(q_cap.view(keys[0].shape[1], -1, q_cap.shape[-1]).mean(1), keys, scale)
+
+
+def rounded(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """x rounded to bits-bit integers times one scale per vector of its last dimension (symmetric)."""
+    step = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-30) / (2 ** (bits - 1) - 1)
+    return torch.round(x / step) * step
 
 
 def run_variant(args, model_dir, name, trials) -> dict:
