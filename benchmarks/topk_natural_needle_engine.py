@@ -12,7 +12,7 @@ vLLM's CPU default, which `make serve` keeps), enforce_eager, steps of --step-to
 one request at a time, greedy, --max-new tokens; a hit is an answer that contains the
 number. The TRIED variants swap the engine's selection for a rule tried and not kept (a
 cheaper score: Quest's bound as a first pass, keys rounded to 8 or 4 bits, one query per KV
-head), in-process.
+head, each token scored at its own distance), in-process.
 
 Per top-k trial the script also reads which blocks the engine chose (paths.topk's
 Plan.chosen, in-process) and records the share of (step, layer, KV head) selections
@@ -55,14 +55,17 @@ VARIANTS = {
     "topk mass k=4 int8 keys and query": ("lminf", 4, "mass", None),
     "topk mass k=4 int4 keys, int8 query": ("lminf", 4, "mass", None),
     "topk mass k=4 one query per KV head": ("lminf", 4, "mass", None),
+    "topk mass k=4 true distance": ("lminf", 4, "mass", None),
 }
 # variants whose selection rule is one tried and not in the engine (TriedRule, below): the rule
-TRIED = {"topk mass k=4 bound-prefilter=2": lambda: BoundPrefilter(2),
-         "topk mass k=4 bound-prefilter=4": lambda: BoundPrefilter(4),
-         "topk mass k=4 int8 keys": lambda: SketchedMass(8), "topk mass k=4 int4 keys": lambda: SketchedMass(4),
-         "topk mass k=4 int8 keys and query": lambda: SketchedMass(8, 8),
-         "topk mass k=4 int4 keys, int8 query": lambda: SketchedMass(4, 8),
-         "topk mass k=4 one query per KV head": lambda: GroupQueryMass()}
+TRIED = {"topk mass k=4 bound-prefilter=2": lambda args, model: BoundPrefilter(2),
+         "topk mass k=4 bound-prefilter=4": lambda args, model: BoundPrefilter(4),
+         "topk mass k=4 int8 keys": lambda args, model: SketchedMass(8),
+         "topk mass k=4 int4 keys": lambda args, model: SketchedMass(4),
+         "topk mass k=4 int8 keys and query": lambda args, model: SketchedMass(8, 8),
+         "topk mass k=4 int4 keys, int8 query": lambda args, model: SketchedMass(4, 8),
+         "topk mass k=4 one query per KV head": lambda args, model: GroupQueryMass(),
+         "topk mass k=4 true distance": lambda args, model: TrueDistanceMass(model_rotary(model), args.distance_cap)}
 
 
 def parse_args(argv=None):
@@ -132,12 +135,15 @@ class TriedRule:
         def select_stored(store, request, layer, q_cap, first, stop, cfg, scale):
             if stop - first <= cfg.topk_blocks:
                 return self._saved[0](store, request, layer, q_cap, first, stop, cfg, scale)
+            self.row = 0
             s = self.scores(store, request, layer, q_cap, first, stop, scale)
             return att._top_k_rows(s[None], [stop - first], first, cfg.topk_blocks)[0]
 
         def select_stored_rows(store, rows, layer, q_caps, first, cfg, scale):
-            per_row = [self.scores(store, request, layer, q_caps[r], first, stop, scale)
-                       for r, (request, stop) in enumerate(rows)]  # fmt: skip
+            per_row = []
+            for r, (request, stop) in enumerate(rows):
+                self.row = r  # (the step's decode row being scored)
+                per_row.append(self.scores(store, request, layer, q_caps[r], first, stop, scale))
             counts = [s.shape[1] for s in per_row]
             score = torch.full((len(rows), per_row[0].shape[0], max(counts)), float("-inf"))
             for r, s in enumerate(per_row):
@@ -198,6 +204,56 @@ class GroupQueryMass(TriedRule):
         return self._att.mass_scores(q_cap.view(keys[0].shape[1], -1, q_cap.shape[-1]).mean(1), keys, scale)
 
 
+class TrueDistanceMass(TriedRule):
+    """The mass with each candidate token scored at the distance the attention reads it at,
+    min(i - j, C), where the engine's rule scores every one at C (they differ for W <= i - j < C,
+    where C > W). Needs each scoring row's position i: read from paths.topk's calls (a chunk's
+    first_window_block(e - 1) just before its selection; the decode rows' list)."""
+
+    def __init__(self, rotary, cap: int):
+        super().__init__()
+        import lminf_vllm.paths.topk as topk
+
+        self.rotary, self.cap, self.rows_i = rotary, cap, [0]
+        self._fwb, self._sdr = topk.first_window_block, topk.select_decode_rows
+
+        def first_window_block(i, W, B):
+            self.rows_i = [i]
+            return self._fwb(i, W, B)
+
+        def select_decode_rows(store, rows, layer, q_caps, first, cfg, scale):
+            self.rows_i = [i for _, _, i in rows]
+            return self._sdr(store, rows, layer, q_caps, first, cfg, scale)
+
+        topk.first_window_block, topk.select_decode_rows = first_window_block, select_decode_rows
+
+    def scores(self, store, request, layer, q_cap, first, stop, scale):
+        from lminf_vllm.rope import cos_sin, rotate
+
+        i = self.rows_i[self.row]
+        keys = torch.cat(store.keys_at_zero(request, layer, first, stop)).float()  # [n, Hkv, B, D] at position 0
+        n, Hkv, B, D = keys.shape
+        j = first * B + torch.arange(n * B)
+        # <R(d) q0, u> = <R(C) q0, R(C - d) u>: q_cap is the query at C, so each key turns by C - d >= 0
+        cos, sin = cos_sin(self.cap - torch.clamp(i - j, max=self.cap), self.rotary.inv_freq, torch.float32)
+        turned = rotate(keys.transpose(1, 2).reshape(n * B, Hkv, D), cos[:, None], sin[:, None], self.rotary)
+        return self._att.mass_scores(q_cap, [turned.view(n, B, Hkv, D).transpose(1, 2).contiguous()], scale)
+
+    def close(self):
+        super().close()
+        self._topk.first_window_block, self._topk.select_decode_rows = self._fwb, self._sdr
+
+
+def model_rotary(model_dir) -> "RotarySpec":
+    """The model's RoPE (a Llama: halves rotated, default inverse frequencies), from its config.json."""
+    from lminf_vllm.rope import RotarySpec, default_inv_freq
+
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    theta = (config.get("rope_parameters") or {}).get("rope_theta") or config.get("rope_theta", 10000.0)
+    D = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    return RotarySpec(default_inv_freq(theta, D), D, True)
+
+
 def rounded(x: torch.Tensor, bits: int) -> torch.Tensor:
     """x rounded to bits-bit integers times one scale per vector of its last dimension (symmetric)."""
     step = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-30) / (2 ** (bits - 1) - 1)
@@ -224,7 +280,7 @@ def run_variant(args, model_dir, name, trials) -> dict:
     llm = LLM(**options)
     start_s = time.time() - t0
     rec = Chosen() if k else None
-    tried = TRIED[name]() if name in TRIED else None
+    tried = TRIED[name](args, model_dir) if name in TRIED else None
     params = SamplingParams(max_tokens=args.max_new, temperature=0.0)
     rows = []
     try:
