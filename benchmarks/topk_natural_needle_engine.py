@@ -121,10 +121,10 @@ class Chosen:
 
 
 class TriedRule:
-    """Selection rules tried on this task and not kept (docs/topk-contract.md, "Natural text: what
-    was tried"), each cheaper to compute than the mass over every middle key. Patches the in-process
-    engine's two selection calls (a chunk's, the decode rows') with `scores`, then ranks as the
-    engine does (k best per KV head, the lower block on ties)."""
+    """Selection rules tried on this task and not kept (docs/topk-contract.md, "Cheaper scores, tried
+    through the engine"): variations of the mass score, cheaper to compute or exact where it
+    approximates. Patches the in-process engine's two selection calls (a chunk's, the decode rows')
+    with `scores`, then ranks as the engine does (k best per KV head, the lower block on ties)."""
 
     def __init__(self):
         import lminf_vllm.paths.topk as topk
