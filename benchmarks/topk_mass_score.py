@@ -129,19 +129,12 @@ def sketch_pass():
                 dots = torch.einsum("nhbd,hgd->nhgb", k, q8[r].double()) * ks[:, :, None] * qs[r].double()[None, ..., None]
                 out[r, ..., : k.shape[0]] = torch.logsumexp(dots * scale, -1).permute(1, 2, 0).float()
             return out
-        addr, saddr, row, col = [], [], [], []
-        for r, pieces in enumerate(rows):
-            c = 0
-            for k, ks in pieces:
-                n = k.shape[0]
-                addr += [k.data_ptr() + j * k.stride(0) for j in range(n)]
-                saddr += [ks.data_ptr() + j * ks.stride(0) * 4 for j in range(n)]
-                row += [r] * n
-                col += range(c, c + n)
-                c += n
+        per_row = [len(pieces) for pieces in rows]  # (the engine pass's tables: the same Python work a call)
+        addr, row, col = mass_kernel.block_table([k for pieces in rows for k, _ in pieces], per_row)
+        saddr = mass_kernel.block_table([ks for pieces in rows for _, ks in pieces], per_row)[0]
         qo = (128 * q8.to(torch.int32).sum(-1)).to(torch.int32).contiguous()  # (sum widens to int64)
-        kernel(torch.tensor(addr), torch.tensor(saddr), torch.tensor(row), torch.tensor(col), q8.contiguous(),
-               qs.contiguous(), qo, out, len(addr), Hkv, g, rows[0][0][0].shape[2], C, scale)  # fmt: skip
+        kernel(addr, saddr, row, col, q8.contiguous(), qs.contiguous(), qo, out, len(addr), Hkv, g,
+               rows[0][0][0].shape[2], C, scale)  # fmt: skip
         return out
 
     return score

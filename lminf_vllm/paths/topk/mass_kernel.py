@@ -272,17 +272,27 @@ def _run(rows: list[list[torch.Tensor]], q: torch.Tensor, scale: float) -> tuple
     if not pieces:
         return out, share
     B = pieces[0].shape[2]
+    addr, row, col = block_table(pieces, [len(ps) for ps in rows])
+    q = q.float().contiguous()
+    _kernel(pieces[0].dtype)(addr, row, col, q, out, share, len(addr), R, Hkv, g, B, D, out.shape[-1],
+                             scale)  # fmt: skip
+    return out, share
+
+
+def block_table(pieces: list[torch.Tensor], per_row: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where a C++ pass finds each block: pieces [n, ...] (contiguous), the first per_row[0] of them
+    row 0's in block order, then row 1's, ... -> per block its address, its row and its column (its
+    place among its row's blocks), int64 [T]."""
     n = np.array([p.shape[0] for p in pieces], dtype=np.int64)
     within = np.arange(int(n.sum()), dtype=np.int64) - np.repeat(np.cumsum(n) - n, n)  # a block's place in its piece
     base = np.array([p.data_ptr() for p in pieces], dtype=np.int64)
-    addr = np.repeat(base, n) + within * (Hkv * B * D * pieces[0].element_size())
-    row = np.repeat(np.arange(R, dtype=np.int64), counts)
-    col0 = np.concatenate([np.cumsum([0] + [p.shape[0] for p in ps])[:-1] for ps in rows if ps])  # each piece's
-    col = np.repeat(col0, n) + within
-    q = q.float().contiguous()
-    _kernel(pieces[0].dtype)(torch.from_numpy(addr), torch.from_numpy(row), torch.from_numpy(col), q, out, share,
-                             len(addr), R, Hkv, g, B, D, out.shape[-1], scale)  # fmt: skip
-    return out, share
+    addr = np.repeat(base, n) + within * np.repeat([p.stride(0) * p.element_size() for p in pieces], n)
+    piece_row = np.repeat(np.arange(len(per_row), dtype=np.int64), per_row)
+    row = np.repeat(piece_row, n)
+    first = np.cumsum(n) - n  # each piece's first block among all; minus its row's first: its column
+    row_first = first[np.repeat(np.cumsum(per_row) - np.array(per_row), per_row)]  # (a row may have no pieces)
+    col = np.repeat(first - row_first, n) + within
+    return torch.from_numpy(addr), torch.from_numpy(row), torch.from_numpy(col)
 
 
 def reference_lse(keys: torch.Tensor, q: torch.Tensor, scale: float) -> torch.Tensor:
