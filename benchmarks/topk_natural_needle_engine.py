@@ -12,7 +12,9 @@ vLLM's CPU default, which `make serve` keeps), enforce_eager, steps of --step-to
 one request at a time, greedy, --max-new tokens; a hit is an answer that contains the
 number. The TRIED variants swap the engine's selection for a rule tried and not kept (a
 cheaper score: Quest's bound as a first pass, keys rounded to 8 or 4 bits, one query per KV
-head, each token scored at its own distance), in-process.
+head; or another ranking: each token scored at its own distance, a KV head's picks taken from
+its query heads in turn), in-process, or for a diagnostic (the needle's blocks forced into
+every selection). "every middle block" (k = 32) is the contract with nothing selected away.
 
 Per top-k trial the script also reads which blocks the engine chose (paths.topk's
 Plan.chosen, in-process) and records the share of (step, layer, KV head) selections
@@ -46,6 +48,7 @@ VARIANTS = {
     "topk mass k=4": ("lminf", 4, "mass", None),
     "topk mass k=6": ("lminf", 6, "mass", None),
     "topk mass k=12": ("lminf", 12, "mass", None),
+    "topk every middle block (k=32)": ("lminf", 32, "mass", None),
     "topk mass k=4 refresh=16": ("lminf", 4, "mass", 16),
     "topk mass k=12 refresh=16": ("lminf", 12, "mass", 16),
     "topk mass k=4 bound-prefilter=2": ("lminf", 4, "mass", None),
@@ -56,6 +59,10 @@ VARIANTS = {
     "topk mass k=4 int4 keys, int8 query": ("lminf", 4, "mass", None),
     "topk mass k=4 one query per KV head": ("lminf", 4, "mass", None),
     "topk mass k=4 true distance": ("lminf", 4, "mass", None),
+    "topk mass k=12 true distance": ("lminf", 12, "mass", None),
+    "topk mass k=4 needle forced": ("lminf", 4, "mass", None),
+    "topk mass k=4 heads in turn": ("lminf", 4, "mass", None),
+    "topk mass k=4 heads in turn, true distance": ("lminf", 4, "mass", None),
 }
 # variants whose selection rule is one tried and not in the engine (TriedRule, below): the rule
 TRIED = {"topk mass k=4 bound-prefilter=2": lambda args, model: BoundPrefilter(2),
@@ -65,12 +72,17 @@ TRIED = {"topk mass k=4 bound-prefilter=2": lambda args, model: BoundPrefilter(2
          "topk mass k=4 int8 keys and query": lambda args, model: SketchedMass(8, 8),
          "topk mass k=4 int4 keys, int8 query": lambda args, model: SketchedMass(4, 8),
          "topk mass k=4 one query per KV head": lambda args, model: GroupQueryMass(),
-         "topk mass k=4 true distance": lambda args, model: TrueDistanceMass(model_rotary(model), args.distance_cap)}
+         "topk mass k=4 true distance": lambda args, model: TrueDistanceMass(model_rotary(model), args.distance_cap),
+         "topk mass k=12 true distance": lambda args, model: TrueDistanceMass(model_rotary(model), args.distance_cap),
+         "topk mass k=4 needle forced": lambda args, model: NeedleForced(),
+         "topk mass k=4 heads in turn": lambda args, model: HeadsInTurn(),
+         "topk mass k=4 heads in turn, true distance":
+             lambda args, model: HeadsInTurnTrueDistance(model_rotary(model), args.distance_cap)}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="default: all but the tried rules (TRIED)")
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="default: all but the tried rules (TRIED) and k=32")
     p.add_argument("--length", type=int, default=4096, help="prompt tokens (about)")
     p.add_argument("--documents", type=int, default=4)
     p.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.4, 0.7])
@@ -237,11 +249,56 @@ class TrueDistanceMass(TriedRule):
         # <R(d) q0, u> = <R(C) q0, R(C - d) u>: q_cap is the query at C, so each key turns by C - d >= 0
         cos, sin = cos_sin(self.cap - torch.clamp(i - j, max=self.cap), self.rotary.inv_freq, torch.float32)
         turned = rotate(keys.transpose(1, 2).reshape(n * B, Hkv, D), cos[:, None], sin[:, None], self.rotary)
-        return self._att.mass_scores(q_cap, [turned.view(n, B, Hkv, D).transpose(1, 2).contiguous()], scale)
+        return self.rank(q_cap, [turned.view(n, B, Hkv, D).transpose(1, 2).contiguous()], scale)
+
+    def rank(self, q_cap, pieces, scale) -> torch.Tensor:
+        return self._att.mass_scores(q_cap, pieces, scale)
 
     def close(self):
         super().close()
         self._topk.first_window_block, self._topk.select_decode_rows = self._fwb, self._sdr
+
+
+class HeadsInTurn(TriedRule):
+    """The mass ranked per query head, and a KV head's k picks taken from its query heads in turn
+    (each one's best, then each one's second, ...) instead of by the group's max share: with k a
+    multiple of the group, every query head gets its own k / group best blocks."""
+
+    def scores(self, store, request, layer, q_cap, first, stop, scale):
+        return heads_in_turn(q_cap, store.keys_at_zero(request, layer, first, stop), scale)
+
+
+def heads_in_turn(q_cap, pieces, scale) -> torch.Tensor:
+    """HeadsInTurn's score: [Hkv, n], higher first; the k best are each query head's best in turn."""
+    from lminf_vllm.paths.topk import attention as att
+
+    lse = att._block_lse_eager(q_cap.float(), pieces, scale)
+    share = lse - torch.logsumexp(lse, dim=-1, keepdim=True)  # [Hkv, g, n]
+    rank = share.argsort(dim=-1, descending=True).argsort(dim=-1)  # 0: a query head's best block
+    best_rank = rank.amin(dim=1).float()  # [Hkv, n]
+    return -best_rank + share.amax(dim=1).exp() * 0.5  # (a share < 1 breaks ties between equal ranks)
+
+
+class HeadsInTurnTrueDistance(TrueDistanceMass):
+    """HeadsInTurn with each candidate token scored at its own distance (TrueDistanceMass)."""
+
+    def rank(self, q_cap, pieces, scale):
+        return heads_in_turn(q_cap, pieces, scale)
+
+
+class NeedleForced(TriedRule):
+    """A diagnostic, not a rule: the exact mass, with the trial's needle blocks (set per trial by
+    run_variant) ranked first in every selection that can hold them. What the engine reads when the
+    selection never misses the needle: tells a selection miss from a reading miss."""
+
+    needle_blocks: set[int] = set()
+
+    def scores(self, store, request, layer, q_cap, first, stop, scale):
+        s = self._att.mass_scores(q_cap, store.keys_at_zero(request, layer, first, stop), scale)
+        for b in self.needle_blocks:
+            if first <= b < stop:
+                s[:, b - first] = float("inf")
+        return s
 
 
 def model_rotary(model_dir) -> "RotarySpec":
@@ -285,6 +342,8 @@ def run_variant(args, model_dir, name, trials) -> dict:
     rows = []
     try:
         for trial in trials:
+            if isinstance(tried, NeedleForced):
+                tried.needle_blocks = {x // args.block_size for x in range(*trial["needle_tokens"])}
             t1 = time.time()
             out = llm.generate([{"prompt_token_ids": trial["ids"]}], params, use_tqdm=False)[0]
             seconds = time.time() - t1
@@ -320,7 +379,8 @@ def run_variant(args, model_dir, name, trials) -> dict:
 def main(argv=None):
     in_process_engine_env()
     args = parse_args(argv)
-    args.variants = args.variants or [v for v in VARIANTS if v not in TRIED]  # (the engine's own rules)
+    # (the engine's own rules, without the 5-minute "every middle block")
+    args.variants = args.variants or [v for v in VARIANTS if v not in TRIED and "every middle block" not in v]
     from transformers import AutoTokenizer
 
     from lminf_vllm.prepare_model import DEFAULT_OUT
