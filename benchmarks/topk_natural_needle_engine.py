@@ -47,6 +47,7 @@ VARIANTS = {
     "topk bound k=4": ("lminf", 4, "bound", None),
     "topk mass k=4": ("lminf", 4, "mass", None),
     "topk mass k=6": ("lminf", 6, "mass", None),
+    "topk mass k=8": ("lminf", 8, "mass", None),
     "topk mass k=12": ("lminf", 12, "mass", None),
     "topk every middle block (k=32)": ("lminf", 32, "mass", None),
     "topk mass k=4 refresh=16": ("lminf", 4, "mass", 16),
