@@ -52,33 +52,23 @@ VARIANTS = {
     "topk every middle block (k=32)": ("lminf", 32, "mass", None),
     "topk mass k=4 refresh=16": ("lminf", 4, "mass", 16),
     "topk mass k=12 refresh=16": ("lminf", 12, "mass", 16),
-    "topk mass k=4 bound-prefilter=2": ("lminf", 4, "mass", None),
-    "topk mass k=4 bound-prefilter=4": ("lminf", 4, "mass", None),
-    "topk mass k=4 int8 keys": ("lminf", 4, "mass", None),
-    "topk mass k=4 int4 keys": ("lminf", 4, "mass", None),
-    "topk mass k=4 int8 keys and query": ("lminf", 4, "mass", None),
-    "topk mass k=4 int4 keys, int8 query": ("lminf", 4, "mass", None),
-    "topk mass k=4 one query per KV head": ("lminf", 4, "mass", None),
-    "topk mass k=4 true distance": ("lminf", 4, "mass", None),
-    "topk mass k=12 true distance": ("lminf", 12, "mass", None),
-    "topk mass k=4 needle forced": ("lminf", 4, "mass", None),
-    "topk mass k=4 heads in turn": ("lminf", 4, "mass", None),
-    "topk mass k=4 heads in turn, true distance": ("lminf", 4, "mass", None),
 }
-# variants whose selection rule is one tried and not in the engine (TriedRule, below): the rule
-TRIED = {"topk mass k=4 bound-prefilter=2": lambda args, model: BoundPrefilter(2),
-         "topk mass k=4 bound-prefilter=4": lambda args, model: BoundPrefilter(4),
-         "topk mass k=4 int8 keys": lambda args, model: SketchedMass(8),
-         "topk mass k=4 int4 keys": lambda args, model: SketchedMass(4),
-         "topk mass k=4 int8 keys and query": lambda args, model: SketchedMass(8, 8),
-         "topk mass k=4 int4 keys, int8 query": lambda args, model: SketchedMass(4, 8),
-         "topk mass k=4 one query per KV head": lambda args, model: GroupQueryMass(),
-         "topk mass k=4 true distance": lambda args, model: TrueDistanceMass(model_rotary(model), args.distance_cap),
-         "topk mass k=12 true distance": lambda args, model: TrueDistanceMass(model_rotary(model), args.distance_cap),
-         "topk mass k=4 needle forced": lambda args, model: NeedleForced(),
-         "topk mass k=4 heads in turn": lambda args, model: HeadsInTurn(),
+# variants whose selection rule is one tried and not in the engine (TriedRule, below), each in an
+# engine of the mass score: name -> (topk_blocks, the rule)
+TRIED = {"topk mass k=4 bound-prefilter=2": (4, lambda args, model: BoundPrefilter(2)),
+         "topk mass k=4 bound-prefilter=4": (4, lambda args, model: BoundPrefilter(4)),
+         "topk mass k=4 int8 keys": (4, lambda args, model: SketchedMass(8)),
+         "topk mass k=4 int4 keys": (4, lambda args, model: SketchedMass(4)),
+         "topk mass k=4 int8 keys and query": (4, lambda args, model: SketchedMass(8, 8)),
+         "topk mass k=4 int4 keys, int8 query": (4, lambda args, model: SketchedMass(4, 8)),
+         "topk mass k=4 one query per KV head": (4, lambda args, model: GroupQueryMass()),
+         "topk mass k=4 true distance": (4, lambda args, model: TrueDistanceMass(model_rotary(model), args.distance_cap)),
+         "topk mass k=12 true distance": (12, lambda args, model: TrueDistanceMass(model_rotary(model), args.distance_cap)),
+         "topk mass k=4 needle forced": (4, lambda args, model: NeedleForced()),
+         "topk mass k=4 heads in turn": (4, lambda args, model: HeadsInTurn()),
          "topk mass k=4 heads in turn, true distance":
-             lambda args, model: HeadsInTurnTrueDistance(model_rotary(model), args.distance_cap)}
+             (4, lambda args, model: HeadsInTurnTrueDistance(model_rotary(model), args.distance_cap))}
+VARIANTS.update({name: ("lminf", k, "mass", None) for name, (k, _) in TRIED.items()})
 
 
 def parse_args(argv=None):
@@ -338,7 +328,7 @@ def run_variant(args, model_dir, name, trials) -> dict:
     llm = LLM(**options)
     start_s = time.time() - t0
     rec = Chosen() if k else None
-    tried = TRIED[name](args, model_dir) if name in TRIED else None
+    tried = TRIED[name][1](args, model_dir) if name in TRIED else None
     params = SamplingParams(max_tokens=args.max_new, temperature=0.0)
     rows = []
     try:
