@@ -194,7 +194,7 @@ def main(argv=None):
     p.add_argument("--distance-cap", type=int, help="C (default: the training length)")
     p.add_argument("--block-size", type=int, default=32, help="KV block size B (every mode)")
     p.add_argument("--topk-blocks", type=int, default=0, help="k, middle blocks read again in mode topk")
-    p.add_argument("--topk-score", choices=("mass", "bound"), help="topk_score in mode topk (default: the engine's)")
+    p.add_argument("--topk-score", choices=("mass", "bound", "mass_int8"), help="topk_score in mode topk (default: the engine's)")
     p.add_argument("--dtype", default="float32", help="the engines' dtype")
     p.add_argument("--kv-cache-gib", type=float, default=4.0)
     p.add_argument("--seed", type=int, default=0)

@@ -4,7 +4,7 @@ Issue 33's must-show: decode tokens/s at 16k prompts with 1, 8 and 32 concurrent
 requests, top-k >= 0.67x Λ at every concurrency. Both modes are vllm.LLM in this
 process with make serve's engine on CPU for SmolLM2-135M-Instruct (bfloat16, blocks
 of 128, torch.compile, a step budget of 2,048 tokens) and the passkey must-show's
-G = 10, W = C = 2,048; "topk" adds topk_blocks = k (the default score, the mass).
+G = 10, W = C = 2,048; "topk" adds topk_blocks = k (and topk_score, where --topk-score gives it).
 
 For each concurrency N, N prompts of n tokens (the pinned held-out corpus, each
 from its own offset) are added at once and the engine is stepped by hand. A step
@@ -48,6 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--topk-blocks", type=int, default=4)
     p.add_argument("--topk-refresh", type=int, nargs="+", default=[None],
                    help="topk_refresh, an engine each (None: the plugin's default)")
+    p.add_argument("--topk-score", choices=("mass", "bound", "mass_int8"), help="default: the plugin's")
     p.add_argument("--step-tokens", type=int, default=2048, help="max_num_batched_tokens (vllm serve's on CPU)")
     p.add_argument("--kv-gib", type=float, default=3)
     p.add_argument("--modes", nargs="+", default=["lambda", "topk"], choices=("lambda", "topk"))
@@ -63,6 +64,8 @@ def engine(args, model, mode, refresh=None):
         lminf["topk_blocks"] = args.topk_blocks
         if refresh is not None:
             lminf["topk_refresh"] = refresh
+        if args.topk_score is not None:
+            lminf["topk_score"] = args.topk_score
     return LLM(
         model=str(model), attention_backend="lminf", max_model_len=args.length + 4096, seed=0,
         block_size=args.block_size, max_num_batched_tokens=args.step_tokens, enable_prefix_caching=False,

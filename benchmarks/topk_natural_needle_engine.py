@@ -49,6 +49,8 @@ VARIANTS = {
     "topk mass k=6": ("lminf", 6, "mass", None),
     "topk mass k=8": ("lminf", 8, "mass", None),
     "topk mass k=12": ("lminf", 12, "mass", None),
+    "topk mass_int8 k=4": ("lminf", 4, "mass_int8", None),  # the engine's 8-bit copy (topk_score "mass_int8")
+    "topk mass_int8 k=8": ("lminf", 8, "mass_int8", None),
     "topk every middle block (k=32)": ("lminf", 32, "mass", None),
     "topk mass k=4 refresh=16": ("lminf", 4, "mass", 16),
     "topk mass k=12 refresh=16": ("lminf", 12, "mass", 16),

@@ -44,7 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--distance-cap", type=int, default=2048)
     p.add_argument("--block-size", type=int, default=64)
     p.add_argument("--topk-blocks", type=int, default=4)
-    p.add_argument("--topk-score", choices=("mass", "bound"), help="topk_score of the topk mode (default: the engine's)")
+    p.add_argument("--topk-score", choices=("mass", "bound", "mass_int8"), help="topk_score of the topk mode (default: the engine's)")
     p.add_argument("--step-tokens", type=int, default=2048, help="max_num_batched_tokens (vllm serve's on CPU)")
     p.add_argument("--kv-gib", type=float, default=2)
     p.add_argument("--modes", nargs="+", default=["lambda", "topk"], choices=("lambda", "topk"))

@@ -12,8 +12,9 @@ DEFAULT_GLOBAL_TOKENS = 10  # the paper's setting for generation
 KNOWN_KEYS = ("global_tokens", "local_tokens", "distance_cap", "topk_blocks", "topk_score", "topk_store_max_bytes",
               "topk_refresh")
 # How top-k scores a middle block (docs/topk-contract.md, "Scoring a middle block"): its attention
-# mass for the chunk's last row (the default), or Quest's bound from per-channel key summaries.
-TOPK_SCORES = ("mass", "bound")
+# mass for the chunk's last row (the default), Quest's bound from per-channel key summaries, or the
+# mass from an 8-bit copy of the keys (the store keeps it beside them: paths/topk/sketch.py).
+TOPK_SCORES = ("mass", "bound", "mass_int8")
 DEFAULT_TOPK_SCORE = "mass"
 # A decode row keeps the selection its request's last scoring decode row made while that row is
 # fewer than this many positions back (docs/topk-contract.md, "Decode rows keep a selection"):

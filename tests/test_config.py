@@ -144,6 +144,7 @@ def test_topk_score_defaults_to_mass_and_takes_bound():
     cfg = parse_lminf_config({"topk_blocks": 4, "topk_score": "bound"}, hf())
     assert cfg.topk_score == "bound" and cfg.describe().endswith(" topk_score=bound topk_refresh=1 topk_store_max_bytes=none")
     assert parse_lminf_config({"topk_score": "mass"}, hf()) == parse_lminf_config({}, hf())
+    assert parse_lminf_config({"topk_blocks": 4, "topk_score": "mass_int8"}, hf()).topk_score == "mass_int8"
 
 
 def test_topk_refresh_defaults_to_1_and_takes_any_integer_from_one():

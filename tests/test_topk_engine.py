@@ -184,7 +184,7 @@ def check_request(reference, tokens, cfg: LminfConfig, B: int, k: int, spans, ch
             if score == "bound":
                 per_head = block_bounds(q_cap, kmin, kmax)[0]  # [H, nb]
             else:  # log shares: the tolerance is relative to the share
-                per_head = block_mass_shares(q_cap, k0, B, cand, rotary, scale)[0].log()
+                per_head = block_mass_shares(q_cap, k0, B, cand, rotary, scale, int8=score == "mass_int8")[0].log()
             best = per_head.view(Hkv, H // Hkv, -1).amax(dim=1)[:, cand.start : cand.stop]  # group max
             kth = best.topk(picked.shape[1], dim=-1).values[:, -1]
             for h in range(Hkv):
@@ -223,6 +223,7 @@ PREFILL_CASES = [
     pytest.param(0, 64, 64, 32, 4, 96, (1024,), "budget", None, id="G0-W64-C64-B32-k4-chunks96-C-eq-W"),
     pytest.param(0, 64, 64, 32, 4, 96, (1024,), "budget", "bound", id="G0-W64-C64-B32-k4-chunks96-bound"),
     pytest.param(16, 48, 128, 16, 1, 80, (700,), "budget", "mass", id="G16-W48-C128-B16-k1-chunks80"),
+    pytest.param(0, 64, 64, 32, 4, 96, (1024,), "budget", "mass_int8", id="G0-W64-C64-B32-k4-chunks96-mass-int8"),
     pytest.param(40, 96, 96, 32, 2, 128, (3, 77, 300, 640), None, None, id="G40-W96-C96-B32-k2-mixed-batch"),
 ]
 
@@ -309,7 +310,7 @@ def test_greedy_decode_past_the_table_matches_the_topk_oracle(tiny_llama, refere
     assert sum(r.get("topk decode", 0) for r in served) > 100 and sum(r.get("topk", 0) for r in served) > 200
 
 
-@pytest.mark.parametrize("score", [None, "bound"])
+@pytest.mark.parametrize("score", [None, "bound", "mass_int8"])
 def test_bfloat16_decode_reads_windows_and_store_keys_through_vllms_op(tiny_llama, reference, recorder, monkeypatch,
                                                                        score):  # fmt: skip
     """A bfloat16 engine (most models' dtype, so vLLM's default) reads its decode rows' windows in
@@ -320,7 +321,7 @@ def test_bfloat16_decode_reads_windows_and_store_keys_through_vllms_op(tiny_llam
     token: the first comes from the prompt's chunk, the same every way). The op's two ways agree to
     bfloat16 noise (the engine's logits are bfloat16: a few 0.01s), and neither is farther from
     the float64 oracle (the model's weights rounded to bfloat16 as the engine holds them) than
-    the PyTorch way. Both scores (None: the default, "mass")."""
+    the PyTorch way. Each score (None: the default, "mass")."""
     from lminf_vllm.paths.topk import far_kernel, ops
 
     G, W, C, B, k = 4, 64, 64, 32, 2

@@ -9,7 +9,7 @@ import torch
 
 import helpers
 
-from lminf_vllm.paths.topk import attention, mass_kernel
+from lminf_vllm.paths.topk import attention, mass_kernel, sketch
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -63,3 +63,59 @@ def test_a_pass_that_cannot_be_built_says_so_and_leaves_the_eager_ops(monkeypatc
     """No compiler, another torch: kernel_ok warns and usable says no (attention.py then scores
     with the eager ops), instead of failing the engine's step."""
     helpers.unbuildable_pass_warns(mass_kernel, monkeypatch, caplog, "C++ pass is unavailable")
+
+
+# ---------------------------------------------------------------- the 8-bit copy (topk_score "mass_int8")
+
+needs_vnni = pytest.mark.skipif(not torch.cpu._is_vnni_supported(), reason="the 8-bit pass needs AVX-512 VNNI")
+
+
+def sketched_rows(pieces, Hkv, B, D, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return [[sketch.sketch_keys((torch.randn(n, Hkv, B, D, generator=gen) * 2).bfloat16()) for n in ns]
+            for ns in pieces]  # fmt: skip
+
+
+@needs_vnni
+@pytest.mark.parametrize(("pieces", "Hkv", "g", "B", "D"), [([[1]], 3, 3, 128, 64), ([[5, 2], [1]], 1, 4, 16, 64),
+                                                              ([[16], [3, 16, 1]], 2, 1, 20, 128),
+                                                              ([[2, 1]], 2, 2, 37, 192), ([[1], [3]], 1, 3, 7, 64)])  # fmt: skip
+def test_the_8_bit_pass_is_float64s_for_every_row_and_block(pieces, Hkv, g, B, D):
+    """Blocks of 16 keys and a tail, a block shorter than a tile, every group size, D up to 192."""
+    assert mass_kernel.sketch_usable(g, D), "the 8-bit pass could not be built on this machine"
+    rows = sketched_rows(pieces, Hkv, B, D, seed=B * 1000 + D)
+    q = torch.randn(len(rows), Hkv, g, D, generator=torch.Generator().manual_seed(B))
+    got = mass_kernel.sketch_lse(rows, q, 0.2)
+    q8, qs = sketch.sketch_query(q)
+    for r, ps in enumerate(rows):
+        k = torch.cat([k for k, _ in ps]).double() - sketch.OFFSET
+        ks = torch.cat([s for _, s in ps]).double()
+        dots = torch.einsum("nhbd,hgd->hgnb", k, q8[r].double())
+        want = torch.logsumexp(dots * ks.permute(1, 0, 2)[:, None] * qs[r].double()[..., None, None] * 0.2, -1)
+        torch.testing.assert_close(got[r, ..., : want.shape[-1]].double(), want, atol=5e-5, rtol=1e-5)
+        assert torch.isinf(got[r, ..., want.shape[-1] :]).all()
+
+
+@needs_vnni
+def test_8_bit_scores_and_the_selection_are_the_same_either_way_and_near_the_exact_mass(monkeypatch):
+    """attention.sketch_scores_rows through the VNNI pass and through the eager ops (the switch off):
+    the same scores to float32 rounding and the same picks (a planted block found); and within the
+    rounding of 8 bits of the exact mass's scores."""
+    gen = torch.Generator().manual_seed(2)
+    keys = [[torch.randn(n, 3, 128, 64, generator=gen).bfloat16() for n in ns] for ns in ((3, 16, 1, 9), (4,))]
+    q = torch.randn(2, 9, 64, generator=gen)
+    keys[0][1][4, 2] = (q[0, 6:9].mean(0) * 3).bfloat16()  # block 7 of row 0 draws KV head 2's queries
+    rows = [[sketch.sketch_keys(p) for p in ps] for ps in keys]
+    fast = attention.sketch_scores_rows(q, rows, 0.125)
+    exact = attention.mass_scores_rows(q, keys, 0.125)
+    assert fast.shape == (2, 3, 29) and torch.isinf(fast[1, :, 4:]).all()
+    torch.testing.assert_close(fast[0], exact[0], atol=0.05, rtol=0.02)
+    assert fast[0, 2].argmax() == 7 and exact[0, 2].argmax() == 7
+    monkeypatch.setenv(mass_kernel.ENV_SWITCH, "0")
+    assert not mass_kernel.sketch_usable(3, 64)
+    torch.testing.assert_close(fast, attention.sketch_scores_rows(q, rows, 0.125), atol=2e-5, rtol=2e-6)
+
+
+def test_the_8_bit_pass_declines_shapes_it_is_not_written_for():
+    """Head sizes that are no multiple of 64 or over 256, groups over 4: the eager ops score those."""
+    assert not any(mass_kernel.sketch_usable(g, D) for g, D in ((3, 80), (3, 320), (5, 64), (0, 64)))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from helpers import HostStore, select_blocks
-from lminf_vllm.paths.topk import store as topk_store
+from lminf_vllm.paths.topk import sketch, store as topk_store
 from lminf_vllm.config import LminfConfig
 from lminf_vllm.rope import RotarySpec, cos_sin, default_inv_freq, rotate
 from lminf_vllm.testing import topk_reference as ref
@@ -118,6 +118,33 @@ def test_growth_in_chunks_keeps_what_was_stored_and_reads_across_chunks(monkeypa
     keys, values = store.block_heads("r", 0, torch.tensor([42 * HKV + 1, 3 * HKV, 8 * HKV]))  # across chunks
     assert torch.equal(keys, torch.stack((z[39, :, 1], z[0, :, 0], z[5, :, 0])))
     assert torch.equal(values, torch.stack((v[39, :, 1], v[0, :, 0], v[5, :, 0])))
+
+
+def test_a_sketching_store_keeps_the_keys_8_bit_copy_across_chunks_and_counts_its_bytes(monkeypatch):
+    """topk_score "mass_int8": beside each key at position 0, its 8-bit copy (sketch.sketch_keys of
+    the key as stored, in the cache dtype), read across a chunk's edge as within one; the bytes held
+    are request_bytes(sketch=True) at every step, dropped with the request; the selection from it is
+    the 8-bit reference's."""
+    monkeypatch.setattr(topk_store, "CHUNK_TOKENS", 3 * B)
+    store = HostStore(sketch=True)
+    z, v, lo, hi = blocks(8, seed=11, dtype=torch.bfloat16)
+    for b in range(8):
+        store.put("r", 0, 2 + b, z[b : b + 1].float(), v[b : b + 1], lo[b : b + 1], hi[b : b + 1])
+        assert store.nbytes() == topk_store.request_bytes((3 + b) * B, 1, B, HKV, D, 2, sketch=True)
+    assert topk_store.request_bytes(10 * B, 1, B, HKV, D, 2, sketch=True) - topk_store.request_bytes(
+        10 * B, 1, B, HKV, D, 2) == 4 * 3 * B * HKV * (D + 4)  # 4 chunks of 3 blocks: a byte a channel, a scale a key
+    pieces = store.sketch_at_zero("r", 0, 3, 10)  # blocks 3, 4, 5 | 6, 7, 8 | 9
+    assert [k.shape[0] for k, _ in pieces] == [3, 3, 1] and all(k.dtype == torch.uint8 for k, _ in pieces)
+    k8, ks = sketch.sketch_keys(z[1:8].transpose(1, 2))
+    assert torch.equal(torch.cat([k for k, _ in pieces]), k8) and torch.equal(torch.cat([s for _, s in pieces]), ks)
+    q = torch.randn(4, D, generator=torch.Generator().manual_seed(6))
+    cfg = LminfConfig(0, 4, 4, 2, "mass_int8")
+    want = ref.block_mass_shares(q[None].double(), z.double().view(-1, HKV, D), B, range(1, 8), ref.RotarySpec(
+        torch.zeros(D // 2), D, True, 1.0), 0.3, int8=True)[0]  # (a rotation of angle 0: the keys as given)
+    best = want.view(HKV, 2, -1).amax(1)[:, 1:8].topk(2, dim=-1).indices.sort(-1).values + 3
+    assert torch.equal(select_stored(store, "r", 0, q, 3, 10, cfg, 0.3), best)
+    store.drop(["r"])
+    assert store.nbytes() == 0
 
 
 def test_the_cache_dtype_is_kept():

@@ -27,12 +27,15 @@ from collections.abc import Sequence
 import torch
 
 from lminf_vllm.config import LminfConfig
+from lminf_vllm.paths.topk import sketch
 from lminf_vllm.rope import RotarySpec, cos_sin, rotate
 from lminf_vllm.testing.reference import ROW_CHUNK, lambda_mask_and_distance
 
 GROUP_REDUCE = ("max", "sum")  # how a GQA group's per-head scores make the KV head's score
 CHUNK_RULES = ("last", "max")  # which rows of a chunk score: its last row, or the max over its rows
-SCORES = ("mass", "bound")  # a block's score: its attention mass (share) or Quest's bound (config.TOPK_SCORES)
+# a block's score (config.TOPK_SCORES): its attention mass (share), Quest's bound, or the mass with keys
+# and query rounded to 8 bits (paths/topk/sketch.py)
+SCORES = ("mass", "bound", "mass_int8")
 DEFAULT_GROUP_REDUCE = "max"
 DEFAULT_CHUNK_RULE = "last"
 DEFAULT_SCORE = "mass"
@@ -127,14 +130,16 @@ def block_bounds_matmul(q_cap: torch.Tensor, kmin: torch.Tensor, kmax: torch.Ten
 
 
 def block_mass_shares(q_cap: torch.Tensor, k0: torch.Tensor, B: int, cand: range, rotary: RotarySpec,
-                      scale: float) -> torch.Tensor:  # fmt: skip
+                      scale: float, int8: bool = False) -> torch.Tensor:  # fmt: skip
     """Each candidate block's share of a query head's softmax, every candidate visible at distance C.
 
     q_cap [rows, H, D] (queries at position C); k0 [n, Hkv, D] not rotated; cand: the candidate
     blocks. Per (row, query head h, block b): lse_b = logsumexp over j in b of scale * q_C . u_j
     (u_j: key j at position 0, so each token's exact score at distance C), and the share
     exp(lse_b - logsumexp over the candidate blocks' lse). -> [rows, H, nb] with nb the number of
-    full blocks; 0 outside cand. A query head reads its GQA group's KV head.
+    full blocks; 0 outside cand. A query head reads its GQA group's KV head. int8 (score
+    "mass_int8"): u_j and q_C rounded to 8 bits first, per key and KV head and per query head
+    (sketch.rounded), the score scale * qs * ks_j * (q8 . k8_j).
     """
     rows, H, D = q_cap.shape
     n, Hkv, _ = k0.shape
@@ -142,8 +147,13 @@ def block_mass_shares(q_cap: torch.Tensor, k0: torch.Tensor, B: int, cand: range
     out = q_cap.new_zeros(rows, H, nb)
     if not cand:
         return out
-    kz = keys_at_zero(k0, rotary)[cand.start * B : cand.stop * B].repeat_interleave(H // Hkv, dim=1)  # [nc B, H, D]
-    s = torch.einsum("rhd,jhd->rhj", q_cap, kz) * scale
+    kz = keys_at_zero(k0, rotary)[cand.start * B : cand.stop * B]  # [nc B, Hkv, D]
+    if int8:
+        (k8, ks), (q8, qs) = sketch.rounded(kz), sketch.rounded(q_cap)
+        dots = torch.einsum("rhd,jhd->rhj", q8, k8.repeat_interleave(H // Hkv, dim=1))
+        s = dots * ks.repeat_interleave(H // Hkv, dim=1).T[None] * qs[..., None] * scale
+    else:
+        s = torch.einsum("rhd,jhd->rhj", q_cap, kz.repeat_interleave(H // Hkv, dim=1)) * scale
     lse = torch.logsumexp(s.view(rows, H, len(cand), B), dim=-1)  # [rows, H, nc]
     out[..., cand.start : cand.stop] = torch.exp(lse - torch.logsumexp(lse, dim=-1, keepdim=True))
     return out
@@ -221,7 +231,8 @@ def topk_selections(
         if score == "bound":
             bounds = bounds_fn(q_cap, kmin, kmax)
         else:
-            bounds = block_mass_shares(q_cap, k0, B, middle_blocks(e - 1, cfg, B), rotary, scale)
+            bounds = block_mass_shares(q_cap, k0, B, middle_blocks(e - 1, cfg, B), rotary, scale,
+                                       int8=score == "mass_int8")  # fmt: skip
         if chunk_rule == "last":  # only the last row is read: pad the others
             bounds = torch.cat((bounds.new_zeros(e - 1 - s, *bounds.shape[1:]), bounds))
         selection = select_blocks(bounds, s, cfg, B, topk, n_kv, group_reduce, chunk_rule)
@@ -325,8 +336,11 @@ def brute_force_topk_attention(
     @functools.cache
     def block_lse(i, h, blk):  # log-sum-exp of the block's exact scores at distance C
         q = at(q0[i, h], C)
-        return torch.logsumexp(torch.stack([(q * at(k0[j, h // group], 0)).sum() * scale
-                                            for j in range(blk * B, blk * B + B)]), 0)  # fmt: skip
+        keys = [at(k0[j, h // group], 0) for j in range(blk * B, blk * B + B)]
+        if score == "mass_int8":  # each rounded to 8 bits: integers times their scales
+            (q8, qs), rounded = sketch.rounded(q), [sketch.rounded(k) for k in keys]
+            return torch.logsumexp(torch.stack([(q8 * k8).sum() * ks * qs * scale for k8, ks in rounded]), 0)
+        return torch.logsumexp(torch.stack([(q * k).sum() * scale for k in keys]), 0)
 
     def share(i, h, blk, cand):  # the block's share of head h's softmax over every candidate block
         return float(torch.exp(block_lse(i, h, blk) - torch.logsumexp(torch.stack([block_lse(i, h, c) for c in cand]), 0)))

@@ -9,7 +9,7 @@ and step:
      it to another sequence;
   3. per chunk (a decode step is a chunk of one row): its last row's query
      picks the k blocks with the highest score among the chunk's middle blocks
-     (topk_score: attention mass, or Quest's bound);
+     (topk_score: attention mass, from the keys or their 8-bit copy, or Quest's bound);
   4. one softmax over the pool's global and window blocks and the k picked
      blocks, gathered from the store (a per-layer workspace).
 A decode row past the first middle block takes a shorter way: its window as
@@ -66,11 +66,13 @@ def available(shape: EngineShape) -> bool:
 def store_of(shape: EngineShape) -> HostStore:
     store = _STORES.get(id(shape))
     if store is None:
-        store = _STORES[id(shape)] = HostStore()
+        store = _STORES[id(shape)] = HostStore(sketch=shape.cfg.topk_score == "mass_int8")
         store.limit = shape.cfg.topk_store_max_bytes  # (the scheduler admits within it: past it is a bug)
         weakref.finalize(shape, _forget, id(shape))  # (the id cannot be reused before that)
         if shape.cfg.topk_score == "mass":  # build the C++ passes now, not in a request's first step
             mass_kernel.usable(shape.dtype)
+        if shape.cfg.topk_score == "mass_int8":
+            mass_kernel.sketch_kernel_ok()
         if shape.cfg.distance_cap == shape.cfg.local_tokens:
             far_kernel.usable(shape.dtype)
     return store

@@ -33,7 +33,7 @@ from lminf_vllm.kv_layout import block_head_numbers, read_blocks, token_numbers
 from lminf_vllm.lambda_attention import _local_mask
 from lminf_vllm.rope import RotarySpec, cos_sin, rotate
 from lminf_vllm.paths.topk.window import WindowCall, attend_window
-from lminf_vllm.paths.topk import mass_kernel
+from lminf_vllm.paths.topk import mass_kernel, sketch
 
 # Rows of a prefill chunk attended at once (at most; spans also end where the first window block moves).
 QUERY_SPAN = 256
@@ -160,6 +160,24 @@ def mass_scores_rows(q_caps: torch.Tensor, rows: list[list[torch.Tensor]], scale
     return share.amax(dim=2)
 
 
+def sketch_scores_rows(q_caps: torch.Tensor, rows: list[list[tuple[torch.Tensor, torch.Tensor]]],
+                       scale: float) -> torch.Tensor:  # fmt: skip
+    """mass_scores_rows from the keys' 8-bit copy (topk_score "mass_int8"): rows[r] row r's pieces as
+    HostStore.sketch_at_zero gives them; the query rounded per head (sketch.py). -> [R, Hkv, C]."""
+    R, H, D = q_caps.shape
+    Hkv = rows[0][0][0].shape[1]
+    q = q_caps.float().view(R, Hkv, H // Hkv, D)
+    if mass_kernel.sketch_usable(H // Hkv, D) and q_caps.device.type == "cpu":  # one VNNI pass (mass_kernel.py)
+        return mass_kernel.sketch_shares(rows, q, scale)
+    counts = [sum(k.shape[0] for k, _ in pieces) for pieces in rows]
+    block = torch.full((R, Hkv, H // Hkv, max(counts)), float("-inf"), device=q_caps.device)
+    q8, qs = sketch.sketch_query(q)
+    for r, pieces in enumerate(rows):
+        block[r, ..., : counts[r]] = sketch.block_lse_eager(q8[r], qs[r], pieces, scale)
+    share = block - torch.logsumexp(block, dim=-1, keepdim=True)
+    return share.amax(dim=2)
+
+
 def _block_lse_eager(q_cap: torch.Tensor, pieces: list[torch.Tensor], scale: float) -> torch.Tensor:
     """[Hkv, g, nc]: each candidate block's log-sum-exp per query head, by PyTorch's eager ops."""
     _, Hkv, B, D = pieces[0].shape
@@ -227,6 +245,9 @@ def select_stored_rows(store, rows: list[tuple[str, int]], layer, q_caps: torch.
         return _top_k_rows(torch.empty(len(rows), Hkv, 0), counts, first, k)
     if cfg.topk_score == "bound":
         s = [bound_scores(q_caps[r], store.bounds(rows[r][0], layer, first, rows[r][1])) for r in scoring]
+    elif cfg.topk_score == "mass_int8":  # every scoring row's 8-bit keys in one pass
+        sketches = [store.sketch_at_zero(rows[r][0], layer, first, rows[r][1]) for r in scoring]
+        s = sketch_scores_rows(q_caps[scoring], sketches, scale)
     else:  # every scoring row's keys in one pass
         keys = [store.keys_at_zero(rows[r][0], layer, first, rows[r][1]) for r in scoring]
         s = mass_scores_rows(q_caps[scoring], keys, scale)
@@ -274,6 +295,11 @@ def select_stored(store, request: str, layer: int, q_cap: torch.Tensor, first: i
     position 0. -> [Hkv, min(k, stop - first)], ascending."""
     if cfg.topk_score == "bound":
         return select_from_bounds(q_cap, store.bounds(request, layer, first, stop), first, cfg.topk_blocks)
+    if cfg.topk_score == "mass_int8":
+        pieces, k = store.sketch_at_zero(request, layer, first, stop), cfg.topk_blocks
+        if stop - first <= k:  # every candidate
+            return torch.arange(first, stop, device=pieces[0][0].device).expand(pieces[0][0].shape[1], -1)
+        return _top_k_rows(sketch_scores_rows(q_cap[None], [pieces], scale), [stop - first], first, k)[0]
     return select_from_mass(q_cap, store.keys_at_zero(request, layer, first, stop), first, cfg.topk_blocks, scale)
 
 

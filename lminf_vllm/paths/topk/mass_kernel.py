@@ -30,6 +30,8 @@ import os
 import numpy as np
 import torch
 
+from lminf_vllm.paths.topk import sketch
+
 ENV_SWITCH = "LMINF_TOPK_FUSED_MASS"
 logger = logging.getLogger("vllm.lminf")
 
@@ -194,12 +196,41 @@ static inline float exp_sum(float* x, int64_t n, float m, bool keep) {
 }
 """
 
-_SOURCE = LOADS + r"""
+# Per row r < R and KV head h: share[r, h, c] = max over i of out[r, h, i, c] minus the log-sum-exp of
+# out[r, h, i, :] (-inf columns, past a row's blocks, add nothing). Called inside a parallel region.
+SHARES = r"""
+static void shares(const float* out, float* share, int64_t R, int64_t Hkv, int64_t G, int64_t C) {
+    #pragma omp for schedule(static)
+    for (int64_t p = 0; p < R * Hkv; ++p) {
+        float* best = share + p * C;
+        std::fill(best, best + C, -std::numeric_limits<float>::infinity());
+        for (int64_t i = 0; i < G; ++i) {
+            const float* l = out + (p * G + i) * C;
+            const float m = *std::max_element(l, l + C);
+            if (m == -std::numeric_limits<float>::infinity()) continue;  // (a row with no blocks)
+            float sum = 0.f;
+            for (int64_t c = 0; c < C; ++c) sum += std::exp(l[c] - m);
+            const float lse = m + std::log(sum);
+            for (int64_t c = 0; c < C; ++c) best[c] = std::max(best[c], l[c] - lse);
+        }
+    }
+}
+
+// The log-sum-exp of the block's G x B scores s into out[(p * G + i) * C + col], query head i
+static inline void block_lses(float* s, float* out, int64_t p, int64_t G, int64_t B, int64_t C, int64_t col) {
+    for (int64_t i = 0; i < G; ++i) {
+        float* si = s + i * B;
+        const float m = max_of(si, B);
+        out[(p * G + i) * C + col] = m + std::log(exp_sum(si, B, m, false));
+    }
+}
+"""
+
+_SOURCE = LOADS + SHARES + r"""
 
 // Per block t (its keys [Hkv, B, D] at block_addr[t]), KV head h and query head i of h's group:
 // out[block_row[t], h, i, block_col[t]] = log sum_b exp(scale * q[block_row[t], h, i] . key[h, b]).
-// Then per row r < R and KV head h: share[r, h, c] = max over i of out[r, h, i, c] minus the
-// log-sum-exp of out[r, h, i, :] (-inf columns, past a row's blocks, add nothing).
+// Then the shares (SHARES).
 extern "C" void kernel(const int64_t* block_addr, const int64_t* block_row, const int64_t* block_col,
                        const float* q, float* out, float* share, const int64_t T, const int64_t R,
                        const int64_t Hkv, const int64_t G, const int64_t B, const int64_t D, const int64_t C,
@@ -214,30 +245,92 @@ extern "C" void kernel(const int64_t* block_addr, const int64_t* block_row, cons
             for (int64_t h = 0; h < Hkv; ++h) {
                 const float* qh = q + (r * Hkv + h) * G * D;
                 dot_keys(block + h * B * D, qh, G, B, D, scale, s.data(), B);
-                for (int64_t i = 0; i < G; ++i) {
-                    float* si = s.data() + i * B;
-                    const float m = max_of(si, B);
-                    out[((r * Hkv + h) * G + i) * C + block_col[t]] = m + std::log(exp_sum(si, B, m, false));
-                }
+                block_lses(s.data(), out, r * Hkv + h, G, B, C, block_col[t]);
             }
         }
-        #pragma omp for schedule(static)
-        for (int64_t p = 0; p < R * Hkv; ++p) {
-            float* best = share + p * C;
-            std::fill(best, best + C, -std::numeric_limits<float>::infinity());
-            for (int64_t i = 0; i < G; ++i) {
-                const float* l = out + (p * G + i) * C;
-                const float m = *std::max_element(l, l + C);
-                if (m == -std::numeric_limits<float>::infinity()) continue;  // (a row with no blocks)
-                float sum = 0.f;
-                for (int64_t c = 0; c < C; ++c) sum += std::exp(l[c] - m);
-                const float lse = m + std::log(sum);
-                for (int64_t c = 0; c < C; ++c) best[c] = std::max(best[c], l[c] - lse);
-            }
-        }
+        shares(out, share, R, Hkv, G, C);
     }
 }
 """
+
+# The mass from the keys' 8-bit copy (topk_score "mass_int8", sketch.py).
+_SKETCH_SOURCE = LOADS + SHARES + r"""
+#if defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+// s[i * B + b] = scale * qs[i] * ks[b] * (q8[i] . k8[b]) for a block's B keys (uint8 k8 + 128, [B, D]) and
+// NG query heads (int8, [NG, D]; qo[i] = 128 * sum(q8[i]) takes the +128 back out). The products by
+// AVX-512 VNNI (vpdpbusd: 64 byte products an instruction, summed in int32, exact), 16 keys' sums in
+// one lane_sums16 (exact: integers below 2^24), the last B % 16 keys one by one.
+template <int NG>
+__attribute__((target("avx512vnni"))) static void sketch_block(const uint8_t* keys, const float* ks, const int8_t* q,
+        const float* qs, const int32_t* qo, int64_t B, int64_t D, float scale, float* s) {
+    const int64_t nd = D / 64;
+    int64_t b0 = 0;
+    for (; b0 + 16 <= B; b0 += 16) {
+        __m512 part[NG][16];
+        for (int kk = 0; kk < 16; ++kk) {
+            __m512i acc[NG];
+            for (int i = 0; i < NG; ++i) acc[i] = _mm512_setzero_si512();
+            for (int64_t c = 0; c < nd; ++c) {
+                const __m512i k = _mm512_loadu_si512(keys + (b0 + kk) * D + c * 64);
+                for (int i = 0; i < NG; ++i) acc[i] = _mm512_dpbusd_epi32(acc[i], k, _mm512_loadu_si512(q + i * D + c * 64));
+            }
+            for (int i = 0; i < NG; ++i) part[i][kk] = _mm512_cvtepi32_ps(acc[i]);
+        }
+        const __m512 kscale = _mm512_loadu_ps(ks + b0);
+        for (int i = 0; i < NG; ++i) {
+            const __m512 dots = _mm512_sub_ps(lane_sums16(part[i]), _mm512_set1_ps(static_cast<float>(qo[i])));
+            _mm512_storeu_ps(s + i * B + b0, _mm512_mul_ps(_mm512_mul_ps(dots, kscale), _mm512_set1_ps(scale * qs[i])));
+        }
+    }
+    for (; b0 < B; ++b0) {
+        for (int i = 0; i < NG; ++i) {
+            __m512i acc = _mm512_setzero_si512();
+            for (int64_t c = 0; c < nd; ++c)
+                acc = _mm512_dpbusd_epi32(acc, _mm512_loadu_si512(keys + b0 * D + c * 64), _mm512_loadu_si512(q + i * D + c * 64));
+            s[i * B + b0] = static_cast<float>(_mm512_reduce_add_epi32(acc) - qo[i]) * ks[b0] * (scale * qs[i]);
+        }
+    }
+}
+#endif
+
+// As _SOURCE's kernel, from the 8-bit copy: block t's keys [Hkv, B, D] uint8 at block_addr[t], their
+// scales [Hkv, B] float at scale_addr[t]; q8 [R, Hkv, G, D] int8, qs and qo [R, Hkv, G]. D a multiple of
+// 64 up to 256, G <= 4 (sketch_usable); built without AVX-512 it writes nothing (kernel_ok then says no).
+extern "C" void kernel(const int64_t* block_addr, const int64_t* scale_addr, const int64_t* block_row,
+                       const int64_t* block_col, const int8_t* q8, const float* qs, const int32_t* qo, float* out,
+                       float* share, const int64_t T, const int64_t R, const int64_t Hkv, const int64_t G,
+                       const int64_t B, const int64_t D, const int64_t C, const float scale) {
+#if defined(CPU_CAPABILITY_AVX512)
+    #pragma omp parallel
+    {
+        std::vector<float> s(G * B);
+        #pragma omp for schedule(static)
+        for (int64_t t = 0; t < T; ++t) {
+            for (int64_t h = 0; h < Hkv; ++h) {
+                const int64_t p = block_row[t] * Hkv + h;
+                const uint8_t* keys = reinterpret_cast<const uint8_t*>(block_addr[t]) + h * B * D;
+                const float* ks = reinterpret_cast<const float*>(scale_addr[t]) + h * B;
+                const int8_t* q = q8 + p * G * D;
+                switch (G) {
+                    case 1: sketch_block<1>(keys, ks, q, qs + p * G, qo + p * G, B, D, scale, s.data()); break;
+                    case 2: sketch_block<2>(keys, ks, q, qs + p * G, qo + p * G, B, D, scale, s.data()); break;
+                    case 3: sketch_block<3>(keys, ks, q, qs + p * G, qo + p * G, B, D, scale, s.data()); break;
+                    default: sketch_block<4>(keys, ks, q, qs + p * G, qo + p * G, B, D, scale, s.data());
+                }
+                block_lses(s.data(), out, p, G, B, C, block_col[t]);
+            }
+        }
+        shares(out, share, R, Hkv, G, C);
+    }
+#endif
+}
+"""
+
+_SKETCH_ARGTYPES = (["const int64_t*"] * 4 + ["const int8_t*", "const float*", "const int32_t*", "float*", "float*"]
+                    + ["const int64_t"] * 7 + ["const float"])  # fmt: skip
+SKETCH_GROUPS, SKETCH_MAX_D = 4, 256
+
 
 _ARGTYPES = ["const int64_t*"] * 3 + ["const float*", "float*", "float*"] + ["const int64_t"] * 7 + ["const float"]
 
@@ -279,6 +372,43 @@ def _run(rows: list[list[torch.Tensor]], q: torch.Tensor, scale: float) -> tuple
     return out, share
 
 
+def sketch_usable(g: int, D: int) -> bool:
+    """Does sketch_shares serve g query heads a KV head and head size D here (AVX-512 VNNI, built,
+    checked, not switched off)?"""
+    fits = 1 <= g <= SKETCH_GROUPS and D % 64 == 0 and 0 < D <= SKETCH_MAX_D
+    return os.environ.get(ENV_SWITCH, "1") != "0" and fits and sketch_kernel_ok()
+
+
+def sketch_lse(rows: list[list[tuple[torch.Tensor, torch.Tensor]]], q: torch.Tensor, scale: float) -> torch.Tensor:
+    """block_lse from the keys' 8-bit copy: rows[r] row r's pieces (uint8 keys [n, Hkv, B, D], float32
+    scales [n, Hkv, B]) in block order, q [R, Hkv, g, D] float32 (rounded here, sketch.sketch_query)."""
+    return _run_sketch(rows, q, scale)[0]
+
+
+def sketch_shares(rows: list[list[tuple[torch.Tensor, torch.Tensor]]], q: torch.Tensor, scale: float) -> torch.Tensor:
+    """block_shares from the keys' 8-bit copy (sketch_lse's arguments)."""
+    return _run_sketch(rows, q, scale)[1]
+
+
+def _run_sketch(rows, q: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    R, Hkv, g, D = q.shape
+    counts = [sum(k.shape[0] for k, _ in pieces) for pieces in rows]
+    out = torch.full((R, Hkv, g, max(counts, default=0)), float("-inf"))
+    share = torch.full((R, Hkv, out.shape[-1]), float("-inf"))
+    keys = [k for ps in rows for k, _ in ps]
+    if not keys:
+        return out, share
+    assert all(k.is_contiguous() for k in keys), "the store's 8-bit chunks are contiguous slices"
+    per_row = [len(ps) for ps in rows]
+    addr, row, col = block_table(keys, per_row)
+    saddr = block_table([s for ps in rows for _, s in ps], per_row)[0]
+    q8, qs = sketch.sketch_query(q)
+    qo = (sketch.OFFSET * q8.sum(-1, dtype=torch.int32)).contiguous()
+    _sketch_kernel()(addr, saddr, row, col, q8.contiguous(), qs.contiguous(), qo, out, share, len(addr), R, Hkv, g,
+                     keys[0].shape[2], D, out.shape[-1], scale)  # fmt: skip
+    return out, share
+
+
 def block_table(pieces: list[torch.Tensor], per_row: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Where a C++ pass finds each block: pieces [n, ...] (contiguous), the first per_row[0] of them
     row 0's in block order, then row 1's, ... -> per block its address, its row and its column (its
@@ -311,6 +441,38 @@ def load_pybinding(argtypes: list[str], source: str):
 @functools.cache
 def _kernel(dtype: torch.dtype):
     return load_pybinding(_ARGTYPES, _SOURCE.replace("KEY_TYPE", TYPES[dtype]))
+
+
+@functools.cache
+def _sketch_kernel():
+    return load_pybinding(_SKETCH_ARGTYPES, _SKETCH_SOURCE.replace("KEY_TYPE", TYPES[torch.bfloat16]))
+
+
+@functools.cache
+def sketch_kernel_ok() -> bool:
+    """Build the 8-bit pass (only where the CPU has AVX-512 VNNI: elsewhere its instructions would
+    fault) and hold it to sketch.block_lse_eager (integer dot products: the same up to float32
+    rounding of the exponentials) on awkward shapes: every group size, blocks that are no multiple
+    of 16, D = 128, rows of uneven pieces."""
+    if not torch.cpu._is_vnni_supported():
+        return False
+    try:
+        gen = torch.Generator().manual_seed(0)
+        for Hkv, g, B, D in ((3, 3, 16, 64), (1, 4, 21, 64), (2, 1, 5, 128), (2, 2, 40, 64)):
+            q = torch.randn(2, Hkv, g, D, generator=gen)
+            rows = [[sketch.sketch_keys(torch.randn(n, Hkv, B, D, generator=gen)) for n in ns] for ns in ((2, 1), (3,))]
+            got = sketch_lse(rows, q, 0.3)
+            q8, qs = sketch.sketch_query(q)
+            want = torch.stack([sketch.block_lse_eager(q8[r], qs[r], ps, 0.3) for r, ps in enumerate(rows)])
+            share = want - torch.logsumexp(want, dim=-1, keepdim=True)
+            if not (torch.allclose(got, want, atol=1e-4, rtol=1e-5)
+                    and torch.allclose(sketch_shares(rows, q, 0.3), share.amax(dim=2), atol=1e-4, rtol=1e-5)):  # fmt: skip
+                logger.warning("lminf top-k: the 8-bit mass pass disagrees with its reference; using eager ops")
+                return False
+        return True
+    except Exception as e:  # no compiler, another torch
+        logger.warning("lminf top-k: the 8-bit mass pass is unavailable (%s); using eager ops", e)
+        return False
 
 
 @functools.cache
