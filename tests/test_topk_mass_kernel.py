@@ -78,17 +78,17 @@ def sketched_rows(pieces, Hkv, B, D, seed):
 
 @needs_vnni
 @pytest.mark.parametrize(("pieces", "Hkv", "g", "B", "D"), [([[1]], 3, 3, 128, 64), ([[5, 2], [1]], 1, 4, 16, 64),
-                                                              ([[16], [3, 16, 1]], 2, 1, 20, 128),
-                                                              ([[2, 1]], 2, 2, 37, 192), ([[1], [3]], 1, 3, 7, 64)])  # fmt: skip
+                                                              ([[16], [3, 16, 1]], 2, 1, 32, 128),
+                                                              ([[2, 1]], 2, 2, 48, 24), ([[1], [3]], 1, 3, 16, 200)])  # fmt: skip
 def test_the_8_bit_pass_is_float64s_for_every_row_and_block(pieces, Hkv, g, B, D):
-    """Blocks of 16 keys and a tail, a block shorter than a tile, every group size, D up to 192."""
-    assert mass_kernel.sketch_usable(g, D), "the 8-bit pass could not be built on this machine"
+    """One tile a block and several, every group size, head sizes of 24 to 200."""
+    assert mass_kernel.sketch_usable(g, B, D), "the 8-bit pass could not be built on this machine"
     rows = sketched_rows(pieces, Hkv, B, D, seed=B * 1000 + D)
     q = torch.randn(len(rows), Hkv, g, D, generator=torch.Generator().manual_seed(B))
     got = mass_kernel.sketch_lse(rows, q, 0.2)
     q8, qs = sketch.sketch_query(q)
     for r, ps in enumerate(rows):
-        k = torch.cat([k for k, _ in ps]).double() - sketch.OFFSET
+        k = sketch.untiled(torch.cat([k for k, _ in ps])).double() - sketch.OFFSET
         ks = torch.cat([s for _, s in ps]).double()
         dots = torch.einsum("nhbd,hgd->hgnb", k, q8[r].double())
         want = torch.logsumexp(dots * ks.permute(1, 0, 2)[:, None] * qs[r].double()[..., None, None] * 0.2, -1)
@@ -112,10 +112,29 @@ def test_8_bit_scores_and_the_selection_are_the_same_either_way_and_near_the_exa
     torch.testing.assert_close(fast[0], exact[0], atol=0.05, rtol=0.02)
     assert fast[0, 2].argmax() == 7 and exact[0, 2].argmax() == 7
     monkeypatch.setenv(mass_kernel.ENV_SWITCH, "0")
-    assert not mass_kernel.sketch_usable(3, 64)
+    assert not mass_kernel.sketch_usable(3, 128, 64)
     torch.testing.assert_close(fast, attention.sketch_scores_rows(q, rows, 0.125), atol=2e-5, rtol=2e-6)
 
 
 def test_the_8_bit_pass_declines_shapes_it_is_not_written_for():
-    """Head sizes that are no multiple of 64 or over 256, groups over 4: the eager ops score those."""
-    assert not any(mass_kernel.sketch_usable(g, D) for g, D in ((3, 80), (3, 320), (5, 64), (0, 64)))
+    """Blocks that are no multiple of 16 keys, head sizes no multiple of 8, groups over 4: the eager
+    ops score those (from keys in key order where a block is no multiple of 16)."""
+    assert not any(mass_kernel.sketch_usable(g, B, D) for g, B, D in ((3, 20, 64), (3, 128, 36), (5, 128, 64),
+                                                                      (0, 128, 64)))  # fmt: skip
+    keys = torch.randn(3, 2, 20, 36, generator=torch.Generator().manual_seed(4))
+    k8, ks = sketch.sketch_keys(keys)
+    assert torch.equal(k8, sketch.untiled(k8)) and torch.equal(k8.float() - 128, torch.round(keys / ks[..., None]))
+    q = torch.randn(2, 3, 36)
+    q8, qs = sketch.sketch_query(q)
+    want = torch.logsumexp(torch.einsum("nhbd,hgd->hgnb", torch.round(keys / ks[..., None]).double(), q8.double())
+                           * ks.permute(1, 0, 2)[:, None].double() * qs.double()[..., None, None] * 0.5, -1)  # fmt: skip
+    torch.testing.assert_close(sketch.block_lse_eager(q8, qs, [(k8[:1], ks[:1]), (k8[1:], ks[1:])], 0.5).double(), want)
+
+
+def test_tiles_hold_each_key_by_four_channels_and_come_back():
+    k = torch.arange(2 * 32 * 8).view(2, 32, 8)
+    t = sketch.tiled(k)
+    assert t.shape == k.shape and torch.equal(sketch.untiled(t), k)
+    flat = t.flatten()  # block 0's first tile: channels 0-3 of keys 0..15, then channels 4-7 of keys 0..15
+    assert flat[:8].tolist() == [0, 1, 2, 3, 8, 9, 10, 11] and flat[64:68].tolist() == [4, 5, 6, 7]
+    assert flat[128:132].tolist() == k[0, 16, :4].tolist()  # the next tile

@@ -165,9 +165,9 @@ def sketch_scores_rows(q_caps: torch.Tensor, rows: list[list[tuple[torch.Tensor,
     """mass_scores_rows from the keys' 8-bit copy (topk_score "mass_int8"): rows[r] row r's pieces as
     HostStore.sketch_at_zero gives them; the query rounded per head (sketch.py). -> [R, Hkv, C]."""
     R, H, D = q_caps.shape
-    Hkv = rows[0][0][0].shape[1]
+    _, Hkv, B, _ = rows[0][0][0].shape
     q = q_caps.float().view(R, Hkv, H // Hkv, D)
-    if mass_kernel.sketch_usable(H // Hkv, D) and q_caps.device.type == "cpu":  # one VNNI pass (mass_kernel.py)
+    if mass_kernel.sketch_usable(H // Hkv, B, D) and q_caps.device.type == "cpu":  # one VNNI pass (mass_kernel.py)
         return mass_kernel.sketch_shares(rows, q, scale)
     counts = [sum(k.shape[0] for k, _ in pieces) for pieces in rows]
     block = torch.full((R, Hkv, H // Hkv, max(counts)), float("-inf"), device=q_caps.device)

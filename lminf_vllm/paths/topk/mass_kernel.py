@@ -257,46 +257,41 @@ extern "C" void kernel(const int64_t* block_addr, const int64_t* block_row, cons
 _SKETCH_SOURCE = LOADS + SHARES + r"""
 #if defined(CPU_CAPABILITY_AVX512)
 #include <immintrin.h>
-// s[i * B + b] = scale * qs[i] * ks[b] * (q8[i] . k8[b]) for a block's B keys (uint8 k8 + 128, [B, D]) and
-// NG query heads (int8, [NG, D]; qo[i] = 128 * sum(q8[i]) takes the +128 back out). The products by
-// AVX-512 VNNI (vpdpbusd: 64 byte products an instruction, summed in int32, exact), 16 keys' sums in
-// one lane_sums16 (exact: integers below 2^24), the last B % 16 keys one by one.
+// s[i * B + b] = scale * qs[i] * ks[b] * (q8[i] . k8[b]) for a block's B keys and NG query heads (int8,
+// [NG, D]; qo[i] = 128 * sum(q8[i]) takes the +128 back out). The keys (uint8 k8 + 128) come in
+// sketch.tiled's order: per tile of 16 keys, per 4 channels, the 16 keys' 4 bytes, so that one
+// vpdpbusd (AVX-512 VNNI) adds the next 4 channels' products of all 16 keys, each in its own int32
+// lane: no sum across lanes, and exact (integers). Two accumulators a head halve the dependency chain.
+// B a multiple of 16, D of 8.
 template <int NG>
 __attribute__((target("avx512vnni"))) static void sketch_block(const uint8_t* keys, const float* ks, const int8_t* q,
         const float* qs, const int32_t* qo, int64_t B, int64_t D, float scale, float* s) {
-    const int64_t nd = D / 64;
-    int64_t b0 = 0;
-    for (; b0 + 16 <= B; b0 += 16) {
-        __m512 part[NG][16];
-        for (int kk = 0; kk < 16; ++kk) {
-            __m512i acc[NG];
-            for (int i = 0; i < NG; ++i) acc[i] = _mm512_setzero_si512();
-            for (int64_t c = 0; c < nd; ++c) {
-                const __m512i k = _mm512_loadu_si512(keys + (b0 + kk) * D + c * 64);
-                for (int i = 0; i < NG; ++i) acc[i] = _mm512_dpbusd_epi32(acc[i], k, _mm512_loadu_si512(q + i * D + c * 64));
+    const int64_t nq = D / 4;
+    const int32_t* q4 = reinterpret_cast<const int32_t*>(q);  // q4[i * nq + c]: head i's channels 4c .. 4c + 3
+    for (int64_t b0 = 0; b0 < B; b0 += 16) {
+        const uint8_t* tile = keys + b0 * D;
+        __m512i acc[2][NG];
+        for (int i = 0; i < NG; ++i) acc[0][i] = acc[1][i] = _mm512_setzero_si512();
+        for (int64_t c = 0; c < nq; c += 2) {
+            const __m512i k0 = _mm512_loadu_si512(tile + c * 64), k1 = _mm512_loadu_si512(tile + c * 64 + 64);
+            for (int i = 0; i < NG; ++i) {
+                acc[0][i] = _mm512_dpbusd_epi32(acc[0][i], k0, _mm512_set1_epi32(q4[i * nq + c]));
+                acc[1][i] = _mm512_dpbusd_epi32(acc[1][i], k1, _mm512_set1_epi32(q4[i * nq + c + 1]));
             }
-            for (int i = 0; i < NG; ++i) part[i][kk] = _mm512_cvtepi32_ps(acc[i]);
         }
         const __m512 kscale = _mm512_loadu_ps(ks + b0);
         for (int i = 0; i < NG; ++i) {
-            const __m512 dots = _mm512_sub_ps(lane_sums16(part[i]), _mm512_set1_ps(static_cast<float>(qo[i])));
-            _mm512_storeu_ps(s + i * B + b0, _mm512_mul_ps(_mm512_mul_ps(dots, kscale), _mm512_set1_ps(scale * qs[i])));
-        }
-    }
-    for (; b0 < B; ++b0) {
-        for (int i = 0; i < NG; ++i) {
-            __m512i acc = _mm512_setzero_si512();
-            for (int64_t c = 0; c < nd; ++c)
-                acc = _mm512_dpbusd_epi32(acc, _mm512_loadu_si512(keys + b0 * D + c * 64), _mm512_loadu_si512(q + i * D + c * 64));
-            s[i * B + b0] = static_cast<float>(_mm512_reduce_add_epi32(acc) - qo[i]) * ks[b0] * (scale * qs[i]);
+            const __m512i dot = _mm512_sub_epi32(_mm512_add_epi32(acc[0][i], acc[1][i]), _mm512_set1_epi32(qo[i]));
+            _mm512_storeu_ps(s + i * B + b0, _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot), kscale),
+                                                           _mm512_set1_ps(scale * qs[i])));
         }
     }
 }
 #endif
 
 // As _SOURCE's kernel, from the 8-bit copy: block t's keys [Hkv, B, D] uint8 at block_addr[t], their
-// scales [Hkv, B] float at scale_addr[t]; q8 [R, Hkv, G, D] int8, qs and qo [R, Hkv, G]. D a multiple of
-// 64 up to 256, G <= 4 (sketch_usable); built without AVX-512 it writes nothing (kernel_ok then says no).
+// scales [Hkv, B] float at scale_addr[t]; q8 [R, Hkv, G, D] int8, qs and qo [R, Hkv, G]. B a multiple of
+// 16, D of 8, G <= 4 (sketch_usable); built without AVX-512 it writes nothing (sketch_kernel_ok then says no).
 extern "C" void kernel(const int64_t* block_addr, const int64_t* scale_addr, const int64_t* block_row,
                        const int64_t* block_col, const int8_t* q8, const float* qs, const int32_t* qo, float* out,
                        float* share, const int64_t T, const int64_t R, const int64_t Hkv, const int64_t G,
@@ -329,7 +324,7 @@ extern "C" void kernel(const int64_t* block_addr, const int64_t* scale_addr, con
 
 _SKETCH_ARGTYPES = (["const int64_t*"] * 4 + ["const int8_t*", "const float*", "const int32_t*", "float*", "float*"]
                     + ["const int64_t"] * 7 + ["const float"])  # fmt: skip
-SKETCH_GROUPS, SKETCH_MAX_D = 4, 256
+SKETCH_GROUPS = 4
 
 
 _ARGTYPES = ["const int64_t*"] * 3 + ["const float*", "float*", "float*"] + ["const int64_t"] * 7 + ["const float"]
@@ -372,10 +367,10 @@ def _run(rows: list[list[torch.Tensor]], q: torch.Tensor, scale: float) -> tuple
     return out, share
 
 
-def sketch_usable(g: int, D: int) -> bool:
-    """Does sketch_shares serve g query heads a KV head and head size D here (AVX-512 VNNI, built,
-    checked, not switched off)?"""
-    fits = 1 <= g <= SKETCH_GROUPS and D % 64 == 0 and 0 < D <= SKETCH_MAX_D
+def sketch_usable(g: int, B: int, D: int) -> bool:
+    """Does sketch_shares serve g query heads a KV head, blocks of B and head size D here (AVX-512
+    VNNI, built, checked, not switched off)?"""
+    fits = 1 <= g <= SKETCH_GROUPS and sketch.is_tiled(B, D) and D % 8 == 0
     return os.environ.get(ENV_SWITCH, "1") != "0" and fits and sketch_kernel_ok()
 
 
@@ -452,13 +447,13 @@ def _sketch_kernel():
 def sketch_kernel_ok() -> bool:
     """Build the 8-bit pass (only where the CPU has AVX-512 VNNI: elsewhere its instructions would
     fault) and hold it to sketch.block_lse_eager (integer dot products: the same up to float32
-    rounding of the exponentials) on awkward shapes: every group size, blocks that are no multiple
-    of 16, D = 128, rows of uneven pieces."""
+    rounding of the exponentials) on awkward shapes: every group size, one tile and several, D of
+    24 and 128, rows of uneven pieces."""
     if not torch.cpu._is_vnni_supported():
         return False
     try:
         gen = torch.Generator().manual_seed(0)
-        for Hkv, g, B, D in ((3, 3, 16, 64), (1, 4, 21, 64), (2, 1, 5, 128), (2, 2, 40, 64)):
+        for Hkv, g, B, D in ((3, 3, 16, 64), (1, 4, 48, 64), (2, 1, 32, 128), (2, 2, 16, 24)):
             q = torch.randn(2, Hkv, g, D, generator=gen)
             rows = [[sketch.sketch_keys(torch.randn(n, Hkv, B, D, generator=gen)) for n in ns] for ns in ((2, 1), (3,))]
             got = sketch_lse(rows, q, 0.3)

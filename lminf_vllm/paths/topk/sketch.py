@@ -4,17 +4,19 @@ docs/topk-contract.md, "Mass from 8-bit keys". The mass score reads every middle
 row; at 8 requests and more that reading is most of a decode step. The host store keeps, beside
 each key at position 0 (which the attention reads), its 8-bit copy: per key and KV head a scale
 ks = max |u| / 127 and the integers round(u / ks) + 128 in uint8 (the +128 because AVX-512 VNNI
-multiplies unsigned by signed bytes). The query at C is rounded the same way per query head
-(int8, scale qs). A key's score is then scale * qs * ks * (q8 . k8), whose dot product is an exact
-integer (|q8 . k8| <= 127 * 127 * D, far below float32's 2^24 for D <= 256): mass_kernel's VNNI
-pass and the eager ops here give the same integers. Rounding is half to even (torch.round) in
-both the store and the reference. No vLLM import.
+multiplies unsigned by signed bytes), in tiles (`tiled`) where the block size allows. The query at
+C is rounded the same way per query head (int8, scale qs). A key's score is then
+scale * qs * ks * (q8 . k8), whose dot product is an exact integer (|q8 . k8| <= 127 * 127 * D,
+below float32's 2^24 for D <= 1024): mass_kernel's VNNI pass and the eager ops here give the same
+integers. Rounding is half to even (torch.round) in both the store and the reference. No vLLM
+import.
 """
 
 import torch
 
 OFFSET = 128  # stored = k8 + OFFSET, in [1, 255]
 LEVELS = 127  # k8 and q8 in [-127, 127]
+TILE = 16  # keys a tile: one 64-byte vector holds 4 channels of each (tiled)
 
 
 def rounded(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -26,9 +28,33 @@ def rounded(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def sketch_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """keys [..., D] (any float dtype) -> (uint8 [..., D]: round(u / ks) + 128, float32 ks [...])."""
+    """keys [..., B, D] (any float dtype) -> (uint8 [..., B, D]: round(u / ks) + 128, tiled, float32
+    ks [..., B]): as the store holds them."""
     k, s = rounded(keys)
-    return (k + OFFSET).to(torch.uint8), s
+    return tiled((k + OFFSET).to(torch.uint8)), s
+
+
+def is_tiled(B: int, D: int) -> bool:
+    """Are a block's B keys of D channels held in tiles (else in key order)?"""
+    return B % TILE == 0 and D % 4 == 0
+
+
+def tiled(k: torch.Tensor) -> torch.Tensor:
+    """[..., B, D] in key order -> the same shape in tile order, where is_tiled: per tile of 16 keys,
+    per 4 channels c .. c + 3, the 16 keys' 4 values one after another (VNNI's operand: 16 keys'
+    products a vector, no sum across lanes). Contiguous."""
+    *lead, B, D = k.shape
+    if not is_tiled(B, D):
+        return k.contiguous()
+    return k.reshape(*lead, B // TILE, TILE, D // 4, 4).transpose(-3, -2).contiguous().view(*lead, B, D)
+
+
+def untiled(k: torch.Tensor) -> torch.Tensor:
+    """tiled's inverse: [..., B, D] in key order."""
+    *lead, B, D = k.shape
+    if not is_tiled(B, D):
+        return k
+    return k.reshape(*lead, B // TILE, D // 4, TILE, 4).transpose(-3, -2).reshape(*lead, B, D)
 
 
 def sketch_query(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,7 +68,7 @@ def block_lse_eager(q8: torch.Tensor, qs: torch.Tensor, pieces: list[tuple[torch
     """One row's block log-sum-exps from 8-bit keys, by PyTorch's ops (where the VNNI pass is not
     built): q8 [Hkv, g, D] int8, qs [Hkv, g]; pieces (keys [n, Hkv, B, D] uint8, ks [n, Hkv, B]) in
     block order -> [Hkv, g, nc]. The dot products are integers, exact in float32."""
-    keys = torch.cat([k for k, _ in pieces]).float().sub_(OFFSET)  # [nc, Hkv, B, D]
+    keys = untiled(torch.cat([k for k, _ in pieces])).float().sub_(OFFSET)  # [nc, Hkv, B, D]
     ks = torch.cat([s for _, s in pieces])  # [nc, Hkv, B]
     dots = torch.einsum("nhbd,hgd->hgnb", keys, q8.float())
     s = dots * ks.permute(1, 0, 2)[:, None] * (scale * qs)[..., None, None]
