@@ -5,7 +5,8 @@ the rows of its first window block fa before the window, the k picks) is seen at
 so its score is scale * q_C . u_j with u_j the key at position 0, which is what the host store
 holds (docs/topk-contract.md, "Scoring a middle block"). `attend` computes, for every decode row
 of a step at once, that part's softmax output and log-sum-exp per query head, reading the keys
-and values in place from the store's chunks (no gather, no rotation, no copy into the pool);
+and values in place from the store's chunks (no gather, no rotation, no copy into the pool) in
+one pass (the softmax kept online, each value weighed for all query heads of its KV head at once);
 paths/topk joins it with the window's part (vLLM's decode op) by log-sum-exps. Built and checked
 as mass_kernel.py builds its pass (the same loader, the same float64-reference check on awkward
 shapes); where it cannot be built or disagrees it warns, and paths/topk scores those keys in
@@ -26,53 +27,90 @@ logger = logging.getLogger("vllm.lminf")
 _SOURCE = (
     LOADS
     + r"""
-// Pair p = (row r, KV head h) attends its listed blocks j < NB: block blocks[p * NB + j] of row r's
-// store (chunk c = block / N at key_base[r * MC + c], its head h at ((block % N) * Hkv + h) * B * D
-// elements; values likewise from val_base with Dv), its first counts[r * NB + j] keys. For query
-// head i of h's group: out[p, i, :] = softmax(scale * q[p, i] . keys) values, lse[p, i] its log-sum-exp.
+// acc[i * Dv + d] += sum over n keys b of w[i * T + b] * value_b[d] (values vs elements apart), for the NG query
+// heads at once: each value is read and converted once, NV = Dv / Vec2::size() vectors a head kept in registers.
+template <int NG, int NV>
+static inline void weigh_tile(const KT* v, int64_t vs, int64_t n, const float* w, int64_t T, float* acc, int64_t Dv) {
+    constexpr int64_t W2 = Vec2::size();
+    Vec2 a[NG][NV];
+    for (int i = 0; i < NG; ++i)
+        for (int c = 0; c < NV; ++c) a[i][c] = Vec2::loadu(acc + i * Dv + c * W2);
+    for (int64_t b = 0; b < n; ++b) {
+        for (int c = 0; c < NV; ++c) {
+            const Vec2 x = load_keys(v + b * vs + c * W2);
+            for (int i = 0; i < NG; ++i) a[i][c] = at::vec::fmadd(x, Vec2(w[i * T + b]), a[i][c]);
+        }
+    }
+    for (int i = 0; i < NG; ++i)
+        for (int c = 0; c < NV; ++c) a[i][c].store(acc + i * Dv + c * W2);
+}
+
+// weigh_tile for any G and Dv (the shapes it is not compiled for: a head at a time, the channels one by one)
+static void weigh_any(const KT* v, int64_t vs, int64_t n, const float* w, int64_t T, float* acc, int64_t G, int64_t Dv) {
+    if (Dv == 2 * Vec2::size()) {
+        switch (G) {
+            case 1: return weigh_tile<1, 2>(v, vs, n, w, T, acc, Dv);
+            case 2: return weigh_tile<2, 2>(v, vs, n, w, T, acc, Dv);
+            case 3: return weigh_tile<3, 2>(v, vs, n, w, T, acc, Dv);
+            case 4: return weigh_tile<4, 2>(v, vs, n, w, T, acc, Dv);
+        }
+    } else if (Dv == 4 * Vec2::size()) {
+        switch (G) {
+            case 1: return weigh_tile<1, 4>(v, vs, n, w, T, acc, Dv);
+            case 2: return weigh_tile<2, 4>(v, vs, n, w, T, acc, Dv);
+        }
+    }
+    for (int64_t i = 0; i < G; ++i)
+        for (int64_t b = 0; b < n; ++b)
+            for (int64_t d = 0; d < Dv; ++d) acc[i * Dv + d] += w[i * T + b] * static_cast<float>(v[b * vs + d]);
+}
+
+// Pair p = (row r, KV head h) attends its listed blocks j < NB: block blocks[p * NB + j] of row r's store
+// (chunk c = block / N at key_base[r * MC + c], its head h at ((block % N) * Hkv + h) * B * D elements; values
+// likewise from val_base with Dv), its first counts[r * NB + j] keys. For query head i of h's group:
+// out[p, i, :] = softmax(scale * q[p, i] . keys) values, lse[p, i] its log-sum-exp. One pass over the blocks,
+// the softmax kept online (a running max per query head; the sum and the weighed values rescaled when it
+// grows): each key and value is read once, while its block is in the cache.
 extern "C" void kernel(const int64_t* key_base, const int64_t* val_base, const int64_t* blocks,
                        const int64_t* counts, const float* q, float* out, float* lse, const int64_t R,
                        const int64_t Hkv, const int64_t G, const int64_t NB, const int64_t MC, const int64_t N,
                        const int64_t B, const int64_t D, const int64_t Dv, const float scale) {
-    constexpr int64_t W2 = Vec2::size();
     #pragma omp parallel
     {
-        std::vector<float> s, acc(Dv);
+        std::vector<float> s(G * B), acc(G * Dv), m(G), l(G);
         #pragma omp for schedule(dynamic, 1)
         for (int64_t p = 0; p < R * Hkv; ++p) {
             const int64_t r = p / Hkv, h = p % Hkv;
             const int64_t* cnt = counts + r * NB;
             const int64_t* blk = blocks + p * NB;
-            int64_t total = 0;
-            for (int64_t j = 0; j < NB; ++j) total += cnt[j];
-            s.resize(G * total);
-            int64_t col = 0;
+            std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
+            std::fill(l.begin(), l.end(), 0.f);
+            std::fill(acc.begin(), acc.end(), 0.f);
             for (int64_t j = 0; j < NB; ++j) {
-                const KT* keys = reinterpret_cast<const KT*>(key_base[r * MC + blk[j] / N])
-                                 + ((blk[j] % N) * Hkv + h) * B * D;
-                dot_keys(keys, q + p * G * D, G, cnt[j], D, scale, s.data() + col, total);
-                col += cnt[j];
+                const int64_t n = cnt[j];
+                if (n == 0) continue;
+                const int64_t c = blk[j] / N, at = (blk[j] % N) * Hkv + h;
+                const KT* keys = reinterpret_cast<const KT*>(key_base[r * MC + c]) + at * B * D;
+                const KT* vals = reinterpret_cast<const KT*>(val_base[r * MC + c]) + at * B * Dv;
+                dot_keys(keys, q + p * G * D, G, n, D, scale, s.data(), B);
+                for (int64_t i = 0; i < G; ++i) {
+                    float* si = s.data() + i * B;  // scores -> exp(score - running max)
+                    const float mt = std::max(m[i], max_of(si, n));
+                    const float shrink = std::exp(m[i] - mt);  // (0 on the first block: m is -inf)
+                    if (shrink != 1.f) {
+                        l[i] *= shrink;
+                        for (int64_t d = 0; d < Dv; ++d) acc[i * Dv + d] *= shrink;
+                    }
+                    l[i] += exp_sum(si, n, mt, true);
+                    m[i] = mt;
+                }
+                weigh_any(vals, Dv, n, s.data(), B, acc.data(), G, Dv);
             }
             for (int64_t i = 0; i < G; ++i) {
-                float* si = s.data() + i * total;  // scores -> exp(score - max)
-                const float m = max_of(si, total);
-                const float sum = exp_sum(si, total, m, true);
-                std::fill(acc.begin(), acc.end(), 0.f);
-                col = 0;
-                for (int64_t j = 0; j < NB; ++j) {
-                    const KT* vals = reinterpret_cast<const KT*>(val_base[r * MC + blk[j] / N])
-                                     + ((blk[j] % N) * Hkv + h) * B * Dv;
-                    for (int64_t b = 0; b < cnt[j]; ++b, ++col) {
-                        const KT* v = vals + b * Dv;
-                        const Vec2 w(si[col]);
-                        int64_t d = 0;
-                        for (; d + W2 <= Dv; d += W2) (Vec2::loadu(acc.data() + d) + load_keys(v + d) * w).store(acc.data() + d);
-                        for (; d < Dv; ++d) acc[d] += si[col] * static_cast<float>(v[d]);
-                    }
-                }
                 float* o = out + (p * G + i) * Dv;
-                for (int64_t d = 0; d < Dv; ++d) o[d] = total ? acc[d] / sum : 0.f;
-                lse[p * G + i] = total ? m + std::log(sum) : -std::numeric_limits<float>::infinity();
+                const bool any = l[i] > 0.f;
+                for (int64_t d = 0; d < Dv; ++d) o[d] = any ? acc[i * Dv + d] / l[i] : 0.f;
+                lse[p * G + i] = any ? m[i] + std::log(l[i]) : -std::numeric_limits<float>::infinity();
             }
         }
     }
