@@ -128,10 +128,10 @@ def topk_store_bytes(vllm_config: Any, tokens: int) -> int:
     from lminf_vllm.paths.topk.store import request_bytes
 
     model, parallel = vllm_config.model_config, vllm_config.parallel_config
-    sketch = lminf_config_from_vllm(vllm_config).topk_score == "mass_int8"  # (the keys' 8-bit copy too)
+    int8 = lminf_config_from_vllm(vllm_config).topk_score == "mass_int8"  # (the keys' 8-bit copy too)
     return request_bytes(tokens, model.get_num_layers(parallel), vllm_config.cache_config.block_size,
                          model.get_num_kv_heads(parallel), model.get_head_size(), model.dtype.itemsize,
-                         sketch=sketch)  # fmt: skip
+                         int8=int8)  # fmt: skip
 
 
 def topk_store_refusal(vllm_config: Any, prompt_tokens: int, max_tokens: int) -> str | None:

@@ -123,15 +123,15 @@ def test_growth_in_chunks_keeps_what_was_stored_and_reads_across_chunks(monkeypa
 def test_a_sketching_store_keeps_the_keys_8_bit_copy_across_chunks_and_counts_its_bytes(monkeypatch):
     """topk_score "mass_int8": beside each key at position 0, its 8-bit copy (sketch.sketch_keys of
     the key as stored, in the cache dtype), read across a chunk's edge as within one; the bytes held
-    are request_bytes(sketch=True) at every step, dropped with the request; the selection from it is
+    are request_bytes(int8=True) at every step, dropped with the request; the selection from it is
     the 8-bit reference's."""
     monkeypatch.setattr(topk_store, "CHUNK_TOKENS", 3 * B)
-    store = HostStore(sketch=True)
+    store = HostStore(int8=True)
     z, v, lo, hi = blocks(8, seed=11, dtype=torch.bfloat16)
     for b in range(8):
         store.put("r", 0, 2 + b, z[b : b + 1].float(), v[b : b + 1], lo[b : b + 1], hi[b : b + 1])
-        assert store.nbytes() == topk_store.request_bytes((3 + b) * B, 1, B, HKV, D, 2, sketch=True)
-    assert topk_store.request_bytes(10 * B, 1, B, HKV, D, 2, sketch=True) - topk_store.request_bytes(
+        assert store.nbytes() == topk_store.request_bytes((3 + b) * B, 1, B, HKV, D, 2, int8=True)
+    assert topk_store.request_bytes(10 * B, 1, B, HKV, D, 2, int8=True) - topk_store.request_bytes(
         10 * B, 1, B, HKV, D, 2) == 4 * 3 * B * HKV * (D + 4)  # 4 chunks of 3 blocks: a byte a channel, a scale a key
     pieces = store.sketch_at_zero("r", 0, 3, 10)  # blocks 3, 4, 5 | 6, 7, 8 | 9
     assert [k.shape[0] for k, _ in pieces] == [3, 3, 1] and all(k.dtype == torch.uint8 for k, _ in pieces)

@@ -21,13 +21,14 @@ def topk(**extra):
     return {"lminf": {"global_tokens": 4, "local_tokens": 64, "distance_cap": 64, "topk_blocks": 2, **extra}}
 
 
-def formula_bytes(tokens: int, B: int) -> int:
+def formula_bytes(tokens: int, B: int, int8: bool = False) -> int:
     """The docs' formula, written out: per layer, the complete blocks in whole chunks of
     ceil(CHUNK_TOKENS / B) blocks, each block one copy of its keys (at position 0) and its values
-    in the cache dtype, and its summary (2 D float32 per KV head)."""
+    in the cache dtype, and its summary (2 D float32 per KV head); with int8 (topk_score
+    "mass_int8") the keys' 8-bit copy too (a byte a channel, a float32 scale a key)."""
     per_chunk = -(-CHUNK_TOKENS // B)
     chunks = -(-(tokens // B) // per_chunk)
-    per_block = B * HKV * (D + D) * FLOAT32 + HKV * 2 * D * 4
+    per_block = B * HKV * (D + D) * FLOAT32 + HKV * 2 * D * 4 + (B * HKV * (D + 4) if int8 else 0)
     return LAYERS * chunks * per_chunk * per_block
 
 
@@ -78,6 +79,20 @@ def test_a_request_that_can_never_fit_is_refused_by_name(tiny_llama):
             llm.generate([prompt], SamplingParams(max_tokens=None), use_tqdm=False)  # (as the API's unset)
         out = llm.generate([prompt], SamplingParams(max_tokens=100, ignore_eos=True), use_tqdm=False)
         assert len(out[0].outputs[0].token_ids) == 100  # within the cap: served
+
+
+def test_the_8_bit_copy_is_counted_in_the_bytes_and_by_the_cap(tiny_llama, stores):
+    """topk_score "mass_int8": a request holds the formula with the 8-bit copy, and a cap that its
+    keys and values alone would fit (2,900 tokens in two chunks a layer) refuses it by name."""
+    B = 32
+    with engine(tiny_llama, lminf=topk(topk_score="mass_int8", topk_store_max_bytes=formula_bytes(4096, B)),
+                block_size=B, max_model_len=4096) as llm:  # fmt: skip
+        prompt = {"prompt_token_ids": random_prompt(900, seed=7)}
+        assert formula_bytes(2900, B) <= formula_bytes(4096, B) < formula_bytes(2900, B, int8=True)
+        with pytest.raises(VLLMValidationError, match=r"prompt 900 tokens \+ max_tokens 2000.*topk_store_max_bytes"):
+            llm.generate([prompt], SamplingParams(max_tokens=2000), use_tqdm=False)
+        llm.generate([prompt], SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)
+        assert stores["bytes"][-1] == formula_bytes(901, B, int8=True) > formula_bytes(901, B)
 
 
 def test_requests_that_fit_alone_wait_for_room_and_the_cap_holds(tiny_llama, stores):

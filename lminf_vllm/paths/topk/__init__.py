@@ -66,7 +66,7 @@ def available(shape: EngineShape) -> bool:
 def store_of(shape: EngineShape) -> HostStore:
     store = _STORES.get(id(shape))
     if store is None:
-        store = _STORES[id(shape)] = HostStore(sketch=shape.cfg.topk_score == "mass_int8")
+        store = _STORES[id(shape)] = HostStore(int8=shape.cfg.topk_score == "mass_int8")
         store.limit = shape.cfg.topk_store_max_bytes  # (the scheduler admits within it: past it is a bug)
         weakref.finalize(shape, _forget, id(shape))  # (the id cannot be reused before that)
         if shape.cfg.topk_score == "mass":  # build the C++ passes now, not in a request's first step

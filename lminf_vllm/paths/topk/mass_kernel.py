@@ -256,6 +256,7 @@ extern "C" void kernel(const int64_t* block_addr, const int64_t* block_row, cons
 # The mass from the keys' 8-bit copy (topk_score "mass_int8", sketch.py).
 _SKETCH_SOURCE = LOADS + SHARES + r"""
 #if defined(CPU_CAPABILITY_AVX512)
+#include <cstring>
 #include <immintrin.h>
 // s[i * B + b] = scale * qs[i] * ks[b] * (q8[i] . k8[b]) for a block's B keys and NG query heads (int8,
 // [NG, D]; qo[i] = 128 * sum(q8[i]) takes the +128 back out). The keys (uint8 k8 + 128) come in
@@ -267,7 +268,11 @@ template <int NG>
 __attribute__((target("avx512vnni"))) static void sketch_block(const uint8_t* keys, const float* ks, const int8_t* q,
         const float* qs, const int32_t* qo, int64_t B, int64_t D, float scale, float* s) {
     const int64_t nq = D / 4;
-    const int32_t* q4 = reinterpret_cast<const int32_t*>(q);  // q4[i * nq + c]: head i's channels 4c .. 4c + 3
+    const auto q4 = [q, D](int i, int64_t c) {  // head i's channels 4c .. 4c + 3 as one int32, for a broadcast
+        int32_t x;
+        std::memcpy(&x, q + i * D + 4 * c, 4);
+        return x;
+    };
     for (int64_t b0 = 0; b0 < B; b0 += 16) {
         const uint8_t* tile = keys + b0 * D;
         __m512i acc[2][NG];
@@ -275,8 +280,8 @@ __attribute__((target("avx512vnni"))) static void sketch_block(const uint8_t* ke
         for (int64_t c = 0; c < nq; c += 2) {
             const __m512i k0 = _mm512_loadu_si512(tile + c * 64), k1 = _mm512_loadu_si512(tile + c * 64 + 64);
             for (int i = 0; i < NG; ++i) {
-                acc[0][i] = _mm512_dpbusd_epi32(acc[0][i], k0, _mm512_set1_epi32(q4[i * nq + c]));
-                acc[1][i] = _mm512_dpbusd_epi32(acc[1][i], k1, _mm512_set1_epi32(q4[i * nq + c + 1]));
+                acc[0][i] = _mm512_dpbusd_epi32(acc[0][i], k0, _mm512_set1_epi32(q4(i, c)));
+                acc[1][i] = _mm512_dpbusd_epi32(acc[1][i], k1, _mm512_set1_epi32(q4(i, c + 1)));
             }
         }
         const __m512 kscale = _mm512_loadu_ps(ks + b0);

@@ -41,20 +41,20 @@ def chunk_blocks(block_size: int) -> int:
 
 
 def request_bytes(tokens: int, num_layers: int, block_size: int, num_kv_heads: int, head_size: int,
-                  itemsize: int, value_size: int | None = None, sketch: bool = False) -> int:  # fmt: skip
+                  itemsize: int, value_size: int | None = None, int8: bool = False) -> int:  # fmt: skip
     """Host bytes the store holds for a request whose first `tokens` tokens are computed, on one
     rank: each complete block (tokens // B of them), in whole chunks, per layer, its keys at
     position 0 and values in the cache dtype (B x Hkv x (D + Dv) x itemsize) and its summary
-    (Hkv x 2 D float32); with sketch (topk_score "mass_int8"), also the keys' 8-bit copy
+    (Hkv x 2 D float32); with int8 (topk_score "mass_int8"), also the keys' 8-bit copy
     (B x Hkv x (D + 4): a byte a channel and a float32 scale a key)."""
     Dv = head_size if value_size is None else value_size
     n = chunk_blocks(block_size)
     chunks = -(-(tokens // block_size) // n)
-    return num_layers * chunks * n * _block_bytes(block_size, num_kv_heads, head_size, Dv, itemsize, sketch)
+    return num_layers * chunks * n * _block_bytes(block_size, num_kv_heads, head_size, Dv, itemsize, int8)
 
 
-def _block_bytes(B: int, Hkv: int, D: int, Dv: int, itemsize: int, sketch: bool) -> int:
-    return B * Hkv * (D + Dv) * itemsize + Hkv * 2 * D * 4 + (B * Hkv * (D + 4) if sketch else 0)
+def _block_bytes(B: int, Hkv: int, D: int, Dv: int, itemsize: int, int8: bool) -> int:
+    return B * Hkv * (D + Dv) * itemsize + Hkv * 2 * D * 4 + (B * Hkv * (D + 4) if int8 else 0)
 
 
 @dataclass
@@ -70,7 +70,7 @@ class _Entry:
     flat_keys: list = field(default_factory=list)  # keys' chunks viewed [N * Hkv, B, D] (block-heads)
     flat_values: list = field(default_factory=list)  # values' likewise, [N * Hkv, B, Dv]
     kept: tuple[int, torch.Tensor] | None = None  # (the row that scored it, [Hkv, k']): the last selection
-    # with a sketch (topk_score "mass_int8", sketch.py): chunks [N, Hkv, B, D] uint8 and [N, Hkv, B] float32
+    # with int8 (topk_score "mass_int8", sketch.py): chunks [N, Hkv, B, D] uint8 and [N, Hkv, B] float32
     keys8: list = field(default_factory=list)
     scales8: list = field(default_factory=list)
 
@@ -82,9 +82,9 @@ class _Entry:
 class HostStore:
     """Middle blocks off the KV pool, per (request, layer); a layer is any hashable key (its name)."""
 
-    def __init__(self, device: torch.device | str = "cpu", sketch: bool = False) -> None:
+    def __init__(self, device: torch.device | str = "cpu", int8: bool = False) -> None:
         self.device = torch.device(device)
-        self.sketch = sketch  # keep the keys' 8-bit copy too (sketch_at_zero)
+        self.int8 = int8  # keep the keys' 8-bit copy too (sketch_at_zero)
         self._entries: dict[tuple, _Entry] = {}
         self._nbytes = 0  # held, kept as entries grow and go (read every step for /metrics)
         self.limit: int | None = None  # bytes: a put past it raises (the scheduler's admission keeps within it)
@@ -112,7 +112,7 @@ class HostStore:
             entry.values[c][i:j] = values[rows].transpose(1, 2).to(self.device)
             entry.bounds[c][:, :D, i:j] = hi[rows].permute(1, 2, 0).to(self.device)
             entry.bounds[c][:, D:, i:j] = lo[rows].permute(1, 2, 0).to(self.device)
-            if self.sketch:  # (from the stored keys, in the cache dtype: what the eager way would read)
+            if self.int8:  # (from the stored keys, in the cache dtype: what the eager way would read)
                 entry.keys8[c][i:j], entry.scales8[c][i:j] = sketch.sketch_keys(entry.keys[c][i:j])
         entry.blocks = stop
 
@@ -120,7 +120,7 @@ class HostStore:
         """Chunks for exactly `blocks` blocks: new ones zeroed, none copied; those past it dropped."""
         N = chunk_blocks(B)
         need = -(-blocks // N)
-        per_chunk = N * _block_bytes(B, Hkv, D, Dv, dtype.itemsize, self.sketch)
+        per_chunk = N * _block_bytes(B, Hkv, D, Dv, dtype.itemsize, self.int8)
         grow = (need - len(entry.keys)) * per_chunk
         if grow > 0 and self.limit is not None and self._nbytes + grow > self.limit:
             raise RuntimeError(
@@ -134,7 +134,7 @@ class HostStore:
             entry.keys.append(keys), entry.values.append(values)
             entry.flat_keys.append(keys.view(N * Hkv, B, D)), entry.flat_values.append(values.view(N * Hkv, B, Dv))
             entry.bounds.append(torch.zeros(Hkv, 2 * D, N, dtype=torch.float32, device=self.device))
-            if self.sketch:
+            if self.int8:
                 entry.keys8.append(torch.full((N, Hkv, B, D), sketch.OFFSET, dtype=torch.uint8, device=self.device))
                 entry.scales8.append(torch.zeros(N, Hkv, B, dtype=torch.float32, device=self.device))
         del entry.keys[need:], entry.values[need:], entry.flat_keys[need:], entry.flat_values[need:]
@@ -163,7 +163,7 @@ class HostStore:
         return [entry.keys[c][i:j] for c, i, j in _runs(start, stop, entry.per_chunk)]
 
     def sketch_at_zero(self, request: str, layer, start: int, stop: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """keys_at_zero's 8-bit copy (a store made with sketch): per chunk in order, (uint8 keys
+        """keys_at_zero's 8-bit copy (a store made with int8): per chunk in order, (uint8 keys
         [n_c, Hkv, B, D], float32 scales [n_c, Hkv, B]), views (sketch.sketch_keys of the stored keys)."""
         entry = self._stored(request, layer, stop)
         return [(entry.keys8[c][i:j], entry.scales8[c][i:j]) for c, i, j in _runs(start, stop, entry.per_chunk)]
