@@ -4,8 +4,10 @@ The oracle the top-k engine path is held to. Nothing here is shared with a fast
 path: the block selection is computed from the block's explicit attention mass
 (score "mass", the default: per query head, the log-sum-exp of the block's
 exact scores at distance C, as a share of that head's softmax over every
-candidate) or the explicit Quest bound (score "bound": per channel,
-max(q_c * min_c, q_c * max_c), summed), and the attention from
+candidate; score "mass_int8": the same with keys and query first rounded to 8
+bits, written out here apart from the engine's sketch.py) or the explicit Quest
+bound (score "bound": per channel, max(q_c * min_c, q_c * max_c), summed), and
+the attention from
 explicit [n, n] visibility (per KV head) and distance matrices, with queries
 and keys rotated at explicit positions exactly as in reference.py. float64 by
 default; no vLLM import.
@@ -27,14 +29,13 @@ from collections.abc import Sequence
 import torch
 
 from lminf_vllm.config import LminfConfig
-from lminf_vllm.paths.topk import sketch
 from lminf_vllm.rope import RotarySpec, cos_sin, rotate
 from lminf_vllm.testing.reference import ROW_CHUNK, lambda_mask_and_distance
 
 GROUP_REDUCE = ("max", "sum")  # how a GQA group's per-head scores make the KV head's score
 CHUNK_RULES = ("last", "max")  # which rows of a chunk score: its last row, or the max over its rows
 # a block's score (config.TOPK_SCORES): its attention mass (share), Quest's bound, or the mass with keys
-# and query rounded to 8 bits (paths/topk/sketch.py)
+# and query rounded to 8 bits (rounded_8bit)
 SCORES = ("mass", "bound", "mass_int8")
 DEFAULT_GROUP_REDUCE = "max"
 DEFAULT_CHUNK_RULE = "last"
@@ -129,6 +130,13 @@ def block_bounds_matmul(q_cap: torch.Tensor, kmin: torch.Tensor, kmax: torch.Ten
     return out.reshape(rows, H, -1)
 
 
+def rounded_8bit(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., D] -> (integers in [-127, 127] as x's dtype, scales [...]): x / s rounded half to even,
+    s = max |x| / 127 per vector (the contract's "Mass from 8-bit keys")."""
+    s = x.abs().amax(-1).clamp(min=torch.finfo(torch.float32).tiny) / 127
+    return torch.round(x / s[..., None]), s
+
+
 def block_mass_shares(q_cap: torch.Tensor, k0: torch.Tensor, B: int, cand: range, rotary: RotarySpec,
                       scale: float, int8: bool = False) -> torch.Tensor:  # fmt: skip
     """Each candidate block's share of a query head's softmax, every candidate visible at distance C.
@@ -139,7 +147,7 @@ def block_mass_shares(q_cap: torch.Tensor, k0: torch.Tensor, B: int, cand: range
     exp(lse_b - logsumexp over the candidate blocks' lse). -> [rows, H, nb] with nb the number of
     full blocks; 0 outside cand. A query head reads its GQA group's KV head. int8 (score
     "mass_int8"): u_j and q_C rounded to 8 bits first, per key and KV head and per query head
-    (sketch.rounded), the score scale * qs * ks_j * (q8 . k8_j).
+    (rounded_8bit), the score scale * qs * ks_j * (q8 . k8_j).
     """
     rows, H, D = q_cap.shape
     n, Hkv, _ = k0.shape
@@ -149,7 +157,7 @@ def block_mass_shares(q_cap: torch.Tensor, k0: torch.Tensor, B: int, cand: range
         return out
     kz = keys_at_zero(k0, rotary)[cand.start * B : cand.stop * B]  # [nc B, Hkv, D]
     if int8:
-        (k8, ks), (q8, qs) = sketch.rounded(kz), sketch.rounded(q_cap)
+        (k8, ks), (q8, qs) = rounded_8bit(kz), rounded_8bit(q_cap)
         dots = torch.einsum("rhd,jhd->rhj", q8, k8.repeat_interleave(H // Hkv, dim=1))
         s = dots * ks.repeat_interleave(H // Hkv, dim=1).T[None] * qs[..., None] * scale
     else:
@@ -338,7 +346,7 @@ def brute_force_topk_attention(
         q = at(q0[i, h], C)
         keys = [at(k0[j, h // group], 0) for j in range(blk * B, blk * B + B)]
         if score == "mass_int8":  # each rounded to 8 bits: integers times their scales
-            (q8, qs), rounded = sketch.rounded(q), [sketch.rounded(k) for k in keys]
+            (q8, qs), rounded = rounded_8bit(q), [rounded_8bit(k) for k in keys]
             return torch.logsumexp(torch.stack([(q8 * k8).sum() * ks * qs * scale for k8, ks in rounded]), 0)
         return torch.logsumexp(torch.stack([(q * k).sum() * scale for k in keys]), 0)
 
