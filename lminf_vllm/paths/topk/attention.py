@@ -295,11 +295,8 @@ def select_stored(store, request: str, layer: int, q_cap: torch.Tensor, first: i
     position 0. -> [Hkv, min(k, stop - first)], ascending."""
     if cfg.topk_score == "bound":
         return select_from_bounds(q_cap, store.bounds(request, layer, first, stop), first, cfg.topk_blocks)
-    if cfg.topk_score == "mass_int8":
-        pieces, k = store.sketch_at_zero(request, layer, first, stop), cfg.topk_blocks
-        if stop - first <= k:  # every candidate
-            return torch.arange(first, stop, device=pieces[0][0].device).expand(pieces[0][0].shape[1], -1)
-        return _top_k_rows(sketch_scores_rows(q_cap[None], [pieces], scale), [stop - first], first, k)[0]
+    if cfg.topk_score == "mass_int8":  # (the decode rows' way, for one row)
+        return select_stored_rows(store, [(request, stop)], layer, q_cap[None], first, cfg, scale)[0]
     return select_from_mass(q_cap, store.keys_at_zero(request, layer, first, stop), first, cfg.topk_blocks, scale)
 
 

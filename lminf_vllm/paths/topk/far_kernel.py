@@ -14,15 +14,13 @@ PyTorch instead (row by row, as where C > W), as it does with LMINF_TOPK_FAR_KER
 """
 
 import functools
-import logging
 import os
 
 import torch
 
-from lminf_vllm.paths.topk.mass_kernel import LOADS, TYPES, load_pybinding
+from lminf_vllm.paths.topk.mass_kernel import LOADS, TYPES, checked_build, load_pybinding
 
 ENV_SWITCH = "LMINF_TOPK_FAR_KERNEL"
-logger = logging.getLogger("vllm.lminf")
 
 _SOURCE = (
     LOADS
@@ -174,7 +172,8 @@ def kernel_ok(dtype: torch.dtype) -> bool:
     the vector width."""
     if dtype not in TYPES:
         return False
-    try:
+
+    def check() -> bool:
         gen = torch.Generator().manual_seed(0)
         for Hkv, g, B, D, Dv in ((3, 3, 16, 64, 64), (1, 4, 5, 40, 24), (2, 1, 32, 80, 80)):
             N = 3
@@ -190,9 +189,7 @@ def kernel_ok(dtype: torch.dtype) -> bool:
                 want_out, want_lse = reference(k, v, blocks[r], counts[r], q[r], 0.3)
                 if not (torch.allclose(out[r].double(), want_out, atol=1e-4, rtol=1e-4)
                         and torch.allclose(lse[r].double(), want_lse, atol=1e-4, rtol=1e-5)):  # fmt: skip
-                    logger.warning("lminf top-k: the far keys' C++ pass disagrees with its reference; using PyTorch")
                     return False
         return True
-    except Exception as e:  # no compiler, another torch
-        logger.warning("lminf top-k: the far keys' C++ pass is unavailable (%s); using PyTorch", e)
-        return False
+
+    return checked_build("far keys' C++ pass", "PyTorch", check)

@@ -401,7 +401,7 @@ def _run_sketch(rows, q: torch.Tensor, scale: float) -> tuple[torch.Tensor, torc
     assert all(k.is_contiguous() for k in keys), "the store's 8-bit chunks are contiguous slices"
     per_row = [len(ps) for ps in rows]
     addr, row, col = block_table(keys, per_row)
-    saddr = block_table([s for ps in rows for _, s in ps], per_row)[0]
+    saddr = block_addresses([s for ps in rows for _, s in ps])
     q8, qs = sketch.sketch_query(q)
     qo = (sketch.OFFSET * q8.sum(-1, dtype=torch.int32)).contiguous()
     _sketch_kernel()(addr, saddr, row, col, q8.contiguous(), qs.contiguous(), qo, out, share, len(addr), R, Hkv, g,
@@ -413,16 +413,26 @@ def block_table(pieces: list[torch.Tensor], per_row: list[int]) -> tuple[torch.T
     """Where a C++ pass finds each block: pieces [n, ...] (contiguous), the first per_row[0] of them
     row 0's in block order, then row 1's, ... -> per block its address, its row and its column (its
     place among its row's blocks), int64 [T]."""
-    n = np.array([p.shape[0] for p in pieces], dtype=np.int64)
-    within = np.arange(int(n.sum()), dtype=np.int64) - np.repeat(np.cumsum(n) - n, n)  # a block's place in its piece
-    base = np.array([p.data_ptr() for p in pieces], dtype=np.int64)
-    addr = np.repeat(base, n) + within * np.repeat([p.stride(0) * p.element_size() for p in pieces], n)
+    n, within, addr = _addresses(pieces)
     piece_row = np.repeat(np.arange(len(per_row), dtype=np.int64), per_row)
     row = np.repeat(piece_row, n)
     first = np.cumsum(n) - n  # each piece's first block among all; minus its row's first: its column
     row_first = first[np.repeat(np.cumsum(per_row) - np.array(per_row), per_row)]  # (a row may have no pieces)
     col = np.repeat(first - row_first, n) + within
     return torch.from_numpy(addr), torch.from_numpy(row), torch.from_numpy(col)
+
+
+def block_addresses(pieces: list[torch.Tensor]) -> torch.Tensor:
+    """block_table's addresses alone, of pieces laid out block for block like the ones it listed
+    (the 8-bit keys' scales beside the keys)."""
+    return torch.from_numpy(_addresses(pieces)[2])
+
+
+def _addresses(pieces: list[torch.Tensor]):
+    n = np.array([p.shape[0] for p in pieces], dtype=np.int64)
+    within = np.arange(int(n.sum()), dtype=np.int64) - np.repeat(np.cumsum(n) - n, n)  # a block's place in its piece
+    base = np.array([p.data_ptr() for p in pieces], dtype=np.int64)
+    return n, within, np.repeat(base, n) + within * np.repeat([p.stride(0) * p.element_size() for p in pieces], n)
 
 
 def reference_lse(keys: torch.Tensor, q: torch.Tensor, scale: float) -> torch.Tensor:
@@ -443,6 +453,19 @@ def _kernel(dtype: torch.dtype):
     return load_pybinding(_ARGTYPES, _SOURCE.replace("KEY_TYPE", TYPES[dtype]))
 
 
+def checked_build(what: str, fallback: str, check) -> bool:
+    """check(): build a pass and hold it to its reference (True where it agrees). Where it disagrees
+    or cannot be built (no compiler, another torch), warn naming `what` and the `fallback` taken
+    instead of failing the engine's step; -> whether the pass serves."""
+    try:
+        if check():
+            return True
+        logger.warning("lminf top-k: the %s disagrees with its reference; using %s", what, fallback)
+    except Exception as e:
+        logger.warning("lminf top-k: the %s is unavailable (%s); using %s", what, e, fallback)
+    return False
+
+
 @functools.cache
 def _sketch_kernel():
     return load_pybinding(_SKETCH_ARGTYPES, _SKETCH_SOURCE.replace("KEY_TYPE", TYPES[torch.bfloat16]))
@@ -456,7 +479,8 @@ def sketch_kernel_ok() -> bool:
     24 and 128, rows of uneven pieces."""
     if not torch.cpu._is_vnni_supported():
         return False
-    try:
+
+    def check() -> bool:
         gen = torch.Generator().manual_seed(0)
         for Hkv, g, B, D in ((3, 3, 16, 64), (1, 4, 48, 64), (2, 1, 32, 128), (2, 2, 16, 24)):
             q = torch.randn(2, Hkv, g, D, generator=gen)
@@ -467,12 +491,10 @@ def sketch_kernel_ok() -> bool:
             share = want - torch.logsumexp(want, dim=-1, keepdim=True)
             if not (torch.allclose(got, want, atol=1e-4, rtol=1e-5)
                     and torch.allclose(sketch_shares(rows, q, 0.3), share.amax(dim=2), atol=1e-4, rtol=1e-5)):  # fmt: skip
-                logger.warning("lminf top-k: the 8-bit mass pass disagrees with its reference; using eager ops")
                 return False
         return True
-    except Exception as e:  # no compiler, another torch
-        logger.warning("lminf top-k: the 8-bit mass pass is unavailable (%s); using eager ops", e)
-        return False
+
+    return checked_build("8-bit mass pass", "eager ops", check)
 
 
 @functools.cache
@@ -482,7 +504,8 @@ def kernel_ok(dtype: torch.dtype) -> bool:
     no multiple of the vector width."""
     if dtype not in TYPES:
         return False
-    try:
+
+    def check() -> bool:
         gen = torch.Generator().manual_seed(0)
         for Hkv, g, B, D in ((3, 3, 16, 64), (1, 4, 5, 40), (2, 1, 32, 80)):
             q = torch.randn(2, Hkv, g, D, generator=gen)
@@ -493,9 +516,7 @@ def kernel_ok(dtype: torch.dtype) -> bool:
             share = want - torch.logsumexp(want, dim=-1, keepdim=True)
             if not (torch.allclose(got.double(), want, atol=1e-4, rtol=1e-5) and torch.allclose(
                     block_shares(rows, q, 0.3).double(), share.amax(dim=2), atol=1e-4, rtol=1e-5)):  # fmt: skip
-                logger.warning("lminf top-k: the mass score's C++ pass disagrees with its reference; using eager ops")
                 return False
         return True
-    except Exception as e:  # no compiler, another torch
-        logger.warning("lminf top-k: the mass score's C++ pass is unavailable (%s); using eager ops", e)
-        return False
+
+    return checked_build("mass score's C++ pass", "eager ops", check)
