@@ -31,7 +31,7 @@ def test_attend_is_float64s_for_every_row_and_head(dtype, Hkv, g, B, D, Dv):
     counts = torch.tensor([[B, 1, 0, B, B - 1], [0, B, B, 2, B], [0, 0, 0, 0, 0]])  # the last row reads nothing
     q = torch.randn(3, Hkv, g, D, generator=gen)
     bases = [([t.data_ptr() for t in k], [t.data_ptr() for t in v]) for k, v in rows]
-    out, lse = far_kernel.attend(bases, blocks, counts, q, N, B, Dv, dtype, 0.2)
+    out, lse = far_kernel.attend(far_kernel.base_table(bases), blocks, counts, q, N, B, Dv, dtype, 0.2)
     assert out.shape == (3, Hkv * g, Dv) and lse.shape == (3, Hkv * g) and out.dtype == lse.dtype == torch.float32
     for r in range(2):
         want_out, want_lse = far_kernel.reference(*rows[r], blocks[r], counts[r], q[r], 0.2)

@@ -9,7 +9,8 @@ import torch
 
 import helpers
 
-from lminf_vllm.paths.topk import attention, mass_kernel, sketch
+from lminf_vllm.config import LminfConfig
+from lminf_vllm.paths.topk import attention, mass_kernel, sketch, store as topk_store
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -138,3 +139,48 @@ def test_tiles_hold_each_key_by_four_channels_and_come_back():
     flat = t.flatten()  # block 0's first tile: channels 0-3 of keys 0..15, then channels 4-7 of keys 0..15
     assert flat[:8].tolist() == [0, 1, 2, 3, 8, 9, 10, 11] and flat[64:68].tolist() == [4, 5, 6, 7]
     assert flat[128:132].tolist() == k[0, 16, :4].tolist()  # the next tile
+
+
+@needs_vnni
+def test_the_8_bit_pass_rounds_the_query_as_sketch_query_does():
+    """The pass rounds the float query itself: ties to even (0.5 -> 0, 1.5 -> 2, 2.5 -> 2, -0.5 -> 0),
+    where rounding away from zero would move the dot products by whole keys' channels."""
+    gen = torch.Generator().manual_seed(9)
+    rows = sketched_rows([[2]], 1, 16, 64, seed=9)
+    q = torch.randn(1, 1, 2, 64, generator=gen)
+    q[0, 0, 0] = torch.tensor([127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.5] * 8)  # its scale is 1: halves stay halves
+    q8, qs = sketch.sketch_query(q)
+    assert qs[0, 0, 0] == 1 and q8[0, 0, 0, :8].tolist() == [127, 0, 2, 2, 0, -2, -2, 4]
+    want = sketch.block_lse_eager(q8[0], qs[0], rows[0], 0.2)
+    torch.testing.assert_close(mass_kernel.sketch_lse(rows, q, 0.2)[0], want, atol=1e-5, rtol=1e-6)
+    away = q8[0].clone()  # halves rounded away from zero instead
+    away[0, 0, :8] = torch.tensor([127, 1, 2, 3, -1, -2, -3, 4], dtype=torch.int8)
+    assert not torch.allclose(sketch.block_lse_eager(away, qs[0], rows[0], 0.2), want, atol=1e-3)
+
+
+@pytest.mark.parametrize("score", ["mass", pytest.param("mass_int8", marks=needs_vnni)])
+def test_the_passes_selection_is_the_eager_ops_ranking(score, monkeypatch):
+    """mass_kernel.select (scoring and ranking in one pass, through a table the store memo'd) picks
+    what the eager ops' scores and attention._top_k_rows pick: rows of several chunks, a row of no
+    more blocks than k, a row whose blocks all tie (the lower blocks win), the rest zeros."""
+    monkeypatch.setattr(topk_store, "CHUNK_TOKENS", 5 * 16)  # chunks of 5 blocks of 16
+    store = topk_store.HostStore(int8=score == "mass_int8")
+    gen = torch.Generator().manual_seed(3)
+    stops, first, k, Hkv, B, D = {"long": 23, "short": 6, "few": 4, "ties": 9}, 2, 3, 2, 16, 64
+    for rid, stop in stops.items():
+        keys, values = (torch.randn(stop, B, Hkv, D, generator=gen).bfloat16() for _ in range(2))
+        if rid == "ties":
+            keys = keys[:1].expand_as(keys).clone()
+        store.put(rid, 0, 0, keys, values, keys[:, 0].float(), keys[:, 0].float())
+    rows = list(stops.items())
+    q_caps = torch.randn(len(rows), 3 * Hkv, D, generator=gen)
+    cfg = LminfConfig(0, 32, 32, topk_blocks=k, topk_score=score)
+    got = attention.select_stored_rows(store, rows, 0, q_caps, first, cfg, 0.125)
+    assert store.memo((score, first), 0, rows, lambda: None) is not None  # (the pass's table, memo'd)
+    monkeypatch.setenv(mass_kernel.ENV_SWITCH, "0")
+    read = store.sketch_at_zero if score == "mass_int8" else store.keys_at_zero
+    pieces = [read(rid, 0, first, stop) for rid, stop in rows]
+    scores = (attention.sketch_scores_rows if score == "mass_int8" else attention.mass_scores_rows)(q_caps, pieces, 0.125)
+    want = attention._top_k_rows(scores, [stop - first for _, stop in rows], first, k)
+    assert [g.tolist() for g in got] == [w.tolist() for w in want]
+    assert got[2].tolist() == [[2, 3]] * Hkv and got[3].tolist() == [[2, 3, 4]] * Hkv

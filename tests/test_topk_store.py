@@ -512,3 +512,27 @@ def test_far_part_and_merge_equal_attend_chunk(G, W, C, blk, k, i):
     torch.testing.assert_close(two, got, atol=1e-6, rtol=0)
     # the window part is a part: dropping it changes the answer
     assert (o_f[0] - want).abs().max() > 1e-2
+
+
+def test_memo_keeps_a_table_while_the_rows_blocks_and_chunks_stay(monkeypatch):
+    """HostStore.memo: one make() while every row's (request, stop) and its chunks are unchanged (a
+    block added inside the last chunk moves nothing); made again for a new stop, a new chunk, and
+    after a drop (a request computed again from 0 has new chunks at the same stop)."""
+    monkeypatch.setattr(topk_store, "CHUNK_TOKENS", 3 * B)  # chunks of 3 blocks
+    store, made = HostStore(), []
+    z, v, lo, hi = blocks(8, seed=2)
+
+    def memo(stop):
+        return store.memo("t", 0, [("r", stop)], lambda: made.append(stop) or len(made))
+
+    store.put("r", 0, 0, z[:4], v[:4], lo[:4], hi[:4])  # chunks 0 and 1 (blocks 3, _, _)
+    assert memo(4) == memo(4) == 1
+    store.put("r", 0, 4, z[4:5], v[4:5], lo[4:5], hi[4:5])  # inside chunk 1
+    assert memo(4) == 1 and memo(5) == 2 and memo(5) == 2
+    store.put("r", 0, 5, z[5:7], v[5:7], lo[5:7], hi[5:7])  # chunk 2 comes: its addresses are new
+    assert memo(5) == 3
+    store.drop(["r"])
+    store.put("r", 0, 0, z[:5], v[:5], lo[:5], hi[:5])
+    assert memo(5) == 4 and made == [4, 5, 5, 5]
+    with pytest.raises(RuntimeError, match="never stored"):
+        memo(6)

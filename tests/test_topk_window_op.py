@@ -95,8 +95,9 @@ def test_the_far_kernel_way_equals_attend_chunk(G, W, C, blk, k, i):
     pad = 2  # two more listed blocks, read by nobody (count 0): a row with fewer picks than k
     blocks = torch.cat((far_blocks, torch.zeros(HKV, pad, dtype=torch.long)), 1)
     counts = torch.tensor([[blk] * g + [dec.start] + [blk] * picks + [0] * pad])
-    o_f, lse_f = far_kernel.attend([store.chunk_addresses("r", 0)], blocks[None], counts, q_cap.view(1, HKV, -1, D),
-                                   chunk_blocks(blk), blk, D, torch.bfloat16, D**-0.5)  # fmt: skip
+    bases = far_kernel.base_table([store.chunk_addresses("r", 0)])
+    o_f, lse_f = far_kernel.attend(bases, blocks[None], counts, q_cap.view(1, HKV, -1, D), chunk_blocks(blk), blk, D,
+                                   torch.bfloat16, D**-0.5)  # fmt: skip
     pt_o, pt_lse = far_part(far_scores(q, q_cap, dec, far, far_blocks, cfg, blk, ROPES[1])[None], far[1][None],
                             D**-0.5)  # fmt: skip
     torch.testing.assert_close(o_f, pt_o, atol=1e-5, rtol=1e-5)

@@ -269,11 +269,17 @@ def _decode_far_kernel(plan: Plan, step: DecodeStep, layer: LayerMath, rows: lis
     joined by log-sum-exps."""
     cfg, layer_key = plan.shape.cfg, _layer_key(layer, kv_cache)
     R, Hkv, k = len(rows), kv_cache.shape[1], cfg.topk_blocks
-    chosen = torch.zeros(R, Hkv, k, dtype=torch.long)  # (a row with fewer picks reads none of the rest: counts 0)
-    for j, ((r, _, _, _), c) in enumerate(zip(rows, picks)):
+    for (r, _, _, _), c in zip(rows, picks):
         plan.chosen[(layer_key, r)] = c
-        chosen[j, :, : c.shape[1]] = c
-    bases = [plan.store.chunk_addresses(rid, layer_key) for _, rid, _, _ in rows]
+    if all(c.shape[1] == k for c in picks):
+        chosen = torch.stack(picks)
+    else:  # (a row with fewer picks reads none of the rest: counts 0)
+        chosen = torch.zeros(R, Hkv, k, dtype=torch.long)
+        for j, c in enumerate(picks):
+            chosen[j, :, : c.shape[1]] = c
+    requests = [rid for _, rid, _, _ in rows]
+    bases = plan.store.memo("chunks", layer_key, [(rid, 0) for rid in requests], lambda: far_kernel.base_table(
+        [plan.store.chunk_addresses(rid, layer_key) for rid in requests]))  # fmt: skip
     D = kv_cache.shape[-1] // 2
     o_f, lse_f = far_kernel.attend(bases, torch.cat((step.far_blocks, chosen), dim=2), step.far_counts,
                                    q_caps.view(R, Hkv, -1, D), chunk_blocks(plan.shape.block_size),

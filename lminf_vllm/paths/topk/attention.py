@@ -239,6 +239,9 @@ def select_stored_rows(store, rows: list[tuple[str, int]], layer, q_caps: torch.
     buffer; the bound: its summaries); the ranking (top-k, ties, order) is one op for all rows.
     -> per row [Hkv, min(k, stop - first)], ascending, as select_stored gives it."""
     k, counts = cfg.topk_blocks, [stop - first for _, stop in rows]
+    by_pass = _select_by_pass(store, rows, layer, q_caps, first, cfg, scale)
+    if by_pass is not None:
+        return [by_pass[r, :, : min(k, counts[r])] for r in range(len(rows))]
     scoring = [r for r in range(len(rows)) if counts[r] > k]  # (the others read every candidate)
     if not scoring:
         Hkv = store.bounds(rows[0][0], layer, first, first + 1)[0].shape[0]  # (a decode row has >= 1 candidate)
@@ -257,6 +260,24 @@ def select_stored_rows(store, rows: list[tuple[str, int]], layer, q_caps: torch.
     for j, r in enumerate(scoring):
         score[r, :, : counts[r]] = s[j][:, : counts[r]]
     return _top_k_rows(score, counts, first, k)
+
+
+def _select_by_pass(store, rows: list[tuple[str, int]], layer, q_caps: torch.Tensor, first: int, cfg: LminfConfig,
+                    scale: float) -> torch.Tensor | None:  # fmt: skip
+    """select_stored_rows by the mass through one C++ pass that scores and ranks (mass_kernel.select),
+    its address table memo'd by the store: [R, Hkv, k]. None where no pass serves (the bound, another
+    device, a shape or dtype the pass is not built for)."""
+    if cfg.topk_score == "bound" or q_caps.device.type != "cpu":
+        return None
+    R, H, D = q_caps.shape
+    int8 = cfg.topk_score == "mass_int8"
+    Hkv, B, dtype = store.block_shape(rows[0][0], layer)
+    if not (mass_kernel.sketch_usable(H // Hkv, B, D) if int8 else mass_kernel.usable(dtype)):
+        return None
+    read = store.sketch_at_zero if int8 else store.keys_at_zero
+    table = store.memo((cfg.topk_score, first), layer, rows,
+                       lambda: mass_kernel.table_of([read(request, layer, first, stop) for request, stop in rows]))
+    return mass_kernel.select(table, q_caps.view(R, Hkv, H // Hkv, D), scale, first, cfg.topk_blocks)
 
 
 def select_decode_rows(store, rows: list[tuple[str, int, int]], layer, q_caps: torch.Tensor, first: int,

@@ -124,23 +124,29 @@ def usable(dtype: torch.dtype) -> bool:
     return os.environ.get(ENV_SWITCH, "1") != "0" and kernel_ok(dtype)
 
 
-def attend(bases: list[tuple[list[int], list[int]]], blocks: torch.Tensor, counts: torch.Tensor, q: torch.Tensor,
+def attend(bases: tuple[torch.Tensor, torch.Tensor], blocks: torch.Tensor, counts: torch.Tensor, q: torch.Tensor,
            per_chunk: int, block_size: int, value_size: int, dtype: torch.dtype,
            scale: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Rows' attention over keys at position 0 in host-store chunks: bases[r] (its keys' chunk
-    addresses, its values'), chunks [per_chunk, Hkv, B, D] and [per_chunk, Hkv, B, Dv] of `dtype`;
+    """Rows' attention over keys at position 0 in host-store chunks: bases int64 [R, MC] row r's keys'
+    chunk addresses, its values' (base_table), chunks [per_chunk, Hkv, B, D] and
+    [per_chunk, Hkv, B, Dv] of `dtype`;
     blocks [R, Hkv, NB] long (row r's KV head h reads these blocks of its chunks), counts [R, NB]
     (of block j, its first counts[r, j] keys; 0: none); q [R, Hkv, g, D] float32.
     -> outputs [R, Hkv * g, Dv] float32, log-sum-exps [R, Hkv * g] (-inf where a row reads nothing)."""
     R, Hkv, g, D = q.shape
-    MC = max(len(k) for k, _ in bases)
-    key_base = torch.tensor([k + [0] * (MC - len(k)) for k, _ in bases], dtype=torch.int64)
-    val_base = torch.tensor([v + [0] * (MC - len(v)) for _, v in bases], dtype=torch.int64)
+    key_base, val_base = bases
+    MC = key_base.shape[1]
     out = torch.empty(R, Hkv * g, value_size)
     lse = torch.empty(R, Hkv * g)
     _kernel(dtype)(key_base, val_base, blocks.long().contiguous(), counts.long().contiguous(), q.float().contiguous(),
                    out, lse, R, Hkv, g, blocks.shape[-1], MC, per_chunk, block_size, D, value_size, scale)  # fmt: skip
     return out, lse
+
+
+def base_table(bases: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """attend's bases from per row (its keys' chunk addresses, its values')."""
+    MC = max(len(k) for k, _ in bases)
+    return tuple(torch.tensor([b[i] + [0] * (MC - len(b[i])) for b in bases], dtype=torch.int64) for i in (0, 1))
 
 
 def reference(keys: list[torch.Tensor], values: list[torch.Tensor], blocks: torch.Tensor, counts: torch.Tensor,
@@ -184,7 +190,7 @@ def kernel_ok(dtype: torch.dtype) -> bool:
             counts = torch.tensor([[B, 3, 0, B], [1, B, B, B]])
             q = torch.randn(2, Hkv, g, D, generator=gen)
             bases = [([t.data_ptr() for t in k], [t.data_ptr() for t in v]) for k, v in rows]
-            out, lse = attend(bases, blocks, counts, q, N, B, Dv, dtype, 0.3)
+            out, lse = attend(base_table(bases), blocks, counts, q, N, B, Dv, dtype, 0.3)
             for r, (k, v) in enumerate(rows):
                 want_out, want_lse = reference(k, v, blocks[r], counts[r], q[r], 0.3)
                 if not (torch.allclose(out[r].double(), want_out, atol=1e-4, rtol=1e-4)

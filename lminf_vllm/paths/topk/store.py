@@ -21,10 +21,11 @@ tokens): a new chunk is allocated when the last one is full, and nothing held is
 copied. What it holds is a pure function of the request's length
 (`request_bytes`), which the scheduler's admission reads (runtime_patches/
 patch_core_sched_scheduler.py). The interface (put, bounds, keys_at_zero,
-sketch_at_zero, gather_far, block_heads, chunk_addresses, drop) is what a disk or LMCache tier would
-implement. No vLLM import.
+sketch_at_zero, gather_far, block_heads, chunk_addresses, drop; memo keeps the C++ passes' address
+tables) is what a disk or LMCache tier would implement. No vLLM import.
 """
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -73,6 +74,7 @@ class _Entry:
     # with int8 (topk_score "mass_int8", sketch.py): chunks [N, Hkv, B, D] uint8 and [N, Hkv, B] float32
     keys8: list = field(default_factory=list)
     scales8: list = field(default_factory=list)
+    version: int = 0  # new (store-wide) whenever the entry or its list of chunks changes: see memo
 
     @property
     def per_chunk(self) -> int:
@@ -88,6 +90,8 @@ class HostStore:
         self._entries: dict[tuple, _Entry] = {}
         self._nbytes = 0  # held, kept as entries grow and go (read every step for /metrics)
         self.limit: int | None = None  # bytes: a put past it raises (the scheduler's admission keeps within it)
+        self._versions = itertools.count(1)
+        self._memo: dict = {}  # (what, layer) -> (rows' signature, value): see memo
 
     def put(self, request: str, layer, first_block: int, at_zero, values, lo, hi) -> None:
         """Blocks [first_block, first_block + n): at_zero (the keys rotated back to position 0, any
@@ -98,7 +102,7 @@ class HostStore:
         n, B, Hkv, D = at_zero.shape
         entry = self._entries.get((request, layer))
         if entry is None:
-            entry = self._entries[(request, layer)] = _Entry([], [], [])
+            entry = self._entries[(request, layer)] = _Entry([], [], [], version=next(self._versions))
         if entry.blocks and first_block > entry.blocks:  # (a request's first put may start past block 0)
             raise RuntimeError(f"top-k host store: block {first_block} of {request} follows block {entry.blocks - 1}")
         stop = first_block + n
@@ -139,6 +143,8 @@ class HostStore:
                 entry.scales8.append(torch.zeros(N, Hkv, B, dtype=torch.float32, device=self.device))
         del entry.keys[need:], entry.values[need:], entry.flat_keys[need:], entry.flat_values[need:]
         del entry.bounds[need:], entry.keys8[need:], entry.scales8[need:]
+        if per_chunk * len(entry.keys) != entry.nbytes:  # chunks came or went: addresses memo'd are stale
+            entry.version = next(self._versions)
         self._nbytes += len(entry.keys) * per_chunk - entry.nbytes
         entry.nbytes = len(entry.keys) * per_chunk
 
@@ -154,6 +160,11 @@ class HostStore:
         stop - start (attention.select_from_bounds)."""
         entry = self._stored(request, layer, stop)
         return [entry.bounds[c][..., i:j] for c, i, j in _runs(start, stop, entry.per_chunk)]
+
+    def block_shape(self, request: str, layer) -> tuple[int, int, torch.dtype]:
+        """(KV heads, block size, the keys' dtype) of a (request, layer) that holds a chunk."""
+        keys = self._entries[(request, layer)].keys[0]
+        return keys.shape[1], keys.shape[2], keys.dtype
 
     def keys_at_zero(self, request: str, layer, start: int, stop: int) -> list[torch.Tensor]:
         """The keys rotated back to position 0 of blocks [start, stop) (all stored), in place (views,
@@ -190,6 +201,19 @@ class HostStore:
         entry = self._entries[(request, layer)]
         return [t.data_ptr() for t in entry.keys], [t.data_ptr() for t in entry.values]
 
+    def memo(self, what, layer, rows: list[tuple[str, int]], make):
+        """make(), kept for the next call with the same `what`, layer and rows [(request, stop)] while
+        each request's chunks stay the same: the address tables of the C++ passes (mass_kernel.Table,
+        far_kernel.base_table), which change only when a row gains a block or a chunk comes or goes,
+        so a decode step's layers do not rebuild them."""
+        signature = tuple((self._stored(request, layer, stop).version, stop) for request, stop in rows)
+        hit = self._memo.get((what, layer))
+        if hit is not None and hit[0] == signature:
+            return hit[1]
+        value = make()
+        self._memo[(what, layer)] = (signature, value)
+        return value
+
     def keep(self, request: str, layer, row: int, chosen: torch.Tensor) -> None:
         """The selection [Hkv, k'] the query of position `row` scored, for decode rows after it."""
         self._entries[(request, layer)].kept = (row, chosen)
@@ -205,6 +229,7 @@ class HostStore:
         if gone:
             for key in [key for key in self._entries if key[0] in gone]:
                 self._nbytes -= self._entries.pop(key).nbytes
+            self._memo.clear()
 
     def requests(self) -> set[str]:
         return {request for request, _ in self._entries}
