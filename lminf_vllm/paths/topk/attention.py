@@ -233,13 +233,14 @@ def _top_k_rows(score: torch.Tensor, counts: list[int], first: int, k: int) -> l
 
 
 def select_stored_rows(store, rows: list[tuple[str, int]], layer, q_caps: torch.Tensor, first: int,
-                       cfg: LminfConfig, scale: float) -> list[torch.Tensor]:  # fmt: skip
+                       cfg: LminfConfig, scale: float, memo: bool = True) -> list[torch.Tensor]:  # fmt: skip
     """select_stored for every decode row of a step in one layer: rows [(request, stop)], q_caps
-    [R, H, D]. Each row's score reads its own candidates (the mass: its keys, through one reused
-    buffer; the bound: its summaries); the ranking (top-k, ties, order) is one op for all rows.
+    [R, H, D]. Where a C++ pass serves the mass, one call scores and ranks every row
+    (_select_by_pass); else each row's score reads its own candidates (its keys, or the bound's
+    summaries) and the ranking (top-k, ties, order) is one op for all rows.
     -> per row [Hkv, min(k, stop - first)], ascending, as select_stored gives it."""
     k, counts = cfg.topk_blocks, [stop - first for _, stop in rows]
-    by_pass = _select_by_pass(store, rows, layer, q_caps, first, cfg, scale)
+    by_pass = _select_by_pass(store, rows, layer, q_caps, first, cfg, scale, memo)
     if by_pass is not None:
         return [by_pass[r, :, : min(k, counts[r])] for r in range(len(rows))]
     scoring = [r for r in range(len(rows)) if counts[r] > k]  # (the others read every candidate)
@@ -263,10 +264,11 @@ def select_stored_rows(store, rows: list[tuple[str, int]], layer, q_caps: torch.
 
 
 def _select_by_pass(store, rows: list[tuple[str, int]], layer, q_caps: torch.Tensor, first: int, cfg: LminfConfig,
-                    scale: float) -> torch.Tensor | None:  # fmt: skip
+                    scale: float, memo: bool) -> torch.Tensor | None:  # fmt: skip
     """select_stored_rows by the mass through one C++ pass that scores and ranks (mass_kernel.select),
-    its address table memo'd by the store: [R, Hkv, k]. None where no pass serves (the bound, another
-    device, a shape or dtype the pass is not built for)."""
+    its address table memo'd by the store where `memo` (a decode step's rows; a prefill chunk's
+    blocks are new each time): [R, Hkv, k]. None where no pass serves (the bound, another device, a
+    shape or dtype the pass is not built for)."""
     if cfg.topk_score == "bound" or q_caps.device.type != "cpu":
         return None
     R, H, D = q_caps.shape
@@ -275,8 +277,8 @@ def _select_by_pass(store, rows: list[tuple[str, int]], layer, q_caps: torch.Ten
     if not (mass_kernel.sketch_usable(H // Hkv, B, D) if int8 else mass_kernel.usable(dtype)):
         return None
     read = store.sketch_at_zero if int8 else store.keys_at_zero
-    table = store.memo((cfg.topk_score, first), layer, rows,
-                       lambda: mass_kernel.table_of([read(request, layer, first, stop) for request, stop in rows]))
+    make = lambda: mass_kernel.table_of([read(request, layer, first, stop) for request, stop in rows])  # noqa: E731
+    table = store.memo((cfg.topk_score, first), layer, rows, make) if memo else make()
     return mass_kernel.select(table, q_caps.view(R, Hkv, H // Hkv, D), scale, first, cfg.topk_blocks)
 
 
@@ -317,7 +319,7 @@ def select_stored(store, request: str, layer: int, q_cap: torch.Tensor, first: i
     if cfg.topk_score == "bound":
         return select_from_bounds(q_cap, store.bounds(request, layer, first, stop), first, cfg.topk_blocks)
     if cfg.topk_score == "mass_int8":  # (the decode rows' way, for one row)
-        return select_stored_rows(store, [(request, stop)], layer, q_cap[None], first, cfg, scale)[0]
+        return select_stored_rows(store, [(request, stop)], layer, q_cap[None], first, cfg, scale, memo=False)[0]
     return select_from_mass(q_cap, store.keys_at_zero(request, layer, first, stop), first, cfg.topk_blocks, scale)
 
 

@@ -9,7 +9,9 @@ passes (a float32 copy, a batched matmul, a log-sum-exp) and one call per row an
 that converts each key to float32 once as it reads it, takes its dot products with the g query
 heads of its KV head in float32 (accumulators in registers), and each block's log-sum-exp (max,
 then the sum of exponentials, both vectorized); then, in the same call, the score itself
-(`block_shares`: per KV head, the largest of its query heads' log shares). Where AVX-512 is
+(`block_shares`: per KV head, the largest of its query heads' log shares) and, for the engine's
+rows, the selection (`select`: the k best blocks per row and KV head, through a `Table` of the
+blocks' addresses that the store keeps between steps). Where AVX-512 is
 compiled in, 16 keys at a time end in one transposing sum (`lane_sums16`) instead of a
 horizontal sum each: about 1.45x faster at 16k (benchmarks/topk_mass_score.py; the loop is bound
 by its operations, not by memory: the benchmark's floor, a loop that only reads the same keys,
@@ -425,9 +427,10 @@ def table_of(rows: list[list]) -> Table:
     keys = [k if k.is_contiguous() else k.contiguous() for k in keys]  # (the store's slices are)
     counts = [sum(k.shape[0] for k in (p[0] if int8 else p for p in ps)) for ps in rows]
     addr, row, col = block_table(keys, [len(ps) for ps in rows])
-    scales = block_addresses([sc for ps in rows for _, sc in ps]) if int8 else None
-    return Table(addr, scales, row, col, torch.tensor(counts, dtype=torch.int64), max(counts, default=0),
-                 keys[0].dtype if keys else torch.uint8, keys[0].shape[2] if keys else 0, [keys, rows])  # fmt: skip
+    scales = [sc if sc.is_contiguous() else sc.contiguous() for ps in rows for _, sc in ps] if int8 else []
+    return Table(addr, block_addresses(scales) if int8 else None, row, col, torch.tensor(counts, dtype=torch.int64),
+                 max(counts, default=0), keys[0].dtype if keys else torch.uint8, keys[0].shape[2] if keys else 0,
+                 [keys, scales])  # fmt: skip
 
 
 def block_lse(rows: list[list[torch.Tensor]], q: torch.Tensor, scale: float) -> torch.Tensor:
