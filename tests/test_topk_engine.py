@@ -313,11 +313,11 @@ def test_greedy_decode_past_the_table_matches_the_topk_oracle(tiny_llama, refere
 @pytest.mark.parametrize("score", [None, "bound", "mass_int8"])
 def test_bfloat16_decode_reads_windows_and_store_keys_through_vllms_op(tiny_llama, reference, recorder, monkeypatch,
                                                                        score):  # fmt: skip
-    """A bfloat16 engine (most models' dtype, so vLLM's default) reads its decode rows' windows in
-    place through vLLM's decode op (paths/topk/ops.py) and, C being W, every other key from the
-    store by far_kernel's C++ pass (the default); with that pass switched off, those keys in
-    PyTorch, joined with the op's windows; with the op switched off, the same engine takes the
-    PyTorch math. Each of 12 requests decodes one row past its first middle block (its second
+    """A bfloat16 engine (most models' dtype, so vLLM's default) with C = W attends its decode rows
+    by far_kernel's C++ pass (the default): the windows in place in the pool and every other key
+    from the store, in one softmax; with that pass switched off, the windows through vLLM's decode
+    op (paths/topk/ops.py) joined with the other keys in PyTorch; with the op switched off, the
+    same engine takes the PyTorch math. Each of 12 requests decodes one row past its first middle block (its second
     token: the first comes from the prompt's chunk, the same every way). The op's two ways agree to
     bfloat16 noise (the engine's logits are bfloat16: a few 0.01s), and neither is farther from
     the float64 oracle (the model's weights rounded to bfloat16 as the engine holds them) than

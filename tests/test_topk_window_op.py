@@ -81,10 +81,11 @@ AT_CAP_CASES = [c for c in DECODE_CASES if c[2] <= c[1]] + [(5, 12, 12, 4, 3, 70
 
 @pytest.mark.parametrize("G, W, C, blk, k, i", AT_CAP_CASES)
 def test_the_far_kernel_way_equals_attend_chunk(G, W, C, blk, k, i):
-    """The engine's decode way in a bfloat16 engine where C = W and far_kernel serves: the window
-    through the op, every other key (global blocks, block fa's rows before the window, the picks)
-    by far_kernel from the store in place, joined. Its far part equals the PyTorch one (far_part)
-    to float32 rounding, and the whole the chunk way on the same pool, store and selection."""
+    """The engine's decode way in a bfloat16 engine where C = W and far_kernel serves: every key past
+    the window (global blocks, block fa's rows before the window, the picks) by far_kernel from the
+    store in place, and the window from the pool in the same pass and softmax. Its far part alone
+    equals the PyTorch one (far_part) to float32 rounding; with the window, it equals vLLM's op over
+    the window joined with that part, and the chunk way on the same pool, store and selection."""
     from lminf_vllm.paths.topk import far_kernel
     from lminf_vllm.paths.topk.store import chunk_blocks
 
@@ -103,4 +104,12 @@ def test_the_far_kernel_way_equals_attend_chunk(G, W, C, blk, k, i):
     torch.testing.assert_close(o_f, pt_o, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse_f, pt_lse, atol=1e-5, rtol=1e-5)
     o_w, lse_w = helpers.window(q.to(torch.bfloat16)[None], cache, dec.window_tokens[None], D**-0.5)
-    torch.testing.assert_close(merge_two(o_w, lse_w, o_f, lse_f)[0], want, atol=8e-3, rtol=0)
+    joined = merge_two(o_w, lse_w, o_f, lse_f)[0]
+    torch.testing.assert_close(joined, want, atol=8e-3, rtol=0)
+    # the engine's way: the window read by the same pass, in the same softmax (one work item a pair, and three)
+    qw = q.to(torch.bfloat16).float().view(1, HKV, -1, D)
+    for splits in (1, 3):
+        out, lse = far_kernel.attend(bases, blocks[None], counts, q_cap.view(1, HKV, -1, D), chunk_blocks(blk), blk, D,
+                                     torch.bfloat16, D**-0.5, (cache, dec.window_segments[None], qw), splits)  # fmt: skip
+        torch.testing.assert_close(out[0], joined, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lse, torch.logaddexp(lse_w, lse_f), atol=1e-5, rtol=1e-5)

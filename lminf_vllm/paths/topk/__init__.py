@@ -198,10 +198,12 @@ class DecodeStep:
     tokens: torch.Tensor  # [R] the rows' tokens in the batch
     q_cap: torch.Tensor  # [R, D, D]: row r's query rotated to C is q @ q_cap[r]
     lead: bool = False  # the rows are the batch's first R tokens, in order (vLLM puts decodes first)
-    windows: torch.Tensor | None = None  # [R, W] int32 window_tokens (with the op)
-    window_call: ops.ListedCall | None = None  # the op over every row's window
+    windows: torch.Tensor | None = None  # [R, W] int32 window_tokens (with the op, without far_kernel)
+    window_call: ops.ListedCall | None = None  # the op over every row's window (without far_kernel)
     far_blocks: torch.Tensor | None = None  # [R, Hkv, g + 1] with far_kernel: each row's global blocks, block fa
     far_counts: torch.Tensor | None = None  # [R, g + 1 + k] the keys each reads of them and of its k picks
+    segments: torch.Tensor | None = None  # [R, nw, 3] with far_kernel: each row's window_segments (count 0: none)
+    splits: int = 1  # far_kernel's work items a (row, KV head) pair
 
     @classmethod
     def make(cls, plan: Plan, rows: list, query: torch.Tensor, kv_cache: torch.Tensor) -> "DecodeStep":
@@ -217,6 +219,9 @@ class DecodeStep:
                 step.far_blocks = torch.stack([d.far_blocks for *_, d in rows])
                 step.far_counts = torch.tensor([[B] * g + [d.start] + [B] * min(k, d.fa - g) + [0] * max(0, k - d.fa + g)
                                                 for *_, d in rows])  # fmt: skip
+                step.segments = torch.nn.utils.rnn.pad_sequence([d.window_segments for *_, d in rows], batch_first=True)
+                step.splits = far_kernel.splits_for(len(rows) * Hkv, torch.get_num_threads())
+                return step
             step.windows = torch.stack([d.window_tokens for *_, d in rows]).to(torch.int32)
             step.window_call = ops.ListedCall(len(rows), step.windows.shape[1], H, Hkv, D, query.dtype)
         return step
@@ -264,9 +269,8 @@ def _decode(plan: Plan, layer: LayerMath, rows: list, query, kv_cache, output) -
 def _decode_far_kernel(plan: Plan, step: DecodeStep, layer: LayerMath, rows: list, picks: list, qs, q_caps, kv_cache,
                        output) -> None:  # fmt: skip
     """Decode rows whose keys past the window all sit at distance C, where far_kernel serves: one
-    call of vLLM's op over every row's window (its keys as stored, the query as it is), one pass of
-    far_kernel over every row's other keys in the store (at position 0, the query rotated to C),
-    joined by log-sum-exps."""
+    pass of far_kernel over every row's window in the pool (its keys as stored, the query as it is)
+    and its other keys in the store (at position 0, the query rotated to C), in one softmax."""
     cfg, layer_key = plan.shape.cfg, _layer_key(layer, kv_cache)
     R, Hkv, k = len(rows), kv_cache.shape[1], cfg.topk_blocks
     for (r, _, _, _), c in zip(rows, picks):
@@ -281,11 +285,11 @@ def _decode_far_kernel(plan: Plan, step: DecodeStep, layer: LayerMath, rows: lis
     bases = plan.store.memo("chunks", layer_key, [(rid, 0) for rid in requests], lambda: far_kernel.base_table(
         [plan.store.chunk_addresses(rid, layer_key) for rid in requests]))  # fmt: skip
     D = kv_cache.shape[-1] // 2
-    o_f, lse_f = far_kernel.attend(bases, torch.cat((step.far_blocks, chosen), dim=2), step.far_counts,
-                                   q_caps.view(R, Hkv, -1, D), chunk_blocks(plan.shape.block_size),
-                                   plan.shape.block_size, D, kv_cache.dtype, layer.scale)  # fmt: skip
-    o_w, lse_w = step.window_call(qs, *token_views(kv_cache), step.windows, layer.scale)  # [R, H, Dv], [R, H]
-    output[step.tokens] = merge_two(o_w, lse_w, o_f, lse_f).to(output.dtype)
+    out, _ = far_kernel.attend(bases, torch.cat((step.far_blocks, chosen), dim=2), step.far_counts,
+                               q_caps.view(R, Hkv, -1, D), chunk_blocks(plan.shape.block_size), plan.shape.block_size,
+                               D, kv_cache.dtype, layer.scale, (kv_cache, step.segments, qs.reshape(R, Hkv, -1, D)),
+                               step.splits)  # fmt: skip
+    output[step.tokens] = out.to(output.dtype)
 
 
 def _layer_key(layer: LayerMath, kv_cache: torch.Tensor):

@@ -656,6 +656,7 @@ class DecodeRow:
     q_cap: torch.Tensor  # [D, D]: the row's query rotated to position C is q @ q_cap
     window_tokens: torch.Tensor  # [W] its window slots as rows `block * Hkv * B + slot` (the cache viewed per
     # token, kv_layout.token_views: vLLM's decode op reads the window in place through them)
+    window_segments: torch.Tensor  # [nw, 3] the same slots per block, (physical block, first slot, count): far_kernel's
 
 
 def decodes_fast(i: int, cfg: LminfConfig, B: int) -> bool:
@@ -678,7 +679,10 @@ def plan_decode(i: int, block_row: torch.Tensor, cfg: LminfConfig, B: int, num_k
     q_cap = rotations(torch.tensor([cfg.distance_cap - i], device=dev), rotary, head_size)[0]
     pos = torch.arange(i - W + 1, i + 1, device=dev)
     tokens = token_numbers(block_row[pos // B], pos % B, num_kv_heads, B)
-    return DecodeRow(i, rows, i - W + 1 - fa * B, fa, far, q_cap, tokens)
+    starts = torch.arange(fa, i // B + 1, device=dev) * B  # each window block's first position, then its slice
+    lo, hi = starts.clamp(min=i - W + 1), (starts + B).clamp(max=i + 1)
+    segments = torch.stack((block_row[fa : i // B + 1].long(), lo - starts, hi - lo), dim=1)
+    return DecodeRow(i, rows, i - W + 1 - fa * B, fa, far, q_cap, tokens, segments)
 
 
 def attend_decode(

