@@ -77,15 +77,15 @@ static void weigh_any(const KT* v, int64_t vs, int64_t n, const float* w, int64_
 //   with Dv), its first counts[r * NB + j] keys, with q[p, i] (the query rotated to C: those keys are at 0).
 // out[p, i, :] = softmax(scale * scores) values, lse[p, i] its log-sum-exp. The softmax is kept online (a
 // running max per query head; the sum and the weighed values rescaled when it grows): each key and value is
-// read once, while its block is in the cache. A pair's NW + NB pieces go to S work items (so that a step of
-// few rows still gives every thread work), each leaving (max, sum, weighed values) in part; then per pair the
-// items are joined.
+// read once, while its block is in the cache. A pair's NW slices and NB blocks go to S work items (so that a
+// step of few rows still gives every thread work), each leaving (max, sum, weighed values) in part; then per
+// pair the items are joined.
 extern "C" void kernel(const int64_t* key_base, const int64_t* val_base, const int64_t* blocks,
                        const int64_t* counts, const float* q, const int64_t* win, const float* qw, float* out,
                        float* lse, float* part, const int64_t cache, const int64_t R, const int64_t Hkv,
                        const int64_t G, const int64_t NB, const int64_t MC, const int64_t N, const int64_t NW,
                        const int64_t S, const int64_t B, const int64_t D, const int64_t Dv, const float scale) {
-    const int64_t U = NW + NB, PS = G * (Dv + 2), PIECE = 24;  // pieces a pair; floats an item leaves: m[G], l[G], acc[G, Dv]
+    const int64_t U = NW + NB, PS = G * (Dv + 2);  // a pair's slices and blocks; an item leaves m[G], l[G], acc[G, Dv]
     #pragma omp parallel
     {
         std::vector<float> s(G * B);
@@ -217,7 +217,8 @@ def base_table(bases: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, 
 
 
 def reference(keys: list[torch.Tensor], values: list[torch.Tensor], blocks: torch.Tensor, counts: torch.Tensor,
-              q: torch.Tensor, scale: float, window: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              q: torch.Tensor, scale: float, window: tuple | None = None,
+              ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """`attend` in float64 for one row: its chunks keys [c] [N, Hkv, B, D] and values, blocks [Hkv, NB],
     counts [NB], q [Hkv, g, D]; window (kv_cache, segments [NW, 3], qw [Hkv, g, D]) or None
     -> [Hkv * g, Dv], [Hkv * g]."""
