@@ -207,7 +207,8 @@ def attend(bases: tuple[torch.Tensor, torch.Tensor], blocks: torch.Tensor, count
 
 
 def splits_for(pairs: int, threads: int) -> int:
-    """Work items per (row, KV head) pair so that a step's pairs keep every thread busy (up to 4)."""
+    """Work items per (row, KV head) pair so that a step's pairs keep every thread busy (up to 4); the
+    rule ops.ListedCall splits vLLM's decode op by too."""
     return max(1, min(4, -(-2 * threads // max(1, pairs))))
 
 

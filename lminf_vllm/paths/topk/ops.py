@@ -34,6 +34,7 @@ from lminf_vllm.cpu_attention_kernel import (
     write_kv_kernel,
 )
 from lminf_vllm.kv_layout import token_numbers, token_views
+from lminf_vllm.paths.topk import far_kernel
 
 # LMINF_TOPK_WINDOW_OP=0 keeps every top-k decode row on the PyTorch math (tests, benchmarks).
 ENV_SWITCH = "LMINF_TOPK_WINDOW_OP"
@@ -94,7 +95,7 @@ class ListedCall:
                  splits: int = 0):  # fmt: skip
         if not splits:  # enough splits of the n rows for the threads (a lone row's few KV heads leave some idle);
             # a short list (a row's store keys: some hundreds) is not split: joining splits costs more than it saves
-            splits = 1 if n < 1024 else max(1, min(4, -(-2 * torch.get_num_threads() // (rows * num_kv_heads))))
+            splits = 1 if n < 1024 else far_kernel.splits_for(rows * num_kv_heads, torch.get_num_threads())
         _loaded()
         self.splits, self.head_size, self.n = splits, head_size, n
         self.starts = torch.arange(rows)
