@@ -73,7 +73,7 @@ def main(argv=None):
         for rows in args.rows:
             gen = torch.Generator().manual_seed(rows)
             cache, _store, bases, blocks, counts, layers, q, q_cap = case(rows, pool_blocks, gen)
-            splits = far_kernel.splits_for(rows * HKV, torch.get_num_threads())
+            splits = far_kernel.splits_for(rows, torch.get_num_threads())
             call = ops.ListedCall(rows, W, HKV * G, HKV, D, torch.bfloat16)
             qw = q.float().view(rows, HKV, G, D)
 

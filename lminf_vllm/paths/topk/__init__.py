@@ -203,7 +203,7 @@ class DecodeStep:
     far_blocks: torch.Tensor | None = None  # [R, Hkv, g + 1] with far_kernel: each row's global blocks, block fa
     far_counts: torch.Tensor | None = None  # [R, g + 1 + k] the keys each reads of them and of its k picks
     segments: torch.Tensor | None = None  # [R, nw, 3] with far_kernel: each row's window_segments (count 0: none)
-    splits: int = 1  # far_kernel's work items a (row, KV head) pair
+    splits: int = 1  # far_kernel's work items a row
 
     @classmethod
     def make(cls, plan: Plan, rows: list, query: torch.Tensor, kv_cache: torch.Tensor) -> "DecodeStep":
@@ -220,7 +220,7 @@ class DecodeStep:
                 step.far_counts = torch.tensor([[B] * g + [d.start] + [B] * min(k, d.fa - g) + [0] * max(0, k - d.fa + g)
                                                 for *_, d in rows])  # fmt: skip
                 step.segments = torch.nn.utils.rnn.pad_sequence([d.window_segments for *_, d in rows], batch_first=True)
-                step.splits = far_kernel.splits_for(len(rows) * Hkv, torch.get_num_threads())
+                step.splits = far_kernel.splits_for(len(rows), torch.get_num_threads())
                 return step
             step.windows = torch.stack([d.window_tokens for *_, d in rows]).to(torch.int32)
             step.window_call = ops.ListedCall(len(rows), step.windows.shape[1], H, Hkv, D, query.dtype)
