@@ -12,7 +12,7 @@ of 16 so that each piece's values (beside its keys in the pool) are read while t
 a row's KV heads of a block one after another (the pool keeps them together: read in that order,
 the pass runs 1.35x faster at 8 rows than with an item per row and KV head).
 (It replaced a call of vLLM's decode op over the windows joined with this pass over the store's
-keys alone, which it outruns 1.3x for 8 rows of SmolLM2's shape and 1.65x for one: the pass alone
+keys alone, which it outruns 1.55x for 8 rows of SmolLM2's shape and 1.8x for one: the pass alone
 had one work item per row and KV head, so one row's 3 left a thread idle; benchmarks/
 topk_decode_pass.py, docs/topk-contract.md.)
 Built and checked as mass_kernel.py builds its pass (the same loader, the same float64-reference
