@@ -91,7 +91,7 @@ extern "C" void kernel(const int64_t* key_base, const int64_t* val_base, const i
                        float* lse, float* part, const int64_t cache, const int64_t R, const int64_t Hkv,
                        const int64_t G, const int64_t NB, const int64_t MC, const int64_t N, const int64_t NW,
                        const int64_t S, const int64_t B, const int64_t D, const int64_t Dv, const float scale) {
-    const int64_t U = NW + NB, PS = G * (Dv + 2);  // a pair's slices and blocks; an item leaves m[G], l[G], acc[G, Dv]
+    const int64_t U = NW + NB, PS = G * (Dv + 2);  // a row's slices and blocks; per pair an item leaves m[G], l[G], acc[G, Dv]
     #pragma omp parallel
     {
         std::vector<float> s(G * B);
@@ -262,7 +262,7 @@ def kernel_ok(dtype: torch.dtype) -> bool:
     """Build the pass for stores of this dtype and hold it to the float64 reference: two rows of
     different chunk counts, a block read in part and one not at all, sizes that are no multiple of
     the vector width; with windows from a cache (segments in part, empty, of one slot) and without,
-    a pair's work in one item and in three."""
+    a row's work in one item and in three."""
     if dtype not in TYPES:
         return False
 
